@@ -1,0 +1,67 @@
+"""Relaxation: the state update of SPEC §1 run in `lax.scan`.
+
+One step updates every layer at once from the previous step's state:
+
+    s_l ← (1 − dt_l) ⊙ s_l + dt_l ⊙ σ_l(h_l(s))
+
+with `dt_l` a scalar or a per-neuron vector `(n_l,)`. At `dt = 1` this is exactly the
+reference update `s_l ← σ(h_l)` (`0·s + 1·σ(h)` is exact in floating point).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def step(model, eff, ctx, s, y1h, beta, hyper):
+    """One synchronous update of every layer."""
+    h = model.drives(eff, ctx, s, y1h, beta, hyper)
+    return tuple((1 - dt) * sl + dt * act(hl)
+                 for sl, hl, dt, act in zip(s, h, hyper.dt, model.layer_activations()))
+
+
+def relax(model, eff, ctx, s, y1h, beta, hyper, steps: int, record: bool = False):
+    """`steps` updates from state `s`.
+
+    Returns the final state, or `(final, trajectory)` when `record`: the trajectory holds
+    every layer's state after each step, shape `(steps, batch, n_l)` per layer.
+    """
+    def body(s, _):
+        s = step(model, eff, ctx, s, y1h, beta, hyper)
+        return s, (s if record else None)
+
+    if steps == 0:
+        return (s, tuple(jnp.zeros((0,) + sl.shape, sl.dtype) for sl in s)) if record else s
+    s, traj = lax.scan(body, s, None, length=steps)
+    return (s, traj) if record else s
+
+
+def free_phase(model, eff, ctx, hyper, steps: int, record: bool = False):
+    """`steps` free steps (β = 0) from the zero state. The result is also the prediction."""
+    s0 = model.zero_state(ctx.shape[0], ctx.dtype)
+    return relax(model, eff, ctx, s0, None, 0.0, hyper, steps, record)
+
+
+def nudged_phases(model, eff, ctx, s_free, y1h, betas, hyper, steps: int,
+                  batched: bool = True, record: bool = False):
+    """Nudged phases from the free state, one per entry of `betas` (e.g. `(β, −β)`).
+
+    `batched=True` stacks the phases along the batch axis and runs one scan (one larger
+    matmul per step instead of several small ones); `False` runs one scan per phase.
+    Both give the same numbers. Returns a list with one state (or `(state, trajectory)`)
+    per β.
+    """
+    if not batched or len(betas) == 1:
+        return [relax(model, eff, ctx, s_free, y1h, b, hyper, steps, record) for b in betas]
+    n, B = len(betas), ctx.shape[0]
+    tile = lambda a: jnp.concatenate([a] * n, axis=0)
+    beta_col = jnp.concatenate([jnp.full((B, 1), b, ctx.dtype) for b in betas], axis=0)
+    out = relax(model, eff, tile(ctx), tuple(tile(sl) for sl in s_free), tile(y1h),
+                beta_col, hyper, steps, record)
+    split = lambda a, i, axis: lax.slice_in_dim(a, i * B, (i + 1) * B, axis=axis)
+    if record:
+        final, traj = out
+        return [(tuple(split(sl, i, 0) for sl in final), tuple(split(t, i, 1) for t in traj))
+                for i in range(n)]
+    return [tuple(split(sl, i, 0) for sl in out) for i in range(n)]
