@@ -1,0 +1,143 @@
+"""EP-versus-BPTT gradient comparison (SPEC §5; Ernoult et al. 2019).
+
+Gradient-descent-updates (GDU) check, for one fixed batch and k = 1..T2:
+
+- EP side: the estimate from the states after the first k nudged steps,
+  `−(∂_θΦ(s⁺_k) − ∂_θΦ(s⁻_k)) / (2β)` (symmetric) or `−(∂_θΦ(s⁺_k) − ∂_θΦ(s⁰)) / β`;
+- BPTT side: the gradient of the mean cost after T1 free steps, truncated to the last k
+  steps (the state k steps before the end held constant).
+
+The truncated BPTT gradients for every k come from ONE reverse sweep: the per-step
+parameter contributions of the backward pass, accumulated from the last step backwards
+(a manual `jax.vjp` per step in a reverse `lax.scan`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ep_jax import dynamics
+from ep_jax.estimators import Estimator, ep_grad_from_states, ep_nudged_states
+
+
+class GDUResult(NamedTuple):
+    ep: object      # params-structured pytree, each leaf with a leading k axis (T2, ...)
+    bptt: object    # same structure
+    names: list     # leaf names, in `jax.tree.leaves` order
+
+
+def _leaf_names(tree):
+    paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [jax.tree_util.keystr(p) for p, _ in paths]
+
+
+def bptt_truncated_curve(model, params, buffers, x, y, hyper, t_free: int, k_max: int):
+    """BPTT gradients truncated to the last k = 1..k_max of `t_free` free steps.
+
+    Returns a params-structured pytree with leaves of shape `(k_max, ...)`.
+    """
+    y1h = model.one_hot(y, x.dtype)
+
+    def step(p, s):
+        eff = model.prepare(p, buffers)
+        return dynamics.step(model, eff, model.input_drive(eff, x), s, None, 0.0, hyper)
+
+    eff = model.prepare(params, buffers)
+    ctx = model.input_drive(eff, x)
+    s_start = dynamics.free_phase(model, eff, ctx, hyper, t_free - k_max)
+    _, traj = dynamics.relax(model, eff, ctx, s_start, None, 0.0, hyper, k_max, record=True)
+    # inputs of each recorded step: s_start, then the first k_max − 1 recorded states
+    prev = tuple(jnp.concatenate([a[None], t[:-1]], axis=0) for a, t in zip(s_start, traj))
+    s_final = tuple(t[-1] for t in traj)
+    lam = jax.grad(lambda s: jnp.mean(model.cost(s[-1], y1h)))(s_final)
+    zero = jax.tree.map(jnp.zeros_like, params)
+
+    def back(carry, s_prev):
+        lam, acc = carry
+        _, vjp = jax.vjp(step, params, s_prev)
+        g, lam = vjp(lam)
+        acc = jax.tree.map(jnp.add, acc, g)
+        return (lam, acc), acc
+
+    _, cum = lax.scan(back, (lam, zero), prev, reverse=True)
+    # reverse scan stacks outputs in input order: index i holds the sum over steps i..end,
+    # i.e. truncation to the last k_max − i steps; flip so index k−1 is "last k steps".
+    return jax.tree.map(lambda a: a[::-1], cum)
+
+
+def ep_curve(est: Estimator, model, params, buffers, x, y, hyper):
+    """EP estimates after each of the first k = 1..T2 nudged steps (leaves `(T2, ...)`)."""
+    y1h = model.one_hot(y, x.dtype)
+    eff = model.prepare(params, buffers)
+    ctx = model.input_drive(eff, x)
+    s_free = dynamics.free_phase(model, eff, ctx, hyper, est.t_free)
+    recorded = ep_nudged_states(est, model, eff, ctx, s_free, y1h, hyper, record=True)
+    trajs = [traj for _, traj in recorded]
+
+    def at_k(states_k):
+        return ep_grad_from_states(est, model, params, buffers, x, y1h, hyper, s_free, states_k)
+
+    return jax.vmap(at_k)(trajs)
+
+
+def gdu(est: Estimator, model, params, buffers, x, y, hyper) -> GDUResult:
+    """EP and truncated-BPTT gradient curves for k = 1..est.t_nudge."""
+    ep = ep_curve(est, model, params, buffers, x, y, hyper)
+    bptt = bptt_truncated_curve(model, params, buffers, x, y, hyper, est.t_free, est.t_nudge)
+    return GDUResult(ep, bptt, _leaf_names(params))
+
+
+def compare(a, b, atol: float = 0.0):
+    """Per-leaf agreement of gradient `a` with reference `b`.
+
+    Returns `{name: {"rel_rmse", "sign_err", "cosine"}}`; the sign error is the fraction
+    of entries, among those where |b| > atol (masked dendritic weights excluded), whose
+    signs differ.
+    """
+    out = {}
+    for name, u, v in zip(_leaf_names(b), jax.tree.leaves(a), jax.tree.leaves(b)):
+        u = np.asarray(u, np.float64).ravel()
+        v = np.asarray(v, np.float64).ravel()
+        nv = np.linalg.norm(v)
+        sel = np.abs(v) > atol
+        out[name] = {
+            "rel_rmse": float(np.linalg.norm(u - v) / nv) if nv > 0 else float("nan"),
+            "sign_err": float(np.mean(np.sign(u[sel]) != np.sign(v[sel]))) if sel.any() else float("nan"),
+            "cosine": float(u @ v / (np.linalg.norm(u) * nv)) if nv > 0 and np.linalg.norm(u) > 0 else float("nan"),
+        }
+    return out
+
+
+def gdu_table(result: GDUResult):
+    """Metrics of `compare` for every k: `{name: {metric: [value for k=1..T2]}}`."""
+    T = jax.tree.leaves(result.ep)[0].shape[0]
+    per_k = [compare(jax.tree.map(lambda a: a[k], result.ep), jax.tree.map(lambda a: a[k], result.bptt))
+             for k in range(T)]
+    return {n: {m: [pk[n][m] for pk in per_k] for m in ("rel_rmse", "sign_err", "cosine")}
+            for n in result.names}
+
+
+def format_comparison(metrics: dict, title: str = "") -> str:
+    """A plain-text table of `compare` output."""
+    w = max(len(n) for n in metrics) + 2
+    lines = [title] if title else []
+    lines.append(f"{'parameter':<{w}}{'cosine':>10}{'rel_rmse':>12}{'sign_err':>10}")
+    for n, m in metrics.items():
+        lines.append(f"{n:<{w}}{m['cosine']:>10.5f}{m['rel_rmse']:>12.4g}{m['sign_err']:>10.4f}")
+    return "\n".join(lines)
+
+
+def report(est: Estimator, model, params, buffers, x, y, hyper, print_fn=print):
+    """Print and return the final EP-vs-BPTT comparison and the GDU curve summary."""
+    res = gdu(est, model, params, buffers, x, y, hyper)
+    final = compare(jax.tree.map(lambda a: a[-1], res.ep), jax.tree.map(lambda a: a[-1], res.bptt))
+    print_fn(format_comparison(final, f"EP ({est.kind}) vs truncated BPTT, k = T2 = {est.t_nudge}"))
+    curves = gdu_table(res)
+    print_fn("GDU: relative RMSE per k = 1..T2")
+    for n, c in curves.items():
+        print_fn(f"  {n}: " + " ".join(f"{v:.3g}" for v in c["rel_rmse"]))
+    return final, curves
