@@ -17,8 +17,14 @@ from jax import lax
 def step(model, eff, ctx, s, y1h, beta, hyper):
     """One synchronous update of every layer."""
     h = model.drives(eff, ctx, s, y1h, beta, hyper)
+    # A scalar dt is broadcast to the layer's width so that it runs the very same
+    # program as a per-neuron vector: a vector filled with one value gives the same bits.
     return tuple((1 - dt) * sl + dt * act(hl)
-                 for sl, hl, dt, act in zip(s, h, hyper.dt, model.layer_activations()))
+                 for sl, hl, dt, act in zip(s, h, _per_neuron(hyper.dt, s), model.layer_activations()))
+
+
+def _per_neuron(dts, s):
+    return tuple(jnp.broadcast_to(d, sl.shape[-1:]) for d, sl in zip(dts, s))
 
 
 def relax(model, eff, ctx, s, y1h, beta, hyper, steps: int, record: bool = False):
@@ -27,13 +33,16 @@ def relax(model, eff, ctx, s, y1h, beta, hyper, steps: int, record: bool = False
     Returns the final state, or `(final, trajectory)` when `record`: the trajectory holds
     every layer's state after each step, shape `(steps, batch, n_l)` per layer.
     """
-    def body(s, _):
-        s = step(model, eff, ctx, s, y1h, beta, hyper)
-        return s, (s if record else None)
+    def body(carry, _):
+        s, dts = carry
+        s = step(model, eff, ctx, s, y1h, beta, hyper._replace(dt=dts))
+        return (s, dts), (s if record else None)
 
     if steps == 0:
         return (s, tuple(jnp.zeros((0,) + sl.shape, sl.dtype) for sl in s)) if record else s
-    s, traj = lax.scan(body, s, None, length=steps)
+    # dt rides in the carry as per-neuron vectors: the loop body is then the same program
+    # whether the user gave a scalar or a vector (no constant folding of a scalar dt).
+    (s, _), traj = lax.scan(body, (s, _per_neuron(hyper.dt, s)), None, length=steps)
     return (s, traj) if record else s
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ep_jax import dynamics
-from ep_jax.hyper import check_shapes
+from ep_jax.hyper import _concrete, check_shapes
 
 KINDS = ("symmetric", "one_sided", "chl", "bptt", "bptt_full")
 EP_KINDS = ("symmetric", "one_sided", "chl")
@@ -60,6 +60,17 @@ def check_batch(model, x, y):
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
     if not jnp.issubdtype(y.dtype, jnp.integer):
         raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+    check_labels(model, y)
+
+
+def check_labels(model, y):
+    """Labels must lie in [0, n_classes). Checked when `y` is concrete (not under jit,
+    where an out-of-range label would silently give an all-zero target: drivers check
+    their datasets once with this function)."""
+    v = _concrete(y)
+    if v is not None and v.size and (v.min() < 0 or v.max() >= model.n_classes):
+        raise ValueError(f"y holds labels in [{v.min()}, {v.max()}], outside [0, {model.n_classes}) "
+                         f"for a model with {model.n_classes} outputs")
 
 
 def _aux(model, s_free, y, y1h):

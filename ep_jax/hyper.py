@@ -50,7 +50,7 @@ def make_hyper(model, *, beta: float = 0.1, lr: float | Sequence[float] = 0.05,
     hyper = Hyper(beta=jnp.asarray(beta, dtype), lr=jnp.asarray(lr, dtype), dt=dts,
                   alpha=jnp.asarray(alpha, dtype), gamma=jnp.asarray(gamma, dtype),
                   momentum=jnp.asarray(momentum, dtype))
-    check_shapes(model, hyper)
+    check_values(model, hyper)
     return hyper
 
 

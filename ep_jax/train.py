@@ -68,7 +68,7 @@ def train_step(model, est: Estimator, state: TrainState, x, y, hyper: Hyper):
         "loss": aux.loss,
         "correct": aux.correct,
         "accuracy": aux.correct / x.shape[0],
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "finite": finite,
     }
     return new, metrics
