@@ -4,12 +4,13 @@ from ep_jax.estimators import Aux, Estimator, estimate
 from ep_jax.hyper import Hyper, make_hyper
 from ep_jax.models import DendriticModel, EPModel, build_model
 from ep_jax.train import (TrainState, evaluate, evaluate_jit, init_state, make_optimizer,
-                          predict, train_step, train_step_jit)
+                          predict, train_step, train_step_jit, train_steps,
+                          train_steps_jit)
 
 __all__ = [
     "activations", "dendrites", "dynamics", "estimators", "losses",
     "Aux", "Estimator", "estimate", "Hyper", "make_hyper",
     "DendriticModel", "EPModel", "build_model",
     "TrainState", "evaluate", "evaluate_jit", "init_state", "make_optimizer", "predict",
-    "train_step", "train_step_jit",
+    "train_step", "train_step_jit", "train_steps", "train_steps_jit",
 ]

@@ -69,6 +69,7 @@ def train_step(model, est: Estimator, state: TrainState, x, y, hyper: Hyper):
         "correct": aux.correct,
         "accuracy": aux.correct / x.shape[0],
         "grad_norm": optax.tree.norm(grads),
+        "state_absmax": jnp.max(jnp.stack([jnp.max(jnp.abs(sl)) for sl in aux.s_free])),
         "finite": finite,
     }
     return new, metrics
@@ -77,6 +78,19 @@ def train_step(model, est: Estimator, state: TrainState, x, y, hyper: Hyper):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def train_step_jit(model, est, state, x, y, hyper):
     return train_step(model, est, state, x, y, hyper)
+
+
+def train_steps(model, est: Estimator, state: TrainState, x_all, y_all, idx, hyper: Hyper):
+    """`idx.shape[0]` training steps in one `lax.scan`; step i uses the batch
+    `(x_all[idx[i]], y_all[idx[i]])`. With the dataset resident on the device this runs a
+    whole chunk of an epoch without returning to Python. Returns `(state, metrics)` with
+    every metric stacked along the step axis."""
+    def body(st, ix):
+        return train_step(model, est, st, x_all[ix], y_all[ix], hyper)
+    return jax.lax.scan(body, state, idx)
+
+
+train_steps_jit = jax.jit(train_steps, static_argnums=(0, 1))
 
 
 def predict(model, params, buffers, x, hyper: Hyper, t_free: int):
