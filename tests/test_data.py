@@ -1,0 +1,166 @@
+"""Data layer: IDX/npz readers on files the tests write, real Fashion-MNIST and MNIST."""
+import gzip
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from ep_jax import data as D
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+MNIST = D.REPO_ROOT.parent / "shared" / "data" / "mnist"
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    """An IDX file written from its definition (big-endian dims after a 4-byte magic)."""
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def write_set(folder: Path, n_train=50, n_test=20, seed=0, gz=True):
+    rng = np.random.default_rng(seed)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, a in arrays.items():
+        b = idx_bytes(a)
+        (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(b) if gz else b)
+    return arrays
+
+
+@pytest.fixture
+def no_defaults(monkeypatch, tmp_path):
+    """No env var, no Debian folder, no repo-local data, no tfds: only what a test names."""
+    monkeypatch.delenv(D.ENV_VAR, raising=False)
+    monkeypatch.setattr(D, "DEBIAN_DIRS", {"fashion_mnist": tmp_path / "no-debian"})
+    monkeypatch.setattr(D, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_roundtrip_and_normalisation(tmp_path, no_defaults, gz):
+    arrays = write_set(tmp_path / "d", gz=gz)
+    for name, norm in (("mnist", None), ("fmnist", (0.2860, 0.3530)), ("kmnist", (0.1918, 0.3483))):
+        ds = D.load_dataset(name, data_dir=tmp_path / "d", verify=False)
+        x = arrays["train-images-idx3-ubyte"].reshape(50, 784) / 255.0
+        if norm:
+            x = (x - norm[0]) / norm[1]
+        np.testing.assert_allclose(ds.x_train, x, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
+        assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32 and ds.x_test.shape == (20, 784)
+    raw = D.load_dataset("mnist", data_dir=tmp_path / "d", verify=False, normalize=False)
+    assert raw.x_train.min() >= 0 and raw.x_train.max() <= 1
+
+
+def test_kmnist_npz_and_env_var_subfolder(tmp_path, no_defaults, monkeypatch):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "env" / "kmnist"
+    folder.mkdir(parents=True)
+    arrs = {"kmnist-train-imgs.npz": rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
+            "kmnist-train-labels.npz": rng.integers(0, 10, 30, dtype=np.uint8),
+            "kmnist-test-imgs.npz": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
+            "kmnist-test-labels.npz": rng.integers(0, 10, 12, dtype=np.uint8)}
+    for f, a in arrs.items():
+        np.savez_compressed(folder / f, arr_0=a)
+    monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "env"))
+    ds = D.load_dataset("kmnist", verify=False, normalize=False)
+    np.testing.assert_allclose(ds.x_test, arrs["kmnist-test-imgs.npz"].reshape(12, -1) / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(ds.y_train, arrs["kmnist-train-labels.npz"])
+    # the official checksums reject files that are not the official release
+    with pytest.raises(D.DatasetError, match="kmnist-train-imgs.npz: md5 .* does not match"):
+        D.load_dataset("kmnist")
+    (folder / "kmnist-test-labels.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(D.DatasetError, match="kmnist-test-labels.npz: cannot read"):
+        D.load_dataset("kmnist", verify=False)
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda b: gzip.compress(b)[:-20], "corrupt or truncated gzip"),
+    (lambda b: gzip.compress(b[:-100]), "truncated or corrupt"),
+    (lambda b: gzip.compress(b"\x01\x02" + b[2:]), "bad magic"),
+    (lambda b: gzip.compress(b[:2] + b"\x0d" + b[3:]), "not unsigned byte"),
+])
+def test_corrupt_files_raise_naming_the_file(tmp_path, no_defaults, damage, match):
+    arrays = write_set(tmp_path)
+    target = tmp_path / "t10k-images-idx3-ubyte.gz"
+    target.write_bytes(damage(idx_bytes(arrays["t10k-images-idx3-ubyte"])))
+    with pytest.raises(D.DatasetError, match=match) as e:
+        D.load_dataset("mnist", data_dir=tmp_path, verify=False)
+    assert "t10k-images-idx3-ubyte.gz" in str(e.value)
+
+
+def test_mismatched_counts_and_bad_labels(tmp_path, no_defaults):
+    write_set(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(49))))
+    with pytest.raises(D.DatasetError, match="49 labels for 50 images"):
+        D.load_dataset("mnist", data_dir=tmp_path, verify=False)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.full(50, 12))))
+    with pytest.raises(D.DatasetError, match="label 12 outside"):
+        D.load_dataset("mnist", data_dir=tmp_path, verify=False)
+
+
+def test_checksum_mismatch_and_size_check(tmp_path, no_defaults):
+    write_set(tmp_path)
+    with pytest.raises(D.DatasetError, match=r"md5 .* does not match the official .*verify=False"):
+        D.load_dataset("fashion_mnist", data_dir=tmp_path)
+
+
+def test_missing_dataset_lists_every_place(tmp_path, no_defaults):
+    with pytest.raises(D.DatasetError) as e:
+        D.load_dataset("fashion_mnist", data_dir=tmp_path / "nowhere")
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere") in msg and "no-debian" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "pip install tensorflow-datasets" in msg
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        D.load_dataset("cifar")
+
+
+def test_files_path_does_not_import_tfds(tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "tensorflow_datasets", raising=False)
+    write_set(tmp_path)
+    D.load_dataset("mnist", data_dir=tmp_path, verify=False)
+    assert "tensorflow_datasets" not in sys.modules
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (CI installs it)")
+def test_real_fashion_mnist(monkeypatch):
+    monkeypatch.delenv(D.ENV_VAR, raising=False)
+    ds = D.load_dataset("fmnist")  # found in /usr/share/datasets/fashion-mnist, md5-verified
+    assert ds.x_train.shape == (60000, 784) and ds.x_test.shape == (10000, 784)
+    np.testing.assert_array_equal(np.bincount(ds.y_train), [6000] * 10)
+    np.testing.assert_array_equal(np.bincount(ds.y_test), [1000] * 10)
+    raw = D.read_idx(FMNIST / "train-images-idx3-ubyte.gz").astype(np.float64) / 255
+    assert abs(raw.mean() - 0.2860) < 5e-4 and abs(raw.std() - 0.3530) < 5e-4  # SPEC's constants
+    assert abs(ds.x_train.mean()) < 2e-3 and abs(ds.x_train.std() - 1) < 2e-3
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason="the shared MNIST files are not beside the checkout")
+def test_real_mnist():
+    ds = D.load_dataset("mnist", data_dir=MNIST)
+    np.testing.assert_array_equal(np.bincount(ds.y_train), [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
+    np.testing.assert_array_equal(np.bincount(ds.y_test), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+    assert int(np.rint(ds.x_test.astype(np.float64) * 255).sum()) == 264923200  # SOURCES.md pixel sum
+
+
+def test_batches_seeded_complete_and_closable():
+    x = np.arange(103 * 2, dtype=np.float32).reshape(103, 2)
+    y = np.arange(103)
+    k = jax.random.PRNGKey(3)
+    a = [np.asarray(b[1]) for b in D.batches(x, y, 10, key=k)]
+    b = [np.asarray(b[1]) for b in D.batches(x, y, 10, key=k)]
+    c = [np.asarray(b[1]) for b in D.batches(x, y, 10, key=jax.random.PRNGKey(4))]
+    assert all(np.array_equal(u, v) for u, v in zip(a, b)) and len(a) == 11
+    assert not all(np.array_equal(u, v) for u, v in zip(a, c))
+    np.testing.assert_array_equal(np.sort(np.concatenate(a)), y)
+    assert [len(v) for v in D.batches(x, y, 10, drop_last=True)] == [2] * 10
+    for xb, yb in D.batches(x, y, 10, key=k):
+        np.testing.assert_array_equal(np.asarray(xb)[:, 0], 2 * np.asarray(yb))
+    it = D.batches(x, y, 1, prefetch=1)
+    next(it)
+    it.close()  # must not hang with the producer blocked on a full queue
+    sub = D.subset(D.Dataset("t", x, y, x[:20], y[:20]), 30, 5, key=k)
+    assert len(sub.y_train) == 30 and len(set(sub.y_train.tolist())) == 30 and len(sub.y_test) == 5
