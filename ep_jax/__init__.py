@@ -1,5 +1,5 @@
 """ep_jax: equilibrium propagation (standard, dendritic, heterogeneous time steps) in JAX."""
-from ep_jax import activations, dendrites, dynamics, estimators, losses
+from ep_jax import activations, data, dendrites, dynamics, estimators, losses, timesteps
 from ep_jax.estimators import Aux, Estimator, estimate
 from ep_jax.hyper import Hyper, make_hyper
 from ep_jax.models import DendriticModel, EPModel, build_model
@@ -8,7 +8,7 @@ from ep_jax.train import (TrainState, evaluate, evaluate_jit, init_state, make_o
                           train_steps_jit)
 
 __all__ = [
-    "activations", "dendrites", "dynamics", "estimators", "losses",
+    "activations", "data", "dendrites", "dynamics", "estimators", "losses", "timesteps",
     "Aux", "Estimator", "estimate", "Hyper", "make_hyper",
     "DendriticModel", "EPModel", "build_model",
     "TrainState", "evaluate", "evaluate_jit", "init_state", "make_optimizer", "predict",

@@ -77,15 +77,24 @@ def build_estimator(cfg: dict) -> ep_jax.Estimator:
                             batched_nudge=cfg["batched_nudge"])
 
 
-def layer_dts(cfg: dict, model, key):
-    """Per-layer dt entries: `cfg["dt"]` everywhere, or HTS per-neuron hidden vectors."""
+def dt_spec(cfg: dict):
+    """The HTS spec of the hidden layers (`None` when `dt_dist` is unset)."""
     if cfg["dt_dist"] is None:
-        return cfg["dt"]
+        return None
+    import dataclasses
     from ep_jax import timesteps
-    spec = timesteps.default_spec(cfg["dt_dist"])
-    changes = {k: cfg[f"dt_{k}"] for k in ("mean", "std", "min", "max") if cfg[f"dt_{k}"] is not None}
-    spec = timesteps.DtSpec(**{**spec.__dict__, **{("dt_" + k if k in ("min", "max") else k): v
-                                                    for k, v in changes.items()}})
+    given = {"mean": cfg["dt_mean"], "std": cfg["dt_std"], "dt_min": cfg["dt_min"], "dt_max": cfg["dt_max"]}
+    return dataclasses.replace(timesteps.default_spec(cfg["dt_dist"]),
+                               **{k: v for k, v in given.items() if v is not None})
+
+
+def layer_dts(cfg: dict, model, key):
+    """Per-layer dt entries: `cfg["dt"]` everywhere, or HTS per-neuron hidden vectors
+    (sampled from `key`) with the output at `dt_out` (default `dt`)."""
+    spec = dt_spec(cfg)
+    if spec is None:
+        return cfg["dt"] if cfg["dt_out"] is None else [cfg["dt"]] * (model.n_layers - 1) + [cfg["dt_out"]]
+    from ep_jax import timesteps
     dt_out = cfg["dt_out"] if cfg["dt_out"] is not None else cfg["dt"]
     return list(timesteps.layer_dts(key, model, spec, dt_out))
 

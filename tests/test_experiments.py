@@ -72,7 +72,7 @@ def test_overrides_and_errors():
     assert cfg["activation"] == "tanh" and cfg["sizes"] == [784, 256, 256, 10]
     with pytest.raises(ValueError, match="unknown config field"):
         C.apply_overrides(cfg, ["learning_rate=0.1"])
-    assert set(presets.PRESETS) == {f"{d}-{m}" for d in ("mnist", "kmnist", "fmnist") for m in ("ep", "dep", "dbptt")}
+    assert set(presets.PRESETS) >= {f"{d}-{m}" for d in ("mnist", "kmnist", "fmnist") for m in ("ep", "dep", "dbptt", "hts-lognormal")}
 
 
 def test_aggregate_table(tmp_path):
