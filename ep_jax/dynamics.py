@@ -66,7 +66,7 @@ def nudged_phases(model, eff, ctx, s_free, y1h, betas, hyper, steps: int,
     n, B = len(betas), ctx.shape[0]
     tile = lambda a: jnp.concatenate([a] * n, axis=0)
     beta_col = jnp.concatenate([jnp.full((B, 1), b, ctx.dtype) for b in betas], axis=0)
-    out = relax(model, eff, tile(ctx), tuple(tile(sl) for sl in s_free), tile(y1h),
+    out = relax(model, eff, tile(ctx), tuple(tile(sl) for sl in s_free), jax.tree.map(tile, y1h),
                 beta_col, hyper, steps, record)
     split = lambda a, i, axis: lax.slice_in_dim(a, i * B, (i + 1) * B, axis=axis)
     if record:

@@ -14,11 +14,18 @@ passed to its pure methods:
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ep_jax import activations, losses
+
+
+class OutputGrad(NamedTuple):
+    """A fixed output-cost gradient `g` (batch, n_L) standing in for the one-hot target:
+    the nudged phases then minimise the linear cost ⟨g, s_L⟩."""
+    g: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +83,18 @@ class LayeredModel:
         return losses.loss(self.loss, s_out, y1h)
 
     def nudge(self, s_out, y1h, beta):
-        """−β ∂ℓ/∂s_L; `beta` is a scalar or broadcastable to (batch, 1)."""
+        """−β ∂ℓ/∂s_L; `beta` is a scalar or broadcastable to (batch, 1).
+
+        `y1h` is a one-hot target, or an `OutputGrad(g)`: then the cost is the linear
+        ⟨g, s_L⟩ and the force is −β g (used by the EP layer's custom VJP)."""
+        if isinstance(y1h, OutputGrad):
+            return -beta * y1h.g
         return -beta * losses.loss_grad(self.loss, s_out, y1h)
 
     def output_term(self, s_out, y1h, beta):
         """−β ℓ(s_L, y), batch-summed (the θ-free part of the output primitive)."""
+        if isinstance(y1h, OutputGrad):
+            return -jnp.sum(beta * jnp.sum(y1h.g * s_out, axis=-1, keepdims=True))
         return -jnp.sum(jnp.ravel(beta) * self.cost(s_out, y1h))
 
     # --- checks (shapes are static, so these run at trace time) -----------------------
