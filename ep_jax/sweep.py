@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import re
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -176,6 +178,40 @@ def group_members(configs: Sequence[MemberConfig]) -> list[Group]:
         groups.append(Group(first.build_model(), first.build_estimator(), int(first.batch_size),
                             tuple(configs[i] for i in idx), tuple(idx)))
     return groups
+
+
+def _label(v) -> str:
+    if isinstance(v, Mapping):
+        return "-".join(_label(u) for u in v.values())
+    if isinstance(v, (list, tuple)):
+        return "-".join(_label(u) for u in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def expand_grid(base: Mapping | None = None, grid: Mapping | None = None,
+                members: Sequence[Mapping] = (), prefix: str = "") -> list[MemberConfig]:
+    """Member configs from shared settings `base`, the cartesian product of `grid`
+    (`setting -> list of alternatives`, in the given key order) and explicit `members`
+    (each merged over `base`). Grid members are named from their grid values, e.g.
+    `lr=0.1-0.05_seed=3`; explicit members by their `name` or `member<i>`. With neither
+    grid nor members the sweep is the single member `base`.
+    """
+    base, grid = dict(base or {}), dict(grid or {})
+    for k, alts in grid.items():
+        if not isinstance(alts, (list, tuple)) or not alts:
+            raise ValueError(f"grid.{k} must be a non-empty list of alternatives, got {alts!r}")
+    out = []
+    if grid:
+        for combo in itertools.product(*grid.values()):
+            settings = dict(zip(grid, combo))
+            name = "_".join(f"{k}={_label(v)}" for k, v in settings.items())
+            name = prefix + re.sub(r"[^A-Za-z0-9._=+-]", "-", name)
+            out.append(MemberConfig.from_dict({**base, **settings, "name": name}))
+    for i, m in enumerate(members):
+        out.append(MemberConfig.from_dict({**base, "name": f"{prefix}member{i}", **m}))
+    if not out:
+        out.append(MemberConfig.from_dict({"name": f"{prefix}member0", **base}))
+    return out
 
 
 # --- numeric settings -> Hyper --------------------------------------------------------------
