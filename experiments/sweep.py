@@ -329,7 +329,10 @@ def main(argv=None, dt_sampler=S.hts_dt_sampler):
     for g in groups:
         for c in g.members:
             if c.dt_dist is not None:
-                S.member_hyper(c, g.model, dt_sampler)
+                try:
+                    S.member_hyper(c, g.model, dt_sampler)
+                except RuntimeError as e:
+                    raise SystemExit(f"member {c.name!r}: {e}") from None
     ckdir = out / "_checkpoints"
     if not args.resume and ckdir.exists() and any(ckdir.iterdir()):
         raise SystemExit(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")

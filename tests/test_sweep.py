@@ -316,7 +316,7 @@ def test_command_dt_dist_members(tmp_path):
     try:
         import ep_jax.timesteps  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="need ep_jax.timesteps"):
+        with pytest.raises(SystemExit, match="need ep_jax.timesteps"):
             cmd.main([str(spec), "--out", str(tmp_path / "no"), "--epochs", "1", "--no-progress"])
     res = cmd.main([str(spec), "--out", str(tmp_path / "hts"), "--epochs", "1", "--no-progress"],
                    dt_sampler=sampler)
