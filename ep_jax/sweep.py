@@ -344,13 +344,22 @@ def member_step(model, est: Estimator, state: SweepState, x, y, sh: SweepHyper,
     return SweepState(train, state.key, ok, diverged), metrics
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def sweep_step(model, est: Estimator, state: SweepState, x, y, sh: SweepHyper):
+@functools.partial(jax.jit, static_argnums=(0, 1, 6))
+def sweep_step(model, est: Estimator, state: SweepState, x, y, sh: SweepHyper, chunk: int | None = None):
     """All members one step on a shared batch `x: (batch, n_0)`, or per-member batches
-    `x: (M, batch, n_0)`. Returns `(state, metrics)`, every metric of shape `(M,)`."""
-    data_axis = 0 if x.ndim == 3 else None
-    return jax.vmap(functools.partial(member_step, model, est),
-                    in_axes=(0, data_axis, data_axis, 0))(state, x, y, sh)
+    `x: (M, batch, n_0)`. Returns `(state, metrics)`, every metric of shape `(M,)`.
+
+    chunk: None vmaps over all M members at once; an int runs chunks of `chunk` vmapped
+    members one after another (`lax.map`) inside the same compiled step: the same numbers
+    with a peak memory of `chunk` members.
+    """
+    one = functools.partial(member_step, model, est)
+    if chunk is None:
+        data_axis = 0 if x.ndim == 3 else None
+        return jax.vmap(one, in_axes=(0, data_axis, data_axis, 0))(state, x, y, sh)
+    if x.ndim == 3:
+        return jax.lax.map(lambda a: one(*a), (state, x, y, sh), batch_size=chunk)
+    return jax.lax.map(lambda a: one(a[0], x, y, a[1]), (state, sh), batch_size=chunk)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))

@@ -321,3 +321,15 @@ def test_command_dt_dist_members(tmp_path):
     res = cmd.main([str(spec), "--out", str(tmp_path / "hts"), "--epochs", "1", "--no-progress"],
                    dt_sampler=sampler)
     assert [s["status"] for s in res] == ["ok"] * 3
+
+
+def test_chunked_sweep_step_equals_vmapped():
+    configs = [S.MemberConfig(name=f"m{i}", seed=i, beta=0.1 * (i + 1), **SMALL) for i in range(3)]
+    (group,) = S.group_members(configs)
+    state, sh = S.build_sweep(group)
+    a = b = state
+    for x, y in batches(2):
+        a, ma = S.sweep_step(group.model, group.estimator, a, x, y, sh)
+        b, mb = S.sweep_step(group.model, group.estimator, b, x, y, sh, 2)     # chunks of 2 and 1
+    assert_close(a.train, b.train)
+    assert_close(ma, mb)
