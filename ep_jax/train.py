@@ -55,21 +55,36 @@ def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
 
 
-def train_step(model, est: Estimator, state: TrainState, x, y, hyper: Hyper):
-    """One optimizer step on batch `(x, y)`; returns `(state, metrics)`."""
+def train_step(model, est: Estimator, state: TrainState, x, y, hyper: Hyper,
+               axis_name: str | None = None):
+    """One optimizer step on batch `(x, y)`; returns `(state, metrics)`.
+
+    `axis_name`: inside `shard_map`/`pmap` over a batch axis of that name, `(x, y)` is
+    this device's shard; the gradients and loss are averaged over the axis (`pmean`, so
+    equal-sized shards give the gradient of the global batch mean), `correct` is summed,
+    and the step is applied only where every shard is finite.
+    """
     grads, aux = estimate(est, model, state.params, state.buffers, x, y, hyper)
+    loss, correct, n = aux.loss, aux.correct, x.shape[0]
+    finite = _all_finite(aux.s_free)
+    absmax = jnp.max(jnp.stack([jnp.max(jnp.abs(sl)) for sl in aux.s_free]))
+    if axis_name is not None:
+        absmax = jax.lax.pmax(absmax, axis_name)
+        grads, loss = jax.lax.pmean((grads, loss), axis_name)
+        correct, n = jax.lax.psum((correct, n), axis_name)
+        finite = jax.lax.psum(jnp.logical_not(finite).astype(jnp.int32), axis_name) == 0
+    finite = finite & _all_finite(grads)
     tx = make_optimizer(model, hyper)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = _all_finite((grads, aux.s_free))
     new = TrainState(params, state.buffers, opt_state, state.step + 1)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     metrics = {
-        "loss": aux.loss,
-        "correct": aux.correct,
-        "accuracy": aux.correct / x.shape[0],
+        "loss": loss,
+        "correct": correct,
+        "accuracy": correct / n,
         "grad_norm": optax.tree.norm(grads),
-        "state_absmax": jnp.max(jnp.stack([jnp.max(jnp.abs(sl)) for sl in aux.s_free])),
+        "state_absmax": absmax,
         "finite": finite,
     }
     return new, metrics
