@@ -1,17 +1,39 @@
-"""ep_jax: equilibrium propagation (standard, dendritic, heterogeneous time steps) in JAX."""
-from ep_jax import activations, data, dendrites, dynamics, estimators, losses, timesteps
+"""ep_jax: equilibrium propagation (standard, dendritic, heterogeneous time steps) in JAX.
+
+    import jax, ep_jax
+    model = ep_jax.build_model("dendritic", sizes=(784, 256, 10))
+    est = ep_jax.Estimator("symmetric", t_free=60, t_nudge=12)
+    opt = ep_jax.optim.sgd(model, lr=[0.4, 0.02], momentum=0.9)      # or any optax transformation
+    rx = ep_jax.make_relaxation(model, beta=0.1, dt=1.0)
+    state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(0), alpha=0.2)
+    state, info = ep_jax.train_step_jit(model, est, opt, key, state, x, y, rx)
+
+docs/api.md gives the overview; docs/equations.md the mathematics.
+"""
+from ep_jax import (activations, alignment, data, dendrites, dynamics, estimators, layer, losses,
+                    models, optim, parallel, reference, relaxation, sweep, synthetic, timesteps, train)
 from ep_jax.estimators import Aux, Estimator, estimate
-from ep_jax.hyper import Hyper, make_hyper
 from ep_jax.layer import make_ep_block
-from ep_jax.models import DendriticModel, EPModel, build_model
-from ep_jax.train import (TrainState, evaluate, evaluate_jit, init_state, make_optimizer,
-                          predict, train_step, train_step_jit, train_steps,
-                          train_steps_jit)
+from ep_jax.models import DendriticModel, EPModel, Model, build_model
+from ep_jax.relaxation import Relaxation, make_relaxation
+from ep_jax.train import (Evaluation, StepInfo, TrainState, evaluate, evaluate_jit, init_state, predict,
+                          step_key, train_step, train_step_jit, train_steps, train_steps_jit)
+
+
+def __getattr__(name):
+    # flax is imported only when the flax module is asked for
+    if name == "nn":
+        import importlib
+        return importlib.import_module("ep_jax.nn")
+    raise AttributeError(f"module 'ep_jax' has no attribute {name!r}")
+
 
 __all__ = [
-    "activations", "data", "dendrites", "dynamics", "estimators", "losses", "timesteps",
-    "make_ep_block", "Aux", "Estimator", "estimate", "Hyper", "make_hyper",
-    "DendriticModel", "EPModel", "build_model",
-    "TrainState", "evaluate", "evaluate_jit", "init_state", "make_optimizer", "predict",
-    "train_step", "train_step_jit", "train_steps", "train_steps_jit",
+    "activations", "alignment", "data", "dendrites", "dynamics", "estimators", "layer", "losses",
+    "models", "nn", "optim", "parallel", "reference", "relaxation", "sweep", "synthetic", "timesteps", "train",
+    "Aux", "Estimator", "estimate", "make_ep_block",
+    "DendriticModel", "EPModel", "Model", "build_model",
+    "Relaxation", "make_relaxation",
+    "Evaluation", "StepInfo", "TrainState", "evaluate", "evaluate_jit", "init_state", "predict",
+    "step_key", "train_step", "train_step_jit", "train_steps", "train_steps_jit",
 ]

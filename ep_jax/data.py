@@ -1,11 +1,12 @@
 """Datasets: MNIST, KMNIST and Fashion-MNIST, offline from files or online via tfds.
 
 `load_dataset(name)` returns a `Dataset` of flattened float32 images `(N, 784)` and int32
-labels (train 60 000, test 10 000), normalised as in SPEC §6: pixels scaled to [0, 1],
+labels (train 60 000, test 10 000), normalised as the reference code does: pixels scaled to [0, 1],
 then MNIST unchanged, KMNIST `(x − 0.1918)/0.3483`, Fashion-MNIST `(x − 0.2860)/0.3530`.
 
 Where it looks, in order (the first place holding a complete set of files wins):
-1. the `data_dir` argument (`--data-dir` on the command lines);
+1. the `data_dir` argument (`--data-dir` on the command lines): when given, the ONLY
+   place looked;
 2. the environment variable `EP_JAX_DATA_DIR`;
 3. `/usr/share/datasets/fashion-mnist` (Debian's `dataset-fashion-mnist`; Fashion-MNIST only);
 4. `./.data/<name>` and `../shared/data/<name>` next to the repository;
@@ -28,6 +29,7 @@ import hashlib
 import os
 import queue
 import threading
+import weakref
 import zlib
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -90,6 +92,7 @@ class DatasetError(RuntimeError):
 
 
 class Dataset(NamedTuple):
+    """A dataset as host arrays: flattened images and integer labels."""
     name: str
     x_train: np.ndarray   # (60000, 784) float32
     y_train: np.ndarray   # (60000,) int32
@@ -214,12 +217,12 @@ def load_files(folder, name: str, verify: bool = True, expect_sizes: bool | None
 
 
 def candidate_dirs(name: str, data_dir=None) -> list[Path]:
-    """Folders searched for `name`, in order (see the module docstring)."""
-    roots = []
+    """Folders searched for `name`, in order (see the module docstring). An explicit
+    `data_dir` is the only place looked (with its dataset-named subfolders)."""
     if data_dir:
-        roots.append(Path(data_dir))
-    if os.environ.get(ENV_VAR):
-        roots.append(Path(os.environ[ENV_VAR]))
+        r = Path(data_dir)
+        return list(dict.fromkeys([r] + [r / s for s in SUBFOLDERS[name]]))
+    roots = [Path(os.environ[ENV_VAR])] if os.environ.get(ENV_VAR) else []
     out = []
     for r in roots:
         out += [r] + [r / s for s in SUBFOLDERS[name]]
@@ -230,11 +233,32 @@ def candidate_dirs(name: str, data_dir=None) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-def _load_tfds(name: str):
+TFDS_HOST = ("storage.googleapis.com", 443)  # where tensorflow-datasets downloads from
+
+
+def _online(host=TFDS_HOST, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to tfds' download host opens within `timeout` seconds."""
+    import socket
+    try:
+        socket.create_connection(host, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_tfds(name: str, data_dir=None):
     import tensorflow_datasets as tfds  # lazy: the core never needs it
 
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        if not _online():
+            # tfds would retry its downloads for minutes before giving up
+            raise DatasetError(f"tensorflow-datasets has no prepared copy of {name!r} and cannot download it "
+                               f"(no connection to {TFDS_HOST[0]})")
+        builder.download_and_prepare()
+
     def split(s):
-        ds = tfds.data_source(name, split=s)
+        ds = tfds.data_source(name, split=s, data_dir=data_dir)
         x = np.stack([np.asarray(ex["image"]).reshape(28, 28) for ex in ds]).astype(np.uint8)
         y = np.asarray([ex["label"] for ex in ds])
         return x, y
@@ -259,32 +283,36 @@ def load_dataset(name: str, data_dir=None, normalize: bool = True, source: str =
     """Load `name` (mnist, kmnist, fashion_mnist) as a `Dataset` of float32 arrays.
 
     `source`: "auto" (files, then tfds), "files" or "tfds". See the module docstring for
-    the folders searched. `verify=False` skips the md5 and size checks (structure is
-    always checked).
+    the folders searched; with `data_dir` given, only that folder is (no tfds either).
+    `verify=False` skips the md5 and size checks (structure is always checked).
     """
     name = canonical_name(name)
     if source not in ("auto", "files", "tfds"):
         raise ValueError(f"source must be 'auto', 'files' or 'tfds', got {source!r}")
+    if data_dir and source == "auto":
+        source = "files"
     looked = []
     if source in ("auto", "files"):
         for folder in candidate_dirs(name, data_dir):
             if _files_in(folder, name) is not None:
                 return _finish(name, load_files(folder, name, verify), normalize)
             looked.append(f"  - {folder}: {'no complete set of files' if folder.is_dir() else 'does not exist'}")
+    have_tfds = False
     if source in ("auto", "tfds"):
         try:
             import tensorflow_datasets  # noqa: F401
             have_tfds = True
-        except ImportError:
-            have_tfds = False
-            looked.append("  - tensorflow-datasets: not installed (pip install tensorflow-datasets)")
+        except ImportError as e:
+            looked.append(f"  - tensorflow-datasets: not importable ({e}; pip install 'ep_jax[tfds]')")
         try:
             if have_tfds:
                 return _finish(name, _load_tfds(name), normalize)
         except Exception as e:  # download or preparation failure (offline, ...)
-            looked.append(f"  - tensorflow-datasets: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    raise DatasetError(f"dataset {name!r} not found. Looked in:\n" + "\n".join(looked)
-                       + f"\nTo get it: {HOW_TO_GET[name]}; or pip install tensorflow-datasets with internet access.")
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            looked.append(f"  - tensorflow-datasets: {msg or type(e).__name__}")
+    how = HOW_TO_GET[name] + ("; or let tensorflow-datasets download it on a machine with internet access"
+                              if have_tfds else "; or pip install 'ep_jax[tfds]' on a machine with internet access")
+    raise DatasetError(f"dataset {name!r} not found. Looked in:\n" + "\n".join(looked) + f"\nTo get it: {how}.")
 
 
 # --- batching -----------------------------------------------------------------------------
@@ -294,67 +322,114 @@ def epoch_permutation(key, n: int) -> np.ndarray:
     return np.asarray(jax.random.permutation(key, n))
 
 
-def subset(ds: Dataset, n_train: int, n_test: int | None = None, key=None) -> Dataset:
-    """A seeded random subset (in original order) of `n_train` train and `n_test` test examples."""
+def subset_indices(key, total: int, n: int | None) -> np.ndarray:
+    """Indices of a seeded random subset of `n` of `total` examples, in original order
+    (all of them when `n` is None). `1 <= n <= total`, else a ValueError."""
+    if n is None:
+        return np.arange(total)
+    if not 1 <= int(n) <= total:
+        raise ValueError(f"subset must lie in [1, {total}], got {n}")
+    return np.sort(epoch_permutation(key, total)[:int(n)])
+
+
+def subset(ds: Dataset, n_train: int | None, n_test: int | None = None, key=None) -> Dataset:
+    """A seeded random subset (`subset_indices`) of `n_train` train and `n_test` test
+    examples; the train and test choices use `split(key)`."""
     key = jax.random.PRNGKey(0) if key is None else key
     k1, k2 = jax.random.split(key)
-    pick = lambda k, n, m: np.sort(epoch_permutation(k, m)[:n]) if n is not None and n < m else np.arange(m)
-    i, j = pick(k1, n_train, len(ds.y_train)), pick(k2, n_test, len(ds.y_test))
+    i, j = subset_indices(k1, len(ds.y_train), n_train), subset_indices(k2, len(ds.y_test), n_test)
     return Dataset(ds.name, ds.x_train[i], ds.y_train[i], ds.x_test[j], ds.y_test[j])
 
 
-def batches(x, y, batch_size: int, key=None, drop_last: bool = False, prefetch: int = 2,
-            device=None) -> Iterator:
-    """Yield `(x_batch, y_batch)` device arrays, shuffled by `key` when given.
+class batches:
+    """Iterator of `(x_batch, y_batch)` device arrays, shuffled by `key` when given.
 
     A background thread slices and `device_put`s up to `prefetch` batches ahead, so the
-    accelerator does not wait on Python. Closing the iterator early stops the thread.
+    accelerator does not wait on Python. The thread checks a stop flag while it waits on
+    the queue: `close()`, leaving a `with` block, dropping the iterator, or interpreter
+    exit all stop it, and nothing is printed at exit when the iterator was not used up.
+
+        for xb, yb in batches(x, y, 64, key=jax.random.PRNGKey(0)):
+            ...
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(y)
-    if len(x) != n:
-        raise ValueError(f"x and y differ in length: {len(x)} vs {n}")
-    order = epoch_permutation(key, n) if key is not None else np.arange(n)
-    stops = range(0, (n // batch_size) * batch_size if drop_last else n, batch_size)
-    put = (lambda a: jax.device_put(a, device)) if device is not None else jax.device_put
-    if prefetch <= 0:
-        for i in stops:
-            idx = order[i:i + batch_size]
-            yield put(x[idx]), put(y[idx])
-        return
-    q: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-    done = object()
 
-    def producer():
-        try:
-            for i in stops:
-                idx = order[i:i + batch_size]
-                item = (put(x[idx]), put(y[idx]))
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as e:  # surface errors in the consumer
-            q.put(e)
-            return
-        q.put(done)
+    def __init__(self, x, y, batch_size: int, key=None, drop_last: bool = False, prefetch: int = 2,
+                 device=None):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(y)
+        if len(x) != n:
+            raise ValueError(f"x and y differ in length: {len(x)} vs {n}")
+        order = epoch_permutation(key, n) if key is not None else np.arange(n)
+        stops = range(0, (n // batch_size) * batch_size if drop_last else n, batch_size)
+        put = (lambda a: jax.device_put(a, device)) if device is not None else jax.device_put
+        self._items = ((put(x[order[i:i + batch_size]]), put(y[order[i:i + batch_size]])) for i in stops)
+        self._len = len(stops)
+        self._thread = None
+        if prefetch > 0:
+            self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=_produce, args=(self._items, self._queue, self._stop),
+                                            daemon=True)
+            self._thread.start()
+            # runs at garbage collection or at interpreter exit, whichever comes first
+            self._finalizer = weakref.finalize(self, _stop_thread, self._stop, self._thread)
 
-    t = threading.Thread(target=producer, daemon=True)
-    t.start()
+    def __len__(self):
+        return self._len
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._thread is None:
+            return next(self._items)
+        item = self._queue.get()
+        if item is _DONE:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self):
+        """Stop the producer thread (idempotent)."""
+        if self._thread is not None:
+            self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_DONE = object()
+
+
+def _produce(items, q: queue.Queue, stop: threading.Event):
     try:
-        while True:
-            item = q.get()
-            if item is done:
+        for item in items:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        t.join(timeout=5)
+        item = _DONE
+    except BaseException as e:  # surfaced in the consumer
+        item = e
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return
+        except queue.Full:
+            continue
+
+
+def _stop_thread(stop: threading.Event, thread: threading.Thread):
+    stop.set()
+    thread.join(timeout=5)

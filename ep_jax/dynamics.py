@@ -1,11 +1,16 @@
-"""Relaxation: the state update of SPEC §1 run in `lax.scan`.
+"""Relaxation: the state update run in `lax.scan`.
 
 One step updates every layer at once from the previous step's state:
 
     s_l ← (1 − dt_l) ⊙ s_l + dt_l ⊙ σ_l(h_l(s))
 
-with `dt_l` a scalar or a per-neuron vector `(n_l,)`. At `dt = 1` this is exactly the
-reference update `s_l ← σ(h_l)` (`0·s + 1·σ(h)` is exact in floating point).
+with `dt_l` a scalar or a per-neuron vector `(n_l,)` (`ep_jax.relaxation`). At `dt = 1`
+this is exactly the fixed-point update `s_l ← σ_l(h_l)` (`0·s + 1·σ(h)` is exact in
+floating point). The model supplies the drives `h_l` (`ep_jax.models.Model`).
+
+Phases of one training example: free (`t_free` steps from zero, β = 0; its last layer is
+the prediction), and nudged (`t_nudge` steps from the free state with the output force
+of strength ±β).
 """
 from __future__ import annotations
 
@@ -13,46 +18,49 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ep_jax.models.base import Model
 
-def step(model, eff, ctx, s, y1h, beta, hyper):
-    """One synchronous update of every layer."""
-    h = model.drives(eff, ctx, s, y1h, beta, hyper)
+
+def step(model: Model, eff, ctx, s, target, beta, dt):
+    """One synchronous update of every layer; `dt` one entry per layer."""
+    h = model.drives(eff, ctx, s, target, beta)
     # A scalar dt is broadcast to the layer's width so that it runs the very same
     # program as a per-neuron vector: a vector filled with one value gives the same bits.
-    return tuple((1 - dt) * sl + dt * act(hl)
-                 for sl, hl, dt, act in zip(s, h, _per_neuron(hyper.dt, s), model.layer_activations()))
+    return tuple((1 - d) * sl + d * act(hl)
+                 for sl, hl, d, act in zip(s, h, per_neuron(dt, s), model.layer_activations()))
 
 
-def _per_neuron(dts, s):
-    return tuple(jnp.broadcast_to(d, sl.shape[-1:]) for d, sl in zip(dts, s))
+def per_neuron(dt, s):
+    """Each layer's time step broadcast to `(n_l,)`."""
+    return tuple(jnp.broadcast_to(d, sl.shape[-1:]) for d, sl in zip(dt, s))
 
 
-def relax(model, eff, ctx, s, y1h, beta, hyper, steps: int, record: bool = False):
+def relax(model: Model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False):
     """`steps` updates from state `s`.
 
     Returns the final state, or `(final, trajectory)` when `record`: the trajectory holds
-    every layer's state after each step, shape `(steps, batch, n_l)` per layer.
+    every layer's state after each step, shape `(steps, B, n_l)` per layer.
     """
     def body(carry, _):
         s, dts = carry
-        s = step(model, eff, ctx, s, y1h, beta, hyper._replace(dt=dts))
+        s = step(model, eff, ctx, s, target, beta, dts)
         return (s, dts), (s if record else None)
 
     if steps == 0:
         return (s, tuple(jnp.zeros((0,) + sl.shape, sl.dtype) for sl in s)) if record else s
     # dt rides in the carry as per-neuron vectors: the loop body is then the same program
     # whether the user gave a scalar or a vector (no constant folding of a scalar dt).
-    (s, _), traj = lax.scan(body, (s, _per_neuron(hyper.dt, s)), None, length=steps)
+    (s, _), traj = lax.scan(body, (s, per_neuron(dt, s)), None, length=steps)
     return (s, traj) if record else s
 
 
-def free_phase(model, eff, ctx, hyper, steps: int, record: bool = False):
+def free_phase(model: Model, eff, ctx, dt, steps: int, record: bool = False):
     """`steps` free steps (β = 0) from the zero state. The result is also the prediction."""
     s0 = model.zero_state(ctx.shape[0], ctx.dtype)
-    return relax(model, eff, ctx, s0, None, 0.0, hyper, steps, record)
+    return relax(model, eff, ctx, s0, None, 0.0, dt, steps, record)
 
 
-def nudged_phases(model, eff, ctx, s_free, y1h, betas, hyper, steps: int,
+def nudged_phases(model: Model, eff, ctx, s_free, target, betas, dt, steps: int,
                   batched: bool = True, record: bool = False):
     """Nudged phases from the free state, one per entry of `betas` (e.g. `(β, −β)`).
 
@@ -62,12 +70,12 @@ def nudged_phases(model, eff, ctx, s_free, y1h, betas, hyper, steps: int,
     per β.
     """
     if not batched or len(betas) == 1:
-        return [relax(model, eff, ctx, s_free, y1h, b, hyper, steps, record) for b in betas]
+        return [relax(model, eff, ctx, s_free, target, b, dt, steps, record) for b in betas]
     n, B = len(betas), ctx.shape[0]
     tile = lambda a: jnp.concatenate([a] * n, axis=0)
     beta_col = jnp.concatenate([jnp.full((B, 1), b, ctx.dtype) for b in betas], axis=0)
-    out = relax(model, eff, tile(ctx), tuple(tile(sl) for sl in s_free), jax.tree.map(tile, y1h),
-                beta_col, hyper, steps, record)
+    out = relax(model, eff, tile(ctx), tuple(tile(sl) for sl in s_free), jax.tree.map(tile, target),
+                beta_col, dt, steps, record)
     split = lambda a, i, axis: lax.slice_in_dim(a, i * B, (i + 1) * B, axis=axis)
     if record:
         final, traj = out

@@ -1,9 +1,9 @@
 """An EP network as a differentiable layer: `jax.grad` through it yields EP gradients.
 
-    block = ep_jax.make_ep_block(model, t_free=60, t_nudge=12)
-    s_L = block(params, buffers, x, hyper)          # (batch, n_L): the free equilibrium
+    block = ep_jax.make_ep_block(model, ep_jax.Estimator("symmetric", t_free=60, t_nudge=12))
+    s_L = block(params, buffers, x, rx)            # (batch, n_L): the free equilibrium
 
-Forward: `t_free` free steps from zero; the output layer's state is returned.
+Forward: `est.t_free` free steps from zero; the output layer's state is returned.
 Backward (`jax.custom_vjp`): for the incoming cotangent `g = ∂C/∂s_L` of whatever the
 user computes downstream, run the ±β nudged phases from the free state with the
 output force `−β·B·g` (the linear cost ⟨B g, s_L⟩, B the batch size, so that the usual
@@ -14,9 +14,11 @@ EP estimate
     ∂C/∂x ≈ −(∂_x Φ(s⁺, +β) − ∂_x Φ(s⁻, −β)) / (2β)
 
 (`Φ` the batch-mean primitive; the input enters it through layer 1, so upstream feature
-extractors get gradients too). With the model's own MSE cost averaged over the batch
-downstream, this is exactly `estimate(Estimator("symmetric"), ...)`. Buffers (masks) and
-hyperparameters get zero cotangents. β is `hyper.beta`.
+extractors get gradients too). For a downstream cost linear in `s_L` this is exactly the
+symmetric EP estimate with that cost; for the model's own MSE cost it differs from
+`estimate` by O(β), because the VJP nudges with the cost linearised at the free state.
+Buffers (masks, settings) and the relaxation settings get zero cotangents. β is
+`rx.beta`.
 """
 from __future__ import annotations
 
@@ -24,41 +26,49 @@ import jax
 import jax.numpy as jnp
 
 from ep_jax import dynamics
+from ep_jax.estimators import Estimator
 from ep_jax.models.base import OutputGrad
+from ep_jax.relaxation import check_shapes
 
 
-def make_ep_block(model, t_free: int, t_nudge: int):
-    """`block(params, buffers, x, hyper) -> s_L` with EP gradients (module docstring)."""
+def make_ep_block(model, est: Estimator):
+    """`block(params, buffers, x, rx) -> s_L` with EP gradients (module docstring);
+    `est` must be the symmetric estimator (its `t_free`, `t_nudge` are used)."""
+    if est.kind != "symmetric" or est.nudge != "fixed":
+        raise ValueError(f"the EP block's custom VJP is the symmetric estimate: give Estimator('symmetric', ...), "
+                         f"got kind={est.kind!r}, nudge={est.nudge!r}")
 
-    def free(params, buffers, x, hyper):
+    def free(params, buffers, x, rx):
+        model.check_input(x)
+        check_shapes(model, rx)
         eff = model.prepare(params, buffers)
-        return dynamics.free_phase(model, eff, model.input_drive(eff, x), hyper, t_free)
+        return dynamics.free_phase(model, eff, model.input_drive(eff, x), rx.dt, est.t_free)
 
     @jax.custom_vjp
-    def block(params, buffers, x, hyper):
-        return free(params, buffers, x, hyper)[-1]
+    def block(params, buffers, x, rx):
+        return free(params, buffers, x, rx)[-1]
 
-    def fwd(params, buffers, x, hyper):
-        s = free(params, buffers, x, hyper)
-        return s[-1], (params, buffers, x, hyper, s)
+    def fwd(params, buffers, x, rx):
+        s = free(params, buffers, x, rx)
+        return s[-1], (params, buffers, x, rx, s)
 
     def bwd(res, g):
-        params, buffers, x, hyper, s_free = res
-        beta = hyper.beta
+        params, buffers, x, rx, s_free = res
+        beta = rx.beta
         target = OutputGrad(jax.lax.stop_gradient(g) * x.shape[0])
         eff = model.prepare(params, buffers)
         ctx = model.input_drive(eff, x)
-        s_p, s_m = dynamics.nudged_phases(model, eff, ctx, s_free, target, (beta, -beta), hyper, t_nudge)
+        s_p, s_m = dynamics.nudged_phases(model, eff, ctx, s_free, target, (beta, -beta), rx.dt, est.t_nudge)
 
         def contrast(p, xx):
             e = model.prepare(p, buffers)
             c = model.input_drive(e, xx)
-            phi = lambda s, b: model.primitive(e, c, jax.lax.stop_gradient(s), target, b, hyper)
+            phi = lambda s, b: model.primitive(e, c, jax.lax.stop_gradient(s), target, b)
             return -(phi(s_p, beta) - phi(s_m, -beta)) / (2 * beta)
 
         g_params, g_x = jax.grad(contrast, argnums=(0, 1))(params, x)
         zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
-        return g_params, zeros(buffers), g_x, zeros(hyper)
+        return g_params, zeros(buffers), g_x, zeros(rx)
 
     block.defvjp(fwd, bwd)
     return block

@@ -2,7 +2,7 @@
 
 We use `flax.linen`: its variables are plain nested dicts of arrays, so the EP weights sit
 in the user's `params` collection (ready for optax and `flax.serialization`) and the fixed
-dendritic masks in a separate, non-trainable `buffers` collection that is saved with the
+dendritic masks in a separate, non-trainable `buffers` collection (with the model's settings) that is saved with the
 model but never updated. (`flax.nnx` would work as well; linen keeps params as pure
 pytrees, which is what the custom-VJP layer and `vmap` over models want.)
 
@@ -23,15 +23,23 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from ep_jax.hyper import make_hyper
+from ep_jax.estimators import Estimator
 from ep_jax.layer import make_ep_block
 from ep_jax.models import build_model
+from ep_jax.relaxation import make_relaxation
 
 
 class EPBlock(nn.Module):
-    """An EP network `sizes[0] -> ... -> sizes[-1]`; `__call__(x)` returns `s_L`."""
+    """An EP network `sizes[0] -> ... -> sizes[-1]`; `__call__(x)` returns `s_L`.
+
+    kind: "ep" or "dendritic"; t_free / t_nudge: phase lengths; beta, dt: relaxation
+    settings (`ep_jax.make_relaxation`); settings: the model's numeric settings as
+    (name, value) pairs, e.g. `(("alpha", 0.2),)`; model_kwargs: extra model fields, e.g.
+    `(("basal_branches", 4),)`; param_dtype: dtype of the weights (default: the input's).
+    Variables: `params["ep"]` (the network's weights) and `buffers["state"]` (masks and
+    settings, never trained).
+    """
     sizes: tuple
     kind: str = "ep"
     activation: str = "hard_sigmoid"
@@ -40,11 +48,12 @@ class EPBlock(nn.Module):
     t_nudge: int = 12
     beta: float = 0.1
     dt: Any = 1.0
-    alpha: float = 0.2
-    gamma: float = 1.0
-    model_kwargs: tuple = ()   # extra model fields as (name, value) pairs, e.g. (("basal_branches", 4),)
+    settings: tuple = ()
+    model_kwargs: tuple = ()
+    param_dtype: Any = None
 
     def model(self):
+        """The `ep_jax` model this block runs."""
         return build_model(self.kind, sizes=tuple(self.sizes), activation=self.activation,
                            output_activation=self.output_activation, **dict(self.model_kwargs))
 
@@ -52,8 +61,16 @@ class EPBlock(nn.Module):
     def __call__(self, x):
         model = self.model()
         model.check_input(x)
-        params = self.param("ep", lambda key: model.init(key, jnp.float32)[0])
-        masks = self.variable("buffers", "masks", lambda: model.init(self.make_rng("params"), jnp.float32)[1])
-        hyper = make_hyper(model, beta=self.beta, lr=0.0, dt=self.dt, alpha=self.alpha, gamma=self.gamma,
-                           dtype=x.dtype)
-        return make_ep_block(model, self.t_free, self.t_nudge)(params, masks.value, x, hyper)
+        dtype = self.param_dtype or x.dtype
+        made = {}
+
+        def init_once(rng):  # params and buffers from ONE init call and ONE key
+            if "out" not in made:
+                made["out"] = model.init(rng, dtype, **dict(self.settings))
+            return made["out"]
+
+        params = self.param("ep", lambda rng: init_once(rng)[0])
+        buffers = self.variable("buffers", "state", lambda: made["out"][1])
+        rx = make_relaxation(model, beta=self.beta, dt=self.dt, dtype=x.dtype)
+        est = Estimator("symmetric", t_free=self.t_free, t_nudge=self.t_nudge)
+        return make_ep_block(model, est)(params, buffers.value, x, rx)

@@ -8,11 +8,11 @@ its shard, so with equal shards the device average is exactly the gradient of th
 batch mean: the result equals one device running the whole batch, up to float rounding.
 The global batch must therefore divide evenly by the number of devices.
 
-    step = data_parallel_step(model, est)                  # all local devices
-    state, metrics = step(state, x, y, hyper)              # x: (global_batch, n_0)
+    step = data_parallel_step(model, est, opt)             # all devices
+    state, info = step(key, state, x, y, rx)               # x: (global_batch, n_0)
 
-    step = data_parallel_step(model, est, sweep=True)      # a vmapped sweep on each device
-    sstate, metrics = step(sstate, x, y, sweep_hyper)
+    step = data_parallel_step(model, est, opt, sweep=True) # a vmapped sweep on each device
+    sstate, info = step(None, sstate, x, y, stacked_rx)    # member keys live in the SweepState
 
 Testing on a CPU: `XLA_FLAGS=--xla_force_host_platform_device_count=8` set before jax is
 imported gives 8 host devices.
@@ -53,14 +53,15 @@ def shard_batch(mesh: Mesh, *arrays, axis_name: str = "data"):
     return tuple(jax.device_put(a, sharding) for a in arrays)
 
 
-def data_parallel_step(model, est: Estimator, mesh: Mesh | None = None, *, devices=None,
+def data_parallel_step(model, est: Estimator, opt, mesh: Mesh | None = None, *, devices=None,
                        axis_name: str = "data", sweep: bool = False):
-    """A jitted `step(state, x, y, hyper) -> (state, metrics)` over a batch-sharded mesh.
+    """A jitted `step(key, state, x, y, rx) -> (state, StepInfo)` over a batch-sharded mesh.
 
     mesh: a `Mesh` with an axis `axis_name` (other axes, if any, replicate); or `devices`
-    for a 1-D mesh (default all devices). sweep: `state`/`hyper` are a `SweepState` /
-    `SweepHyper` (leading member axis), every member sees the same global batch.
-    Metrics are global: loss the global-batch mean, correct the global count.
+    for a 1-D mesh (default all devices). sweep: `state`/`rx` are a `SweepState` / a
+    stacked `Relaxation` (leading member axis), every member sees the same global batch,
+    and `key` is ignored (each member's step key is in the `SweepState`). Metrics are
+    global: loss the global-batch mean, correct the global count.
     """
     if mesh is None:
         mesh = make_mesh(devices, axis_name)
@@ -71,20 +72,25 @@ def data_parallel_step(model, est: Estimator, mesh: Mesh | None = None, *, devic
     n_shards = mesh.shape[axis_name]
 
     if sweep:
-        one = functools.partial(member_step, model, est, axis_name=axis_name)
-        body = jax.vmap(one, in_axes=(0, None, None, 0))
+        one = functools.partial(member_step, model, est, opt, axis_name=axis_name)
+        vm = jax.vmap(one, in_axes=(0, None, None, 0))
+        body = lambda key, state, x, y, rx: vm(state, x, y, rx)
     else:
-        body = functools.partial(train_step, model, est, axis_name=axis_name)
+        body = functools.partial(train_step, model, est, opt, axis_name=axis_name)
     # check_vma=False: the relaxation's scan carry starts from zeros made inside the body
     # (device-invariant) and becomes shard-dependent, which the varying-axes checker
     # rejects; the outputs are replicated by construction (pmean/psum in train_step).
-    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name), P()),
+    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(axis_name), P(axis_name), P()),
                                  out_specs=(P(), P()), check_vma=False))
 
-    def checked(state, x, y, hyper):
+    def checked(key, state, x, y, rx):
         if x.ndim != 2 or x.shape[0] % n_shards:
             raise ValueError(f"x must have shape (global_batch, n_0) with global_batch divisible by the "
                              f"{n_shards} devices of axis {axis_name!r}, got {tuple(x.shape)}")
-        return step(state, x, y, hyper)
+        if key is None:
+            if not sweep and est.nudge == "random_sign":
+                raise ValueError("nudge='random_sign' draws the sign of beta from the key: pass a jax.random key")
+            key = jax.random.PRNGKey(0)  # unused (a sweep's keys are in its state)
+        return step(key, state, x, y, rx)
 
     return checked

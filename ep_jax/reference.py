@@ -1,22 +1,68 @@
 """The straightforward formulation, kept as the reference for optimisations.
 
-`Unhoisted(model)` behaves exactly like `model` but recomputes every loop invariant in
-every relaxation step: the masked dendritic kernels (`w ⊙ mask`) and the input drive
-(`W_1 x` or the basal map of `x`). Benchmarks time it against the optimised path, and
-tests check that both give the same states and gradients.
+`Unhoisted(model)` computes exactly what `model` computes but recomputes every loop
+invariant in every relaxation step: the masked dendritic kernels (`w ⊙ mask`) and the
+input drive (`W_1 x` or the basal map of `x`). Benchmarks time it against the optimised
+path, and tests check that both give the same states and gradients. It implements the
+`ep_jax.models.Model` contract explicitly, method by method.
 """
 from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
+from ep_jax.models.base import LayeredModel
+
 
 @dataclasses.dataclass(frozen=True)
 class Unhoisted:
-    model: object
+    """`model` with nothing hoisted out of the relaxation loop (module docstring)."""
+    model: LayeredModel
 
-    def __getattr__(self, name):  # everything else (sizes, costs, init, lr_tree, ...) as the model
-        return getattr(self.model, name)
+    # --- structure: as the wrapped model ----------------------------------------------
+    @property
+    def sizes(self):
+        return self.model.sizes
 
+    @property
+    def name(self):
+        return f"unhoisted-{self.model.name}"
+
+    @property
+    def n_layers(self):
+        return self.model.n_layers
+
+    @property
+    def state_sizes(self):
+        return self.model.state_sizes
+
+    @property
+    def n_classes(self):
+        return self.model.n_classes
+
+    def init(self, key, dtype=None, **settings):
+        return self.model.init(key, dtype, **settings)
+
+    def layer_activations(self):
+        return self.model.layer_activations()
+
+    def zero_state(self, batch, dtype=jnp.float32):
+        return self.model.zero_state(batch, dtype)
+
+    def one_hot(self, y, dtype=jnp.float32):
+        return self.model.one_hot(y, dtype)
+
+    def cost(self, s_out, y1h):
+        return self.model.cost(s_out, y1h)
+
+    def check_input(self, x, name="x"):
+        return self.model.check_input(x, name)
+
+    def lr_tree(self, lr):
+        return self.model.lr_tree(lr)
+
+    # --- the six methods, with nothing computed ahead ---------------------------------
     def prepare(self, params, buffers):
         return (params, buffers)
 
@@ -27,13 +73,13 @@ class Unhoisted:
         e = self.model.prepare(*eff)
         return e, self.model.input_drive(e, x)
 
-    def drives(self, eff, x, s, y1h, beta, hyper):
+    def drives(self, eff, x, s, target, beta):
         e, ctx = self._inner(eff, x)
-        return self.model.drives(e, ctx, s, y1h, beta, hyper)
+        return self.model.drives(e, ctx, s, target, beta)
 
-    def primitive(self, eff, x, s, y1h, beta, hyper):
+    def primitive(self, eff, x, s, target, beta):
         e, ctx = self._inner(eff, x)
-        return self.model.primitive(e, ctx, s, y1h, beta, hyper)
+        return self.model.primitive(e, ctx, s, target, beta)
 
     def feedforward(self, eff, x, s):
         e, ctx = self._inner(eff, x)

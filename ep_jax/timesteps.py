@@ -1,4 +1,4 @@
-"""Heterogeneous time steps (HTS, paper 003; SPEC §4): per-neuron `dt` vectors.
+"""Heterogeneous time steps (HTS): per-neuron `dt` vectors.
 
 A hidden layer's `dt` is sampled once per network from a distribution with mean `μ` and
 standard deviation `σ`, then clipped to `[dt_min, dt_max]`:
@@ -9,7 +9,7 @@ standard deviation `σ`, then clipped to `[dt_min, dt_max]`:
 - ``gamma``      shape k = μ²/σ², scale θ = σ²/μ;
 - ``scalar``     every neuron μ (the baseline).
 
-The vectors live in `Hyper.dt` (arrays), so they are fixed for the life of a network,
+The vectors live in `Relaxation.dt` (arrays), so they are fixed for the life of a network,
 vmappable in sweeps, and saved with its checkpoint. The output layer keeps a scalar
 `dt_out` (the paper sweeps it over 0.15 … 0.35).
 
@@ -33,6 +33,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from ep_jax.models.base import default_float
 
 DISTRIBUTIONS = ("normal", "lognormal", "gamma", "scalar")
 
@@ -85,10 +87,9 @@ def sample_dt(key, spec: DtSpec, n: int, dtype=jnp.float32):
 
 
 def layer_dts(key, model, hidden: DtSpec | None, dt_out: float, dtype=None):
-    """`dt` entries for `make_hyper(model, dt=...)`: sampled `(n_l,)` vectors for the hidden
+    """`dt` entries for `make_relaxation(model, dt=...)`: sampled `(n_l,)` vectors for the hidden
     layers (independent draws: layer l uses `fold_in(key, l)`), scalar `dt_out` for the
     output layer. `hidden=None` gives scalar 1.0 for the hidden layers."""
-    from ep_jax.hyper import default_float
     dtype = dtype or default_float()
     out = []
     for l, n in enumerate(model.state_sizes[:-1]):

@@ -1,17 +1,27 @@
-"""Training state, the pure training step, and evaluation (SPEC §6).
+"""Training state, the pure training step, and evaluation.
 
-`train_step(model, est, state, x, y, hyper) -> (state, metrics)` is a pure function of
-arrays given the static `(model, est)`; jit it once with those static and vmap it over
-`state`/`hyper` for sweeps. The optimizer is SGD with PyTorch momentum semantics
-(`v ← μ v + g; θ ← θ − lr·v`, i.e. `optax.trace` followed by a per-layer rate), built
-from `hyper` inside the step so that rates and momentum are array inputs.
+    opt = ep_jax.optim.sgd(model, lr=[0.4, 0.02], momentum=0.9)     # or any optax transformation
+    state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(0))
+    state, info = ep_jax.train_step(model, est, opt, key, state, x, y, rx)
+
+Argument order, everywhere in the library: the static parts `(model, est[, opt])`, then
+the key, then the network (`state`, or `params, buffers`), then the data `(x, y)`, then
+the relaxation settings `rx`. `train_step` is a pure function of arrays given the static
+parts: jit it with those static (`train_step_jit`), vmap it over `state`/`rx` for sweeps
+(`ep_jax.sweep`), `shard_map` it over a batch axis (`ep_jax.parallel`).
 
 A step whose gradients or free state are not finite is not applied: the returned state
-is the input state and `metrics["finite"]` is False, so a driver can stop cleanly.
+is the input state and `info.finite` is False, so a driver can stop cleanly.
+
+Keys: `train_step` uses the key it is given (for `nudge="random_sign"`). Loops over
+steps derive step t's key as `fold_in(key, t)` with t the state's step counter
+(`step_key`); `train_steps` and the experiment engine do exactly that, so a loop of
+`train_step` with `step_key` reproduces them.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -20,34 +30,55 @@ import optax
 
 from ep_jax import dynamics
 from ep_jax.estimators import Estimator, check_batch, estimate
-from ep_jax.hyper import Hyper, check_values, default_float
+from ep_jax.models.base import default_float
+from ep_jax.relaxation import Relaxation, check_shapes, concrete
 
 
 class TrainState(NamedTuple):
-    params: Any
-    buffers: Any
-    opt_state: Any
-    step: jax.Array
+    """Everything that changes during training (a pytree)."""
+    params: Any          # trainable weights
+    buffers: Any         # fixed arrays: masks, model settings (α or γ)
+    opt_state: Any       # the optax state (with the learning rates for ep_jax.optim.sgd)
+    step: jax.Array      # () int32: steps applied so far
 
 
-def scale_by_tree(rates) -> optax.GradientTransformation:
-    """Multiply each update leaf by −rate (rates: a pytree like the params)."""
-    def update(updates, state, params=None):
-        return jax.tree.map(lambda u, r: -r * u, updates, rates), state
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+class StepInfo(NamedTuple):
+    """Metrics of one training step (each a scalar; global under data parallelism)."""
+    loss: jax.Array           # batch mean of ℓ(s⁰_L, y) at the free state
+    correct: jax.Array        # examples with argmax s⁰_L == y
+    accuracy: jax.Array       # correct / batch size
+    grad_norm: jax.Array      # global L2 norm of the gradient estimate
+    state_absmax: jax.Array   # max |s⁰| over every layer (a divergence signal)
+    finite: jax.Array         # bool: the step was applied
+    beta: jax.Array           # the β used (signed, for nudge="random_sign")
 
 
-def make_optimizer(model, hyper: Hyper) -> optax.GradientTransformation:
-    """SGD + momentum with one learning rate per synapse (`hyper.lr`, `hyper.momentum`)."""
-    return optax.chain(optax.trace(decay=hyper.momentum), scale_by_tree(model.lr_tree(hyper.lr)))
+class Evaluation(NamedTuple):
+    """Free-phase prediction quality on a batch."""
+    accuracy: jax.Array   # fraction of examples with argmax s⁰_L == y
+    loss: jax.Array       # mean ℓ(s⁰_L, y)
+    correct: jax.Array    # number of correct examples
 
 
-def init_state(model, key, hyper: Hyper, estimator: Estimator | None = None, dtype=None) -> TrainState:
-    """Fresh params/buffers from `key` and a zero optimizer state. Validates `hyper`."""
-    check_values(model, hyper, estimator.kind if estimator else None)
-    params, buffers = model.init(key, dtype or default_float())
-    opt_state = make_optimizer(model, hyper).init(params)
-    return TrainState(params, buffers, opt_state, jnp.zeros((), jnp.int32))
+def step_key(key, step):
+    """The key of training step `step` in a loop over steps: `fold_in(key, step)`."""
+    return jax.random.fold_in(key, step)
+
+
+def init_state(model, est: Estimator, opt: optax.GradientTransformation, key, *, dtype=None,
+               **settings) -> TrainState:
+    """Fresh params/buffers from `key` (`model.init`), the optimiser's initial state.
+
+    settings: the model's numeric settings (`alpha=` for the dendritic model, `gamma=` for
+    the standard one). γ ≠ 1 with the symmetric or one-sided EP estimator warns: the
+    feedback then breaks the energy, and the estimate is not a gradient of the loss."""
+    params, buffers = model.init(key, dtype or default_float(), **settings)
+    gamma = concrete(buffers.get("gamma", 1.0)) if isinstance(buffers, dict) else None
+    if est.kind in ("symmetric", "one_sided") and gamma is not None and gamma != 1:
+        warnings.warn(f"gamma={float(gamma)} != 1 with the {est.kind!r} estimator: the scaled feedback makes "
+                      "the dynamics a non-gradient system, so the estimate is not the loss gradient "
+                      "(the 'chl' rule is the one paired with gamma != 1)", stacklevel=2)
+    return TrainState(params, buffers, opt.init(params), jnp.zeros((), jnp.int32))
 
 
 def _all_finite(tree):
@@ -55,16 +86,16 @@ def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
 
 
-def train_step(model, est: Estimator, state: TrainState, x, y, hyper: Hyper,
-               axis_name: str | None = None):
-    """One optimizer step on batch `(x, y)`; returns `(state, metrics)`.
+def train_step(model, est: Estimator, opt: optax.GradientTransformation, key, state: TrainState,
+               x, y, rx: Relaxation, axis_name: str | None = None):
+    """One optimiser step on the batch `(x, y)`; returns `(state, StepInfo)`.
 
-    `axis_name`: inside `shard_map`/`pmap` over a batch axis of that name, `(x, y)` is
-    this device's shard; the gradients and loss are averaged over the axis (`pmean`, so
-    equal-sized shards give the gradient of the global batch mean), `correct` is summed,
-    and the step is applied only where every shard is finite.
+    x: `(B, n_0)`; y: `(B,)` int labels. `axis_name`: inside `shard_map`/`pmap` over a
+    batch axis of that name, `(x, y)` is this device's shard; gradients and loss are
+    averaged over the axis (`pmean`: equal shards give the gradient of the global batch
+    mean), `correct` is summed, and the step is applied only where every shard is finite.
     """
-    grads, aux = estimate(est, model, state.params, state.buffers, x, y, hyper)
+    grads, aux = estimate(model, est, key, state.params, state.buffers, x, y, rx)
     loss, correct, n = aux.loss, aux.correct, x.shape[0]
     finite = _all_finite(aux.s_free)
     absmax = jnp.max(jnp.stack([jnp.max(jnp.abs(sl)) for sl in aux.s_free]))
@@ -74,53 +105,49 @@ def train_step(model, est: Estimator, state: TrainState, x, y, hyper: Hyper,
         correct, n = jax.lax.psum((correct, n), axis_name)
         finite = jax.lax.psum(jnp.logical_not(finite).astype(jnp.int32), axis_name) == 0
     finite = finite & _all_finite(grads)
-    tx = make_optimizer(model, hyper)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = TrainState(params, state.buffers, opt_state, state.step + 1)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-    metrics = {
-        "loss": loss,
-        "correct": correct,
-        "accuracy": correct / n,
-        "grad_norm": optax.tree.norm(grads),
-        "state_absmax": absmax,
-        "finite": finite,
-    }
-    return new, metrics
+    info = StepInfo(loss=loss, correct=correct, accuracy=correct / n, grad_norm=optax.tree.norm(grads),
+                    state_absmax=absmax, finite=finite, beta=aux.beta)
+    return new, info
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def train_step_jit(model, est, state, x, y, hyper):
-    return train_step(model, est, state, x, y, hyper)
+train_step_jit = jax.jit(train_step, static_argnums=(0, 1, 2), static_argnames=("axis_name",))
+train_step_jit.__doc__ = "`train_step` jitted with `(model, est, opt)` static."
 
 
-def train_steps(model, est: Estimator, state: TrainState, x_all, y_all, idx, hyper: Hyper):
+def train_steps(model, est: Estimator, opt, key, state: TrainState, x_all, y_all, idx, rx: Relaxation):
     """`idx.shape[0]` training steps in one `lax.scan`; step i uses the batch
-    `(x_all[idx[i]], y_all[idx[i]])`. With the dataset resident on the device this runs a
-    whole chunk of an epoch without returning to Python. Returns `(state, metrics)` with
-    every metric stacked along the step axis."""
+    `(x_all[idx[i]], y_all[idx[i]])` and the key `step_key(key, state.step)`. With the
+    dataset resident on the device this runs a chunk of an epoch without returning to
+    Python. Returns `(state, StepInfo)` with every field stacked along the step axis."""
     def body(st, ix):
-        return train_step(model, est, st, x_all[ix], y_all[ix], hyper)
+        return train_step(model, est, opt, step_key(key, st.step), st, x_all[ix], y_all[ix], rx)
     return jax.lax.scan(body, state, idx)
 
 
-train_steps_jit = jax.jit(train_steps, static_argnums=(0, 1))
+train_steps_jit = jax.jit(train_steps, static_argnums=(0, 1, 2))
+train_steps_jit.__doc__ = "`train_steps` jitted with `(model, est, opt)` static."
 
 
-def predict(model, params, buffers, x, hyper: Hyper, t_free: int):
-    """Free state after `t_free` steps; `argmax` of its last layer is the prediction."""
+def predict(model, est: Estimator, params, buffers, x, rx: Relaxation):
+    """Free state after `est.t_free` steps; `argmax` of its last layer is the prediction."""
     model.check_input(x)
+    check_shapes(model, rx)
     eff = model.prepare(params, buffers)
-    return dynamics.free_phase(model, eff, model.input_drive(eff, x), hyper, t_free)
+    return dynamics.free_phase(model, eff, model.input_drive(eff, x), rx.dt, est.t_free)
 
 
-def evaluate(model, params, buffers, x, y, hyper: Hyper, t_free: int):
-    """Return `(n_correct, mean loss)` of the free phase on `(x, y)`."""
+def evaluate(model, est: Estimator, params, buffers, x, y, rx: Relaxation) -> Evaluation:
+    """Accuracy and mean loss of the free phase (`est.t_free` steps) on `(x, y)`."""
     check_batch(model, x, y)
-    s = predict(model, params, buffers, x, hyper, t_free)
+    s = predict(model, est, params, buffers, x, rx)
     correct = jnp.sum(jnp.argmax(s[-1], axis=-1) == y)
-    return correct, jnp.mean(model.cost(s[-1], model.one_hot(y, x.dtype)))
+    loss = jnp.mean(model.cost(s[-1], model.one_hot(y, s[-1].dtype)))
+    return Evaluation(correct / x.shape[0], loss, correct)
 
 
-evaluate_jit = jax.jit(evaluate, static_argnums=(0, 6))
+evaluate_jit = jax.jit(evaluate, static_argnums=(0, 1))
+evaluate_jit.__doc__ = "`evaluate` jitted with `(model, est)` static."

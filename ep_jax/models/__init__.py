@@ -1,5 +1,5 @@
-"""Models by name."""
-from ep_jax.models.base import LayeredModel
+"""Models by name: `build_model("ep" | "dendritic", sizes=..., ...)`."""
+from ep_jax.models.base import LayeredModel, Model, OutputGrad
 from ep_jax.models.dendritic import DendriticModel
 from ep_jax.models.ep import EPModel
 
@@ -7,12 +7,16 @@ MODELS = {"ep": EPModel, "dendritic": DendriticModel}
 
 
 def build_model(name: str, **config) -> LayeredModel:
-    """`build_model("dendritic", sizes=(784, 256, 10), basal_branches=8, ...)`."""
+    """`build_model("dendritic", sizes=(784, 256, 10), basal_branches=8, ...)`: the model
+    class registered under `name` (`MODELS`) built from its dataclass fields."""
     try:
         cls = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
-    return cls(**config)
+    try:
+        return cls(**config)
+    except TypeError as e:
+        raise ValueError(f"bad option for the {name!r} model: {e}") from None
 
 
-__all__ = ["LayeredModel", "EPModel", "DendriticModel", "MODELS", "build_model"]
+__all__ = ["LayeredModel", "Model", "OutputGrad", "EPModel", "DendriticModel", "MODELS", "build_model"]

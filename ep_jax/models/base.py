@@ -1,39 +1,101 @@
-"""What every layered EP model shares: widths, activations, output cost, input checks.
+"""The model contract, and what every layered EP model shares.
 
-A model is a frozen (hashable) dataclass of static structure; all arrays live in pytrees
-passed to its pure methods:
+A model is a frozen (hashable) dataclass of static structure — widths, activations,
+branch counts — so it can be a `jit` static argument; every array lives in pytrees that
+its pure methods take and return. `Model` states the contract; `dynamics`, the
+estimators and the training step are written against it and nothing else.
 
-- `init(key)` -> `(params, buffers)`: trainable pytree, and fixed arrays (masks);
-- `prepare(params, buffers)` -> `eff`: loop invariants computed once per batch
-  (masked kernels); differentiable, so masked positions get zero gradient;
-- `input_drive(eff, x)` -> `ctx`: the part of layer 1's drive that depends on `x` only;
-- `drives(eff, ctx, s, y1h, beta, hyper)` -> tuple of `h_l`, one per state layer;
-- `primitive(eff, ctx, s, y1h, beta, hyper)` -> scalar Σ_l φ_l, batch-mean; its
-  gradient with respect to params is what the EP estimators difference.
+Shapes: `B` batch, `n_0` input width, `n_l` width of state layer `l = 1..L`. A state `s`
+is a tuple of `L` arrays `(B, n_l)`. The six methods:
+
+- `init(key, dtype=None, **settings) -> (params, buffers)`: the trainable pytree, and the
+  fixed arrays of one network: masks, and the model's numeric settings (α for the
+  dendritic model, γ for the standard one) as scalar arrays, so a sweep can vmap them;
+- `prepare(params, buffers) -> eff`: loop invariants computed once per batch (masked
+  kernels, settings); differentiable, so masked positions get zero gradient;
+- `input_drive(eff, x) -> ctx`: the part of layer 1's drive that depends on `x` only,
+  `x: (B, n_0)`;
+- `drives(eff, ctx, s, target, beta) -> h`: tuple of `L` drives `(B, n_l)`; `target` is a
+  one-hot `(B, n_L)`, an `OutputGrad`, or `None` for the free phase; `beta` a scalar or
+  `(B, 1)`;
+- `primitive(eff, ctx, s, target, beta) -> ()`: the batch-mean sum of the layer
+  primitives `Σ_l φ_l`; its parameter gradient, states held fixed, is what the EP
+  estimators difference;
+- `feedforward(eff, ctx, s) -> f`: tuple of `L` feedforward drives `(B, n_l)` (layer 1:
+  `ctx`), used by the contrastive rule.
+
+The relaxation settings (β, time steps) are not the model's: `dynamics` owns them.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
-from typing import NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
 from ep_jax import activations, losses
 
+State = tuple  # L arrays (B, n_l)
+
 
 class OutputGrad(NamedTuple):
-    """A fixed output-cost gradient `g` (batch, n_L) standing in for the one-hot target:
-    the nudged phases then minimise the linear cost ⟨g, s_L⟩."""
+    """A fixed output-cost gradient `g` `(B, n_L)` standing in for the one-hot target:
+    the nudged phases then minimise the linear cost ⟨g, s_L⟩ (the EP layer's custom VJP)."""
     g: jax.Array
 
 
+@runtime_checkable
+class Model(Protocol):
+    """What `dynamics`, the estimators and `train_step` need of a model (module docstring)."""
+    sizes: tuple[int, ...]
+
+    @property
+    def n_layers(self) -> int: ...
+    @property
+    def state_sizes(self) -> tuple[int, ...]: ...
+    @property
+    def n_classes(self) -> int: ...
+
+    def init(self, key: jax.Array, dtype: Any = None, **settings) -> tuple[Any, Any]: ...
+    def prepare(self, params: Any, buffers: Any) -> Any: ...
+    def input_drive(self, eff: Any, x: jax.Array) -> Any: ...
+    def drives(self, eff: Any, ctx: Any, s: State, target: Any, beta: Any) -> State: ...
+    def primitive(self, eff: Any, ctx: Any, s: State, target: Any, beta: Any) -> jax.Array: ...
+    def feedforward(self, eff: Any, ctx: Any, s: State) -> State: ...
+
+    # shared helpers (LayeredModel implements them)
+    def layer_activations(self) -> tuple[Callable, ...]: ...
+    def zero_state(self, batch: int, dtype: Any = jnp.float32) -> State: ...
+    def one_hot(self, y: jax.Array, dtype: Any = jnp.float32) -> jax.Array: ...
+    def cost(self, s_out: jax.Array, y1h: jax.Array) -> jax.Array: ...
+    def check_input(self, x: jax.Array, name: str = "x") -> None: ...
+    def lr_tree(self, lr: jax.Array) -> Any: ...
+
+
+def default_float():
+    """float64 when `jax_enable_x64` is on, else float32."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
 @dataclasses.dataclass(frozen=True)
-class LayeredModel:
+class LayeredModel(abc.ABC):
+    """Widths, activations and the output cost of a layered EP network.
+
+    sizes: `(n_0, n_1, ..., n_L)`, input first. activation: σ of the hidden layers (by
+    name, `ep_jax.activations`). output_activation: σ of the output layer; by default σ
+    with the MSE cost and the identity with cross-entropy. loss: `"mse"` (½‖s_L − ŷ‖²)
+    or `"ce"` (softmax cross-entropy).
+    """
     sizes: tuple[int, ...]
     activation: str = "hard_sigmoid"
     output_activation: str | None = None
     loss: str = "mse"
+
+    #: numeric settings kept in `buffers` (name -> default); subclasses override.
+    SETTINGS: ClassVar[dict[str, float]] = {}
+    name: ClassVar[str] = "layered"
 
     def __post_init__(self):
         object.__setattr__(self, "sizes", tuple(int(n) for n in self.sizes))
@@ -53,66 +115,120 @@ class LayeredModel:
 
     @property
     def state_sizes(self) -> tuple[int, ...]:
+        """Widths `(n_1, ..., n_L)` of the state layers."""
         return self.sizes[1:]
 
     @property
     def n_classes(self) -> int:
+        """Width of the output layer."""
         return self.sizes[-1]
 
     @property
     def out_activation_name(self) -> str:
-        # SPEC §1: with MSE the output passes through σ; with cross-entropy it is the raw drive.
+        """With MSE the output passes through σ; with cross-entropy it is the raw drive."""
         if self.output_activation is not None:
             return self.output_activation
         return self.activation if self.loss == "mse" else "identity"
 
     def layer_activations(self):
+        """σ of each state layer: the hidden σ, then the output's."""
         hidden = activations.get_activation(self.activation)
         out = activations.get_activation(self.out_activation_name)
         return (hidden,) * (self.n_layers - 1) + (out,)
 
     def zero_state(self, batch: int, dtype=jnp.float32):
-        """Every state starts at zero for every example (SPEC)."""
+        """Every state starts at zero for every example."""
         return tuple(jnp.zeros((batch, n), dtype) for n in self.state_sizes)
 
     def one_hot(self, y, dtype=jnp.float32):
+        """One-hot targets `(B, n_L)` from integer labels `(B,)`."""
         return jax.nn.one_hot(y, self.n_classes, dtype=dtype)
+
+    # --- settings --------------------------------------------------------------------
+    def settings(self, dtype=None, **given) -> dict:
+        """The numeric settings as scalar arrays, defaults from `SETTINGS` filled in.
+
+        Raises on unknown names and non-finite values (both are user mistakes)."""
+        unknown = sorted(set(given) - set(self.SETTINGS))
+        if unknown:
+            known = sorted(self.SETTINGS) or "none"
+            raise ValueError(f"unknown setting(s) {unknown} for the {self.name!r} model; its settings: {known}")
+        dtype = dtype or default_float()
+        out = {}
+        for k, default in self.SETTINGS.items():
+            v = given.get(k, default)
+            if jnp.ndim(v) != 0:
+                raise ValueError(f"setting {k} must be a scalar, got shape {jnp.shape(v)}")
+            try:
+                bad = not bool(jnp.isfinite(v))
+            except jax.errors.ConcretizationTypeError:
+                bad = False  # traced (vmapped init): checked by whoever built the values
+            if bad:
+                raise ValueError(f"setting {k} must be finite, got {v}")
+            out[k] = jnp.asarray(v, dtype)
+        return out
+
+    @abc.abstractmethod
+    def init(self, key, dtype=None, **settings):
+        """`(params, buffers)` of a fresh network (see `Model`)."""
+
+    @abc.abstractmethod
+    def prepare(self, params, buffers):
+        """Loop invariants `eff` (see `Model`)."""
+
+    @abc.abstractmethod
+    def input_drive(self, eff, x):
+        """Layer 1's input-dependent drive (see `Model`)."""
+
+    @abc.abstractmethod
+    def drives(self, eff, ctx, s, target, beta):
+        """Drives `h_l` of every layer (see `Model`)."""
+
+    @abc.abstractmethod
+    def primitive(self, eff, ctx, s, target, beta):
+        """Batch-mean `Σ_l φ_l` (see `Model`)."""
+
+    @abc.abstractmethod
+    def feedforward(self, eff, ctx, s):
+        """Feedforward drive of every layer (see `Model`)."""
+
+    @abc.abstractmethod
+    def lr_tree(self, lr):
+        """Per-leaf learning rates (a pytree like params) from one rate per synapse `(L,)`."""
 
     # --- output cost -------------------------------------------------------------------
     def cost(self, s_out, y1h):
+        """ℓ(s_L, ŷ) per example, shape `(B,)`."""
         return losses.loss(self.loss, s_out, y1h)
 
-    def nudge(self, s_out, y1h, beta):
-        """−β ∂ℓ/∂s_L; `beta` is a scalar or broadcastable to (batch, 1).
+    def nudge(self, s_out, target, beta):
+        """The output force −β ∂ℓ/∂s_L; `beta` is a scalar or broadcastable to `(B, 1)`.
 
-        `y1h` is a one-hot target, or an `OutputGrad(g)`: then the cost is the linear
-        ⟨g, s_L⟩ and the force is −β g (used by the EP layer's custom VJP)."""
-        if isinstance(y1h, OutputGrad):
-            return -beta * y1h.g
-        return -beta * losses.loss_grad(self.loss, s_out, y1h)
+        `target` is a one-hot `(B, n_L)` or an `OutputGrad(g)`: then the cost is the
+        linear ⟨g, s_L⟩ and the force −β g."""
+        if isinstance(target, OutputGrad):
+            return -beta * target.g
+        return -beta * losses.loss_grad(self.loss, s_out, target)
 
-    def output_term(self, s_out, y1h, beta):
+    def output_term(self, s_out, target, beta):
         """−β ℓ(s_L, y), batch-summed (the θ-free part of the output primitive)."""
-        if isinstance(y1h, OutputGrad):
-            return -jnp.sum(beta * jnp.sum(y1h.g * s_out, axis=-1, keepdims=True))
-        return -jnp.sum(jnp.ravel(beta) * self.cost(s_out, y1h))
+        if isinstance(target, OutputGrad):
+            return -jnp.sum(beta * jnp.sum(target.g * s_out, axis=-1, keepdims=True))
+        return -jnp.sum(jnp.ravel(beta) * self.cost(s_out, target))
 
     # --- checks (shapes are static, so these run at trace time) -----------------------
     def check_input(self, x, name: str = "x"):
-        if x.ndim != 2 or x.shape[1] != self.sizes[0]:
+        """Raise naming `name` unless `x` has shape `(B, n_0)`."""
+        if jnp.ndim(x) != 2 or jnp.shape(x)[1] != self.sizes[0]:
             raise ValueError(
                 f"{name} must have shape (batch, {self.sizes[0]}) for a model with sizes "
-                f"{self.sizes}, got {tuple(x.shape)}"
+                f"{self.sizes}, got {tuple(jnp.shape(x))}"
             )
 
     def check_state(self, s):
+        """Raise unless `s` holds one `(B, n_l)` array per state layer."""
         if len(s) != self.n_layers:
             raise ValueError(f"state must hold {self.n_layers} layers, got {len(s)}")
         for l, (sl, n) in enumerate(zip(s, self.state_sizes), start=1):
             if sl.shape[-1] != n:
                 raise ValueError(f"state layer {l} must have width {n}, got shape {sl.shape}")
-
-    # --- learning rates ------------------------------------------------------------------
-    def lr_tree(self, lr):
-        """Per-leaf learning rates (a pytree like params) from one rate per synapse."""
-        raise NotImplementedError

@@ -1,4 +1,11 @@
-"""EP-versus-BPTT gradient comparison (SPEC §5; Ernoult et al. 2019).
+"""EP-versus-BPTT gradient alignment (Ernoult et al. 2019), per parameter.
+
+Final comparison: the run's estimate against `jax.grad` BPTT truncated to the last T2
+free steps ("DBPTT" for the dendritic model): per-parameter cosine, relative RMSE, sign
+agreement, and the angle between the two full gradient vectors (`compare`, `angle`).
+For the standard EP network the two agree closely (cosine ≈ 1 at small β); for the
+dendritic network only the output layer's do: its dynamics are not a gradient flow, so
+its hidden-layer EP updates are a different learning signal (docs/ep-vs-bptt.md).
 
 Gradient-descent-updates (GDU) check, for one fixed batch and k = 1..T2:
 
@@ -21,7 +28,8 @@ import numpy as np
 from jax import lax
 
 from ep_jax import dynamics
-from ep_jax.estimators import Estimator, ep_grad_from_states, ep_nudged_states
+from ep_jax.estimators import Estimator, check_batch, check_beta, ep_grad_from_states, ep_nudged_states
+from ep_jax.relaxation import Relaxation, check_shapes
 
 
 class GDUResult(NamedTuple):
@@ -35,21 +43,24 @@ def _leaf_names(tree):
     return [jax.tree_util.keystr(p) for p, _ in paths]
 
 
-def bptt_truncated_curve(model, params, buffers, x, y, hyper, t_free: int, k_max: int):
+def bptt_truncated_curve(model, params, buffers, x, y, rx: Relaxation, t_free: int, k_max: int):
     """BPTT gradients truncated to the last k = 1..k_max of `t_free` free steps.
 
     Returns a params-structured pytree with leaves of shape `(k_max, ...)`.
     """
+    if not 1 <= k_max <= t_free:
+        raise ValueError(f"the truncated BPTT curve needs 1 <= k_max <= t_free, got k_max={k_max}, "
+                         f"t_free={t_free} (t_nudge may not exceed t_free)")
     y1h = model.one_hot(y, x.dtype)
 
     def step(p, s):
         eff = model.prepare(p, buffers)
-        return dynamics.step(model, eff, model.input_drive(eff, x), s, None, 0.0, hyper)
+        return dynamics.step(model, eff, model.input_drive(eff, x), s, None, 0.0, rx.dt)
 
     eff = model.prepare(params, buffers)
     ctx = model.input_drive(eff, x)
-    s_start = dynamics.free_phase(model, eff, ctx, hyper, t_free - k_max)
-    _, traj = dynamics.relax(model, eff, ctx, s_start, None, 0.0, hyper, k_max, record=True)
+    s_start = dynamics.free_phase(model, eff, ctx, rx.dt, t_free - k_max)
+    _, traj = dynamics.relax(model, eff, ctx, s_start, None, 0.0, rx.dt, k_max, record=True)
     # inputs of each recorded step: s_start, then the first k_max − 1 recorded states
     prev = tuple(jnp.concatenate([a[None], t[:-1]], axis=0) for a, t in zip(s_start, traj))
     s_final = tuple(t[-1] for t in traj)
@@ -69,47 +80,75 @@ def bptt_truncated_curve(model, params, buffers, x, y, hyper, t_free: int, k_max
     return jax.tree.map(lambda a: a[::-1], cum)
 
 
-def ep_curve(est: Estimator, model, params, buffers, x, y, hyper):
+def _check(model, est: Estimator, x, y, rx):
+    if not est.is_ep or est.nudge != "fixed":
+        raise ValueError(f"the EP curve needs an EP estimator with fixed nudging (symmetric, one_sided or chl), "
+                         f"got kind={est.kind!r}, nudge={est.nudge!r}")
+    check_batch(model, x, y)
+    check_shapes(model, rx)
+    check_beta(est, rx.beta)
+
+
+def ep_curve(model, est: Estimator, params, buffers, x, y, rx: Relaxation):
     """EP estimates after each of the first k = 1..T2 nudged steps (leaves `(T2, ...)`)."""
+    _check(model, est, x, y, rx)
     y1h = model.one_hot(y, x.dtype)
     eff = model.prepare(params, buffers)
     ctx = model.input_drive(eff, x)
-    s_free = dynamics.free_phase(model, eff, ctx, hyper, est.t_free)
-    recorded = ep_nudged_states(est, model, eff, ctx, s_free, y1h, hyper, record=True)
+    s_free = dynamics.free_phase(model, eff, ctx, rx.dt, est.t_free)
+    recorded = ep_nudged_states(model, est, eff, ctx, s_free, y1h, rx, record=True)
     trajs = [traj for _, traj in recorded]
 
     def at_k(states_k):
-        return ep_grad_from_states(est, model, params, buffers, x, y1h, hyper, s_free, states_k)
+        return ep_grad_from_states(model, est, params, buffers, x, y1h, rx.beta, s_free, states_k)
 
     return jax.vmap(at_k)(trajs)
 
 
-def gdu(est: Estimator, model, params, buffers, x, y, hyper) -> GDUResult:
+def gdu(model, est: Estimator, params, buffers, x, y, rx: Relaxation) -> GDUResult:
     """EP and truncated-BPTT gradient curves for k = 1..est.t_nudge."""
-    ep = ep_curve(est, model, params, buffers, x, y, hyper)
-    bptt = bptt_truncated_curve(model, params, buffers, x, y, hyper, est.t_free, est.t_nudge)
+    _check(model, est, x, y, rx)
+    ep = ep_curve(model, est, params, buffers, x, y, rx)
+    bptt = bptt_truncated_curve(model, params, buffers, x, y, rx, est.t_free, est.t_nudge)
     return GDUResult(ep, bptt, _leaf_names(params))
+
+
+def _leaf_metrics(u, v, atol):
+    nu, nv = np.linalg.norm(u), np.linalg.norm(v)
+    sel = np.abs(v) > atol
+    if nu == 0 and nv == 0:
+        # both exactly zero: e.g. a layer k steps below the output at truncation k < its depth,
+        # which neither the nudge nor the truncated backward pass has reached yet
+        return {"rel_rmse": 0.0, "sign_err": float("nan"), "cosine": 1.0}
+    return {
+        "rel_rmse": float(np.linalg.norm(u - v) / nv) if nv > 0 else float("inf"),
+        "sign_err": float(np.mean(np.sign(u[sel]) != np.sign(v[sel]))) if sel.any() else float("nan"),
+        "cosine": float(u @ v / (nu * nv)) if nu > 0 and nv > 0 else 0.0,
+    }
 
 
 def compare(a, b, atol: float = 0.0):
     """Per-leaf agreement of gradient `a` with reference `b`.
 
-    Returns `{name: {"rel_rmse", "sign_err", "cosine"}}`; the sign error is the fraction
+    Returns `{name: {"rel_rmse", "sign_err", "cosine"}}`. The sign error is the fraction
     of entries, among those where |b| > atol (masked dendritic weights excluded), whose
-    signs differ.
+    signs differ. Two all-zero leaves agree (cosine 1, rel_rmse 0); one all-zero leaf
+    against a nonzero one has cosine 0 (rel_rmse inf when the reference is the zero one).
     """
     out = {}
-    for name, u, v in zip(_leaf_names(b), jax.tree.leaves(a), jax.tree.leaves(b)):
-        u = np.asarray(u, np.float64).ravel()
-        v = np.asarray(v, np.float64).ravel()
-        nv = np.linalg.norm(v)
-        sel = np.abs(v) > atol
-        out[name] = {
-            "rel_rmse": float(np.linalg.norm(u - v) / nv) if nv > 0 else float("nan"),
-            "sign_err": float(np.mean(np.sign(u[sel]) != np.sign(v[sel]))) if sel.any() else float("nan"),
-            "cosine": float(u @ v / (np.linalg.norm(u) * nv)) if nv > 0 and np.linalg.norm(u) > 0 else float("nan"),
-        }
+    for name, u, v in zip(_leaf_names(b), jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        out[name] = _leaf_metrics(np.asarray(u, np.float64).ravel(), np.asarray(v, np.float64).ravel(), atol)
     return out
+
+
+def angle(a, b) -> float:
+    """Angle in degrees between two gradient pytrees seen as single flat vectors."""
+    u = np.concatenate([np.asarray(l, np.float64).ravel() for l in jax.tree.leaves(a)])
+    v = np.concatenate([np.asarray(l, np.float64).ravel() for l in jax.tree.leaves(b)])
+    nu, nv = np.linalg.norm(u), np.linalg.norm(v)
+    if nu == 0 or nv == 0:
+        return float("nan")
+    return float(np.degrees(np.arccos(np.clip(u @ v / (nu * nv), -1.0, 1.0))))
 
 
 def gdu_table(result: GDUResult):
@@ -131,9 +170,9 @@ def format_comparison(metrics: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def report(est: Estimator, model, params, buffers, x, y, hyper, print_fn=print):
+def report(model, est: Estimator, params, buffers, x, y, rx: Relaxation, print_fn=print):
     """Print and return the final EP-vs-BPTT comparison and the GDU curve summary."""
-    res = gdu(est, model, params, buffers, x, y, hyper)
+    res = gdu(model, est, params, buffers, x, y, rx)
     final = compare(jax.tree.map(lambda a: a[-1], res.ep), jax.tree.map(lambda a: a[-1], res.bptt))
     print_fn(format_comparison(final, f"EP ({est.kind}) vs truncated BPTT, k = T2 = {est.t_nudge}"))
     curves = gdu_table(res)

@@ -1,0 +1,88 @@
+"""Optimisers for EP gradients: any optax `GradientTransformation` works; this module
+gives the papers' default.
+
+The estimators return gradients of the loss with the params' structure, so
+`optax.adam(1e-3)`, schedules and `optax.chain(...)` apply unchanged. The default,
+`sgd(model, lr, momentum)`, is SGD with PyTorch momentum semantics and one learning rate
+per synapse:
+
+    v ← μ v + g;   θ ← θ − lr_l · v          (lr_l: the rate of the parameter's synapse)
+
+The dendritic model's apical map of hidden layer l uses the rate of synapse l + 1
+(`model.lr_tree`). The rates and μ are wrapped with `optax.inject_hyperparams`, so they
+are arrays in the optimiser state (`opt_state.hyperparams["lr"]`, shape `(L,)`): a sweep
+vmaps over them, and `with_hyperparams` sets them without rebuilding the optimiser.
+"""
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+
+from ep_jax.models.base import default_float
+
+
+def scale_by_tree(rates) -> optax.GradientTransformation:
+    """Multiply each update leaf by −rate (`rates`: a pytree like the params)."""
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, r: -r * u, updates, rates), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def per_synapse_rates(model, lr, dtype=None) -> jax.Array:
+    """`lr` as an `(L,)` array: one float for every synapse, or one per synapse."""
+    dtype = dtype or default_float()
+    L = model.n_layers
+    arr = np.asarray(lr, dtype=np.float64) if not isinstance(lr, jax.Array) else lr
+    if jnp.ndim(arr) == 0:
+        arr = jnp.broadcast_to(jnp.asarray(arr, dtype), (L,))
+    if jnp.shape(arr) != (L,):
+        raise ValueError(f"lr must be one float or {L} floats (one per synapse), got shape {jnp.shape(arr)}")
+    return jnp.asarray(arr, dtype)
+
+
+def sgd(model, lr=0.05, momentum: float = 0.9, dtype=None) -> optax.GradientTransformation:
+    """SGD with PyTorch momentum and one learning rate per synapse (module docstring).
+
+    lr: one float or one per synapse; momentum: μ. Both are arrays in the optimiser
+    state (`optax.inject_hyperparams`)."""
+    dtype = dtype or default_float()
+    rates = per_synapse_rates(model, lr, dtype)
+    mu = jnp.asarray(momentum, dtype)
+
+    def build(lr, momentum):
+        return optax.chain(optax.trace(decay=momentum), scale_by_tree(model.lr_tree(lr)))
+
+    return optax.inject_hyperparams(build)(lr=rates, momentum=mu)
+
+
+def with_hyperparams(opt_state, **values):
+    """`opt_state` with injected hyperparameters replaced (e.g. `lr=jnp.array([0.4, 0.02])`);
+    shapes must match the old values. Works under `vmap` (one value per member)."""
+    hp = getattr(opt_state, "hyperparams", None)
+    if hp is None:
+        raise ValueError("this optimiser state has no injected hyperparameters (build the optimiser "
+                         "with optax.inject_hyperparams, as ep_jax.optim.sgd does)")
+    unknown = sorted(set(values) - set(hp))
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {unknown}; this optimiser has {sorted(hp)}")
+    new = dict(hp)
+    for k, v in values.items():
+        v = jnp.asarray(v, jnp.result_type(hp[k]))
+        if v.shape != jnp.shape(hp[k]):
+            raise ValueError(f"hyperparameter {k} must have shape {jnp.shape(hp[k])}, got {v.shape}")
+        new[k] = v
+    return opt_state._replace(hyperparams=new)
+
+
+def adam(model, lr=1e-3, dtype=None, **adam_kwargs) -> optax.GradientTransformation:
+    """Adam (`optax.scale_by_adam`) with one learning rate per synapse, the rates an array
+    in the state (`inject_hyperparams`) like `sgd`'s."""
+    dtype = dtype or default_float()
+    rates = per_synapse_rates(model, lr, dtype)
+
+    def build(lr):
+        return optax.chain(optax.scale_by_adam(**adam_kwargs), scale_by_tree(model.lr_tree(lr)))
+
+    return optax.inject_hyperparams(build)(lr=rates)

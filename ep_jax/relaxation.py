@@ -1,0 +1,85 @@
+"""Relaxation settings: the nudging strength β and the per-layer time steps `dt`.
+
+A `Relaxation` is a pytree of arrays, so it can be vmapped (a sweep over β or over
+sampled time steps is one compiled program) and is never baked into a compiled function
+as a constant. `dt` holds one entry per state layer: a scalar, or a per-neuron vector
+`(n_l,)` (heterogeneous time steps, `ep_jax.timesteps`). One relaxation step is
+
+    s_l ← (1 − dt_l) ⊙ s_l + dt_l ⊙ σ_l(h_l(s))
+
+so `dt = 1` is the plain fixed-point iteration `s_l ← σ_l(h_l)`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ep_jax.models.base import default_float
+
+
+class Relaxation(NamedTuple):
+    """β `()` and one time step per state layer, each `()` or `(n_l,)`."""
+    beta: jax.Array
+    dt: tuple
+
+
+def make_relaxation(model, *, beta: float = 0.1, dt=1.0, dtype=None) -> Relaxation:
+    """A validated `Relaxation` for `model`.
+
+    beta: the nudging strength (a float; EP estimators need β ≠ 0, checked when they run).
+    dt: one float for every layer, or a list/tuple with one entry per state layer, each
+    a float or a per-neuron array `(n_l,)`. Every time step must lie in (0, 1].
+    """
+    dtype = dtype or default_float()
+    L = model.n_layers
+    if isinstance(dt, (list, tuple)):
+        if len(dt) != L:
+            raise ValueError(f"dt must be a float or a sequence of {L} entries (one per state layer), "
+                             f"got {len(dt)} entries")
+        dts = tuple(jnp.asarray(d, dtype) for d in dt)
+    elif np.ndim(dt) == 0:
+        dts = (jnp.asarray(dt, dtype),) * L
+    else:
+        raise ValueError(f"dt must be a float, or a list with one entry per state layer ({L}), each a "
+                         f"float or an (n_l,) array; got an array of shape {np.shape(dt)} (wrap per-neuron "
+                         "time steps in a list: dt=[dt_1, ..., dt_L])")
+    rx = Relaxation(beta=jnp.asarray(beta, dtype), dt=dts)
+    check(model, rx)
+    return rx
+
+
+def check_shapes(model, rx: Relaxation):
+    """Shape checks; shapes are static, so this is free and runs at trace time."""
+    L = model.n_layers
+    if not isinstance(rx, Relaxation):
+        raise TypeError(f"expected a Relaxation (ep_jax.make_relaxation), got {type(rx).__name__}")
+    if len(rx.dt) != L:
+        raise ValueError(f"dt must have {L} entries (one per state layer), got {len(rx.dt)}")
+    for l, (d, n) in enumerate(zip(rx.dt, model.state_sizes), start=1):
+        if jnp.shape(d) not in ((), (n,)):
+            raise ValueError(f"dt of layer {l} must be a scalar or shape ({n},), got shape {jnp.shape(d)}")
+    if jnp.shape(rx.beta) != ():
+        raise ValueError(f"beta must be a scalar, got shape {jnp.shape(rx.beta)}")
+
+
+def concrete(x) -> np.ndarray | None:
+    """`x` as a numpy array, or None when it is traced (inside jit/vmap)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check(model, rx: Relaxation):
+    """Shapes, and values where they are concrete: dt in (0, 1], β finite."""
+    check_shapes(model, rx)
+    for l, d in enumerate(rx.dt, start=1):
+        d = concrete(d)
+        if d is not None and not np.all((d > 0) & (d <= 1)):
+            raise ValueError(f"dt of layer {l} must lie in (0, 1]; got values in [{d.min()}, {d.max()}]")
+    beta = concrete(rx.beta)
+    if beta is not None and not np.isfinite(beta):
+        raise ValueError(f"beta must be finite, got {beta}")
