@@ -1,36 +1,28 @@
-"""Stability analysis of HTS runs (paper 003's claim) in the layout of its Table 1.
+"""Heterogeneous-time-step runs in the layout of the HTS paper's Table 1, with stability.
 
-    python -m experiments.stability runs/hts-* --out experiments/results/hts/table1.md
+    python -m experiments.stability runs/reproduce-table1 --out table1.md
 
-Per (dataset, dt distribution, output dt), over seeds:
-- final test accuracy, mean ± std (sample std, ddof = 1);
-- fluctuation: the standard deviation of the epoch-to-epoch changes of test accuracy over
-  the last `last` epochs of each run (in percentage points), averaged over runs: a run
-  whose accuracy keeps jumping has a large value even if its final number is good;
-- diverged: how many runs stopped on a non-finite or exploding state.
+Reads run folders like `experiments.aggregate` (single runs and sweep members alike;
+cells = same config except the seed, never pooled across settings). For every cell that
+is a Table 1 cell (dataset, hidden dt distribution, output dt):
+- final test accuracy, mean ± std over seeds (sample std), against the paper;
+- fluctuation: the standard deviation of the epoch-to-epoch changes of test accuracy
+  over the last `--last` epochs of each run (percentage points), averaged over runs — a
+  run whose accuracy keeps jumping scores high even when its final number is good;
+- diverged and unfinished runs, counted.
+Other cells are listed below the tables. Accuracies are percent, as in every run folder.
 """
 from __future__ import annotations
 
 import argparse
-import json
-from collections import defaultdict
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from experiments.presets import HTS_DISTS, HTS_DT_OUT, PUBLISHED_TABLE1
-
-
-def load_runs(paths):
-    runs = []
-    for p in map(Path, paths):
-        if not (p / "config.json").exists() or not (p / "summary.json").exists():
-            continue
-        metrics = [json.loads(l) for l in (p / "metrics.jsonl").read_text().splitlines() if l.strip()] \
-            if (p / "metrics.jsonl").exists() else []
-        runs.append({"dir": str(p), "config": json.loads((p / "config.json").read_text()),
-                     "summary": json.loads((p / "summary.json").read_text()), "metrics": metrics})
-    return runs
+from experiments import aggregate, cli
+from experiments.config import ConfigError
+from experiments.presets import HTS_DISTS, HTS_DT_OUT, PUBLISHED_TABLE1, table1_cell
 
 
 def fluctuation(test_acc, last: int = 10) -> float:
@@ -39,65 +31,70 @@ def fluctuation(test_acc, last: int = 10) -> float:
     return float(np.std(np.diff(a), ddof=1)) if len(a) >= 3 else float("nan")
 
 
-def group_key(cfg):
-    dist = cfg.get("dt_dist") or "none"
-    dt_out = cfg.get("dt_out") if cfg.get("dt_out") is not None else cfg.get("dt")
-    return cfg["dataset"], dist, round(float(dt_out), 4)
-
-
-def stability_table(runs, last: int = 10):
-    groups = defaultdict(list)
-    for r in runs:
-        groups[group_key(r["config"])].append(r)
-    out = {}
-    for key, rs in sorted(groups.items()):
-        ok = [r for r in rs if r["summary"]["status"] != "diverged" and r["summary"]["final_test_acc"] is not None]
-        finals = [r["summary"]["final_test_acc"] for r in ok]
-        flucts = [fluctuation([m["test_acc"] for m in r["metrics"]], last) for r in ok]
-        flucts = [f for f in flucts if np.isfinite(f)]
-        out[key] = {
-            "n": len(rs), "diverged": len(rs) - len(ok),
-            "mean": float(np.mean(finals)) if finals else float("nan"),
-            "std": float(np.std(finals, ddof=1)) if len(finals) > 1 else float("nan"),
-            "fluctuation": float(np.mean(flucts)) if flucts else float("nan"),
-            "epochs": sorted({len(r["metrics"]) for r in rs}),
-        }
-    return out
-
-
 def _fmt(x, spec=".2f"):
     return "–" if x is None or not np.isfinite(x) else format(x, spec)
 
 
-def format_table1(table) -> str:
-    """One markdown table per dataset: rows = output dt, columns = distributions; each cell
-    `ours mean ± std (n, fluct, diverged) / paper mean ± std`."""
+def stability_cells(cs: list[dict], last: int) -> dict:
+    """`{(dataset, dist, dt_out): [cell stats, ...]}` — a list, since several configs
+    (other settings) can map to the same Table 1 position; they are never pooled."""
+    out: dict = {}
+    for c in cs:
+        key = table1_cell(c["config"])
+        if key is None:
+            continue
+        ok = [r for r in c["runs"] if (r["summary"] or {}).get("status") == "ok"]
+        fl = [fluctuation([m["test_acc"] for m in r["metrics"]], last) for r in ok]
+        fl = [f for f in fl if np.isfinite(f)]
+        m, s = aggregate.mean_std(c["final"])
+        out.setdefault(key, []).append({"n": len(c["final"]), "mean": m, "std": s,
+                                        "fluct": float(np.mean(fl)) if fl else float("nan"),
+                                        "diverged": len(c["diverged"]), "unfinished": len(c["unfinished"])})
+    return out
+
+
+def format_table1(table: dict) -> str:
     lines = []
     for ds in sorted({k[0] for k in table}):
         lines += [f"\n### {ds}\n", "| dt_out | " + " | ".join(HTS_DISTS) + " |", "|---|" + "---|" * len(HTS_DISTS)]
-        dts = sorted({k[2] for k in table if k[0] == ds} | set(HTS_DT_OUT))
-        for dt in dts:
+        for dt in HTS_DT_OUT:
             cells = []
             for dist in HTS_DISTS:
-                c = table.get((ds, dist, round(dt, 4)))
+                entries = table.get((ds, dist, round(dt, 2)), [])
                 pub = PUBLISHED_TABLE1.get((ds, dist, round(dt, 2)))
-                ours = (f"**{_fmt(c['mean'])} ± {_fmt(c['std'])}** (n={c['n']}, fluct {_fmt(c['fluctuation'])}"
-                        + (f", {c['diverged']} diverged" if c["diverged"] else "") + ")") if c else "–"
-                cells.append(ours + (f" / {pub[0]:.2f} ± {pub[1]:.2f}" if pub else ""))
+                ours = " / ".join(
+                    f"**{_fmt(e['mean'])} ± {_fmt(e['std'])}** (n={e['n']}, fluct {_fmt(e['fluct'])}"
+                    + (f", {e['diverged']} diverged" if e["diverged"] else "")
+                    + (f", {e['unfinished']} unfinished" if e["unfinished"] else "") + ")"
+                    for e in entries) or "–"
+                cells.append(ours + (f"; paper {pub[0]:.2f} ± {pub[1]:.2f}" if pub else ""))
             lines.append(f"| {dt:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def report(paths, last: int = 10) -> str:
+    runs = [aggregate.load_run(p) for p in aggregate.find_runs(paths)]
+    if not runs:
+        raise ConfigError(f"no run folders (with config.json) under {', '.join(map(str, paths))}")
+    cs = aggregate.cells(runs)
+    table = stability_cells(cs, last)
+    text = ("Test accuracy (%): ours **mean ± std** over seeds (n, fluctuation = std of epoch-to-epoch "
+            f"changes over the last {last} epochs) ; paper Table 1.\n" + format_table1(table))
+    others = [c for c in cs if table1_cell(c["config"]) is None]
+    if others:
+        text += "\nOther cells:\n\n" + aggregate.table(others)
+    return text
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m experiments.stability", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+")
+    p.add_argument("runs", nargs="+", help="run folders, sweep folders, or folders holding them")
     p.add_argument("--last", type=int, default=10, help="epochs used for the fluctuation")
     p.add_argument("--out")
+    cli.add_common(p)
     a = p.parse_args(argv)
-    text = ("Test accuracy (%): ours **mean ± std** over seeds (n runs, fluctuation = std of "
-            f"epoch-to-epoch changes over the last {a.last} epochs, diverged runs) / paper 003 Table 1.\n"
-            + format_table1(stability_table(load_runs(a.runs), a.last)))
+    text = report(a.runs, a.last)
     print(text)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -105,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main_wrapper(main))
