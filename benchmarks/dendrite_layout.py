@@ -1,6 +1,6 @@
 """Dendrite layout: reference (branch (j, k) in column j·K + k) vs branch-major (k·n + j).
 
-    python benchmarks/dendrite_layout.py [--presets mnist-dep,fmnist-dep] [--rounds 9] [--chunk 10]
+    python -m benchmarks.dendrite_layout [--presets mnist-dep,fmnist-dep] [--rounds 9] [--chunk 10]
 
 For each preset (experiments/presets.py; MNIST DEP: 784-256-10, K_b = 8, K_a = 2,
 sparsity 0.5, symmetric EP, T1 = 60, T2 = 12, batch 64, hard-sigmoid) the same
@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import sys
+import json
 import time
 from pathlib import Path
 
@@ -32,14 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import machine, write  # noqa: E402
-import ep_jax  # noqa: E402
-from ep_jax import dendrites, dynamics  # noqa: E402
-from ep_jax.models.dendritic import DendriticModel  # noqa: E402
-from ep_jax.train import make_optimizer  # noqa: E402
-from experiments import config as C  # noqa: E402
-from experiments.presets import PRESETS  # noqa: E402
+import ep_jax
+from benchmarks.run import machine
+from ep_jax import dendrites, dynamics
+from ep_jax.models.dendritic import DendriticModel
+from experiments import engine
+from experiments.presets import preset_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _soma_reference(z, branches):
@@ -61,7 +61,7 @@ class ReferenceLayoutDendritic(DendriticModel):
 
 
 def to_reference(model, tree):
-    """Params or masks of `model` (branch-major) converted to the reference layout."""
+    """Params or masks (`{"basal", "apical"}`) of `model` converted to the reference layout."""
     conv = lambda K, n: (lambda a: dendrites.to_reference_layout(a, n, K))
     L = model.n_layers
     return {
@@ -73,15 +73,17 @@ def to_reference(model, tree):
 
 
 def bench(preset: str, rounds: int, chunk: int, seed: int = 0) -> dict:
-    cfg = C.resolve(PRESETS[preset])
-    model, est = C.build_model(cfg), C.build_estimator(cfg)
+    cfg = preset_config(preset)
+    model, est = engine.build_model(cfg), engine.build_estimator(cfg)
+    opt = engine.build_optimizer(cfg, model)
     ref_model = ReferenceLayoutDendritic(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)})
-    hyper = C.build_hyper(cfg, model, jax.random.PRNGKey(seed))
-    B = cfg["batch_size"]
-    state = ep_jax.init_state(model, jax.random.PRNGKey(seed), hyper, est)
+    hyper = engine.build_relaxation(cfg, model)
+    B = cfg.batch_size
+    key = jax.random.PRNGKey(seed)
+    state = ep_jax.init_state(model, est, opt, key, alpha=cfg.alpha)
     ref_params = to_reference(model, state.params)
-    ref_state = state._replace(params=ref_params, buffers=to_reference(model, state.buffers),
-                               opt_state=make_optimizer(model, hyper).init(ref_params))
+    ref_buffers = dict(state.buffers, masks=to_reference(model, state.buffers["masks"]))
+    ref_state = state._replace(params=ref_params, buffers=ref_buffers, opt_state=opt.init(ref_params))
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.random((B * chunk, model.sizes[0]), dtype=np.float32))
     y = jnp.asarray(rng.integers(0, model.n_classes, B * chunk).astype(np.int32))
@@ -94,14 +96,14 @@ def bench(preset: str, rounds: int, chunk: int, seed: int = 0) -> dict:
 
     @functools.partial(jax.jit, static_argnums=0)
     def free(m, eff, ctx, hyper):
-        return dynamics.free_phase(m, eff, ctx, hyper, est.t_free)
+        return dynamics.free_phase(m, eff, ctx, hyper.dt, est.t_free)
 
     variants = {"reference": (ref_model, ref_state), "branch_major": (model, state)}
     fns = {}
     for name, (m, st) in variants.items():
         eff, ctx = hoisted(m, st.params, st.buffers, x[:B])
         fns[(name, "free")] = (lambda m=m, eff=eff, ctx=ctx: free(m, eff, ctx, hyper), 1, chunk)
-        fns[(name, "step")] = (lambda m=m, st=st: ep_jax.train_steps_jit(m, est, st, x, y, idx, hyper), chunk, 1)
+        fns[(name, "step")] = (lambda m=m, st=st: ep_jax.train_steps_jit(m, est, opt, key, st, x, y, idx, hyper), chunk, 1)
     for f, _, _ in fns.values():  # compile, warm up
         jax.block_until_ready(f())
         jax.block_until_ready(f())
@@ -120,8 +122,8 @@ def bench(preset: str, rounds: int, chunk: int, seed: int = 0) -> dict:
     # same numbers: the free state, and the params after one training step (converted)
     s_ref, s_new = (free(m, *hoisted(m, st.params, st.buffers, x[:B]), hyper) for m, st in variants.values())
     free_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(s_ref, s_new))
-    one_ref, _ = ep_jax.train_steps_jit(ref_model, est, ref_state, x, y, idx[:1], hyper)
-    one_new, _ = ep_jax.train_steps_jit(model, est, state, x, y, idx[:1], hyper)
+    one_ref, _ = ep_jax.train_steps_jit(ref_model, est, opt, key, ref_state, x, y, idx[:1], hyper)
+    one_new, _ = ep_jax.train_steps_jit(model, est, opt, key, state, x, y, idx[:1], hyper)
     param_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
                      zip(jax.tree.leaves(one_ref.params), jax.tree.leaves(to_reference(model, one_new.params))))
 
@@ -164,7 +166,8 @@ def main(argv=None):
                   f"{r[f'{part}_speedup_median']:9.2f} {ep}")
         print(f"{'':11s} same numbers: free state max |Δ| {r['free_state_max_abs_diff']:.1e}, "
               f"params after one step max |Δ| {r['params_after_one_step_max_abs_diff']:.1e}")
-    path = write("dendrite_layout", {"machine": info, "rows": rows})
+    path = RESULTS / f"dendrite_layout_{info['platform']}.json"
+    path.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     print(f"wrote {path}")
 
 

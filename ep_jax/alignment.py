@@ -17,6 +17,10 @@ Gradient-descent-updates (GDU) check, for one fixed batch and k = 1..T2:
 The truncated BPTT gradients for every k come from ONE reverse sweep: the per-step
 parameter contributions of the backward pass, accumulated from the last step backwards
 (a manual `jax.vjp` per step in a reverse `lax.scan`).
+
+During training: `measure` is the jittable, vmappable form of the final comparison; the
+experiment engine calls it every `align_every` steps on a fixed probe batch
+(docs/ep-vs-bptt.md shows what it finds).
 """
 from __future__ import annotations
 
@@ -180,3 +184,41 @@ def report(model, est: Estimator, params, buffers, x, y, rx: Relaxation, print_f
     for n, c in curves.items():
         print_fn(f"  {n}: " + " ".join(f"{v:.3g}" for v in c["rel_rmse"]))
     return final, curves
+
+
+class Alignment(NamedTuple):
+    """EP-vs-BPTT agreement on one batch; per-leaf fields are tuples in `jax.tree.leaves`
+    order of the params (names from `leaf_names`)."""
+    cosine: tuple          # per leaf: cosine similarity
+    rel_rmse: tuple        # per leaf: ‖g_EP − g_BPTT‖ / ‖g_BPTT‖
+    sign_agree: tuple      # per leaf: fraction of entries (|g_BPTT| > 0) with the same sign
+    angle: jax.Array       # degrees between the two full gradient vectors
+
+
+def leaf_names(params) -> list[str]:
+    """Readable names of the params' leaves, in `jax.tree.leaves` order."""
+    return _leaf_names(params)
+
+
+def measure(model, est: Estimator, params, buffers, x, y, rx: Relaxation) -> Alignment:
+    """The estimator's gradient against truncated BPTT over the same T2 (`bptt` with
+    `est.t_free`, `est.t_nudge`) on `(x, y)`. Pure and jittable (arrays only), so it can
+    be vmapped over sweep members. Random-sign nudging is measured with +β."""
+    from ep_jax.estimators import estimate
+    if not est.is_ep:
+        raise ValueError(f"alignment compares an EP estimator with BPTT, got {est.kind!r}")
+    fixed = Estimator(est.kind, est.t_free, est.t_nudge, est.batched_nudge, "fixed")
+    g_ep, _ = estimate(model, fixed, None, params, buffers, x, y, rx)
+    g_bp, _ = estimate(model, Estimator("bptt", est.t_free, est.t_nudge), None, params, buffers, x, y, rx)
+    cos, rr, sa = [], [], []
+    dot = nu2 = nv2 = 0.0
+    for u, v in zip(jax.tree.leaves(g_ep), jax.tree.leaves(g_bp)):
+        u, v = u.ravel(), v.ravel()
+        uv, uu, vv = jnp.vdot(u, v), jnp.vdot(u, u), jnp.vdot(v, v)
+        cos.append(jnp.where((uu > 0) & (vv > 0), uv / jnp.sqrt(uu * vv), jnp.where((uu == 0) & (vv == 0), 1.0, 0.0)))
+        rr.append(jnp.sqrt(jnp.vdot(u - v, u - v) / jnp.where(vv > 0, vv, jnp.nan)))
+        nz = v != 0
+        sa.append(jnp.sum(nz & (jnp.sign(u) == jnp.sign(v))) / jnp.maximum(jnp.sum(nz), 1))
+        dot, nu2, nv2 = dot + uv, nu2 + uu, nv2 + vv
+    angle = jnp.degrees(jnp.arccos(jnp.clip(dot / jnp.sqrt(nu2 * nv2), -1.0, 1.0)))
+    return Alignment(tuple(cos), tuple(rr), tuple(sa), angle)

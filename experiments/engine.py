@@ -421,6 +421,15 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
     div_step = [None] * M
     single = M == 1
 
+    align = _Aligner(g, x_dev, y_dev, state) if cfg.align_every else None
+    pending = [[] for _ in range(M)]   # alignment records of the epoch in flight
+    if align is not None:
+        steps0 = np.asarray(state.train.step)
+        fresh = [i for i in range(M) if steps0[i] == 0 and status[i] == "running"]
+        if fresh:
+            for i, rec in align.measure(state, rx, fresh).items():
+                pending[i].append(rec)
+
     from tqdm.auto import tqdm
     first_epoch = int(start.min()) + 1
     total_steps = (epochs - first_epoch + 1) * (n_full + (n % B > 0))
@@ -442,25 +451,31 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
             full = np.stack([o[0] for o in orders], axis=1)            # (n_full, M, B)
             rest = np.stack([o[1] for o in orders], axis=0)            # (M, n % B)
             correct, loss_sum, seen = np.zeros(M), np.zeros(M), 0
-            for c0 in range(0, n_full, cfg.chunk):
-                idx = jnp.asarray(full[c0:c0 + cfg.chunk])
-                state, info = S.sweep_steps_jit(g.model, g.est, g.opt, state, x_dev, y_dev, idx, rx, max_state)
+            align_s = 0.0
+            chunks = [full[c0:c0 + cfg.chunk] for c0 in range(0, n_full, cfg.chunk)]
+            if rest.shape[1]:
+                chunks.append(rest[None])
+            for idx in chunks:
+                before = np.asarray(state.train.step)
+                state, info = S.sweep_steps_jit(g.model, g.est, g.opt, state, x_dev, y_dev, jnp.asarray(idx), rx,
+                                                max_state)
                 correct += np.asarray(info.correct).sum(0)
-                loss_sum += (np.asarray(info.loss) * B).sum(0)
-                seen += idx.shape[0] * B
+                loss_sum += (np.asarray(info.loss) * idx.shape[2]).sum(0)
+                seen += idx.shape[0] * idx.shape[2]
                 bar.update(idx.shape[0])
                 if progress and single:
                     bar.set_postfix(acc=f"{100 * correct[0] / seen:.2f}%")
-            if rest.shape[1]:
-                state, info = S.sweep_steps_jit(g.model, g.est, g.opt, state, x_dev, y_dev,
-                                                jnp.asarray(rest[None]), rx, max_state)
-                correct += np.asarray(info.correct).sum(0)
-                loss_sum += (np.asarray(info.loss) * rest.shape[1]).sum(0)
-                seen += rest.shape[1]
-                bar.update(1)
+                if align is not None:
+                    after = np.asarray(state.train.step)
+                    due = [i for i in range(M) if active[i] and after[i] // cfg.align_every > before[i] // cfg.align_every]
+                    if due:
+                        ta = time.perf_counter()
+                        for i, rec in align.measure(state, rx, due).items():
+                            pending[i].append(rec)
+                        align_s += time.perf_counter() - ta
             alive_now = np.asarray(state.alive)
             jax.block_until_ready(state)
-            elapsed = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0 - align_s
             test_acc, test_loss = _evaluate(g, state, xte_dev, yte_dev, rx, cfg.eval_batch)
             # restore the flags of members that sat this epoch out
             state = state._replace(alive=jnp.asarray(np.where(active, alive_now, alive_before)))
@@ -480,6 +495,10 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
                 row = {"epoch": epoch, "train_acc": 100.0 * correct[i] / seen, "loss": loss_sum[i] / seen,
                        "test_acc": 100.0 * test_acc[i], "test_loss": float(test_loss[i]), "time_s": elapsed,
                        "steps": int(steps[i])}
+                if align is not None:
+                    row["align_time_s"] = align_s
+                    row["alignment"] = pending[i]
+                    pending[i] = []
                 histories[i].append(row)
                 _save(m, state, rx, i, epoch, histories[i])
                 with open(m.dir / "metrics.jsonl", "a") as f:
@@ -490,6 +509,8 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
                              f"loss {row['loss']:.4f}  ({elapsed:.1f} s)")
                 if M <= 4:
                     plot_curves(m.dir, histories[i], _title(m))
+                    if align is not None:
+                        plot_alignment(m.dir, histories[i], _title(m))
             if not single:
                 ok = [i for i in range(M) if active[i] and alive_now[i]]
                 if ok:
@@ -525,12 +546,67 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
         out[m.name] = _write_summary(m, histories[i], status[i], messages[i], div_step[i])
         if M > 4:
             plot_curves(m.dir, histories[i], _title(m))
+            if align is not None:
+                plot_alignment(m.dir, histories[i], _title(m))
         if single and histories[i]:
             s = out[m.name]
             print_fn(f"summary: {_title(m)}: final test {s['final_test_acc']:.2f}% (best "
                      f"{s['best_test_acc']:.2f}% at epoch {s['best_epoch']}), {s['epochs_done']} epochs, "
                      f"{s['train_time_s']:.0f} s training -> {m.dir}")
     return out
+
+
+class _Aligner:
+    """EP-vs-BPTT alignment of every member on a fixed probe batch (`align_batch`
+    training examples, a seeded choice shared by the members: `subset_seed`)."""
+
+    def __init__(self, g: Group, x, y, state):
+        cfg = g.cfg
+        n = x.shape[0]
+        probe = ep_jax.data.subset_indices(jax.random.fold_in(jax.random.PRNGKey(cfg.subset_seed), 2), n,
+                                           min(cfg.align_batch, n))
+        xp, yp = x[jnp.asarray(probe)], y[jnp.asarray(probe)]
+        self.names = ep_jax.alignment.leaf_names(S.take(state.train.params, 0))
+        fn = lambda tr, r: ep_jax.alignment.measure(g.model, g.est, tr.params, tr.buffers, xp, yp, r)
+        self.fn = jax.jit(jax.vmap(fn))
+
+    def measure(self, state, rx, members) -> dict:
+        a = jax.device_get(self.fn(state.train, rx))
+        steps = np.asarray(state.train.step)
+        out = {}
+        for i in members:
+            leaf = lambda f: {n: float(np.asarray(v)[i]) for n, v in zip(self.names, f)}
+            out[i] = {"step": int(steps[i]), "angle": float(np.asarray(a.angle)[i]), "cosine": leaf(a.cosine),
+                      "rel_rmse": leaf(a.rel_rmse), "sign_agree": leaf(a.sign_agree)}
+        return out
+
+
+def plot_alignment(run_dir: Path, history: list, title: str):
+    """`alignment.png`: per-parameter cosine (EP vs truncated BPTT) and the angle
+    between the full gradients, against the training step."""
+    recs = [r for h in history for r in h.get("alignment", [])]
+    if not recs:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [r["step"] for r in recs]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name in recs[0]["cosine"]:
+        a1.plot(steps, [r["cosine"][name] for r in recs], label=name)
+    a1.set_xlabel("training step")
+    a1.set_ylabel("cosine(EP, truncated BPTT)")
+    a1.set_ylim(-1.05, 1.05)
+    a1.grid(alpha=0.3)
+    a1.legend(fontsize=6, ncol=2)
+    a2.plot(steps, [r["angle"] for r in recs], "k-")
+    a2.set_xlabel("training step")
+    a2.set_ylabel("angle between full gradients (°)")
+    a2.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(run_dir / "alignment.png", dpi=110)
+    plt.close(fig)
 
 
 def _save(m: Member, state, rx, i: int, epoch: int, history: list):

@@ -7,6 +7,7 @@ VJP; the convolution gets ordinary gradients through the EP estimate of ∂C/∂
 from __future__ import annotations
 
 import argparse
+import sys
 
 import flax.linen as nn
 import jax
@@ -16,9 +17,11 @@ import optax
 
 from ep_jax.data import load_dataset, subset
 from ep_jax.nn import EPBlock
+from experiments import cli
 
 
 class ConvEP(nn.Module):
+    """A strided convolution and average pooling feeding a 392-128-10 EP network."""
     @nn.compact
     def __call__(self, x):
         x = x.reshape(-1, 28, 28, 1)
@@ -29,12 +32,14 @@ class ConvEP(nn.Module):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m experiments.example_ep_head", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-dir")
     p.add_argument("--subset", type=int, default=6000)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    cli.add_common(p)
     a = p.parse_args(argv)
     ds = subset(load_dataset(a.dataset, a.data_dir), a.subset, 2000, key=jax.random.PRNGKey(a.seed))
     net = ConvEP()
@@ -63,4 +68,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main_wrapper(main))

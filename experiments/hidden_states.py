@@ -1,11 +1,12 @@
-"""Hidden-state analysis of paper 000 §3.4 (SPEC §7): EP against DEP.
+"""Hidden-state analysis of the dendritic-EP paper (§3.4): EP against DEP.
 
-For one batch, record every layer's state at every free-phase step and report per step
-the mean |activation| and the fraction of neurons active (|s| > threshold). Writes a
-figure (one column per hidden layer; EP and DEP curves) and the data as JSON.
+For one batch of test images, record every layer's state at every free-phase step and
+report per step the mean |activation| and the fraction of neurons active
+(|s| > threshold). Writes a figure (one column per hidden layer; EP and DEP curves) and
+the data as JSON.
 
-    python -m experiments.hidden_states --ep runs/fmnist-ep-seed0 --dep runs/fmnist-dep-seed0 \
-        --out experiments/results/hidden_states
+    python -m experiments.hidden_states --ep runs/mnist-ep-seed0 --dep runs/mnist-dep-seed0 \
+        --out runs/hidden_states
 
 Each of `--ep` / `--dep` is a run folder (its checkpoint and config are used).
 """
@@ -13,37 +14,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 import ep_jax
-from experiments import config as C
-from experiments.run import load_checkpoint, load_data
+from experiments import cli, engine
 
 
-def trajectory_stats(model, params, buffers, x, hyper, t_free, threshold=0.01):
+def trajectory_stats(model, params, buffers, x, rx, t_free, threshold=0.01):
     """Per layer: `{"mean_abs": (T,), "frac_active": (T,)}` over a free phase."""
     eff = model.prepare(params, buffers)
-    _, traj = ep_jax.dynamics.free_phase(model, eff, model.input_drive(eff, x), hyper, t_free, record=True)
+    _, traj = ep_jax.dynamics.free_phase(model, eff, model.input_drive(eff, x), rx.dt, t_free, record=True)
     return [{"mean_abs": np.asarray(jnp.mean(jnp.abs(t), axis=(1, 2))).tolist(),
              "frac_active": np.asarray(jnp.mean(jnp.abs(t) > threshold, axis=(1, 2))).tolist()}
             for t in traj]
 
 
 def analyse_run(run_dir, n_examples=256, threshold=0.01):
-    cfg = json.loads((Path(run_dir) / "config.json").read_text())
-    model = C.build_model(cfg)
-    state, hyper, epoch, _ = load_checkpoint(Path(run_dir))
-    _, _, xte, _ = load_data(dict(cfg, subset=None, test_subset=None), C.keys(cfg)["subset"])
-    x = jnp.asarray(xte[:n_examples])
-    return {"run": str(run_dir), "epoch": epoch, "model": cfg["model"],
-            "layers": trajectory_stats(model, state.params, state.buffers, x, hyper, cfg["t_free"], threshold)}
+    """Statistics of one run folder's network on its first `n_examples` test images."""
+    cfg, model, est, params, buffers, rx, meta = engine.load_run(run_dir)
+    _, _, xte, _ = engine.load_data(cfg)
+    x = jnp.asarray(xte[:n_examples], ep_jax.models.base.default_float())
+    return {"run": str(run_dir), "epoch": meta["epoch"], "model": cfg.model,
+            "layers": trajectory_stats(model, params, buffers, x, rx, cfg.t_free, threshold)}
 
 
 def plot(results: dict, path: Path):
+    """One column per hidden layer: mean |s| and fraction active against the step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -72,9 +72,10 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ep", required=True, help="run folder of an EP run")
     p.add_argument("--dep", required=True, help="run folder of a DEP run")
-    p.add_argument("--out", default="experiments/results/hidden_states")
+    p.add_argument("--out", default="runs/hidden_states", help="output folder (default runs/hidden_states)")
     p.add_argument("--examples", type=int, default=256)
     p.add_argument("--threshold", type=float, default=0.01)
+    cli.add_common(p)
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,4 +89,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main_wrapper(main))

@@ -1,6 +1,6 @@
-"""Histograms of sampled hidden-layer time steps (paper 003's Figure 1).
+"""Histograms of sampled hidden-layer time steps (the HTS paper's Figure 1).
 
-    python -m experiments.plot_dt_hist --out experiments/results/hts
+    python -m experiments.plot_dt_hist --out runs/hts
 
 Samples 1024 hidden `dt` per distribution with the documented defaults of
 `ep_jax.timesteps` (or `--mean/--std/--dt-min/--dt-max`) and writes `dt_hist.png` and
@@ -11,25 +11,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from ep_jax import timesteps
+from experiments import cli
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m experiments.plot_dt_hist", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="experiments/results/hts")
+    p.add_argument("--out", default="runs/hts", help="output folder (default runs/hts)")
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mean", type=float)
     p.add_argument("--std", type=float)
     p.add_argument("--dt-min", type=float)
     p.add_argument("--dt-max", type=float)
+    cli.add_common(p)
     a = p.parse_args(argv)
+    if a.n < 1:
+        raise ValueError(f"--n must be >= 1, got {a.n}")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -60,4 +65,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main_wrapper(main))
