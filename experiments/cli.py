@@ -33,7 +33,15 @@ def describe(e: BaseException) -> str:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return f"no permission to write{where}: {e.strerror}"
         return f"{e.strerror or e}{where}"
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    # one line, but all of it: a multi-line message (the data layer lists the folders it
+    # looked in, then how to get the data) is joined rather than cut after its first line
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[0]
+    for l in lines[1:]:
+        text += (" " if text.endswith(":") else "; ") + l.removeprefix("- ")
+    return text
 
 
 def add_common(p: argparse.ArgumentParser):

@@ -45,7 +45,7 @@ class RunConfig:
     data_dir: str | None = _f(None, "folder with the dataset files; when given, the only place looked")
     subset: int | None = _f(None, "train on N examples (a seeded random choice, the same for every seed)")
     test_subset: int | None = _f(None, "evaluate on N test examples (seeded random choice)")
-    subset_seed: int = _f(0, "seed of the subset choice (and of the synthetic dataset)", lo=0)
+    subset_seed: int = _f(0, "seed of the subset choice (and of the synthetic dataset)", lo=0, hi=2**32 - 1)
     synthetic_train: int = _f(2000, "synthetic dataset: training examples", lo=1)
     synthetic_test: int = _f(500, "synthetic dataset: test examples", lo=1)
     synthetic_noise: float = _f(0.3, "synthetic dataset: pixel noise", lo=0.0)
@@ -84,7 +84,7 @@ class RunConfig:
     # loop
     batch_size: int = _f(64, "training batch size", lo=1)
     epochs: int = _f(20, "epochs to train", lo=1)
-    seed: int = _f(0, "seed of init, masks, time steps, data order and nudge signs", lo=0)
+    seed: int = _f(0, "seed of init, masks, time steps, data order and nudge signs", lo=0, hi=2**32 - 1)
     eval_batch: int = _f(1000, "evaluation batch size", lo=1)
     chunk: int = _f(100, "training steps per device-resident scan", lo=1)
     max_state: float = _f(1e4, "a state magnitude above this counts as divergence", lo=0.0, lo_open=True)
@@ -96,6 +96,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "") -> "RunConfig":
         """Build from plain values (JSON/TOML/--set), coercing types; unknown fields raise."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where}expected a table of config fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
