@@ -70,8 +70,7 @@ def members(a) -> tuple[list, list[str]]:
     root = Path(a.out or f"runs/reproduce-{a.table}")
     for cell, values in cells(a.table, a.cells.split(",") if a.cells else None):
         values = dict(values)
-        if a.epochs is not None:
-            values["epochs"] = a.epochs
+        values["epochs"] = a.epochs
         if a.data_dir:
             values["data_dir"] = a.data_dir
         if a.smoke:
@@ -122,7 +121,8 @@ def parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", choices=("table1", "table2"))
     p.add_argument("--seeds", type=int, default=5, help="seeds per cell (default 5)")
-    p.add_argument("--epochs", type=int, help="epochs per run (default: the preset's, 50)")
+    p.add_argument("--epochs", type=int, default=50,
+                   help="epochs per run (default 50: the papers' numbers need >= 50; --smoke: 1)")
     p.add_argument("--cells", help="comma-separated cells (default: every cell whose data is available)")
     p.add_argument("--budget", type=float, help="minutes; stop cleanly at the last epoch boundary that fits")
     p.add_argument("--smoke", action="store_true", help="tiny subsets, 1 epoch: the same path in ~2 minutes")
