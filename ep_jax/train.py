@@ -105,10 +105,14 @@ def train_step(model, est: Estimator, opt: optax.GradientTransformation, key, st
         correct, n = jax.lax.psum((correct, n), axis_name)
         finite = jax.lax.psum(jnp.logical_not(finite).astype(jnp.int32), axis_name) == 0
     finite = finite & _all_finite(grads)
-    updates, opt_state = opt.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new = TrainState(params, state.buffers, opt_state, state.step + 1)
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+
+    def apply(_):
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), state.buffers, opt_state, state.step + 1)
+
+    # a branch, not a select over the whole state: 12 % of an MNIST DEP step on the CPU
+    # (under vmap it becomes a select, as before)
+    new = jax.lax.cond(finite, apply, lambda _: state, None)
     info = StepInfo(loss=loss, correct=correct, accuracy=correct / n, grad_norm=optax.tree.norm(grads),
                     state_absmax=absmax, finite=finite, beta=aux.beta)
     return new, info
