@@ -176,7 +176,8 @@ class Group:
         self.cfg = first
         self.model = build_model(first)
         self.est = build_estimator(first)
-        self.opt = build_optimizer(first, self.model)
+        with _x64(first):  # the rates are arrays of the run's precision
+            self.opt = build_optimizer(first, self.model)
         self.M = len(self.members)
 
     def initial(self):
@@ -372,7 +373,8 @@ def _write_summary(m: Member, history, status, message="", diverged_step=None) -
 
 
 def _x64(cfg):
-    return jax.enable_x64(True) if cfg.float64 else contextlib.nullcontext()
+    # both ways: a float32 config stays float32 under JAX_ENABLE_X64=1 (the run is its config)
+    return jax.enable_x64(bool(cfg.float64))
 
 
 def _run_group(g: Group, mode, metas, progress, print_fn, deadline, data, label=""):
