@@ -203,36 +203,28 @@ def naive_step(cfg):
         z = u @ (w * m) + (0.0 if c is None else c)
         return jax.nn.relu(z).reshape(u.shape[0], -1, K).mean(-1)
 
+    def feedforward(p, b, x, s, l):
+        u = x if l == 0 else s[l - 1]
+        if dend:
+            return dmap(p["basal"][l]["w"], b["masks"]["basal"][l], p["basal"][l]["c"], u, cfg.basal_branches)
+        return u @ p[l]["w"] + p[l]["b"]
+
+    def feedback(p, b, s, l):  # from the layer above; zero for the output layer
+        if l == L - 1:
+            return 0.0
+        if dend:
+            return cfg.alpha * dmap(p["apical"][l]["w"], b["masks"]["apical"][l], None, s[l + 1], cfg.apical_branches)
+        return s[l + 1] @ p[l + 1]["w"].T
+
     def drives(p, b, x, s, y1h, beta):
-        h = []
-        for l in range(L):
-            u = x if l == 0 else s[l - 1]
-            if dend:
-                hl = dmap(p["basal"][l]["w"], b["masks"]["basal"][l], p["basal"][l]["c"], u, cfg.basal_branches)
-                if l < L - 1:
-                    hl = hl + cfg.alpha * dmap(p["apical"][l]["w"], b["masks"]["apical"][l], None, s[l + 1],
-                                               cfg.apical_branches)
-            else:
-                hl = u @ p[l]["w"] + p[l]["b"]
-                if l < L - 1:
-                    hl = hl + s[l + 1] @ p[l + 1]["w"].T
-            if l == L - 1:
-                hl = hl - beta * (s[l] - y1h)
-            h.append(hl)
+        h = [feedforward(p, b, x, s, l) + feedback(p, b, s, l) for l in range(L)]
+        h[-1] = h[-1] - beta * (s[-1] - y1h)
         return h
 
     def phi(p, b, x, s, y1h, beta):
-        tot = 0.0
-        for l in range(L):
-            u = x if l == 0 else s[l - 1]
-            if dend:
-                f = dmap(p["basal"][l]["w"], b["masks"]["basal"][l], p["basal"][l]["c"], u, cfg.basal_branches)
-                if l < L - 1:
-                    f = f + cfg.alpha * dmap(p["apical"][l]["w"], b["masks"]["apical"][l], None, s[l + 1],
-                                             cfg.apical_branches)
-            else:
-                f = u @ p[l]["w"] + p[l]["b"]
-            tot = tot + jnp.sum(s[l] * f)
+        # the dendritic primitive holds its apical term; the energy's feedback is the W_{l+1} term
+        tot = sum(jnp.sum(s[l] * (feedforward(p, b, x, s, l) + (feedback(p, b, s, l) if dend else 0.0)))
+                  for l in range(L))
         return (tot - beta * 0.5 * jnp.sum((s[-1] - y1h) ** 2)) / B
 
     def relax(p, b, x, s, y1h, beta, T):
