@@ -36,12 +36,13 @@ def make_synthetic(key, n_features: int = 784, n_classes: int = 10, n_train: int
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
     k_proto, k_train, k_test = jax.random.split(key, 3)
-    protos = jax.random.bernoulli(k_proto, density, (n_classes, n_features)).astype(jnp.float32)
+    # explicit float32/int32 draws: the same data with and without jax_enable_x64
+    protos = jax.random.bernoulli(k_proto, jnp.float32(density), (n_classes, n_features)).astype(jnp.float32)
 
     def draw(k, n):
         ky, kx = jax.random.split(k)
-        y = jax.random.randint(ky, (n,), 0, n_classes)
-        x = jnp.clip(protos[y] + noise * jax.random.normal(kx, (n, n_features)), 0.0, 1.0)
+        y = jax.random.randint(ky, (n,), 0, n_classes, dtype=jnp.int32)
+        x = jnp.clip(protos[y] + jnp.float32(noise) * jax.random.normal(kx, (n, n_features), jnp.float32), 0.0, 1.0)
         return np.asarray(x, np.float32), np.asarray(y, np.int32)
 
     x_train, y_train = draw(k_train, n_train)
