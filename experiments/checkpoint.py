@@ -133,7 +133,10 @@ def restore(template, sd: dict, source="checkpoint"):
     """The pytree of `template`'s structure with the stored arrays; every leaf's path,
     shape and dtype must match."""
     tsd = serialization.to_state_dict(template)
-    sd = _unpack_masks(sd, tsd)
+    try:
+        sd = _unpack_masks(sd, tsd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     want, got = _paths(tsd), _paths(sd)
     if set(want) != set(got):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
