@@ -501,8 +501,10 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
                     row["align_time_s"] = align_s
                     row["alignment"] = pending[i]
                     pending[i] = []
+                # saved first: a failed write (disk full, Ctrl-C) leaves the history of the last
+                # checkpoint, so summary.json and metrics.jsonl never claim an unsaved epoch
+                _save(m, state, rx, i, epoch, histories[i] + [row])
                 histories[i].append(row)
-                _save(m, state, rx, i, epoch, histories[i])
                 with open(m.dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 start[i] = epoch
