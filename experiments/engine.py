@@ -53,6 +53,7 @@ import numpy as np
 import ep_jax
 from ep_jax import sweep as S
 from experiments import checkpoint as ckpt
+from experiments import distributed as dist
 from experiments.config import RunConfig, warnings_for
 
 CHECKPOINT = "checkpoint.msgpack"
@@ -237,7 +238,7 @@ def summarize(history: list[dict], status: str, message: str = "", diverged_step
 
 
 def plot_curves(run_dir: Path, history: list, title: str):
-    if not history:
+    if not history or not dist.is_main():
         return
     import matplotlib
     matplotlib.use("Agg")
@@ -338,7 +339,9 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
     resumable). data: `(x_train, y_train, x_test, y_test)`
     to use instead of loading the configs' dataset (tests)."""
     members = list(members)
-    metas = check_folders(members, mode)
+    dist.check_layout(members)                            # distributed: refuse what does not divide
+    metas = dist.together(check_folders, members, mode)   # distributed: every process checks, one decision
+    progress = progress and dist.is_main()
     for m in members:
         for w in warnings_for(m.cfg):
             print_fn(f"warning ({m.name}): {w}")
@@ -365,7 +368,7 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
 def _write_summary(m: Member, history, status, message="", diverged_step=None) -> dict:
     s = summarize(history, status, message, diverged_step)
     try:
-        if m.dir.is_dir():
+        if m.dir.is_dir() and dist.is_main():
             ckpt.atomic_write_text(m.dir / "summary.json", json.dumps(s, indent=1) + "\n")
     except OSError:
         pass  # the original error (disk full, permissions) is what the user needs to see
@@ -389,6 +392,7 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
     ep_jax.estimators.check_labels(g.model, yte)
     if xtr.shape[1] != g.model.sizes[0]:
         raise RunError(f"sizes[0] = {g.model.sizes[0]} but the data has {xtr.shape[1]} features")
+    steps_fn = dist.steps_fn(g, len(ytr)) if dist.active() else S.sweep_steps_jit
 
     # templates, then the checkpoints into them: still nothing on disk changed
     state, rx = g.initial()
@@ -401,8 +405,8 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
             rx = jax.tree.map(lambda a, b: a.at[i].set(b), rx, tree["relaxation"])
             start[i], histories[i] = meta["epoch"], meta["history"]
 
-    # from here on the folders change
-    for i, m in enumerate(g.members):
+    # from here on the folders change (process 0 alone writes them)
+    for i, m in enumerate(g.members if dist.is_main() else ()):
         if mode == "overwrite" and m.dir.exists():
             shutil.rmtree(m.dir)
         m.dir.mkdir(parents=True, exist_ok=True)
@@ -459,8 +463,7 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
                 chunks.append(rest[None])
             for idx in chunks:
                 before = np.asarray(state.train.step)
-                state, info = S.sweep_steps_jit(g.model, g.est, g.opt, state, x_dev, y_dev, jnp.asarray(idx), rx,
-                                                max_state)
+                state, info = steps_fn(g.model, g.est, g.opt, state, x_dev, y_dev, jnp.asarray(idx), rx, max_state)
                 correct += np.asarray(info.correct).sum(0)
                 loss_sum += (np.asarray(info.loss) * idx.shape[2]).sum(0)
                 seen += idx.shape[0] * idx.shape[2]
@@ -505,8 +508,9 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
                 # checkpoint, so summary.json and metrics.jsonl never claim an unsaved epoch
                 _save(m, state, rx, i, epoch, histories[i] + [row])
                 histories[i].append(row)
-                with open(m.dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                if dist.is_main():
+                    with open(m.dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
                 start[i] = epoch
                 if single:
                     print_fn(f"epoch {epoch}: train {row['train_acc']:.2f}%  test {row['test_acc']:.2f}%  "
@@ -575,7 +579,7 @@ class _Aligner:
         self.fn = jax.jit(jax.vmap(fn))
 
     def measure(self, state, rx, members) -> dict:
-        a = jax.device_get(self.fn(state.train, rx))
+        a = jax.device_get(self.fn(*dist.host((state.train, rx))))
         steps = np.asarray(state.train.step)
         out = {}
         for i in members:
@@ -589,7 +593,7 @@ def plot_alignment(run_dir: Path, history: list, title: str):
     """`alignment.png`: per-parameter cosine (EP vs truncated BPTT) and the angle
     between the full gradients, against the training step."""
     recs = [r for h in history for r in h.get("alignment", [])]
-    if not recs:
+    if not recs or not dist.is_main():
         return
     import matplotlib
     matplotlib.use("Agg")
@@ -614,6 +618,9 @@ def plot_alignment(run_dir: Path, history: list, title: str):
 
 
 def _save(m: Member, state, rx, i: int, epoch: int, history: list):
+    if not dist.is_main():
+        return
+    state, rx = dist.host((state, rx))
     meta = {"epoch": epoch, "digest": m.cfg.digest(), "name": m.name, "history": history,
             "ep_jax": "0.2.0", "backend": jax.default_backend()}
     ckpt.save(m.dir / CHECKPOINT, _member_tree(state, rx, i), meta)
@@ -621,6 +628,8 @@ def _save(m: Member, state, rx, i: int, epoch: int, history: list):
 
 def _evaluate(g: Group, state, x, y, rx, batch: int):
     """Per-member test accuracy (fraction) and mean loss."""
+    if dist.active():
+        return dist.evaluate(g, state, x, y, rx, batch)
     correct = np.zeros(g.M)
     loss = np.zeros(g.M)
     n = x.shape[0]

@@ -35,7 +35,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from experiments import cli
+from experiments import cli, distributed
 from experiments.cli import SpecError
 from experiments.config import FIELDS, ConfigError, RunConfig, validate
 from experiments.presets import PRESETS
@@ -135,6 +135,7 @@ def parser():
     p.add_argument("--epochs", type=int, help="override every member's epochs (also to extend on --resume)")
     p.add_argument("--dry-run", action="store_true", help="list groups and members, train nothing")
     cli.add_run_modes(p)
+    distributed.add_flags(p)
     cli.add_common(p)
     return p
 
@@ -181,6 +182,7 @@ def write_results(out: Path, title: str, members) -> str:
 def main(argv=None):
     from experiments import engine
     a = parser().parse_args(argv)
+    distributed.setup(a)   # before any other JAX use
     spec = load_spec(a.spec)
     out = Path(a.out or spec.get("out") or Path("runs") / spec["name"])
     members = members_of(spec, out, a.epochs)
@@ -193,20 +195,21 @@ def main(argv=None):
     if a.dry_run:
         return 0
     mode = "resume" if a.resume else "overwrite" if a.overwrite else "new"
-    check_sweep_folder(out, members, mode)
-    engine.check_folders(members, mode)
-    if mode == "overwrite" and out.exists():
+    distributed.check_layout(members)
+    distributed.together(lambda: (check_sweep_folder(out, members, mode), engine.check_folders(members, mode)))
+    if mode == "overwrite" and out.exists() and distributed.is_main():
         # member folders are replaced by the engine; stale files of an older sweep go too
         for stale in ("sweep.json", "results.md"):
             (out / stale).unlink(missing_ok=True)
-    write_sweep_json(out, spec, members)
+    if distributed.is_main():
+        write_sweep_json(out, spec, members)
     try:
         summaries = engine.run(members, mode, progress=not a.no_progress)
     finally:
-        text = write_results(out, spec["name"], members)
+        text = write_results(out, spec["name"], members) if distributed.is_main() else ""
     print(text)
     return 0 if all(s["status"] in ("ok", "diverged") for s in summaries) else 3
 
 
 if __name__ == "__main__":
-    sys.exit(cli.main_wrapper(main))
+    sys.exit(distributed.main_wrapper(main))

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from experiments import cli
+from experiments import cli, distributed
 from experiments.config import ConfigError, RunConfig, describe, parse_sets, validate
 from experiments.presets import PRESETS
 
@@ -37,6 +37,7 @@ def parser():
     cli.add_run_modes(p)
     p.add_argument("--list", action="store_true", help="print the presets and exit")
     p.add_argument("--list-fields", action="store_true", help="print every config field and exit")
+    distributed.add_flags(p)
     cli.add_common(p)
     return p
 
@@ -65,6 +66,7 @@ def main(argv=None):
     if a.list_fields:
         print(describe())
         return 0
+    distributed.setup(a)   # before any other JAX use
     from experiments import engine
     if a.resume:
         if not a.out:
@@ -93,4 +95,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli.main_wrapper(main))
+    sys.exit(distributed.main_wrapper(main))
