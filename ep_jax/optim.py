@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from ep_jax.models.base import default_float
+from ep_jax.relaxation import concrete
 
 
 def scale_by_tree(rates) -> optax.GradientTransformation:
@@ -39,6 +40,9 @@ def per_synapse_rates(model, lr, dtype=None) -> jax.Array:
         arr = jnp.broadcast_to(jnp.asarray(arr, dtype), (L,))
     if jnp.shape(arr) != (L,):
         raise ValueError(f"lr must be one float or {L} floats (one per synapse), got shape {jnp.shape(arr)}")
+    v = concrete(arr)
+    if v is not None and not np.all(np.isfinite(v)):
+        raise ValueError(f"lr must be finite, got {v}")
     return jnp.asarray(arr, dtype)
 
 
@@ -50,6 +54,9 @@ def sgd(model, lr=0.05, momentum: float = 0.9, dtype=None) -> optax.GradientTran
     dtype = dtype or default_float()
     rates = per_synapse_rates(model, lr, dtype)
     mu = jnp.asarray(momentum, dtype)
+    m = concrete(mu)
+    if m is not None and not np.isfinite(m):
+        raise ValueError(f"momentum must be finite, got {m}")
 
     def build(lr, momentum):
         return optax.chain(optax.trace(decay=momentum), scale_by_tree(model.lr_tree(lr)))
