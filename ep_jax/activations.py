@@ -15,10 +15,12 @@ Activation = Callable[[jax.Array], jax.Array]
 
 
 def hard_sigmoid(u):
+    """clip(u, 0, 1), computed as the reference code does: (1 + hardtanh(2u − 1)) / 2."""
     return (1.0 + jnp.clip(2.0 * u - 1.0, -1.0, 1.0)) / 2.0
 
 
 def leaky_relu(u, negative_slope: float = 0.01):
+    """u where u ≥ 0, else negative_slope·u."""
     # PyTorch's default slope (paper 003 uses nn.LeakyReLU defaults).
     return jnp.where(u >= 0, u, negative_slope * u)
 

@@ -37,6 +37,7 @@ from ep_jax.relaxation import Relaxation, check_shapes
 
 
 class GDUResult(NamedTuple):
+    """EP and truncated-BPTT gradients for k = 1..T2 (`gdu`), and the leaf names."""
     ep: object      # params-structured pytree, each leaf with a leading k axis (T2, ...)
     bptt: object    # same structure
     names: list     # leaf names, in `jax.tree.leaves` order

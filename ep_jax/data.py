@@ -101,6 +101,7 @@ class Dataset(NamedTuple):
 
 
 def canonical_name(name: str) -> str:
+    """The dataset's name in `DATASETS` (aliases and case resolved); ValueError if unknown."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)} (or alias fmnist)")

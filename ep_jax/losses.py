@@ -12,6 +12,7 @@ LOSSES = ("mse", "ce")
 
 
 def check_loss(name: str) -> str:
+    """`name` if it is one of `LOSSES`, else a ValueError listing them."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {list(LOSSES)}")
     return name

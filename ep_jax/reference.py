@@ -23,50 +23,64 @@ class Unhoisted:
     # --- structure: as the wrapped model ----------------------------------------------
     @property
     def sizes(self):
+        """The wrapped model's widths."""
         return self.model.sizes
 
     @property
     def name(self):
+        """`unhoisted-<model name>`."""
         return f"unhoisted-{self.model.name}"
 
     @property
     def n_layers(self):
+        """As the wrapped model."""
         return self.model.n_layers
 
     @property
     def state_sizes(self):
+        """As the wrapped model."""
         return self.model.state_sizes
 
     @property
     def n_classes(self):
+        """As the wrapped model."""
         return self.model.n_classes
 
     def init(self, key, dtype=None, **settings):
+        """The wrapped model's `init`: the same params and buffers for a key."""
         return self.model.init(key, dtype, **settings)
 
     def layer_activations(self):
+        """As the wrapped model."""
         return self.model.layer_activations()
 
     def zero_state(self, batch, dtype=jnp.float32):
+        """As the wrapped model."""
         return self.model.zero_state(batch, dtype)
 
     def one_hot(self, y, dtype=jnp.float32):
+        """As the wrapped model."""
         return self.model.one_hot(y, dtype)
 
     def cost(self, s_out, y1h):
+        """As the wrapped model."""
         return self.model.cost(s_out, y1h)
 
     def check_input(self, x, name="x"):
+        """As the wrapped model."""
         return self.model.check_input(x, name)
 
     def lr_tree(self, lr):
+        """As the wrapped model."""
         return self.model.lr_tree(lr)
 
     # --- the six methods, with nothing computed ahead ---------------------------------
     def prepare(self, params, buffers):
+        """Nothing computed ahead: `eff` is `(params, buffers)` themselves."""
         return (params, buffers)
 
     def input_drive(self, eff, x):
+        """Nothing computed ahead: `ctx` is `x` itself."""
         return x
 
     def _inner(self, eff, x):
@@ -74,13 +88,16 @@ class Unhoisted:
         return e, self.model.input_drive(e, x)
 
     def drives(self, eff, x, s, target, beta):
+        """The wrapped model's drives, its loop invariants recomputed on every call."""
         e, ctx = self._inner(eff, x)
         return self.model.drives(e, ctx, s, target, beta)
 
     def primitive(self, eff, x, s, target, beta):
+        """The wrapped model's primitive, its loop invariants recomputed on every call."""
         e, ctx = self._inner(eff, x)
         return self.model.primitive(e, ctx, s, target, beta)
 
     def feedforward(self, eff, x, s):
+        """The wrapped model's feedforward drives, its loop invariants recomputed."""
         e, ctx = self._inner(eff, x)
         return self.model.feedforward(e, ctx, s)

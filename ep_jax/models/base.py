@@ -52,26 +52,41 @@ class Model(Protocol):
     sizes: tuple[int, ...]
 
     @property
-    def n_layers(self) -> int: ...
+    def n_layers(self) -> int:
+        """Number of state layers L."""
     @property
-    def state_sizes(self) -> tuple[int, ...]: ...
+    def state_sizes(self) -> tuple[int, ...]:
+        """Widths `(n_1, ..., n_L)`."""
     @property
-    def n_classes(self) -> int: ...
+    def n_classes(self) -> int:
+        """Width of the output layer."""
 
-    def init(self, key: jax.Array, dtype: Any = None, **settings) -> tuple[Any, Any]: ...
-    def prepare(self, params: Any, buffers: Any) -> Any: ...
-    def input_drive(self, eff: Any, x: jax.Array) -> Any: ...
-    def drives(self, eff: Any, ctx: Any, s: State, target: Any, beta: Any) -> State: ...
-    def primitive(self, eff: Any, ctx: Any, s: State, target: Any, beta: Any) -> jax.Array: ...
-    def feedforward(self, eff: Any, ctx: Any, s: State) -> State: ...
+    def init(self, key: jax.Array, dtype: Any = None, **settings) -> tuple[Any, Any]:
+        """`(params, buffers)` of a fresh network (module docstring)."""
+    def prepare(self, params: Any, buffers: Any) -> Any:
+        """Loop invariants `eff`, computed once per batch."""
+    def input_drive(self, eff: Any, x: jax.Array) -> Any:
+        """The part of layer 1's drive that depends on `x` only."""
+    def drives(self, eff: Any, ctx: Any, s: State, target: Any, beta: Any) -> State:
+        """Drives `h_l` of every layer `(B, n_l)`."""
+    def primitive(self, eff: Any, ctx: Any, s: State, target: Any, beta: Any) -> jax.Array:
+        """Batch-mean sum of the layer primitives `Σ_l φ_l`."""
+    def feedforward(self, eff: Any, ctx: Any, s: State) -> State:
+        """Feedforward drive of every layer (layer 1: `ctx`)."""
 
     # shared helpers (LayeredModel implements them)
-    def layer_activations(self) -> tuple[Callable, ...]: ...
-    def zero_state(self, batch: int, dtype: Any = jnp.float32) -> State: ...
-    def one_hot(self, y: jax.Array, dtype: Any = jnp.float32) -> jax.Array: ...
-    def cost(self, s_out: jax.Array, y1h: jax.Array) -> jax.Array: ...
-    def check_input(self, x: jax.Array, name: str = "x") -> None: ...
-    def lr_tree(self, lr: jax.Array) -> Any: ...
+    def layer_activations(self) -> tuple[Callable, ...]:
+        """σ of each state layer."""
+    def zero_state(self, batch: int, dtype: Any = jnp.float32) -> State:
+        """The all-zero state of a batch."""
+    def one_hot(self, y: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+        """One-hot targets `(B, n_L)`."""
+    def cost(self, s_out: jax.Array, y1h: jax.Array) -> jax.Array:
+        """ℓ(s_L, ŷ) per example `(B,)`."""
+    def check_input(self, x: jax.Array, name: str = "x") -> None:
+        """Raise naming `name` unless `x` has shape `(B, n_0)`."""
+    def lr_tree(self, lr: jax.Array) -> Any:
+        """Per-leaf learning rates from one rate per synapse `(L,)`."""
 
 
 def default_float():
