@@ -109,14 +109,111 @@ def test_checksum_mismatch_and_size_check(tmp_path, no_defaults):
         D.load_dataset("fashion_mnist", data_dir=tmp_path)
 
 
-def test_missing_dataset_lists_every_place(tmp_path, no_defaults):
-    with pytest.raises(D.DatasetError) as e:
-        D.load_dataset("fashion_mnist", data_dir=tmp_path / "nowhere")
+def test_missing_dataset_explicit_folder_is_the_only_place(tmp_path, no_defaults, monkeypatch):
+    write_set(tmp_path / "env")                                   # data the env var points at ...
+    monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "env"))
+    with pytest.raises(D.DatasetError) as e:                      # ... is not used: data_dir given
+        D.load_dataset("fashion_mnist", data_dir=tmp_path / "nowhere", verify=False)
     msg = str(e.value)
-    assert str(tmp_path / "nowhere") in msg and "no-debian" in msg
-    assert "apt-get install dataset-fashion-mnist" in msg and "pip install tensorflow-datasets" in msg
+    looked = [l for l in msg.splitlines() if l.startswith("  - ")]
+    assert looked and all(l.startswith(f"  - {tmp_path / 'nowhere'}") for l in looked), msg
+    assert "no-debian" not in msg and str(tmp_path / "env") not in msg and "tensorflow-datasets:" not in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         D.load_dataset("cifar")
+
+
+def test_missing_dataset_lists_every_default_place(tmp_path, no_defaults):
+    with pytest.raises(D.DatasetError) as e:
+        D.load_dataset("fashion_mnist")
+    msg = str(e.value)
+    assert "no-debian" in msg and str(tmp_path / "repo" / ".data" / "fashion-mnist") in msg
+    assert "tensorflow-datasets: not importable" in msg and "pip install 'ep_jax[tfds]'" in msg
+
+
+def test_lookup_order(tmp_path, no_defaults, monkeypatch):
+    """data_dir (alone) > EP_JAX_DATA_DIR > Debian's folder > ./.data, ../shared/data."""
+    places = {"explicit": tmp_path / "explicit", "env": tmp_path / "env" / "fashion_mnist",
+              "debian": tmp_path / "no-debian", "repo": tmp_path / "repo" / ".data" / "fashion-mnist",
+              "shared": tmp_path / "shared" / "data" / "fashion_mnist"}
+    labels = {name: write_set(folder, seed=i)["t10k-labels-idx1-ubyte"] for i, (name, folder) in enumerate(places.items())}
+    monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "env"))
+
+    def found(**kw):
+        y = D.load_dataset("fmnist", verify=False, **kw).y_test
+        return [n for n, l in labels.items() if np.array_equal(l, y)]
+    assert found(data_dir=places["explicit"]) == ["explicit"]
+    assert found() == ["env"]
+    monkeypatch.delenv(D.ENV_VAR)
+    assert found() == ["debian"]
+    monkeypatch.setattr(D, "DEBIAN_DIRS", {})
+    assert found() == ["repo"]
+    import shutil
+    shutil.rmtree(places["repo"])
+    assert found() == ["shared"]
+    dirs = D.candidate_dirs("fashion_mnist")
+    assert dirs.index(tmp_path / "repo" / ".data" / "fashion-mnist") < dirs.index(places["shared"])
+    assert D.candidate_dirs("mnist", data_dir=tmp_path) == [tmp_path, tmp_path / "mnist", tmp_path / "MNIST"]
+
+
+class FakeBuilder:
+    def __init__(self, prepared):
+        self.prepared = prepared
+        self.download_called = False
+
+    def is_prepared(self):
+        return self.prepared
+
+    def download_and_prepare(self):
+        self.download_called = True
+        raise AssertionError("a download was attempted offline")
+
+
+def fake_tfds(builder, examples=None):
+    import types
+    mod = types.ModuleType("tensorflow_datasets")
+    mod.builder = lambda name, data_dir=None: builder
+    mod.data_source = lambda name, split, data_dir=None: examples[split]
+    return mod
+
+
+def test_tfds_fails_fast_offline(tmp_path, no_defaults, monkeypatch):
+    import time
+    builder = FakeBuilder(prepared=False)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(builder))
+    monkeypatch.setattr(D, "_online", lambda *a, **k: False)
+    t0 = time.perf_counter()
+    with pytest.raises(D.DatasetError) as e:
+        D.load_dataset("kmnist")
+    assert time.perf_counter() - t0 < 5 and not builder.download_called
+    msg = str(e.value)
+    assert "tensorflow-datasets has no prepared copy of 'kmnist' and cannot download it" in msg
+    assert "install tensorflow-datasets" not in msg and "pip install" not in msg   # it is installed
+    assert "https://github.com/rois-codh/kmnist" in msg
+
+
+def test_tfds_prepared_copy_is_used(tmp_path, no_defaults, monkeypatch):
+    rng = np.random.default_rng(0)
+    examples = {s: [{"image": rng.integers(0, 256, (28, 28, 1), dtype=np.uint8), "label": int(rng.integers(0, 10))}
+                    for _ in range(n)] for s, n in (("train", 6), ("test", 4))}
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(FakeBuilder(prepared=True), examples))
+    ds = D.load_dataset("mnist", normalize=False)
+    assert ds.x_train.shape == (6, 784) and ds.y_test.tolist() == [e["label"] for e in examples["test"]]
+    np.testing.assert_allclose(ds.x_test[1], examples["test"][1]["image"].reshape(-1) / 255.0, rtol=1e-6)
+
+
+def test_subset_indices():
+    k = jax.random.PRNGKey(7)
+    np.testing.assert_array_equal(D.subset_indices(k, 50, None), np.arange(50))
+    a = D.subset_indices(k, 1000, 100)
+    assert len(a) == 100 and len(set(a.tolist())) == 100 and np.all(np.diff(a) > 0) and a.max() < 1000
+    np.testing.assert_array_equal(a, D.subset_indices(k, 1000, 100))                       # seeded
+    assert not np.array_equal(a, D.subset_indices(jax.random.PRNGKey(8), 1000, 100))
+    assert set(D.subset_indices(k, 1000, 40).tolist()) <= set(a.tolist())               # nested subsets
+    np.testing.assert_array_equal(D.subset_indices(k, 30, 30), np.arange(30))
+    for bad in (0, -5, 1001):
+        with pytest.raises(ValueError, match=r"subset must lie in \[1, 1000\]"):
+            D.subset_indices(k, 1000, bad)
 
 
 def test_files_path_does_not_import_tfds(tmp_path, monkeypatch):

@@ -1,9 +1,11 @@
-"""Vmapped sweeps (ep_jax.sweep) and the sweep command (experiments.sweep).
+"""Vmapped sweeps (ep_jax.sweep) and the sweep command's spec format (experiments.sweep).
 
-The reference for every sweep member is the same config trained alone with the core
-`train_step_jit`, from `init_state` with the member's documented init key.
+The reference for every member is the same network trained alone: `init_state` from the
+member's init key and settings, its optimiser hyperparameters, and the core
+`train_step` with key `step_key(member's step key, t)`.
 """
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +14,16 @@ import pytest
 
 import ep_jax
 from ep_jax import sweep as S
+from ep_jax.optim import with_hyperparams
 from experiments import sweep as cmd
+from experiments.config import ConfigError, RunConfig
+from exp_helpers import (ROOT, TINY, assert_one_line_error, assert_same_arrays, checkpoint_arrays, metrics, run_cli,
+                         strip_time, summary)
 
-SMALL = dict(sizes=(10, 8, 4), t_free=12, t_nudge=4, batch_size=8)
+SIZES = (10, 8, 4)
 
 
-def batches(n_steps, batch=8, n_in=10, n_classes=4, seed=0):
+def batches(n_steps, batch=8, seed=0, n_in=10, n_classes=4):
     out = []
     for t in range(n_steps):
         kx, ky = jax.random.split(jax.random.PRNGKey(1000 * seed + t))
@@ -25,314 +31,320 @@ def batches(n_steps, batch=8, n_in=10, n_classes=4, seed=0):
     return out
 
 
-def train_alone(cfg, data, betas=None):
-    """The member trained on its own: init from its init key, core train step."""
-    model, est = cfg.build_model(), cfg.build_estimator()
-    hyper = S.member_hyper(cfg, model)
-    state = ep_jax.init_state(model, S.member_keys(cfg.seed)[0], hyper, est)
-    metrics = []
-    for t, (x, y) in enumerate(data):
-        h = hyper if betas is None else hyper._replace(beta=jnp.asarray(betas[t], hyper.beta.dtype))
-        state, m = ep_jax.train_step_jit(model, est, state, x, y, h)
-        metrics.append(m)
-    return state, metrics
+_OPT = {}
 
 
-def run_sweep(configs, data):
-    (group,) = S.group_members(configs)
-    state, sh = S.build_sweep(group)
-    metrics = []
-    for x, y in data:
-        state, m = S.sweep_step(group.model, group.estimator, state, x, y, sh)
-        metrics.append(m)
-    return group, state, sh, metrics
+def optimizer(model):
+    """One optimiser object per model: the compiled steps (opt is static) are reused
+    across tests. Every member sets its own rates (opt_hyperparams)."""
+    if model not in _OPT:
+        _OPT[model] = ep_jax.optim.sgd(model, lr=[0.1, 0.1], momentum=0.9)
+    return _OPT[model]
 
 
-def assert_close(a, b, rtol=2e-5, atol=1e-6):
+class Members:
+    """M members of one static structure: keys, model settings, rates, relaxations."""
+
+    def __init__(self, model_kind="ep", est=None, M=3, model_kw=None, lrs=None, momenta=None, betas=None, dts=None,
+                 settings=None):
+        self.model = ep_jax.build_model(model_kind, sizes=SIZES, **(model_kw or {}))
+        self.est = est or ep_jax.Estimator("symmetric", t_free=12, t_nudge=4)
+        self.opt = optimizer(self.model)
+        self.M = M
+        self.init_keys = [jax.random.PRNGKey(10 + i) for i in range(M)]
+        self.step_keys = [jax.random.PRNGKey(100 + i) for i in range(M)]
+        name = "alpha" if model_kind == "dendritic" else "gamma"
+        default = [0.2, 0.5, 0.3][:M] if name == "alpha" else [1.0] * M
+        self.settings = settings if settings is not None else {name: default}
+        self.lrs = np.asarray(lrs if lrs is not None else [[0.2, 0.05], [0.1, 0.1], [0.05, 0.3]][:M], np.float32)
+        self.momenta = np.asarray(momenta if momenta is not None else [0.9, 0.5, 0.0][:M], np.float32)
+        betas = betas if betas is not None else [0.1, 0.3, 0.2][:M]
+        dts = dts if dts is not None else [1.0, [np.linspace(0.3, 1.0, 8), 0.7], 0.6][:M]
+        self.rxs = [ep_jax.make_relaxation(self.model, beta=b, dt=d) for b, d in zip(betas, dts)]
+
+    def sweep(self):
+        state = S.init_sweep(self.model, self.est, self.opt, self.init_keys, self.step_keys,
+                             settings={k: jnp.asarray(v) for k, v in self.settings.items()},
+                             opt_hyperparams={"lr": self.lrs, "momentum": self.momenta})
+        return state, S.stack_relaxations(self.model, self.rxs)
+
+    def solo(self, i, data):
+        """Member i trained alone; returns (state, [StepInfo])."""
+        st = ep_jax.init_state(self.model, self.est, self.opt, self.init_keys[i],
+                               **{k: v[i] for k, v in self.settings.items()})
+        st = st._replace(opt_state=with_hyperparams(st.opt_state, lr=self.lrs[i], momentum=self.momenta[i]))
+        infos = []
+        for x, y in data:
+            key = ep_jax.step_key(self.step_keys[i], st.step)
+            st, info = ep_jax.train_step_jit(self.model, self.est, self.opt, key, st, x, y, self.rxs[i])
+            infos.append(info)
+        return st, infos
+
+
+def close(a, b, rtol=2e-5, atol=1e-6):
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("model,estimator", [("ep", "symmetric"), ("dendritic", "symmetric"),
-                                             ("dendritic", "one_sided")])
-def test_member_equals_member_trained_alone(model, estimator):
-    configs = [
-        S.MemberConfig(name="a", model=model, estimator=estimator, seed=0, beta=0.1, lr=[0.2, 0.05], **SMALL),
-        S.MemberConfig(name="b", model=model, estimator=estimator, seed=1, beta=0.3, lr=0.1, momentum=0.5,
-                       alpha=0.5, dt=[np.linspace(0.3, 1.0, 8), 0.7], **SMALL),
-        S.MemberConfig(name="c", model=model, estimator=estimator, seed=2, beta=0.2, lr=[0.05, 0.3],
-                       dt=0.6, **SMALL),
-    ]
+CASES = {
+    "ep-symmetric": ("ep", ep_jax.Estimator("symmetric", 12, 4)),
+    "dendritic-symmetric": ("dendritic", ep_jax.Estimator("symmetric", 12, 4)),
+    "dendritic-one_sided-random_sign": ("dendritic", ep_jax.Estimator("one_sided", 12, 4, nudge="random_sign")),
+    "ep-chl-random_sign": ("ep", ep_jax.Estimator("chl", 12, 4, nudge="random_sign")),
+    "dendritic-bptt": ("dendritic", ep_jax.Estimator("bptt", 12, 4)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_members_equal_solo_runs(case):
+    kind, est = CASES[case]
+    ms = Members(kind, est)
     data = batches(4)
-    _, state, _, metrics = run_sweep(configs, data)
-    for i, cfg in enumerate(configs):
-        alone, alone_metrics = train_alone(cfg, data)
-        assert_close(S.take(state.train.params, i), alone.params)
-        assert_close(S.take(state.train.opt_state, i), alone.opt_state)
+    state, rx = ms.sweep()
+    infos = []
+    for x, y in data:
+        state, info = S.sweep_step(ms.model, est, ms.opt, state, x, y, rx)
+        infos.append(info)
+    assert np.asarray(state.alive).all() and (np.asarray(state.train.step) == 4).all()
+    for i in range(ms.M):
+        solo, solo_infos = ms.solo(i, data)
+        close(S.take(state.train.params, i), solo.params)
+        close(S.take(state.train.opt_state, i), solo.opt_state)
+        for u, v in zip(jax.tree.leaves(S.take(state.train.buffers, i)), jax.tree.leaves(solo.buffers)):
+            np.testing.assert_array_equal(u, v)                               # masks, settings: exact
         for t in range(len(data)):
-            for k in ("loss", "correct", "grad_norm", "finite"):
-                np.testing.assert_allclose(metrics[t][k][i], alone_metrics[t][k], rtol=2e-5, err_msg=f"{k} step {t}")
-    assert bool(jnp.all(state.alive)) and np.all(np.asarray(state.train.step) == len(data))
-    # the members really differ (different seeds and settings)
-    w = jax.tree.leaves(state.train.params)[0]
-    assert not np.allclose(w[0], w[1])
+            for f in ("loss", "correct", "grad_norm", "beta"):
+                np.testing.assert_allclose(getattr(infos[t], f)[i], getattr(solo_infos[t], f), rtol=2e-5,
+                                           err_msg=f"{f} step {t}")
+    w = np.asarray(jax.tree.leaves(state.train.params)[0])
+    assert not np.allclose(w[0], w[1])                                        # really different members
 
 
-def test_random_nudge_sign_is_the_documented_sign_sequence():
-    common = dict(estimator="one_sided", beta=0.2, lr=[0.2, 0.1], **SMALL)
-    configs = [S.MemberConfig(name="rand", seed=3, nudge="random_sign", **common),
-               S.MemberConfig(name="fixed", seed=3, **common)]
+def test_random_sign_follows_the_step_keys():
+    est = ep_jax.Estimator("one_sided", 12, 4, nudge="random_sign")
+    ms = Members("ep", est, betas=[0.2, 0.2, 0.2], dts=[1.0, 1.0, 1.0])
+    state, rx = ms.sweep()
+    data = batches(8)
+    betas = []
+    for x, y in data:
+        state, info = S.sweep_step(ms.model, est, ms.opt, state, x, y, rx)
+        betas.append(np.asarray(info.beta))
+    betas = np.array(betas)                                                    # (steps, M)
+    for i in range(ms.M):
+        signs = [float(jax.random.rademacher(ep_jax.step_key(ms.step_keys[i], t), (), jnp.float32)) for t in range(8)]
+        np.testing.assert_allclose(betas[:, i], 0.2 * np.array(signs), rtol=1e-6)
+    assert set(np.sign(betas).ravel()) == {-1.0, 1.0}
+    assert not all(np.array_equal(betas[:, 0], betas[:, i]) for i in (1, 2))   # each member its own signs
+    # the same members with a fixed nudge: other updates (the sign is the only difference)
+    fixed = Members("ep", ep_jax.Estimator("one_sided", 12, 4), betas=[0.2] * 3, dts=[1.0] * 3)
+    fs, frx = fixed.sweep()
+    for x, y in data:
+        fs, finfo = S.sweep_step(fixed.model, fixed.est, fixed.opt, fs, x, y, frx)
+    np.testing.assert_allclose(np.asarray(finfo.beta), 0.2)
+    assert not np.allclose(jax.tree.leaves(fs.train.params)[0], jax.tree.leaves(state.train.params)[0])
+
+
+LEAKY = dict(activation="leaky_relu", output_activation="sigmoid")
+
+
+def test_diverging_member_is_isolated():
+    ms = Members("ep", model_kw=LEAKY, lrs=[[0.1, 0.1], [1e30, 1e30], [0.05, 0.05]], dts=[0.5] * 3)
+    state, rx = ms.sweep()
     data = batches(6)
-    _, state, _, metrics = run_sweep(configs, data)
-    sign_key = S.member_keys(3)[2]
-    signs = [float(jax.random.rademacher(jax.random.fold_in(sign_key, t), (), jnp.float32)) for t in range(6)]
-    assert set(signs) == {-1.0, 1.0}, "pick a seed whose sign sequence has both signs"
-    np.testing.assert_allclose([m["beta"][0] for m in metrics], 0.2 * np.array(signs), rtol=1e-6)
-    np.testing.assert_allclose([m["beta"][1] for m in metrics], 0.2, rtol=1e-6)
-    rand_alone, _ = train_alone(configs[0], data, betas=[0.2 * s for s in signs])
-    fixed_alone, _ = train_alone(configs[1], data)
-    assert_close(S.take(state.train.params, 0), rand_alone.params)
-    assert_close(S.take(state.train.params, 1), fixed_alone.params)
-    # same seed, same data: only the sign schedule separates the two members
-    assert not np.allclose(jax.tree.leaves(rand_alone.params)[0], jax.tree.leaves(fixed_alone.params)[0])
-
-
-def test_random_sign_refused_where_it_means_nothing():
-    with pytest.raises(ValueError, match="nudge='random_sign' needs estimator"):
-        S.MemberConfig(name="x", estimator="symmetric", nudge="random_sign")
-    with pytest.raises(ValueError, match="nudge must be one of"):
-        S.MemberConfig(name="x", nudge="sometimes")
-
-
-def test_diverging_member_is_marked_and_others_unaffected():
-    leaky = dict(activation="leaky_relu", model_options={"output_activation": "sigmoid"}, dt=0.5, **SMALL)
-    configs = [S.MemberConfig(name="ok1", seed=0, lr=0.1, **leaky),
-               S.MemberConfig(name="boom", seed=1, lr=1e30, **leaky),
-               S.MemberConfig(name="ok2", seed=2, lr=0.05, **leaky)]
-    data = batches(6)
-    _, state, _, metrics = run_sweep(configs, data)
-    finite = np.array([np.asarray(m["finite"]) for m in metrics])     # (steps, M)
-    assert not finite[:, 1].all(), "the huge-lr member should produce a non-finite step"
+    finite = []
+    for x, y in data:
+        state, info = S.sweep_step(ms.model, ms.est, ms.opt, state, x, y, rx)
+        finite.append(np.asarray(info.finite))
+    finite = np.array(finite)
+    assert not finite[:, 1].all(), "the huge-rate member should produce a non-finite step"
     first_bad = int(np.argmin(finite[:, 1]))
+    assert not finite[first_bad:, 1].any()                                     # frozen: never finite again
     assert np.asarray(state.alive).tolist() == [True, False, True]
-    assert int(state.diverged_step[1]) == first_bad and np.asarray(state.diverged_step)[[0, 2]].tolist() == [-1, -1]
-    assert all(not bool(m["alive"][1]) for m in metrics[first_bad:])
-    assert int(state.train.step[1]) == first_bad            # frozen: no step counted after divergence
+    assert np.asarray(state.diverged_step).tolist() == [-1, first_bad, -1]
+    assert int(state.train.step[1]) == first_bad
+    assert all(np.isfinite(np.asarray(l)[1]).all() for l in jax.tree.leaves(state.train.params))
     for i in (0, 2):
-        alone, _ = train_alone(configs[i], data)
-        assert_close(S.take(state.train.params, i), alone.params)
-        assert bool(jnp.all(jnp.isfinite(jax.tree.leaves(S.take(state.train.params, i))[0])))
+        solo, _ = ms.solo(i, data)
+        close(S.take(state.train.params, i), solo.params)
 
 
 def test_member_stays_frozen_after_a_transient_non_finite_step():
-    # Member 0 gets one NaN batch (per-member batches), then clean ones again; the core step
-    # alone would refuse only that step and carry on, the sweep freezes the member for good.
-    configs = [S.MemberConfig(name=f"m{i}", seed=i, **SMALL) for i in range(2)]
-    (group,) = S.group_members(configs)
-    state, sh = S.build_sweep(group)
+    """One NaN batch for member 0: the core step alone would skip it and go on; in a sweep
+    the member is frozen for good (its state as before that step), member 1 unaffected."""
+    ms = Members("ep", M=2)
+    state, rx = ms.sweep()
     data = batches(5)
     for t, (x, y) in enumerate(data):
         x0 = x.at[0, 0].set(jnp.nan) if t == 2 else x
-        state, m = S.sweep_step(group.model, group.estimator, state, jnp.stack([x0, x]), jnp.stack([y, y]), sh)
+        state, info = S.sweep_step(ms.model, ms.est, ms.opt, state, jnp.stack([x0, x]), jnp.stack([y, y]), rx)
         if t == 1:
             before = S.take(state.train, 0)
+        if t >= 2:
+            assert np.asarray(info.finite).tolist() == [False, True]
     assert np.asarray(state.alive).tolist() == [False, True] and int(state.diverged_step[0]) == 2
-    for u, v in zip(jax.tree.leaves(before), jax.tree.leaves(S.take(state.train, 0))):
+    for u, v in zip(jax.tree.leaves(before), jax.tree.leaves(S.take(state.train, 0)), strict=True):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
-    alone, _ = train_alone(configs[1], data)
-    assert_close(S.take(state.train.params, 1), alone.params)
+    solo, _ = ms.solo(1, data)
+    close(S.take(state.train.params, 1), solo.params)
+    # the core step alone skips only the bad step
+    alone, infos = ms.solo(0, [(x.at[0, 0].set(jnp.nan) if t == 2 else x, y) for t, (x, y) in enumerate(data)])
+    assert [bool(i.finite) for i in infos] == [True, True, False, True, True] and int(alone.step) == 4
 
 
 def test_per_member_batches():
-    configs = [S.MemberConfig(name=f"m{i}", seed=i, **SMALL) for i in range(2)]
-    (group,) = S.group_members(configs)
-    state, sh = S.build_sweep(group)
-    d0, d1 = batches(1, seed=0)[0], batches(1, seed=1)[0]
-    x, y = jnp.stack([d0[0], d1[0]]), jnp.stack([d0[1], d1[1]])
-    state, _ = S.sweep_step(group.model, group.estimator, state, x, y, sh)
+    ms = Members("ep", M=2)
+    state, rx = ms.sweep()
+    d0, d1 = batches(2, seed=0), batches(2, seed=1)
+    for (x0, y0), (x1, y1) in zip(d0, d1):
+        state, _ = S.sweep_step(ms.model, ms.est, ms.opt, state, jnp.stack([x0, x1]), jnp.stack([y0, y1]), rx)
     for i, d in enumerate((d0, d1)):
-        alone, _ = train_alone(configs[i], [d])
-        assert_close(S.take(state.train.params, i), alone.params)
-
-
-def test_group_members_by_static_structure():
-    base = dict(sizes=(10, 8, 4), t_free=12, t_nudge=4, batch_size=8)
-    cfgs = [
-        S.MemberConfig(name="a", seed=0, **base),
-        S.MemberConfig(name="b", seed=1, beta=0.5, lr=[0.3, 0.1], dt=0.5, momentum=0.0, **base),  # numeric only
-        S.MemberConfig(name="wide", **{**base, "sizes": (10, 9, 4)}),
-        S.MemberConfig(name="deep", **{**base, "sizes": (10, 8, 8, 4)}),
-        S.MemberConfig(name="t1", **{**base, "t_free": 13}),
-        S.MemberConfig(name="t2", **{**base, "t_nudge": 5}),
-        S.MemberConfig(name="dend", model="dendritic", **base),
-        S.MemberConfig(name="tanh", activation="tanh", **base),
-        S.MemberConfig(name="bptt", estimator="bptt", **base),
-        S.MemberConfig(name="bs", **{**base, "batch_size": 16}),
-        S.MemberConfig(name="c", seed=5, alpha=0.7, gamma=0.5, **base),                      # numeric only
-        S.MemberConfig(name="k4", model="dendritic", model_options={"basal_branches": 4}, **base),
-        S.MemberConfig(name="dend2", model="dendritic", seed=3, **base),
-    ]
-    groups = S.group_members(cfgs)
-    got = [[c.name for c in g.members] for g in groups]
-    assert got == [["a", "b", "c"], ["wide"], ["deep"], ["t1"], ["t2"], ["dend", "dend2"], ["tanh"],
-                   ["bptt"], ["bs"], ["k4"]]
-    assert [list(g.indices) for g in groups][0] == [0, 1, 10]
-    g = groups[5]
-    assert isinstance(g.model, ep_jax.DendriticModel) and g.model.sizes == (10, 8, 4)
-    assert groups[9].model.basal_branches == 4 and groups[8].batch_size == 16
-    assert groups[7].estimator == ep_jax.Estimator("bptt", t_free=12, t_nudge=4)
-    with pytest.raises(ValueError, match="unique"):
-        S.group_members([cfgs[0], cfgs[0]])
-
-
-def test_stacking_mixed_dt_shapes_and_init_checks():
-    model = ep_jax.build_model("ep", sizes=(10, 8, 4))
-    est = ep_jax.Estimator("symmetric", 12, 4)
-    h1 = ep_jax.make_hyper(model, dt=0.5)
-    h2 = ep_jax.make_hyper(model, dt=[np.linspace(0.1, 1.0, 8), 0.3])
-    stacked = S.stack_hypers(model, [h1, h2])
-    assert stacked.dt[0].shape == (2, 8) and stacked.dt[1].shape == (2,)
-    np.testing.assert_array_equal(stacked.dt[0][0], np.full(8, 0.5, np.float32))
-    keys = [jax.random.PRNGKey(0), jax.random.PRNGKey(1)]
-    state, sh = S.init_sweep(model, est, keys, [h1, h2])
-    alone = ep_jax.init_state(model, keys[1], h2, est)
-    assert_close(S.take(state.train.params, 1), alone.params, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="one Hyper per key"):
-        S.init_sweep(model, est, keys, [h1])
-    with pytest.raises(ValueError, match="dt of layer 1 must lie in"):  # caught at construction
-        ep_jax.make_hyper(model, dt=1.5)
-    bad = h1._replace(dt=(np.float32(1.5), h1.dt[1]))  # a Hyper built by hand skips that check
-    with pytest.raises(ValueError, match="member 1: dt of layer 1 must lie in"):
-        S.init_sweep(model, est, keys, [h1, bad])
-    with pytest.raises(ValueError, match="random_sign needs estimator"):
-        S.init_sweep(model, est, keys, [h1, h2], random_sign=[True, False])
-
-
-def test_dt_sampler_hook():
-    calls = []
-
-    def sampler(key, model, dt_dist, dt_out):
-        calls.append(dict(dt_dist))
-        hidden = dt_dist["lo"] + (1 - dt_dist["lo"]) * jax.random.uniform(key, (model.state_sizes[0],))
-        return hidden, dt_out
-
-    cfgs = [S.MemberConfig(name=f"s{s}", seed=s, dt_dist={"lo": 0.2}, dt_out=0.3, **SMALL) for s in (0, 1)]
-    model = cfgs[0].build_model()
-    h0, h1 = (S.member_hyper(c, model, dt_sampler=sampler) for c in cfgs)
-    assert calls == [{"lo": 0.2}, {"lo": 0.2}]
-    expect = 0.2 + 0.8 * jax.random.uniform(S.member_keys(0)[1], (8,))
-    np.testing.assert_allclose(h0.dt[0], expect, rtol=1e-6)
-    assert float(h0.dt[1]) == pytest.approx(0.3)
-    assert not np.allclose(h0.dt[0], h1.dt[0])                # per-member (per-seed) dt
-    with pytest.raises(ValueError, match="no dt_sampler"):
-        S.member_hyper(cfgs[0], model, dt_sampler=None)
-    with pytest.raises(ValueError, match="dt_dist needs dt_out"):
-        S.MemberConfig(name="x", dt_dist={"lo": 0.2})
-
-
-def test_expand_grid():
-    cfgs = S.expand_grid({"sizes": [10, 8, 4], "lr": [0.1, 0.05]},
-                         {"beta": [0.1, 0.2], "seed": [0, 1, 2]}, [{"name": "extra", "beta": 0.4}])
-    assert len(cfgs) == 7
-    assert [c.name for c in cfgs[:3]] == ["beta=0.1_seed=0", "beta=0.1_seed=1", "beta=0.1_seed=2"]
-    assert {(c.beta, c.seed) for c in cfgs[:6]} == {(b, s) for b in (0.1, 0.2) for s in (0, 1, 2)}
-    assert cfgs[6].name == "extra" and cfgs[6].beta == 0.4 and cfgs[6].lr == (0.1, 0.05)
-    with pytest.raises(ValueError, match="unknown member setting"):
-        S.expand_grid({"betta": 0.1})
-    with pytest.raises(ValueError, match="grid.seed must be a non-empty list"):
-        S.expand_grid({}, {"seed": 3})
-
-
-# --- the command ----------------------------------------------------------------------------
-
-TINY_SPEC = """
-name = "tiny"
-dataset = "synthetic"
-epochs = 3
-eval_batch_size = 64
-[synthetic]
-n_features = 12
-n_classes = 3
-n_train = 200
-n_test = 96
-seed = 1
-[base]
-sizes = [12, 10, 3]
-t_free = 10
-t_nudge = 3
-batch_size = 32
-lr = [0.2, 0.1]
-[grid]
-beta = [0.1, 0.3]
-seed = [0, 1]
-[[members]]
-name = "dend"
-model = "dendritic"
-"""
-
-
-def read_rows(path):
-    return [{k: v for k, v in json.loads(l).items() if k != "time_s"} for l in path.read_text().splitlines()]
-
-
-def test_command_end_to_end_and_resume(tmp_path):
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(TINY_SPEC)
-    full = cmd.main([str(spec), "--out", str(tmp_path / "full"), "--no-progress"])
-    names = ["beta=0.1_seed=0", "beta=0.1_seed=1", "beta=0.3_seed=0", "beta=0.3_seed=1", "dend"]
-    assert [s["member"] for s in full] == names
-    for n in names:
-        d = tmp_path / "full" / n
-        rows = read_rows(d / "metrics.jsonl")
-        assert [r["epoch"] for r in rows] == [1, 2, 3]
-        assert set(rows[0]) == {"epoch", "train_acc", "test_acc", "loss", "alive"}
-        summary = json.loads((d / "summary.json").read_text())
-        assert summary["status"] == "ok"
-        assert summary["final_test_acc"] == rows[-1]["test_acc"]
-        assert summary["best_test_acc"] == max(r["test_acc"] for r in rows)
-        cfg = json.loads((d / "config.json").read_text())
-        assert cfg["name"] == n and cfg["dataset"] == "synthetic"
-    # the EP members learn the synthetic problem (3 classes: chance 1/3)
-    assert max(s["best_test_acc"] for s in full[:4]) > 0.6
-    table = (tmp_path / "full" / "results.md").read_text()
-    assert all(n in table for n in names) and "Mean ± std over seeds" in table
-
-    # interrupted after one epoch, then resumed to three: identical numbers
-    part = tmp_path / "part"
-    cmd.main([str(spec), "--out", str(part), "--epochs", "1", "--no-progress"])
-    assert [r["epoch"] for r in read_rows(part / "dend" / "metrics.jsonl")] == [1]
-    with pytest.raises(SystemExit, match="already holds a sweep"):
-        cmd.main([str(spec), "--out", str(part), "--no-progress"])
-    resumed = cmd.main([str(spec), "--out", str(part), "--resume", "--no-progress"])
-    assert resumed == full
-    for n in names:
-        assert read_rows(part / n / "metrics.jsonl") == read_rows(tmp_path / "full" / n / "metrics.jsonl")
-
-
-def test_command_dt_dist_members(tmp_path):
-    spec = tmp_path / "hts.toml"
-    spec.write_text(TINY_SPEC.replace("[grid]\nbeta = [0.1, 0.3]", "[grid]\ndt_dist = [{lo = 0.5}]\ndt_out = [0.6]"))
-
-    def sampler(key, model, dt_dist, dt_out):
-        return dt_dist["lo"] + 0.1 * jax.random.uniform(key, (model.state_sizes[0],)), dt_out
-
-    try:
-        import ep_jax.timesteps  # noqa: F401
-    except ImportError:
-        with pytest.raises(SystemExit, match="need ep_jax.timesteps"):
-            cmd.main([str(spec), "--out", str(tmp_path / "no"), "--epochs", "1", "--no-progress"])
-    res = cmd.main([str(spec), "--out", str(tmp_path / "hts"), "--epochs", "1", "--no-progress"],
-                   dt_sampler=sampler)
-    assert [s["status"] for s in res] == ["ok"] * 3
+        solo, _ = ms.solo(i, d)
+        close(S.take(state.train.params, i), solo.params)
 
 
 def test_chunked_sweep_step_equals_vmapped():
-    configs = [S.MemberConfig(name=f"m{i}", seed=i, beta=0.1 * (i + 1), **SMALL) for i in range(3)]
-    (group,) = S.group_members(configs)
-    state, sh = S.build_sweep(group)
-    a = b = state
+    ms = Members("ep")
+    a, rx = ms.sweep()
+    b = a
     for x, y in batches(2):
-        a, ma = S.sweep_step(group.model, group.estimator, a, x, y, sh)
-        b, mb = S.sweep_step(group.model, group.estimator, b, x, y, sh, 2)     # chunks of 2 and 1
-    assert_close(a.train, b.train)
-    assert_close(ma, mb)
+        a, ia = S.sweep_step(ms.model, ms.est, ms.opt, a, x, y, rx)
+        b, ib = S.sweep_step(ms.model, ms.est, ms.opt, b, x, y, rx, 2)      # chunks of 2 and 1
+    close(a.train, b.train)
+    close(ia, ib)
+
+
+def test_sweep_steps_scan_equals_steps_and_max_state():
+    ms = Members("ep")
+    state, rx = ms.sweep()
+    rng = np.random.default_rng(0)
+    x_all = jnp.asarray(rng.uniform(size=(40, 10)), jnp.float32)
+    y_all = jnp.asarray(rng.integers(0, 4, 40), jnp.int32)
+    idx = jnp.asarray(rng.integers(0, 40, (3, ms.M, 8)))                    # (T, M, B): own order per member
+    a, info = S.sweep_steps_jit(ms.model, ms.est, ms.opt, state, x_all, y_all, idx, rx)
+    assert info.loss.shape == (3, ms.M)
+    b = state
+    for t in range(3):
+        b, _ = S.sweep_step(ms.model, ms.est, ms.opt, b, x_all[idx[t]], y_all[idx[t]], rx)
+    close(a.train, b.train)
+    # a state above max_state counts as divergence (states here lie in [0, 1])
+    c, cinfo = S.sweep_steps_jit(ms.model, ms.est, ms.opt, state, x_all, y_all, idx, rx, jnp.float32(1e-3))
+    assert not np.asarray(c.alive).any() and (np.asarray(c.diverged_step) == 0).all()
+    assert (np.asarray(c.train.step) == 0).all()
+
+
+def test_sweep_evaluate_per_member():
+    ms = Members("dendritic")
+    state, rx = ms.sweep()
+    x, y = batches(1, batch=32)[0]
+    ev = S.sweep_evaluate(ms.model, ms.est, state, x, y, rx)
+    for i in range(ms.M):
+        tr = S.take(state.train, i)
+        solo = ep_jax.evaluate_jit(ms.model, ms.est, tr.params, tr.buffers, x, y, ms.rxs[i])
+        assert int(ev.correct[i]) == int(solo.correct)
+        np.testing.assert_allclose(ev.loss[i], solo.loss, rtol=1e-5)
+
+
+def test_stacking_mixed_dt_shapes_and_init_checks():
+    model = ep_jax.build_model("ep", sizes=SIZES)
+    est = ep_jax.Estimator("symmetric", 12, 4)
+    opt = ep_jax.optim.sgd(model, lr=0.1)
+    r1 = ep_jax.make_relaxation(model, dt=0.5)
+    r2 = ep_jax.make_relaxation(model, dt=[np.linspace(0.1, 1.0, 8), 0.3])
+    stacked = S.stack_relaxations(model, [r1, r2])
+    assert stacked.dt[0].shape == (2, 8) and stacked.dt[1].shape == (2,)
+    np.testing.assert_array_equal(stacked.dt[0][0], np.full(8, 0.5, np.float32))
+    keys = [jax.random.PRNGKey(0), jax.random.PRNGKey(1)]
+    state = S.init_sweep(model, est, opt, keys, keys)
+    alone = ep_jax.init_state(model, est, opt, keys[1])
+    for u, v in zip(jax.tree.leaves(S.take(state.train.params, 1)), jax.tree.leaves(alone.params)):
+        np.testing.assert_array_equal(u, v)
+    with pytest.raises(ValueError, match="one key per member"):
+        S.init_sweep(model, est, opt, keys, keys[:1])
+    with pytest.raises(ValueError, match="leading member axis of 2"):
+        S.init_sweep(model, est, opt, keys, keys, opt_hyperparams={"lr": np.ones((3, 2), np.float32)})
+    with pytest.raises(ValueError, match="leading member axis of 2"):
+        S.init_sweep(model, est, opt, keys, keys, settings={"gamma": np.ones(3, np.float32)})
+
+
+# --- the sweep command's spec format ---------------------------------------------------------
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+TINY_TOML = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY.items())
+
+
+def test_spec_expansion(tmp_path):
+    spec = cmd.load_spec(write(tmp_path / "grid.toml", f"""
+name = "g"
+{TINY_TOML}
+[base]
+beta = 0.3
+[grid]
+lr = [[0.2, 0.1], 0.05]
+seed = [0, 1]
+[[members]]
+name = "dend-ep"
+model = "ep"
+seed = 9
+"""))
+    configs = cmd.expand(spec)
+    names = [n for n, _ in configs]
+    assert names == ["lr=0.2-0.1_seed=0", "lr=0.2-0.1_seed=1", "lr=0.05_seed=0", "lr=0.05_seed=1", "dend-ep"]
+    assert [c.seed for _, c in configs] == [0, 1, 0, 1, 9]
+    assert [c.lr for _, c in configs[:4]] == [(0.2, 0.1), (0.2, 0.1), 0.05, 0.05]
+    assert all(c.beta == 0.3 and c.dataset == "synthetic" for _, c in configs)
+    assert configs[4][1].model == "ep" and configs[4][1].lr == (0.2, 0.1)          # base, not the grid
+    # a preset as the base, fields on top; no grid, no members: one member named after the spec
+    (only,) = cmd.expand(cmd.load_spec(write(tmp_path / "p.json", json.dumps({"preset": "fmnist-dep", "epochs": 3}))))
+    assert only[0] == "p" and only[1] == RunConfig.from_dict({**cmd.PRESETS["fmnist-dep"], "epochs": 3})
+
+
+def test_shipped_specs_expand(tmp_path):
+    specs = sorted((ROOT / "experiments" / "sweeps").glob("*.toml"))
+    assert specs
+    for path in specs:
+        configs = cmd.expand(cmd.load_spec(path))
+        assert configs and len({n for n, _ in configs}) == len(configs), path
+
+
+def test_dry_run_trains_nothing(tmp_path):
+    spec = write(tmp_path / "s.toml", f'name = "s"\n{TINY_TOML}\n[grid]\nseed = [0, 1]\n[[members]]\nname = "wide"\n'
+                                      'sizes = [16, 20, 4]\n')
+    rc, out, err = run_cli(cmd.main, [spec, "--out", tmp_path / "o", "--dry-run"])
+    assert rc == 0, err
+    assert "3 member(s) in 2 group(s)" in out and "seed=0, seed=1" in out and ": wide" in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_folders_resume_and_refusals(tmp_path):
+    spec = write(tmp_path / "s.toml", f'name = "s"\n{TINY_TOML}\n[grid]\nseed = [0, 1]\n')
+    part, full = tmp_path / "part", tmp_path / "full"
+    rc, out, err = run_cli(cmd.main, [spec, "--out", part, "--epochs", "1", "--no-progress"])
+    assert rc == 0, err
+    saved = json.loads((part / "sweep.json").read_text())
+    assert [m["name"] for m in saved["members"]] == ["seed=0", "seed=1"]
+    assert (part / "results.md").read_text().startswith("# s")
+    before = {p: p.read_bytes() for p in part.rglob("*") if p.is_file()}
+    rc, _, err = run_cli(cmd.main, [spec, "--out", part, "--no-progress"])
+    assert_one_line_error(rc, err, "already holds a sweep", "--resume")
+    other = write(tmp_path / "other.toml", f'name = "s"\n{TINY_TOML}\n[grid]\nseed = [0, 2]\n')
+    rc, _, err = run_cli(cmd.main, [other, "--out", part, "--resume", "--no-progress"])
+    assert_one_line_error(rc, err, "the spec's members differ")
+    changed = write(tmp_path / "changed.toml", f'name = "s"\n{TINY_TOML}\n[base]\nbeta = 0.3\n[grid]\nseed = [0, 1]\n')
+    rc, _, err = run_cli(cmd.main, [changed, "--out", part, "--resume", "--no-progress"])
+    assert_one_line_error(rc, err, "belongs to another config", "beta")          # a sweep names the field
+    rc, _, err = run_cli(cmd.main, [spec, "--out", tmp_path / "none", "--resume", "--no-progress"])
+    assert_one_line_error(rc, err, "no sweep to resume")
+    assert {p: p.read_bytes() for p in part.rglob("*") if p.is_file()} == before
+
+    rc, _, err = run_cli(cmd.main, [spec, "--out", part, "--resume", "--epochs", "2", "--no-progress"])
+    assert rc == 0, err
+    rc, _, err = run_cli(cmd.main, [spec, "--out", full, "--no-progress"])
+    assert rc == 0, err
+    for n in ("seed=0", "seed=1"):
+        assert summary(part / n)["status"] == "ok" and summary(part / n)["epochs_done"] == 2
+        assert strip_time(metrics(part / n)) == strip_time(metrics(full / n))
+        assert_same_arrays(checkpoint_arrays(part / n)[1], checkpoint_arrays(full / n)[1])
