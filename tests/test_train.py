@@ -1,29 +1,37 @@
-"""Short real training runs on a learnable synthetic problem (EP, DEP, truncated BPTT)."""
+"""Short real training runs on a learnable synthetic problem (EP, DEP, truncated BPTT),
+the optimisers (per-synapse SGD, any optax transformation, vmapped learning rates), and
+the multi-step scan against a loop of single steps."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import ep_jax
-from conftest import synthetic_problem
+from conftest import assert_trees_close, synthetic_problem
 
 
-def train(kind, est, lr, beta=0.2, epochs=4, batch=32, seed=0, **model_kw):
+def train(kind, est, lr=None, beta=0.2, epochs=4, batch=32, seed=0, opt=None, **model_kw):
     (xtr, ytr), (xte, yte) = synthetic_problem(jax.random.PRNGKey(123))
     model = ep_jax.build_model(kind, sizes=(16, 32, 4), **model_kw)
-    hyper = ep_jax.make_hyper(model, beta=beta, lr=lr)
-    state = ep_jax.init_state(model, jax.random.PRNGKey(seed), hyper, est)
-    acc0 = int(ep_jax.evaluate_jit(model, state.params, state.buffers, xte, yte, hyper, est.t_free)[0]) / len(yte)
+    rx = ep_jax.make_relaxation(model, beta=beta)
+    opt = opt(model) if opt is not None else ep_jax.optim.sgd(model, lr=lr, momentum=0.9)
+    state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(seed))
+    ev0 = ep_jax.evaluate_jit(model, est, state.params, state.buffers, xte, yte, rx)
     key = jax.random.PRNGKey(seed + 1)
+    losses = []
     for _ in range(epochs):
         key, sub = jax.random.split(key)
         perm = jax.random.permutation(sub, len(ytr))
         for i in range(0, len(ytr) - batch + 1, batch):
             idx = perm[i:i + batch]
-            state, m = ep_jax.train_step_jit(model, est, state, xtr[idx], ytr[idx], hyper)
-            assert bool(m["finite"])
-    correct, _ = ep_jax.evaluate_jit(model, state.params, state.buffers, xte, yte, hyper, est.t_free)
-    return acc0, int(correct) / len(yte), state
+            state, info = ep_jax.train_step_jit(model, est, opt, ep_jax.step_key(key, state.step), state,
+                                                xtr[idx], ytr[idx], rx)
+            assert bool(info.finite)
+            losses.append(float(info.loss))
+    ev = ep_jax.evaluate_jit(model, est, state.params, state.buffers, xte, yte, rx)
+    assert float(ev.accuracy) == pytest.approx(int(ev.correct) / len(yte))
+    return float(ev0.accuracy), float(ev.accuracy), state, (float(ev0.loss), float(ev.loss)), losses
 
 
 @pytest.mark.parametrize("kind,est_kind,lr", [
@@ -34,17 +42,39 @@ def train(kind, est, lr, beta=0.2, epochs=4, batch=32, seed=0, **model_kw):
 ])
 def test_short_training_learns(kind, est_kind, lr):
     est = ep_jax.Estimator(est_kind, t_free=30, t_nudge=8)
-    acc0, acc, _ = train(kind, est, lr)
-    print(f"{kind}/{est_kind}: test accuracy {acc0:.3f} -> {acc:.3f}")
+    acc0, acc, _, (l0, l1), _ = train(kind, est, lr)
+    print(f"{kind}/{est_kind}: test accuracy {acc0:.3f} -> {acc:.3f}, loss {l0:.4f} -> {l1:.4f}")
     assert acc > 0.85, (acc0, acc)
     assert acc > acc0 + 0.3
+    assert l1 < 0.7 * l0
+
+
+def test_training_with_cross_entropy_and_random_sign_nudging_learns():
+    """loss="ce" (identity output, softmax cross-entropy nudge) with the one-sided
+    estimate and random-sign β: the estimate is unbiased on average and the network learns."""
+    est = ep_jax.Estimator("one_sided", t_free=30, t_nudge=8, nudge="random_sign")
+    acc0, acc, _, (l0, l1), _ = train("ep", est, (0.1, 0.05), loss="ce", activation="sigmoid")
+    print(f"ep/ce/random_sign: test accuracy {acc0:.3f} -> {acc:.3f}, loss {l0:.4f} -> {l1:.4f}")
+    assert acc > 0.85 and acc > acc0 + 0.3, (acc0, acc)
+    assert l1 < 0.6 * l0
+
+
+def test_training_with_optax_adam_learns():
+    """Any optax transformation goes through the library's train_step: plain optax.adam."""
+    est = ep_jax.Estimator("symmetric", t_free=30, t_nudge=8)
+    acc0, acc, state, (l0, l1), losses = train("dendritic", est, opt=lambda m: optax.adam(1e-2), epochs=3)
+    print(f"dendritic/adam: test accuracy {acc0:.3f} -> {acc:.3f}, loss {l0:.4f} -> {l1:.4f}")
+    assert isinstance(state.opt_state[0], optax.ScaleByAdamState)
+    assert int(state.opt_state[0].count) == int(state.step) == 3 * 32
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+    assert l1 < 0.6 * l0 and acc > 0.8 and acc > acc0 + 0.3, (acc0, acc, l0, l1)
 
 
 def test_same_seed_same_training():
     est = ep_jax.Estimator("symmetric", t_free=20, t_nudge=5)
-    _, a1, s1 = train("dendritic", est, (0.5, 0.2), epochs=1)
-    _, a2, s2 = train("dendritic", est, (0.5, 0.2), epochs=1)
-    _, _, s3 = train("dendritic", est, (0.5, 0.2), epochs=1, seed=5)
+    _, a1, s1, _, _ = train("dendritic", est, (0.5, 0.2), epochs=1)
+    _, a2, s2, _, _ = train("dendritic", est, (0.5, 0.2), epochs=1)
+    _, _, s3, _, _ = train("dendritic", est, (0.5, 0.2), epochs=1, seed=5)
     assert a1 == a2
     jax.tree.map(np.testing.assert_array_equal, s1, s2)
     assert not np.array_equal(s1.params["basal"][0]["w"], s3.params["basal"][0]["w"])
@@ -53,17 +83,88 @@ def test_same_seed_same_training():
 def test_momentum_follows_pytorch_semantics(x64):
     """v ← μ v + g; θ ← θ − lr·v, one rate per synapse (apical uses the next synapse's)."""
     model = ep_jax.build_model("dendritic", sizes=(6, 5, 4, 3))
-    hyper = ep_jax.make_hyper(model, beta=0.2, lr=[0.3, 0.2, 0.1], momentum=0.9)
+    rx = ep_jax.make_relaxation(model, beta=0.2)
+    opt = ep_jax.optim.sgd(model, lr=[0.3, 0.2, 0.1], momentum=0.9)
     est = ep_jax.Estimator("symmetric", 10, 4)
-    state = ep_jax.init_state(model, jax.random.PRNGKey(0), hyper)
-    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 6))
+    state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(state.opt_state.hyperparams["lr"], [0.3, 0.2, 0.1])
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 6), jnp.float64)
     y = jnp.array([0, 1, 2, 0])
     p, v = state.params, jax.tree.map(jnp.zeros_like, state.params)
     rates = {"basal": ({"w": 0.3, "c": 0.3}, {"w": 0.2, "c": 0.2}, {"w": 0.1, "c": 0.1}),
              "apical": ({"w": 0.2}, {"w": 0.1})}
-    for _ in range(3):
-        g, _ = ep_jax.estimate(est, model, p, state.buffers, x, y, hyper)
-        state, _ = ep_jax.train_step(model, est, state, x, y, hyper)
+    for t in range(3):
+        g, _ = jax.jit(ep_jax.estimate, static_argnums=(0, 1))(model, est, None, p, state.buffers, x, y, rx)
+        state, _ = ep_jax.train_step_jit(model, est, opt, jax.random.PRNGKey(t), state, x, y, rx)
         v = jax.tree.map(lambda v, g: 0.9 * v + g, v, g)
         p = jax.tree.map(lambda p, v, r: p - r * v, p, v, rates)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15), state.params, p)
+    assert int(state.step) == 3
+
+
+def test_vmapped_learning_rates_equal_solo_runs():
+    """The default optimiser keeps its per-synapse rates as arrays in its state: set with
+    `optim.with_hyperparams` under jax.vmap, member i trains exactly as a solo run built
+    with rates i."""
+    model = ep_jax.build_model("dendritic", sizes=(16, 12, 4), basal_branches=4)
+    est = ep_jax.Estimator("symmetric", 20, 5)
+    rx = ep_jax.make_relaxation(model, beta=0.2)
+    (xtr, ytr), _ = synthetic_problem(jax.random.PRNGKey(4), n_train=96, n_test=1)
+    rates = jnp.array([[0.5, 0.2], [0.1, 0.05], [0.0, 0.3]])
+    opt = ep_jax.optim.sgd(model, lr=0.05, momentum=0.9)
+    base = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(7)
+
+    idx = jnp.arange(96).reshape(3, 32)
+
+    def run(opt, state):  # three steps on three batches
+        return ep_jax.train_steps(model, est, opt, key, state, xtr, ytr, idx, rx)[0]
+
+    def member(lr):
+        st = base._replace(opt_state=ep_jax.optim.with_hyperparams(base.opt_state, lr=lr))
+        return run(opt, st)
+    stacked = jax.jit(jax.vmap(member))(rates)
+
+    @jax.jit
+    def solo_run(lr):  # an optimiser built with these rates, a fresh state (as init_state), the same steps
+        solo_opt = ep_jax.optim.sgd(model, lr=lr, momentum=0.9)
+        return run(solo_opt, base._replace(opt_state=solo_opt.init(base.params)))
+    for i in range(len(rates)):
+        solo = solo_run(rates[i])
+        assert_trees_close(jax.tree.map(lambda a: a[i], stacked.params), solo.params, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(stacked.opt_state.hyperparams["lr"][i], rates[i])
+    # the members really differ (rate 0 on synapse 1 leaves its basal map untouched)
+    np.testing.assert_array_equal(stacked.params["basal"][0]["w"][2], base.params["basal"][0]["w"])
+    assert not np.allclose(stacked.params["basal"][0]["w"][0], stacked.params["basal"][0]["w"][1])
+    with pytest.raises(ValueError, match=r"hyperparameter lr must have shape \(2,\)"):
+        ep_jax.optim.with_hyperparams(base.opt_state, lr=jnp.ones(3))
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        ep_jax.optim.with_hyperparams(base.opt_state, eps=1.0)
+    with pytest.raises(ValueError, match="no injected hyperparameters"):
+        ep_jax.optim.with_hyperparams(optax.adam(1e-3).init(base.params), lr=0.1)
+
+
+def test_train_steps_equals_loop_of_train_step_with_step_key():
+    """`train_steps` (one lax.scan) is exactly a loop of `train_step` with the key
+    `step_key(key, state.step)` and batches `x_all[idx[i]]` (random-sign nudging, so the
+    keys matter)."""
+    model = ep_jax.build_model("ep", sizes=(16, 12, 4), activation="sigmoid")
+    est = ep_jax.Estimator("one_sided", 15, 5, nudge="random_sign")
+    rx = ep_jax.make_relaxation(model, beta=0.2)
+    opt = ep_jax.optim.sgd(model, lr=[0.2, 0.1])
+    (xtr, ytr), _ = synthetic_problem(jax.random.PRNGKey(5), n_train=64, n_test=1)
+    idx = jax.random.randint(jax.random.PRNGKey(6), (6, 16), 0, 64)
+    key = jax.random.PRNGKey(9)
+    state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(0))
+    state = state._replace(step=jnp.asarray(3, jnp.int32))  # keys follow the state's counter
+    scanned, infos = ep_jax.train_steps_jit(model, est, opt, key, state, xtr, ytr, idx, rx)
+    step = jax.jit(ep_jax.train_step, static_argnums=(0, 1, 2))
+    looped, betas = state, []
+    for i in range(idx.shape[0]):
+        looped, info = step(model, est, opt, ep_jax.step_key(key, looped.step), looped, xtr[idx[i]], ytr[idx[i]], rx)
+        betas.append(float(info.beta))
+        np.testing.assert_allclose(infos.loss[i], info.loss, rtol=1e-6)
+    assert_trees_close(scanned, looped, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(infos.beta, betas)
+    assert set(np.sign(betas)) == {-1.0, 1.0}  # both signs drawn over the six steps
+    assert int(scanned.step) == 3 + 6 and infos.loss.shape == (6,)

@@ -1,0 +1,67 @@
+"""Packaging: every third-party import is a declared dependency, package data exists, and
+the test configuration matches what the README promises (`-m slow`)."""
+import ast
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# distribution name -> the module it is imported as, where the two differ
+IMPORT_NAME = {"tensorflow-datasets": "tensorflow_datasets", "importlib_resources": "importlib_resources"}
+
+
+def declared(*groups):
+    """Importable module names of the dependencies (and the given optional groups)."""
+    reqs = list(PYPROJECT["project"]["dependencies"])
+    for g in groups:
+        reqs += PYPROJECT["project"]["optional-dependencies"][g]
+    names = {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].strip() for r in reqs}
+    return {IMPORT_NAME.get(n, n.replace("-", "_")) for n in names}
+
+
+def third_party_imports(folder):
+    """{module: [files]} of absolute imports in `folder` that are neither stdlib nor ours."""
+    ours = {"ep_jax", "experiments", "benchmarks", "conftest", "exp_helpers"}
+    found = {}
+    for f in sorted((ROOT / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods = [node.module]
+            else:
+                continue
+            for m in mods:
+                top = m.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in ours and not top.startswith("test_"):
+                    found.setdefault(top, []).append(str(f.relative_to(ROOT)))
+    return found
+
+
+@pytest.mark.parametrize("folder,groups", [("ep_jax", ("tfds",)), ("experiments", ()), ("benchmarks", ()),
+                                           ("tests", ("test",))])
+def test_every_third_party_import_is_declared(folder, groups):
+    missing = {m: files for m, files in third_party_imports(folder).items() if m not in declared(*groups)}
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_packages_and_package_data():
+    include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    for pkg in ("ep_jax", "experiments", "benchmarks"):
+        assert f"{pkg}*" in include and (ROOT / pkg / "__init__.py").is_file()
+    for pkg, patterns in PYPROJECT["tool"]["setuptools"]["package-data"].items():
+        for pat in patterns:
+            assert list((ROOT / pkg).glob(pat)), f"package data {pkg}/{pat} matches no file"
+    # the sweep specs are read with tomllib: Python 3.11 or later
+    assert PYPROJECT["project"]["requires-python"] == ">=3.11"
+
+
+def test_slow_marker_is_registered_and_excluded_by_default():
+    opts = PYPROJECT["tool"]["pytest"]["ini_options"]
+    assert any(m.startswith("slow:") for m in opts["markers"])
+    assert "-m 'not slow'" in opts["addopts"]
+    assert "-m slow" in (ROOT / "README.md").read_text()
