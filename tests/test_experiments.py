@@ -557,3 +557,19 @@ def test_short_dep_run_on_real_fashion_mnist_learns(tmp_path, monkeypatch):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["sizes"] == [784, 256, 10] and cfg["dataset"] == "fashion_mnist" and cfg["subset"] == 4000
     assert summary(tmp_path)["final_test_acc"] > 65, summary(tmp_path)
+
+
+def test_float32_run_stays_float32_under_global_x64(finished, tmp_path):
+    """JAX_ENABLE_X64=1 (here: x64 switched on around the run) does not turn a float32
+    config into a float64 run (was: float64 numbers, a config.json claiming float32, and a
+    checkpoint that could not be resumed without the variable)."""
+    d = tmp_path / "r"
+    with jax.enable_x64(True):
+        (s,) = engine.run([engine.Member(tiny(), "r", d)], "new", **QUIET)
+    assert s["status"] == "ok"
+    _, arrays = checkpoint_arrays(d)
+    assert {str(a.dtype) for a in arrays.values()} <= {"float32", "int32", "uint32", "uint8", "bool"}
+    assert strip_time(metrics(d)) == strip_time(metrics(finished / "seed0"))
+    assert_same_arrays(arrays, checkpoint_arrays(finished / "seed0")[1])
+    rc, _, err = run_cli(train.main, ["--resume", "--out", d, "--epochs", "3", "--no-progress"])
+    assert rc == 0, err
