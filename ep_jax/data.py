@@ -160,7 +160,7 @@ def _verify(name: str, path: Path, file_bytes: bytes, payload: bytes):
     sums = {hashlib.md5(file_bytes).hexdigest(), hashlib.md5(payload).hexdigest()}
     if not sums & known:
         raise DatasetError(f"{path}: md5 {sorted(sums)} does not match the official {sorted(known)}; the file is "
-                           "corrupt or not the official release (pass verify=False to load it anyway)")
+                           "corrupt or not the official release (ep_jax.data.load_dataset(..., verify=False) loads it anyway)")
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
@@ -311,8 +311,10 @@ def load_dataset(name: str, data_dir=None, normalize: bool = True, source: str =
         except Exception as e:  # download or preparation failure (offline, ...)
             msg = str(e).splitlines()[0][:200] if str(e) else ""
             looked.append(f"  - tensorflow-datasets: {msg or type(e).__name__}")
-    how = HOW_TO_GET[name] + ("; or let tensorflow-datasets download it on a machine with internet access"
-                              if have_tfds else "; or pip install 'ep_jax[tfds]' on a machine with internet access")
+    how = HOW_TO_GET[name]
+    if source != "files":
+        how += ("; or let tensorflow-datasets download it on a machine with internet access" if have_tfds
+                else "; or pip install 'ep_jax[tfds]' on a machine with internet access")
     raise DatasetError(f"dataset {name!r} not found. Looked in:\n" + "\n".join(looked) + f"\nTo get it: {how}.")
 
 

@@ -9,8 +9,10 @@ so they mix freely.
 A *cell* is every run with the same full config except the seed (and the data folder's
 path): runs with other settings are other cells, never pooled. Per cell: n runs, the
 seeds, final test accuracy mean ± std (sample std), best-epoch accuracy, the paper's
-value where the config is one of its table cells, and the distance from it in published
-standard deviations. Repeated seeds are reported and counted once (the run with more
+value where the config is one of its table cells (the preset's settings; only seed, epochs
+and bookkeeping fields may differ), and the distance from it in published standard
+deviations. A run of a cell's dataset, model and estimator with other settings (a smoke
+run, another learning rate) shows the paper's number in parentheses, without a distance. Repeated seeds are reported and counted once (the run with more
 epochs); diverged runs are counted and left out of the mean; runs that did not finish
 (interrupted, failed, running) are listed, not used.
 """
@@ -25,7 +27,7 @@ import numpy as np
 
 from experiments import cli
 from experiments.config import ConfigError, RunConfig
-from experiments.presets import published, table1_cell, table2_cell
+from experiments.presets import PUBLISHED_TABLE2, published, table1_cell, table2_cell, table2_position
 
 CELL_EXCLUDE = ("seed", "data_dir")
 
@@ -106,6 +108,9 @@ def cell_label(cfg: RunConfig) -> str:
         return f"Table 2 {t2[0].upper()} {t2[1].upper()}"
     if t1:
         return f"Table 1 {t1[0]} {t1[1]} dt_out={t1[2]:.2f}"
+    pos = table2_position(cfg)
+    if pos:
+        return f"{pos[0].upper()} {pos[1].upper()}, other settings than Table 2"
     return f"{cfg.dataset} {cfg.model}/{cfg.estimator} {'-'.join(map(str, cfg.sizes))}"
 
 
@@ -130,8 +135,13 @@ def table(cs: list[dict]) -> str:
         if c["paper"] and np.isfinite(m):
             pm, ps = c["paper"]
             paper, delta = f"{pm:.2f} ± {ps:.2f}", f"{(m - pm) / ps:+.1f}"
+        elif c["paper"]:
+            paper, delta = f"{c['paper'][0]:.2f} ± {c['paper'][1]:.2f}", "–"
+        elif table2_position(c["config"]):
+            pm, ps = PUBLISHED_TABLE2[table2_position(c["config"])]
+            paper, delta = f"({pm:.2f} ± {ps:.2f}: other settings)", "–"
         else:
-            paper, delta = (f"{c['paper'][0]:.2f} ± {c['paper'][1]:.2f}" if c["paper"] else "–"), "–"
+            paper, delta = "–", "–"
         notes = []
         if c["repeated_seeds"]:
             notes.append(f"seed(s) {c['repeated_seeds']} repeated, counted once")

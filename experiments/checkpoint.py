@@ -30,6 +30,8 @@ import numpy as np
 from flax import serialization
 
 FORMAT, VERSION = "ep_jax-checkpoint", 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 MASK_KEY = "masks"
 
 
@@ -42,6 +44,7 @@ def atomic_write(path: Path, data: bytes):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -104,6 +104,21 @@ def build_optimizer(cfg: RunConfig, model):
     return ep_jax.optim.sgd(model, lr=cfg.lr, momentum=cfg.momentum)
 
 
+_OPTIMIZERS: dict = {}
+
+
+def group_optimizer(cfg: RunConfig, model):
+    """The optimiser of a group, one object per (model, kind, precision): its rates are
+    placeholders, every member's own are set through `opt_hyperparams`. Reusing the object
+    lets `jit` reuse the compiled step across runs, resumes and groups of one process."""
+    from ep_jax.models.base import default_float
+    key = (model, cfg.optimizer, str(default_float()))
+    if key not in _OPTIMIZERS:
+        _OPTIMIZERS[key] = (ep_jax.optim.adam(model, lr=0.0) if cfg.optimizer == "adam"
+                            else ep_jax.optim.sgd(model, lr=0.0, momentum=0.0))
+    return _OPTIMIZERS[key]
+
+
 def opt_hyperparams(cfg: RunConfig, model) -> dict:
     lr = ep_jax.optim.per_synapse_rates(model, cfg.lr)
     if cfg.optimizer == "adam":
@@ -178,7 +193,7 @@ class Group:
         self.model = build_model(first)
         self.est = build_estimator(first)
         with _x64(first):  # the rates are arrays of the run's precision
-            self.opt = build_optimizer(first, self.model)
+            self.opt = group_optimizer(first, self.model)
         self.M = len(self.members)
 
     def initial(self):

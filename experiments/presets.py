@@ -98,14 +98,47 @@ def preset_config(name: str):
     return validate(RunConfig.from_dict(PRESETS[name], where=f"preset {name}: "))
 
 
-def table2_cell(cfg) -> tuple[str, str] | None:
-    """`(dataset row, method)` of Table 2 for a config, or None when it is not a cell's."""
+def table2_position(cfg) -> tuple[str, str] | None:
+    """`(dataset row, method)` of the Table-2 cell with this dataset, model and estimator,
+    whatever the other settings (see `table2_cell` for the cell itself)."""
     row = {"mnist": "mnist", "kmnist": "kmnist", "fashion_mnist": "fmnist"}.get(cfg.dataset)
     method = {("ep", "symmetric"): "ep", ("dendritic", "symmetric"): "dep",
               ("dendritic", "bptt"): "dbptt"}.get((cfg.model, cfg.estimator))
-    if not (row and method) or list(cfg.sizes) != _DATA[row]["sizes"] or cfg.t_free != _DATA[row]["t_free"]:
-        return None  # another architecture than the paper's cell
+    return (row, method) if row and method else None
+
+
+def table2_cell(cfg) -> tuple[str, str] | None:
+    """`(dataset row, method)` of Table 2 when the config IS that cell's (the preset's
+    settings; only seed, epochs and bookkeeping fields may differ), else None."""
+    row = {"mnist": "mnist", "kmnist": "kmnist", "fashion_mnist": "fmnist"}.get(cfg.dataset)
+    method = {("ep", "symmetric"): "ep", ("dendritic", "symmetric"): "dep",
+              ("dendritic", "bptt"): "dbptt"}.get((cfg.model, cfg.estimator))
+    if not (row and method):
+        return None
+    if not _is_preset(cfg, PRESETS[f"{row}-{method}"]):
+        return None  # other settings than the paper's cell: not comparable with its number
     return row, method
+
+
+# fields that may differ from a preset without changing what is compared with the paper
+_FREE = ("seed", "epochs", "data_dir", "chunk", "eval_batch", "max_state", "align_every", "align_batch",
+         "subset_seed", "dt_out")
+
+
+def _is_preset(cfg, preset: dict) -> bool:
+    from experiments.config import RunConfig
+    ref = RunConfig.from_dict(preset).to_json()
+    mine = cfg.to_json()
+    return all(mine[k] == v for k, v in ref.items() if k not in _FREE)
+
+
+def table1_position(cfg) -> tuple[str, str, float] | None:
+    """`(dataset, dist, dt_out)` of the Table-1 position of an HTS config, whatever its
+    other settings (see `table1_cell` for the cell itself)."""
+    if cfg.dt_dist is None or cfg.dt_out is None:
+        return None
+    key = (cfg.dataset, cfg.dt_dist, round(cfg.dt_out, 2))
+    return key if key in PUBLISHED_TABLE1 else None
 
 
 def table1_cell(cfg) -> tuple[str, str, float] | None:
@@ -113,7 +146,11 @@ def table1_cell(cfg) -> tuple[str, str, float] | None:
     if cfg.dt_dist is None or cfg.dt_out is None:
         return None
     key = (cfg.dataset, cfg.dt_dist, round(cfg.dt_out, 2))
-    return key if key in PUBLISHED_TABLE1 else None
+    short = {"fashion_mnist": "fmnist"}.get(cfg.dataset, cfg.dataset)
+    preset = PRESETS.get(f"{short}-hts-{cfg.dt_dist}")
+    if key not in PUBLISHED_TABLE1 or preset is None or not _is_preset(cfg, preset):
+        return None
+    return key
 
 
 def published(cfg) -> tuple[float, float] | None:

@@ -10,7 +10,9 @@ is a Table 1 cell (dataset, hidden dt distribution, output dt):
   over the last `--last` epochs of each run (percentage points), averaged over runs — a
   run whose accuracy keeps jumping scores high even when its final number is good;
 - diverged and unfinished runs, counted.
-Other cells are listed below the tables. Accuracies are percent, as in every run folder.
+Runs at a Table 1 position with other settings than the paper's network (another
+learning rate, a subset) are listed there separately and marked; other cells are listed
+below the tables. Accuracies are percent, as in every run folder.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from experiments import aggregate, cli
 from experiments.config import ConfigError
-from experiments.presets import HTS_DISTS, HTS_DT_OUT, PUBLISHED_TABLE1, table1_cell
+from experiments.presets import HTS_DISTS, HTS_DT_OUT, PUBLISHED_TABLE1, table1_cell, table1_position
 
 
 def fluctuation(test_acc, last: int = 10) -> float:
@@ -40,7 +42,7 @@ def stability_cells(cs: list[dict], last: int) -> dict:
     (other settings) can map to the same Table 1 position; they are never pooled."""
     out: dict = {}
     for c in cs:
-        key = table1_cell(c["config"])
+        key = table1_position(c["config"])
         if key is None:
             continue
         ok = [r for r in c["runs"] if (r["summary"] or {}).get("status") == "ok"]
@@ -48,6 +50,7 @@ def stability_cells(cs: list[dict], last: int) -> dict:
         fl = [f for f in fl if np.isfinite(f)]
         m, s = aggregate.mean_std(c["final"])
         out.setdefault(key, []).append({"n": len(c["final"]), "mean": m, "std": s,
+                                        "other_settings": table1_cell(c["config"]) is None,
                                         "fluct": float(np.mean(fl)) if fl else float("nan"),
                                         "diverged": len(c["diverged"]), "unfinished": len(c["unfinished"])})
     return out
@@ -65,7 +68,8 @@ def format_table1(table: dict) -> str:
                 ours = " / ".join(
                     f"**{_fmt(e['mean'])} ± {_fmt(e['std'])}** (n={e['n']}, fluct {_fmt(e['fluct'])}"
                     + (f", {e['diverged']} diverged" if e["diverged"] else "")
-                    + (f", {e['unfinished']} unfinished" if e["unfinished"] else "") + ")"
+                    + (f", {e['unfinished']} unfinished" if e["unfinished"] else "")
+                    + (", other settings than the paper's" if e["other_settings"] else "") + ")"
                     for e in entries) or "–"
                 cells.append(ours + (f"; paper {pub[0]:.2f} ± {pub[1]:.2f}" if pub else ""))
             lines.append(f"| {dt:.2f} | " + " | ".join(cells) + " |")
@@ -80,7 +84,7 @@ def report(paths, last: int = 10) -> str:
     table = stability_cells(cs, last)
     text = ("Test accuracy (%): ours **mean ± std** over seeds (n, fluctuation = std of epoch-to-epoch "
             f"changes over the last {last} epochs) ; paper Table 1.\n" + format_table1(table))
-    others = [c for c in cs if table1_cell(c["config"]) is None]
+    others = [c for c in cs if table1_position(c["config"]) is None]
     if others:
         text += "\nOther cells:\n\n" + aggregate.table(others)
     return text

@@ -144,6 +144,6 @@ def test_stability_reads_single_runs_and_sweeps(tmp_path):
             f"paper {pm:.2f} ± {ps:.2f}")
     assert cell in text
     # the dt_out=0.30 run with other rates sits at another Table 1 position, alone
-    assert "**92.00 ± –** (n=1, fluct 0.00)" in text
+    assert "**92.00 ± –** (n=1, fluct 0.00, other settings than the paper's)" in text
     assert "Other cells:" in text and "Table 2 FMNIST DEP" in text
     assert np.isnan(stability.fluctuation([1.0, 2.0]))                                # undefined below 3 epochs

@@ -532,9 +532,11 @@ def test_reproduce_table2_smoke_end_to_end_and_rerun_trains_nothing(tmp_path, mo
         assert cfg["dataset"] == "fashion_mnist" and cfg["seed"] == s and cfg["subset"] == 512
     results = (out / "results.md").read_text()
     assert results.startswith("# table2 (smoke)")
-    (row,) = [l for l in results.splitlines() if l.startswith("| Table 2 FMNIST EP")]
+    # a smoke run (512 examples, 1 epoch) is not the paper's cell: the paper's number is shown
+    # for orientation, without a distance in published stds
+    (row,) = [l for l in results.splitlines() if l.startswith("| FMNIST EP, other settings than Table 2")]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1:3] == ["2", "0,1"] and cells[6] == "85.27 ± 0.17"       # n, seeds, the paper column
+    assert cells[1:3] == ["2", "0,1"] and cells[6] == "(85.27 ± 0.17: other settings)" and cells[7] == "–"
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("checkpoint.msgpack")}
     assert len(before) == 2
 
