@@ -106,7 +106,7 @@ def test_gamma_not_one_with_an_energy_based_estimator_warns(kind):
         ep_jax.init_state(model, ep_jax.Estimator(kind), opt, jax.random.PRNGKey(0), gamma=1.0)
         ep_jax.init_state(model, ep_jax.Estimator("chl"), opt, jax.random.PRNGKey(0), gamma=0.5)
         ep_jax.init_state(model, ep_jax.Estimator("bptt"), opt, jax.random.PRNGKey(0), gamma=0.5)
-        dend = ep_jax.build_model("dendritic", sizes=(4, 3, 2))
+        dend = ep_jax.build_model("dendritic", sizes=(12, 10, 8, 4))
         ep_jax.init_state(dend, ep_jax.Estimator(kind), ep_jax.optim.sgd(dend), jax.random.PRNGKey(0), alpha=0.5)
 
 

@@ -245,7 +245,7 @@ def test_flax_block_initialises_the_model_once(monkeypatch):
 def test_flax_block_dtypes(x_dtype, param_dtype, expect, x64):
     """Weights and buffers take `param_dtype`, by default the input's (float64 under
     jax.enable_x64 with float64 inputs); the output follows the computation."""
-    blk = EPBlock(sizes=(6, 8, 3), kind="dendritic", t_free=5, t_nudge=2,
+    blk = EPBlock(sizes=(6, 8, 3), kind="dendritic", t_free=5, t_nudge=2, model_kwargs=(("basal_branches", 3),),
                   param_dtype=None if param_dtype is None else jnp.dtype(param_dtype))
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 6), jnp.dtype(x_dtype))
     variables = jax.jit(blk.init)(jax.random.PRNGKey(0), x)

@@ -316,9 +316,10 @@ class JitVariantsTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_train_step_against_independent_expectation(self):
-        lr = np.array([0.3, 0.1])
         for kind in ("ep", "dendritic"):
-            model = ep_jax.build_model(kind, sizes=(12, 10, 4), activation="sigmoid")
+            sizes = (12, 10, 4) if kind == "ep" else (12, 10, 8, 4)
+            lr = np.array([0.3, 0.1, 0.2][:len(sizes) - 1])
+            model = ep_jax.build_model(kind, sizes=sizes, activation="sigmoid")
             rx = ep_jax.make_relaxation(model, beta=0.2, dt=0.8)
             opt = ep_jax.optim.sgd(model, lr=lr, momentum=0.9)
             x = jax.random.uniform(jax.random.PRNGKey(1), (8, 12))
@@ -335,7 +336,10 @@ class JitVariantsTest(chex.TestCase):
                     s0 = net.free(x, 20, 0.8)
                 else:
                     g_ref, s0, _ = net.estimate(est_kind, x, y, 0.2, 20, 5, dt=0.8)
-                rates = model.lr_tree(lr)
+                # one rate per synapse; the apical map of hidden layer l uses synapse l + 1's
+                rates = (({"w": lr[0], "b": lr[0]}, {"w": lr[1], "b": lr[1]}) if kind == "ep" else
+                         {"basal": ({"w": lr[0], "c": lr[0]}, {"w": lr[1], "c": lr[1]}, {"w": lr[2], "c": lr[2]}),
+                          "apical": ({"w": lr[1]}, {"w": lr[2]})})
                 expect = jax.tree.map(lambda p, g, r: np.asarray(p, np.float64) - r * g, state.params, g_ref, rates)
                 assert_trees_close(new.params, expect, rtol=1e-5, atol=2e-6)
                 y1h = np.eye(4)[np.asarray(y)]

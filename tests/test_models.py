@@ -222,7 +222,7 @@ def test_model_masks_and_init_ranges():
 
 @pytest.mark.parametrize("kind", ["ep", "dendritic"])
 def test_same_seed_same_params_and_masks(kind):
-    model = ep_jax.build_model(kind, sizes=(20, 16, 8))
+    model = ep_jax.build_model(kind, sizes=(12, 10, 8, 4))
     a = model.init(jax.random.PRNGKey(7))
     b = model.init(jax.random.PRNGKey(7))
     c = model.init(jax.random.PRNGKey(8))
@@ -231,7 +231,7 @@ def test_same_seed_same_params_and_masks(kind):
 
 
 def test_step_at_dt_one_is_exactly_reference_update():
-    model = ep_jax.build_model("dendritic", sizes=(12, 10, 6))
+    model = ep_jax.build_model("dendritic", sizes=(12, 10, 8, 4))
     params, buffers = model.init(jax.random.PRNGKey(0))
     rx = ep_jax.make_relaxation(model, dt=1.0)
     x = jax.random.uniform(jax.random.PRNGKey(1), (4, 12))
@@ -304,15 +304,15 @@ def test_dendritic_parameter_and_input_gradients_match_loop_formula(apical_dense
 def test_unhoisted_reference_computes_the_same(kind, x64):
     """`reference.Unhoisted` (every loop invariant recomputed per step) gives the model's
     drives, primitive and feedforward drives, and the same relaxed states."""
-    model = ep_jax.build_model(kind, sizes=(9, 8, 6, 3))
+    model = ep_jax.build_model(kind, sizes=(20, 16, 12, 5))
     ref = ep_jax.reference.Unhoisted(model)
     assert isinstance(model, ep_jax.Model) and isinstance(ref, ep_jax.Model)
     assert (ref.sizes, ref.n_layers, ref.state_sizes, ref.n_classes) == \
         (model.sizes, model.n_layers, model.state_sizes, model.n_classes)
     params, buffers = ref.init(jax.random.PRNGKey(0), jnp.float64)
     jax.tree.map(np.testing.assert_array_equal, (params, buffers), model.init(jax.random.PRNGKey(0), jnp.float64))
-    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 9), jnp.float64)
-    y1h = model.one_hot(jnp.array([0, 1, 2, 1]), jnp.float64)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 20), jnp.float64)
+    y1h = model.one_hot(jnp.array([0, 1, 4, 1]), jnp.float64)
     s = random_state(jax.random.PRNGKey(2), model, 4, jnp.float64)
     rx = ep_jax.make_relaxation(model, dt=0.5)
 
@@ -331,7 +331,7 @@ def test_unhoisted_reference_computes_the_same(kind, x64):
 
 def test_settings_are_validated_and_stored_in_buffers():
     ep = ep_jax.build_model("ep", sizes=(4, 3))
-    den = ep_jax.build_model("dendritic", sizes=(4, 3))
+    den = ep_jax.build_model("dendritic", sizes=(12, 10, 8, 4))
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['alpha'\] for the 'ep' model"):
         ep.init(jax.random.PRNGKey(0), alpha=0.2)
     with pytest.raises(ValueError, match="unknown setting"):

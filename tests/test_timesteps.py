@@ -75,7 +75,7 @@ def test_layer_dts_shapes_and_independence():
 
 @pytest.mark.parametrize("kind", ["ep", "dendritic"])
 def test_hts_with_every_estimator(kind):
-    model = ep_jax.build_model(kind, sizes=(12, 16, 8, 4))
+    model = ep_jax.build_model(kind, sizes=(12, 10, 8, 4))
     dts = T.layer_dts(jax.random.PRNGKey(1), model, T.default_spec("lognormal"), 0.25)
     rx = ep_jax.make_relaxation(model, beta=0.2, dt=list(dts))
     opt = ep_jax.optim.sgd(model, lr=0.1)

@@ -82,14 +82,14 @@ def test_same_seed_same_training():
 
 def test_momentum_follows_pytorch_semantics(x64):
     """v ← μ v + g; θ ← θ − lr·v, one rate per synapse (apical uses the next synapse's)."""
-    model = ep_jax.build_model("dendritic", sizes=(6, 5, 4, 3))
+    model = ep_jax.build_model("dendritic", sizes=(7, 6, 5, 4), basal_branches=3, apical_branches=2)
     rx = ep_jax.make_relaxation(model, beta=0.2)
     opt = ep_jax.optim.sgd(model, lr=[0.3, 0.2, 0.1], momentum=0.9)
     est = ep_jax.Estimator("symmetric", 10, 4)
     state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(state.opt_state.hyperparams["lr"], [0.3, 0.2, 0.1])
-    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 6), jnp.float64)
-    y = jnp.array([0, 1, 2, 0])
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 7), jnp.float64)
+    y = jnp.array([0, 1, 2, 3])
     p, v = state.params, jax.tree.map(jnp.zeros_like, state.params)
     rates = {"basal": ({"w": 0.3, "c": 0.3}, {"w": 0.2, "c": 0.2}, {"w": 0.1, "c": 0.1}),
              "apical": ({"w": 0.2}, {"w": 0.1})}
@@ -106,7 +106,7 @@ def test_vmapped_learning_rates_equal_solo_runs():
     """The default optimiser keeps its per-synapse rates as arrays in its state: set with
     `optim.with_hyperparams` under jax.vmap, member i trains exactly as a solo run built
     with rates i."""
-    model = ep_jax.build_model("dendritic", sizes=(16, 12, 4), basal_branches=4)
+    model = ep_jax.build_model("dendritic", sizes=(16, 32, 4))
     est = ep_jax.Estimator("symmetric", 20, 5)
     rx = ep_jax.make_relaxation(model, beta=0.2)
     (xtr, ytr), _ = synthetic_problem(jax.random.PRNGKey(4), n_train=96, n_test=1)
