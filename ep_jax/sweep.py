@@ -87,7 +87,7 @@ def init_sweep(model, est: Estimator, opt, init_keys, step_keys, *, settings: Ma
         s = init_state(model, est, opt, key, dtype=dtype, **st)
         return s._replace(opt_state=with_hyperparams(s.opt_state, **hp)) if hp else s
 
-    train = jax.vmap(one)(init_keys, settings, hps)
+    train = jax.jit(jax.vmap(one))(init_keys, settings, hps)
     return SweepState(train, step_keys, jnp.ones((M,), bool), jnp.full((M,), -1, jnp.int32))
 
 

@@ -72,13 +72,22 @@ def init_state(model, est: Estimator, opt: optax.GradientTransformation, key, *,
     settings: the model's numeric settings (`alpha=` for the dendritic model, `gamma=` for
     the standard one). γ ≠ 1 with the symmetric or one-sided EP estimator warns: the
     feedback then breaks the energy, and the estimate is not a gradient of the loss."""
-    params, buffers = model.init(key, dtype or default_float(), **settings)
+    dtype = dtype or default_float()
+    model.settings(dtype, **settings)  # names and values checked eagerly (jit would skip the value check)
+    params, buffers = _jitted_init(model, dtype)(key, **settings)
     gamma = concrete(buffers.get("gamma", 1.0)) if isinstance(buffers, dict) else None
     if est.kind in ("symmetric", "one_sided") and gamma is not None and gamma != 1:
         warnings.warn(f"gamma={float(gamma)} != 1 with the {est.kind!r} estimator: the scaled feedback makes "
                       "the dynamics a non-gradient system, so the estimate is not the loss gradient "
                       "(the 'chl' rule is the one paired with gamma != 1)", stacklevel=2)
     return TrainState(params, buffers, opt.init(params), jnp.zeros((), jnp.int32))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_init(model, dtype):
+    # one compiled init per model and dtype: an eager dendritic init dispatches (and
+    # compiles) each of its random draws separately, seconds per new shape
+    return jax.jit(functools.partial(model.init, dtype=dtype))
 
 
 def _all_finite(tree):

@@ -42,7 +42,9 @@ def n_rows(d: Path) -> int:
     return len(p.read_text().splitlines()) if p.exists() else 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"),
+                                 # the same engine path as SIGTERM (KeyboardInterrupt): slow run only
+                                 pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow)])
 def test_signal_leaves_interrupted_summary_and_resume_equals_uninterrupted(tmp_path, sig):
     args = tiny_args(epochs=30)
     d = tmp_path / "run"
