@@ -355,7 +355,6 @@ def bench_sweep(name: str, members: list[int], steps: int, min_time: float) -> l
         rows.append({"preset": name, "members": M, "ms_per_step": 1e3 * t,
                      "model_epochs_per_s": M / (t * spe), "peak_bytes": peak_bytes()})
         print(f"  sweep {name} M={M}: {1e3 * t:.2f} ms/step, {M / (t * spe):.3f} model-epochs/s", flush=True)
-        del box, state
     return rows
 
 

@@ -32,7 +32,7 @@ import threading
 import weakref
 import zlib
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np

@@ -11,7 +11,7 @@ so `dt = 1` is the plain fixed-point iteration `s_l ← σ_l(h_l)`.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,6 @@ epochs); diverged runs are counted and left out of the mean; runs that did not f
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -215,9 +214,7 @@ def plot(cs: list[dict], path) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.aggregate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders, sweep folders, or folders holding them")
+    p = cli.runs_parser("python -m experiments.aggregate", __doc__)
     p.add_argument("--out", help="also write the markdown table here")
     p.add_argument("--plot", help="also draw every cell's test accuracy per epoch into this PNG")
     cli.add_common(p)

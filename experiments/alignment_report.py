@@ -12,8 +12,6 @@ last 10 measurements, with the measuring cost (alignment time ÷ training time).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -98,9 +96,7 @@ def plot(cs, path: Path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.alignment_report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders, sweep folders, or folders holding them")
+    p = cli.runs_parser("python -m experiments.alignment_report", __doc__)
     p.add_argument("--out", help="write alignment_over_training.png and .md here")
     cli.add_common(p)
     a = p.parse_args(argv)

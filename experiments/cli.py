@@ -44,6 +44,13 @@ def describe(e: BaseException) -> str:
     return text
 
 
+def runs_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a command that reads run folders (aggregate, stability, ...)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders, sweep folders, or folders holding them")
+    return p
+
+
 def add_common(p: argparse.ArgumentParser):
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 

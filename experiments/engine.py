@@ -35,10 +35,8 @@ go on.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
 import shutil
 import signal
 import sys

@@ -21,12 +21,10 @@ timed chunk of its own compiled step (compilation is shared with the run), and w
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -16,7 +16,6 @@ below the tables. Accuracies are percent, as in every run folder.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -91,9 +90,7 @@ def report(paths, last: int = 10) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.stability", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders, sweep folders, or folders holding them")
+    p = cli.runs_parser("python -m experiments.stability", __doc__)
     p.add_argument("--last", type=int, default=10, help="epochs used for the fluctuation")
     p.add_argument("--out")
     cli.add_common(p)

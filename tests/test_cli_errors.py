@@ -3,7 +3,6 @@ any data is read or any folder is touched; `--debug` shows the traceback instead
 import errno
 import gzip
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,8 +15,8 @@ import ep_jax
 from experiments import aggregate, cli, engine, reproduce, stability, sweep, train
 from experiments import checkpoint as ckpt
 from experiments.config import ConfigError
-from exp_helpers import (ROOT, TINY, assert_one_line_error, assert_same_arrays, checkpoint_arrays, metrics, run_cli,
-                         snapshot, strip_time, subprocess_env, summary, tiny_args)
+from exp_helpers import (TINY, assert_one_line_error, assert_same_arrays, checkpoint_arrays, metrics, run_cli,
+                         strip_time, subprocess_env, summary, tiny_args)
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -16,7 +16,7 @@ import ep_jax
 from ep_jax import sweep as S
 from ep_jax.optim import with_hyperparams
 from experiments import sweep as cmd
-from experiments.config import ConfigError, RunConfig
+from experiments.config import RunConfig
 from exp_helpers import (ROOT, TINY, assert_one_line_error, assert_same_arrays, checkpoint_arrays, metrics, run_cli,
                          strip_time, summary)
 
