@@ -58,7 +58,7 @@ PRESETS: dict[str, dict] = {f"{d}-{m}": _cell(d, m) for d in _DATA for m in _MET
 PRESETS["fmnist-dep-1h"] = dict(_cell("mnist", "dep"), dataset="fashion_mnist", epochs=2)
 
 
-# --- paper 003 (HTS): the network of SPEC §4 ------------------------------------------------
+# --- paper 003 (HTS): the network of docs/equations.md--------------------------------------------
 # Paper 003's text lost β, γ and the two learning rates. The values below come from a short
 # search on 10 000 MNIST examples (3 epochs, lognormal HTS, dt_out 0.25): (β, γ, lr) =
 # (1.0, 0.5, 0.3/0.15) reached 88.8 % test accuracy, (1.0, 1.0, 0.2/0.1) 85.9 %,

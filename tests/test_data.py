@@ -231,7 +231,7 @@ def test_real_fashion_mnist(monkeypatch):
     np.testing.assert_array_equal(np.bincount(ds.y_train), [6000] * 10)
     np.testing.assert_array_equal(np.bincount(ds.y_test), [1000] * 10)
     raw = D.read_idx(FMNIST / "train-images-idx3-ubyte.gz").astype(np.float64) / 255
-    assert abs(raw.mean() - 0.2860) < 5e-4 and abs(raw.std() - 0.3530) < 5e-4  # SPEC's constants
+    assert abs(raw.mean() - 0.2860) < 5e-4 and abs(raw.std() - 0.3530) < 5e-4  # the normalisation constants
     assert abs(ds.x_train.mean()) < 2e-3 and abs(ds.x_train.std() - 1) < 2e-3
 
 

@@ -1,4 +1,4 @@
-"""Gradient estimators: EP vs BPTT (SPEC §5), independent formulas, the β scaling of the
+"""Gradient estimators: EP vs BPTT (docs/equations.md), independent formulas, the β scaling of the
 bias, consistency of the optimised paths, and input checks."""
 import chex
 import jax

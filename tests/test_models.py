@@ -1,4 +1,4 @@
-"""Models against independently written energies (SPEC §2, §3)."""
+"""Models against independently written energies (docs/equations.md)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +12,7 @@ SIZES = [(7, 6, 5, 4), (9, 8, 3)]
 
 
 def phi_ep(params, x, s, y1h, beta, loss="mse"):
-    """Φ of SPEC §2 written out directly, summed over the batch."""
+    """Φ of the standard network (docs/equations.md) written out directly, summed over the batch."""
     prev = x
     total = 0.0
     for p, sl in zip(params, s):
@@ -96,7 +96,7 @@ def dendritic_map_loops(w, mask, c, u, K):
 
 
 def phi_dendritic_layers(model, params, masks, x, s, y1h, beta, alpha):
-    """Per-layer primitives φ_l of SPEC §3 with the loop-written dendritic maps
+    """Per-layer primitives φ_l of the dendritic network (docs/equations.md) with the loop-written dendritic maps
     (params and masks converted to the reference layout, branch (j, k) in column j·K+k)."""
     L = model.n_layers
     K_b, K_a = model.basal_branches, model.apical_branches

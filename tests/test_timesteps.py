@@ -1,4 +1,4 @@
-"""HTS samplers (SPEC §4) and per-neuron time steps in every model and estimator."""
+"""HTS samplers (docs/equations.md) and per-neuron time steps in every model and estimator."""
 import json
 import math
 
