@@ -16,7 +16,7 @@ from then on; members never interact, so the others are unaffected.
 
     state = init_sweep(model, est, opt, init_keys, step_keys, settings={"alpha": alphas},
                        opt_hyperparams={"lr": rates})                 # rates (M, L)
-    rx = stack([make_relaxation(model, beta=b) for b in betas])
+    rx = stack_relaxations(model, [make_relaxation(model, beta=b) for b in betas])
     state, info = sweep_step(model, est, opt, state, x, y, rx)        # info fields (M,)
 """
 from __future__ import annotations

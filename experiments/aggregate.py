@@ -177,9 +177,7 @@ def report(paths) -> str:
 def plot(cs: list[dict], path) -> None:
     """Test accuracy against epoch, one panel per cell: the seeds' mean with their
     min–max band, and the paper's mean ± std as a grey band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = cli.pyplot()
     cs = [c for c in cs if any(r["metrics"] for r in c["runs"])]
     if not cs:
         return

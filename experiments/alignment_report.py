@@ -69,9 +69,7 @@ def report(paths, out: Path | None) -> str:
 
 
 def plot(cs, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = cli.pyplot()
     fig, axes = plt.subplots(2, len(cs), figsize=(5.2 * len(cs), 6.4), squeeze=False)
     for j, c in enumerate(cs):
         steps, cos, ang = series(c["runs"])

@@ -112,8 +112,8 @@ def encode(state, meta: dict) -> bytes:
                           "state": serialization.msgpack_serialize(sd)}, use_bin_type=True)
 
 
-def decode(data: bytes, source="checkpoint") -> tuple[dict, dict]:
-    """`(meta, raw state dict)` of checkpoint bytes; CheckpointError if it is not one."""
+def _unpack(data: bytes, source) -> tuple[dict, bytes]:
+    """`(meta, state bytes)`: the outer layer only, the arrays still undecoded."""
     try:
         outer = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception:
@@ -124,10 +124,22 @@ def decode(data: bytes, source="checkpoint") -> tuple[dict, dict]:
         raise CheckpointError(f"{source}: checkpoint version {outer.get('version')!r}, this ep_jax reads {VERSION}")
     try:
         meta = json.loads(outer["meta"])
-        sd = serialization.msgpack_restore(outer["state"])
+        state = outer["state"]
     except Exception as e:
         raise CheckpointError(f"{source}: damaged checkpoint ({type(e).__name__})") from None
-    if not isinstance(meta, dict) or not isinstance(sd, dict):
+    if not isinstance(meta, dict) or not isinstance(state, bytes):
+        raise CheckpointError(f"{source}: damaged checkpoint (bad layout)")
+    return meta, state
+
+
+def decode(data: bytes, source="checkpoint") -> tuple[dict, dict]:
+    """`(meta, raw state dict)` of checkpoint bytes; CheckpointError if it is not one."""
+    meta, state = _unpack(data, source)
+    try:
+        sd = serialization.msgpack_restore(state)
+    except Exception as e:
+        raise CheckpointError(f"{source}: damaged checkpoint ({type(e).__name__})") from None
+    if not isinstance(sd, dict):
         raise CheckpointError(f"{source}: damaged checkpoint (bad layout)")
     return meta, sd
 
@@ -175,4 +187,4 @@ def read_meta(path: Path) -> dict:
         data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no checkpoint") from None
-    return decode(data, str(path))[0]
+    return _unpack(data, str(path))[0]

@@ -44,6 +44,15 @@ def describe(e: BaseException) -> str:
     return text
 
 
+def pyplot():
+    """`matplotlib.pyplot` on the file-only Agg backend (commands run without a display);
+    imported on first use, so commands that draw nothing never load matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def runs_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The parser of a command that reads run folders (aggregate, stability, ...)."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

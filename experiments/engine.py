@@ -51,6 +51,7 @@ import numpy as np
 import ep_jax
 from ep_jax import sweep as S
 from experiments import checkpoint as ckpt
+from experiments import cli
 from experiments import distributed as dist
 from experiments.config import RunConfig, warnings_for
 
@@ -253,9 +254,7 @@ def summarize(history: list[dict], status: str, message: str = "", diverged_step
 def plot_curves(run_dir: Path, history: list, title: str):
     if not history or not dist.is_main():
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = cli.pyplot()
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ep, [h["train_acc"] for h in history], "o-", label="train (running)")
@@ -475,7 +474,7 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
             if rest.shape[1]:
                 chunks.append(rest[None])
             for idx in chunks:
-                before = np.asarray(state.train.step)
+                before = np.asarray(state.train.step) if align is not None else None
                 state, info = steps_fn(g.model, g.est, g.opt, state, x_dev, y_dev, jnp.asarray(idx), rx, max_state)
                 correct += np.asarray(info.correct).sum(0)
                 loss_sum += (np.asarray(info.loss) * idx.shape[2]).sum(0)
@@ -608,9 +607,7 @@ def plot_alignment(run_dir: Path, history: list, title: str):
     recs = [r for h in history for r in h.get("alignment", [])]
     if not recs or not dist.is_main():
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = cli.pyplot()
     steps = [r["step"] for r in recs]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name in recs[0]["cosine"]:

@@ -43,9 +43,7 @@ def network(a):
 
 
 def plot(res, names, table, title, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = cli.pyplot()
     ep_leaves, bp_leaves = jax.tree.leaves(res.ep), jax.tree.leaves(res.bptt)
     n = len(names) + 1
     cols = min(4, n)

@@ -44,9 +44,7 @@ def analyse_run(run_dir, n_examples=256, threshold=0.01):
 
 def plot(results: dict, path: Path):
     """One column per hidden layer: mean |s| and fraction active against the step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = cli.pyplot()
     n_hidden = min(len(r["layers"]) for r in results.values()) - 1
     fig, axes = plt.subplots(2, n_hidden, figsize=(4.2 * n_hidden, 6), squeeze=False)
     for name, r in results.items():

@@ -35,9 +35,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.n < 1:
         raise ValueError(f"--n must be >= 1, got {a.n}")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = cli.pyplot()
     given = {"mean": a.mean, "std": a.std, "dt_min": a.dt_min, "dt_max": a.dt_max}
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
     summary = {}
