@@ -41,7 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ep_jax.estimators import Estimator
-from ep_jax.sweep import member_step
+from ep_jax.sweep import member_step, sweep_steps
 from ep_jax.train import predict, train_step
 
 MEMBERS, DATA = "members", "data"
@@ -211,11 +211,7 @@ def sharded_sweep_steps(model, est: Estimator, opt, mesh: Mesh):
     data shards. The returned state and info (fields `(T, M)`) are replicated on every
     device (what process 0 writes to disk); `put` places host inputs."""
     def body(state, x_all, y_all, idx, rx, max_state):
-        def scan_body(st, ix):
-            step = lambda s, i, r: member_step(model, est, opt, s, x_all[i], y_all[i], r, axis_name=DATA,
-                                               max_state=max_state)
-            return jax.vmap(step)(st, ix, rx)
-        return jax.lax.scan(scan_body, state, idx)
+        return sweep_steps(model, est, opt, state, x_all, y_all, idx, rx, max_state, axis_name=DATA)
 
     # check_vma=False: see data_parallel_step
     sm = jax.shard_map(body, mesh=mesh, in_specs=(P(MEMBERS), P(), P(), P(None, MEMBERS, DATA), P(MEMBERS), P()),

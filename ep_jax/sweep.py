@@ -126,16 +126,18 @@ def sweep_step(model, est: Estimator, opt, state: SweepState, x, y, rx: Relaxati
 
 
 def sweep_steps(model, est: Estimator, opt, state: SweepState, x_all, y_all, idx, rx: Relaxation,
-                max_state=None):
+                max_state=None, axis_name: str | None = None):
     """`idx.shape[0]` steps in one `lax.scan` with the dataset resident on the device.
 
     idx: `(T, M, B)` per-member batch indices into `(x_all, y_all)` (every member its own
-    data order), or `(T, B)` shared. max_state: see `member_step`. Returns
-    `(state, StepInfo)`, fields `(T, M)`."""
+    data order), or `(T, B)` shared. max_state, axis_name: see `member_step` (inside
+    `shard_map`, `idx` holds this device's members and rows). Returns `(state, StepInfo)`,
+    fields `(T, M)`."""
     shared = idx.ndim == 2
 
     def body(st, ix):
-        step = lambda s, i, r: member_step(model, est, opt, s, x_all[i], y_all[i], r, max_state=max_state)
+        step = lambda s, i, r: member_step(model, est, opt, s, x_all[i], y_all[i], r, axis_name=axis_name,
+                                           max_state=max_state)
         return jax.vmap(step, in_axes=(0, None if shared else 0, 0))(st, ix, rx)
     return jax.lax.scan(body, state, idx)
 
