@@ -33,8 +33,8 @@ import jax
 import ep_jax
 from benchmarks.run import machine, timed
 from ep_jax import parallel
-from experiments import engine
-from experiments.presets import preset_config
+from ep_jax.experiments import engine
+from ep_jax.experiments.presets import preset_config
 n, batch, steps, repeats, preset = {n}, {batch}, {steps}, {repeats}, {preset!r}
 if jax.device_count() < n:
     print(json.dumps({{"skipped": f"only {{jax.device_count()}} devices"}})); sys.exit()

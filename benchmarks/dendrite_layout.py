@@ -36,8 +36,8 @@ import ep_jax
 from benchmarks.run import machine
 from ep_jax import dendrites, dynamics
 from ep_jax.models.dendritic import DendriticModel
-from experiments import engine
-from experiments.presets import preset_config
+from ep_jax.experiments import engine
+from ep_jax.experiments.presets import preset_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -45,8 +45,8 @@ import numpy as np
 import ep_jax
 from ep_jax import sweep as S
 from ep_jax.reference import Unhoisted
-from experiments import engine
-from experiments.presets import preset_config
+from ep_jax.experiments import engine
+from ep_jax.experiments.presets import preset_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EPOCH = 60000

@@ -21,16 +21,16 @@ from ep_jax.train import (Evaluation, StepInfo, TrainState, evaluate, evaluate_j
 
 
 def __getattr__(name):
-    # flax is imported only when the flax module is asked for
-    if name == "nn":
+    # imported only when asked for: nn pulls in flax, experiments the experiment layer
+    if name in ("nn", "experiments"):
         import importlib
-        return importlib.import_module("ep_jax.nn")
+        return importlib.import_module(f"ep_jax.{name}")
     raise AttributeError(f"module 'ep_jax' has no attribute {name!r}")
 
 
 __all__ = [
-    "activations", "alignment", "data", "dendrites", "dynamics", "estimators", "layer", "losses",
-    "models", "nn", "optim", "parallel", "reference", "relaxation", "sweep", "synthetic", "timesteps", "train",
+    "activations", "alignment", "data", "dendrites", "dynamics", "estimators", "experiments", "layer",
+    "losses", "models", "nn", "optim", "parallel", "reference", "relaxation", "sweep", "synthetic", "timesteps", "train",
     "Aux", "Estimator", "estimate", "make_ep_block",
     "DendriticModel", "EPModel", "Model", "build_model",
     "Relaxation", "make_relaxation",

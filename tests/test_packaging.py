@@ -42,7 +42,7 @@ def third_party_imports(folder):
     return found
 
 
-@pytest.mark.parametrize("folder,groups", [("ep_jax", ("tfds",)), ("experiments", ()), ("benchmarks", ()),
+@pytest.mark.parametrize("folder,groups", [("ep_jax", ("tfds",)), ("benchmarks", ()),
                                            ("tests", ("test",))])
 def test_every_third_party_import_is_declared(folder, groups):
     missing = {m: files for m, files in third_party_imports(folder).items() if m not in declared(*groups)}
@@ -51,13 +51,32 @@ def test_every_third_party_import_is_declared(folder, groups):
 
 def test_packages_and_package_data():
     include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    for pkg in ("ep_jax", "experiments", "benchmarks"):
-        assert f"{pkg}*" in include and (ROOT / pkg / "__init__.py").is_file()
+    # only the ep_jax namespace is installed; experiments/ and benchmarks/ stay in the checkout
+    assert include == ["ep_jax*"]
     for pkg, patterns in PYPROJECT["tool"]["setuptools"]["package-data"].items():
         for pat in patterns:
-            assert list((ROOT / pkg).glob(pat)), f"package data {pkg}/{pat} matches no file"
+            assert list((ROOT / pkg.replace(".", "/")).glob(pat)), f"package data {pkg}/{pat} matches no file"
     # the sweep specs are read with tomllib: Python 3.11 or later
     assert PYPROJECT["project"]["requires-python"] == ">=3.11"
+    assert PYPROJECT["project"]["scripts"] == {"ep-jax": "ep_jax.experiments.commands:main"}
+
+
+def test_wheel_installs_only_the_ep_jax_namespace(tmp_path):
+    """A built wheel holds one top-level package (no generic `experiments`/`benchmarks`
+    that could shadow a user's own), the shipped sweep specs and the `ep-jax` script."""
+    import subprocess
+    import zipfile
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                        "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("ep_jax-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"ep_jax"}, tops
+    specs = {Path(n).name for n in names if n.startswith("ep_jax/experiments/sweeps/")}
+    assert specs == {p.name for p in (ROOT / "ep_jax" / "experiments" / "sweeps").glob("*.toml")} and specs
+    (entry,) = [n for n in names if n.endswith("entry_points.txt")]
+    assert "ep-jax = ep_jax.experiments.commands:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
 
 def test_slow_marker_is_registered_and_excluded_by_default():

@@ -1,0 +1,236 @@
+"""Collect run folders into cells: mean ± std over seeds, against the papers' numbers.
+
+    python -m experiments.aggregate runs/paper000_seeds_mnist_dep runs/mnist-dep-seed0 --out table2.md
+
+Each argument is a run folder, a sweep folder, or any folder holding run folders (found
+recursively by their `config.json`). Single runs and sweep members have the same layout,
+so they mix freely.
+
+A *cell* is every run with the same full config except the seed (and the data folder's
+path): runs with other settings are other cells, never pooled. Per cell: n runs, the
+seeds, final test accuracy mean ± std (sample std), best-epoch accuracy, the paper's
+value where the config is one of its table cells (the preset's settings; only seed, epochs
+and bookkeeping fields may differ), and the distance from it in published standard
+deviations. A run of a cell's dataset, model and estimator with other settings (a smoke
+run, another learning rate) shows the paper's number in parentheses, without a distance. Repeated seeds are reported and counted once (the run with more
+epochs); diverged runs are counted and left out of the mean; runs that did not finish
+(interrupted, failed, running) are listed, not used.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ep_jax.experiments import cli
+from ep_jax.experiments.config import ConfigError, RunConfig
+from ep_jax.experiments.presets import PUBLISHED_TABLE2, published, table1_cell, table2_cell, table2_position
+
+CELL_EXCLUDE = ("seed", "data_dir")
+
+
+def find_runs(paths) -> list[Path]:
+    """Run folders (holding config.json) at or below `paths`, sorted, without repeats."""
+    out = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(2, "no such run folder", str(p))
+        if (p / "config.json").is_file():
+            out.append(p)
+        elif p.is_dir():
+            out += sorted(c.parent for c in p.rglob("config.json"))
+    return list(dict.fromkeys(out))
+
+
+def load_run(path: Path) -> dict:
+    """`{"dir", "config", "summary", "metrics"}` of a run folder (summary may be None)."""
+    try:
+        cfg = RunConfig.from_dict(json.loads((path / "config.json").read_text()), where=f"{path}/config.json: ")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}/config.json: not valid JSON ({e})") from None
+    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else None
+    mpath = path / "metrics.jsonl"
+    metrics = [json.loads(l) for l in mpath.read_text().splitlines() if l.strip()] if mpath.is_file() else []
+    return {"dir": str(path), "config": cfg, "summary": summary, "metrics": metrics}
+
+
+def cell_key(cfg: RunConfig) -> str:
+    return json.dumps({k: v for k, v in cfg.to_json().items() if k not in CELL_EXCLUDE}, sort_keys=True)
+
+
+def cells(runs: list[dict]) -> list[dict]:
+    """Group runs into cells (module docstring), in order of first appearance."""
+    groups: dict[str, list] = {}
+    for r in runs:
+        groups.setdefault(cell_key(r["config"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        cfg = rs[0]["config"]
+        by_seed: dict[int, list] = {}
+        for r in rs:
+            by_seed.setdefault(r["config"].seed, []).append(r)
+        repeated = sorted(s for s, v in by_seed.items() if len(v) > 1)
+        chosen = [max(v, key=lambda r: len(r["metrics"])) for v in by_seed.values()]
+        status = lambda r: (r["summary"] or {}).get("status", "no summary")
+        done = [r for r in chosen if status(r) == "ok" and r["summary"]["final_test_acc"] is not None]
+        out.append({
+            "config": cfg, "runs": rs, "seeds": sorted(by_seed), "repeated_seeds": repeated,
+            "final": [r["summary"]["final_test_acc"] for r in done],
+            "best": [r["summary"]["best_test_acc"] for r in done],
+            "epochs": sorted({r["summary"]["epochs_done"] for r in done}),
+            "diverged": [r["dir"] for r in chosen if status(r) == "diverged"],
+            "unfinished": [(r["dir"], status(r)) for r in chosen if status(r) not in ("ok", "diverged")],
+            "paper": published(cfg),
+        })
+    return out
+
+
+def mean_std(v):
+    v = np.asarray(v, float)
+    if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def _fmt_ms(v):
+    m, s = mean_std(v)
+    if not np.isfinite(m):
+        return "–"
+    return f"{m:.2f} ± {s:.2f}" if np.isfinite(s) else f"{m:.2f}"
+
+
+def cell_label(cfg: RunConfig) -> str:
+    t2, t1 = table2_cell(cfg), table1_cell(cfg)
+    if t2:
+        return f"Table 2 {t2[0].upper()} {t2[1].upper()}"
+    if t1:
+        return f"Table 1 {t1[0]} {t1[1]} dt_out={t1[2]:.2f}"
+    pos = table2_position(cfg)
+    if pos:
+        return f"{pos[0].upper()} {pos[1].upper()}, other settings than Table 2"
+    return f"{cfg.dataset} {cfg.model}/{cfg.estimator} {'-'.join(map(str, cfg.sizes))}"
+
+
+def varying_fields(cs: list[dict]) -> list[str]:
+    """Config fields (other than the seed) that differ between cells."""
+    if len(cs) < 2:
+        return []
+    dicts = [c["config"].to_json() for c in cs]
+    return [k for k in dicts[0] if k not in CELL_EXCLUDE
+            and len({json.dumps(d[k], sort_keys=True) for d in dicts}) > 1]
+
+
+def table(cs: list[dict]) -> str:
+    """Markdown: one row per cell."""
+    vary = varying_fields(cs)
+    head = ["cell"] + vary + ["n", "seeds", "final test %", "best test %", "epochs done", "paper", "Δ (paper σ)",
+                              "notes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cs:
+        cfg = c["config"].to_json()
+        m, _ = mean_std(c["final"])
+        if c["paper"] and np.isfinite(m):
+            pm, ps = c["paper"]
+            paper, delta = f"{pm:.2f} ± {ps:.2f}", f"{(m - pm) / ps:+.1f}"
+        elif c["paper"]:
+            paper, delta = f"{c['paper'][0]:.2f} ± {c['paper'][1]:.2f}", "–"
+        elif table2_position(c["config"]):
+            pm, ps = PUBLISHED_TABLE2[table2_position(c["config"])]
+            paper, delta = f"({pm:.2f} ± {ps:.2f}: other settings)", "–"
+        else:
+            paper, delta = "–", "–"
+        notes = []
+        if c["repeated_seeds"]:
+            notes.append(f"seed(s) {c['repeated_seeds']} repeated, counted once")
+        if c["diverged"]:
+            notes.append(f"{len(c['diverged'])} diverged (not in the mean)")
+        if c["unfinished"]:
+            kinds = sorted({s for _, s in c["unfinished"]})
+            part = [r for r in c["runs"] if r["dir"] in {d for d, _ in c["unfinished"]} and r["metrics"]]
+            where = ""
+            if part:
+                last = [r["metrics"][-1]["test_acc"] for r in part]
+                eps = sorted({len(r["metrics"]) for r in part})
+                where = (f"; so far {_fmt_ms(last)} after {eps[0]}" + (f"–{eps[-1]}" if len(eps) > 1 else "")
+                         + " epochs")
+            notes.append(f"{len(c['unfinished'])} not finished ({', '.join(kinds)}){where}")
+        epochs = "–" if not c["epochs"] else (str(c["epochs"][0]) if len(c["epochs"]) == 1
+                                              else f"{c['epochs'][0]}–{c['epochs'][-1]}")
+        row = [cell_label(c["config"])] + [json.dumps(cfg[k]) for k in vary] + [
+            str(len(c["final"])), ",".join(map(str, c["seeds"])), _fmt_ms(c["final"]), _fmt_ms(c["best"]),
+            epochs, paper, delta, "; ".join(notes)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(paths) -> str:
+    runs = [load_run(p) for p in find_runs(paths)]
+    if not runs:
+        raise ConfigError(f"no run folders (with config.json) under {', '.join(map(str, paths))}")
+    return ("Test accuracy (%) per cell (same config, seeds pooled): final epoch mean ± std (sample), "
+            "best epoch, and the paper's value with our distance from it in its standard deviations.\n\n"
+            + table(cells(runs)))
+
+
+def plot(cs: list[dict], path) -> None:
+    """Test accuracy against epoch, one panel per cell: the seeds' mean with their
+    min–max band, and the paper's mean ± std as a grey band."""
+    plt = cli.pyplot()
+    cs = [c for c in cs if any(r["metrics"] for r in c["runs"])]
+    if not cs:
+        return
+    cols = min(3, len(cs))
+    rows = -(-len(cs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, c in zip(axes.flat, cs):
+        curves = [[m["test_acc"] for m in r["metrics"]] for r in c["runs"] if r["metrics"]]
+        T = max(len(v) for v in curves)
+        a = np.full((len(curves), T), np.nan)
+        for i, v in enumerate(curves):
+            a[i, :len(v)] = v
+        ep = np.arange(1, T + 1)
+        ax.fill_between(ep, np.nanmin(a, 0), np.nanmax(a, 0), alpha=0.3, label=f"{len(curves)} seeds (min–max)")
+        ax.plot(ep, np.nanmean(a, 0), lw=1.5, label="mean")
+        if c["paper"]:
+            pm, ps = c["paper"]
+            ax.axhspan(pm - ps, pm + ps, color="0.5", alpha=0.3)
+            ax.axhline(pm, color="0.3", ls="--", lw=1, label=f"paper {pm:.2f} ± {ps:.2f}")
+        lo = np.nanpercentile(a[:, min(2, T - 1):], 1) if T > 2 else np.nanmin(a)
+        ax.set_ylim(max(lo - 0.5, 0), min(np.nanmax(a) + 0.5, 100))
+        ax.set_title(cell_label(c["config"]), fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(cs):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = cli.runs_parser(cli.prog("aggregate"), __doc__)
+    p.add_argument("--out", help="also write the markdown table here")
+    p.add_argument("--plot", help="also draw every cell's test accuracy per epoch into this PNG")
+    cli.add_common(p)
+    a = p.parse_args(argv)
+    text = report(a.runs)
+    if a.plot:
+        plot(cells([load_run(r) for r in find_runs(a.runs)]), a.plot)
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text)
+
+
+
+def entry(argv=None) -> int:
+    """The command line: `main` behind the one-line error handling; its exit status."""
+    return cli.main_wrapper(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

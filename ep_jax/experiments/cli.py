@@ -1,0 +1,96 @@
+"""What every command shares: one-line errors, `--debug`, the run-mode flags.
+
+Expected failures — a bad config or spec, missing or damaged data, a run folder that
+cannot be used as asked, a bad checkpoint, disk full, no permission — end with one line
+`error: ...` on stderr and exit status 2. `--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+import tomllib
+
+
+class SpecError(ValueError):
+    """A sweep spec file cannot be read (the message names the file and line)."""
+
+
+def expected_errors():
+    from ep_jax.data import DatasetError
+    from ep_jax.experiments.checkpoint import CheckpointError
+    from ep_jax.experiments.config import ConfigError
+    from ep_jax.experiments.engine import RunError
+    return (ConfigError, SpecError, DatasetError, RunError, CheckpointError, OSError, tomllib.TOMLDecodeError,
+            ValueError)
+
+
+def describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        if e.errno == errno.ENOSPC:
+            return f"no space left on the device{where}; free some and continue with --resume"
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"no permission to write{where}: {e.strerror}"
+        return f"{e.strerror or e}{where}"
+    # one line, but all of it: a multi-line message (the data layer lists the folders it
+    # looked in, then how to get the data) is joined rather than cut after its first line
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[0]
+    for l in lines[1:]:
+        text += (" " if text.endswith(":") else "; ") + l.removeprefix("- ")
+    return text
+
+
+def pyplot():
+    """`matplotlib.pyplot` on the file-only Agg backend (commands run without a display);
+    imported on first use, so commands that draw nothing never load matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+#: how the commands are invoked, for their usage lines: set to "ep-jax <command>" by the
+#: `ep-jax` entry point; otherwise the module form that works from a checkout
+PROG = None
+
+
+def prog(module: str) -> str:
+    """The program name a command's `--help` shows (`ep-jax train` or `python -m experiments.train`)."""
+    return PROG or f"python -m experiments.{module}"
+
+
+def runs_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a command that reads run folders (aggregate, stability, ...)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders, sweep folders, or folders holding them")
+    return p
+
+
+def add_common(p: argparse.ArgumentParser):
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def add_run_modes(p: argparse.ArgumentParser):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint(s) in the output folder")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main_wrapper(main, argv=None) -> int:
+    """Run `main(argv)`; turn expected errors into `error: ...` and exit status 2."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return main(argv) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except expected_errors() as e:
+        if debug:
+            raise
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return 2

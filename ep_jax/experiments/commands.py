@@ -1,0 +1,54 @@
+"""`ep-jax <command> [options]`: every experiment command behind one entry point.
+
+    ep-jax train --preset fmnist-dep-1h        # = python -m experiments.train ... (from a checkout)
+    ep-jax sweep SPEC.toml
+    ep-jax <command> --help                    # each command's options
+
+`python -m ep_jax.experiments <command>` is the same entry point without the script.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: command -> (module of ep_jax.experiments, one-line description)
+COMMANDS = {
+    "train": ("train", "one training run into a run folder (presets, --set, --resume)"),
+    "sweep": ("sweep", "a sweep spec (TOML/JSON): many members, vmapped groups"),
+    "reproduce": ("reproduce", "the papers' tables as resumable seed sweeps"),
+    "aggregate": ("aggregate", "mean ± std over seeds per cell, against the papers"),
+    "stability": ("stability", "heterogeneous-time-step runs in Table 1's layout, with stability"),
+    "hidden-states": ("hidden_states", "EP against DEP hidden-state statistics over the free phase"),
+    "gdu": ("gdu", "EP against BPTT per step k (gradient-descending updates)"),
+    "alignment-report": ("alignment_report", "EP-vs-BPTT alignment logged during training"),
+    "plot-dt-hist": ("plot_dt_hist", "histograms of the heterogeneous time steps"),
+    "compare-custom-vjp": ("compare_custom_vjp", "EP as a custom-VJP layer against jax.grad"),
+    "example-ep-head": ("example_ep_head", "an EP block as the head of a flax model"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: ep-jax <command> [options]   (ep-jax <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:{width}s}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Dispatch `argv` (default `sys.argv[1:]`) to a command; its exit status."""
+    from ep_jax.experiments import cli
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name = argv[0].replace("_", "-")
+    if name not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    cli.PROG = f"ep-jax {name}"
+    mod = importlib.import_module(f"ep_jax.experiments.{COMMANDS[name][0]}")
+    return mod.entry(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

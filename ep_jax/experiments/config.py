@@ -1,0 +1,346 @@
+"""The one config type of every run: `RunConfig`, its fields, ranges and rules.
+
+A single run, every member of a sweep, every preset and every TOML spec is a `RunConfig`.
+`validate()` checks the whole config — types, ranges and the rules between fields —
+before any data is read or any file is touched, and raises `ConfigError` with one line
+naming the field. `config.json` in a run folder is `to_json()`; `RunConfig.from_dict`
+reads it back (round trip).
+
+Fields are *static* (they shape the compiled program: widths, steps, batch size, data)
+or *numeric* (`NUMERIC`: arrays in the compiled program — seed, β, rates, momentum, α,
+γ, time steps). Members of a sweep that agree on every static field form one group and
+train as one vmapped program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any, Mapping
+
+from ep_jax import activations, losses, timesteps
+from ep_jax.estimators import KINDS, NUDGES, RANDOM_SIGN_KINDS, EP_KINDS
+
+DATASETS = ("mnist", "kmnist", "fashion_mnist", "synthetic")
+DATASET_ALIASES = {"fmnist": "fashion_mnist", "fashion-mnist": "fashion_mnist"}
+TRAIN_SIZE = {"mnist": 60000, "kmnist": 60000, "fashion_mnist": 60000}
+TEST_SIZE = {"mnist": 10000, "kmnist": 10000, "fashion_mnist": 10000}
+OPTIMIZERS = ("sgd", "adam")
+
+
+class ConfigError(ValueError):
+    """A config value or combination is invalid (the message names the field)."""
+
+
+def _f(default, help, **meta):
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs; see each field's `help` (`describe()`)."""
+    # data
+    dataset: str = _f("mnist", "mnist | kmnist | fashion_mnist (fmnist) | synthetic", choices=DATASETS)
+    data_dir: str | None = _f(None, "folder with the dataset files; when given, the only place looked")
+    subset: int | None = _f(None, "train on N examples (a seeded random choice, the same for every seed)")
+    test_subset: int | None = _f(None, "evaluate on N test examples (seeded random choice)")
+    subset_seed: int = _f(0, "seed of the subset choice (and of the synthetic dataset)", lo=0, hi=2**32 - 1)
+    synthetic_train: int = _f(2000, "synthetic dataset: training examples", lo=1)
+    synthetic_test: int = _f(500, "synthetic dataset: test examples", lo=1)
+    synthetic_noise: float = _f(0.3, "synthetic dataset: pixel noise", lo=0.0)
+    # model
+    model: str = _f("dendritic", "ep | dendritic", choices=("ep", "dendritic"))
+    sizes: tuple = _f((784, 256, 10), "layer widths, input first")
+    activation: str = _f("hard_sigmoid", "hidden activation", choices=tuple(activations.ACTIVATIONS))
+    output_activation: str | None = _f(None, "output activation (default: as the hidden one with mse)",
+                                       choices=tuple(activations.ACTIVATIONS))
+    loss: str = _f("mse", "mse | ce", choices=losses.LOSSES)
+    basal_branches: int = _f(8, "dendritic: basal branches per soma", lo=1)
+    apical_branches: int = _f(2, "dendritic: apical branches per soma", lo=1)
+    sparsity: float = _f(0.5, "dendritic: fraction of inputs each branch sees", lo=0.0, lo_open=True, hi=1.0)
+    apical_dense: bool = _f(False, "dendritic: apical maps without masks")
+    alpha: float = _f(0.2, "dendritic: apical scale")
+    gamma: float = _f(1.0, "standard model: feedback scale (1 = energy-based)")
+    # estimator
+    estimator: str = _f("symmetric", "symmetric | one_sided | chl | bptt | bptt_full", choices=KINDS)
+    t_free: int = _f(60, "free-phase steps T1", lo=1)
+    t_nudge: int = _f(12, "nudged-phase steps T2 (bptt: truncation)", lo=1)
+    nudge: str = _f("fixed", "fixed | random_sign (one_sided, chl)", choices=NUDGES)
+    # relaxation
+    beta: float = _f(0.1, "nudging strength (nonzero for EP estimators)")
+    dt: Any = _f(1.0, "time step in (0, 1]: one, or one per state layer")
+    dt_dist: str | None = _f(None, "heterogeneous hidden time steps: normal | lognormal | gamma | scalar",
+                             choices=timesteps.DISTRIBUTIONS)
+    dt_mean: float | None = _f(None, "HTS mean (default %g)" % timesteps.DtSpec.mean)
+    dt_std: float | None = _f(None, "HTS std (default %g)" % timesteps.DtSpec.std)
+    dt_min: float | None = _f(None, "HTS lower clip (default %g)" % timesteps.DtSpec.dt_min)
+    dt_max: float | None = _f(None, "HTS upper clip (default %g)" % timesteps.DtSpec.dt_max)
+    dt_out: float | None = _f(None, "output-layer time step with dt_dist (default: dt)")
+    # optimiser
+    optimizer: str = _f("sgd", "sgd (PyTorch momentum) | adam; one rate per synapse", choices=OPTIMIZERS)
+    lr: Any = _f((0.4, 0.02), "learning rate >= 0: one, or one per synapse")
+    momentum: float = _f(0.9, "sgd momentum in [0, 1)", lo=0.0, hi=1.0, hi_open=True)
+    # loop
+    batch_size: int = _f(64, "training batch size", lo=1)
+    epochs: int = _f(20, "epochs to train", lo=1)
+    seed: int = _f(0, "seed of init, masks, time steps, data order and nudge signs", lo=0, hi=2**32 - 1)
+    eval_batch: int = _f(1000, "evaluation batch size", lo=1)
+    chunk: int = _f(100, "training steps per device-resident scan", lo=1)
+    max_state: float = _f(1e4, "a state magnitude above this counts as divergence", lo=0.0, lo_open=True)
+    float64: bool = _f(False, "compute in float64")
+    align_every: int = _f(0, "every N steps log EP-vs-BPTT alignment on a probe batch (0: off)", lo=0)
+    align_batch: int = _f(64, "probe batch size of the alignment log", lo=1)
+
+    # --- construction ---------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping, where: str = "") -> "RunConfig":
+        """Build from plain values (JSON/TOML/--set), coercing types; unknown fields raise."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where}expected a table of config fields, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{where}unknown config field(s) {unknown}; run with --list-fields to see them")
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                kw[f.name] = _coerce(f, d[f.name], where)
+        return cls(**kw)
+
+    def replace(self, **changes) -> "RunConfig":
+        """A copy with `changes` (plain values, coerced like `from_dict`)."""
+        return RunConfig.from_dict({**self.to_json(), **changes})
+
+    def to_json(self) -> dict:
+        """Plain JSON values; `RunConfig.from_dict(cfg.to_json()) == cfg`."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def digest(self, exclude=("epochs",)) -> str:
+        """Short hash of the config without `exclude` (what a checkpoint must match)."""
+        d = {k: v for k, v in self.to_json().items() if k not in exclude}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    # --- derived --------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def static_key(self) -> tuple:
+        """What members must share to run as one vmapped group."""
+        return tuple((k, json.dumps(v)) for k, v in sorted(self.to_json().items()) if k not in NUMERIC)
+
+    def total_train(self) -> int:
+        """Training examples in the dataset."""
+        return self.synthetic_train if self.dataset == "synthetic" else TRAIN_SIZE[self.dataset]
+
+    def total_test(self) -> int:
+        """Test examples in the dataset."""
+        return self.synthetic_test if self.dataset == "synthetic" else TEST_SIZE[self.dataset]
+
+    def n_train(self) -> int:
+        """Training examples the run uses (after the subset)."""
+        return self.subset or self.total_train()
+
+    def n_test(self) -> int:
+        """Test examples the run uses (after the test subset)."""
+        return self.test_subset or self.total_test()
+
+    def dt_spec(self):
+        """The HTS spec of the hidden layers, or None."""
+        if self.dt_dist is None:
+            return None
+        given = {"mean": self.dt_mean, "std": self.dt_std, "dt_min": self.dt_min, "dt_max": self.dt_max}
+        return timesteps.DtSpec(dist=self.dt_dist, **{k: v for k, v in given.items() if v is not None})
+
+
+#: fields that are arrays in the compiled program (members may differ in them)
+NUMERIC = ("seed", "beta", "lr", "momentum", "alpha", "gamma", "dt", "dt_dist", "dt_mean", "dt_std",
+           "dt_min", "dt_max", "dt_out")
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def describe() -> str:
+    """One line per field: name, default, help."""
+    return "\n".join(f"{f.name:18s} {json.dumps(RunConfig().to_json()[f.name]):>22s}  {f.metadata['help']}"
+                     for f in dataclasses.fields(RunConfig))
+
+
+# --- coercion ---------------------------------------------------------------------------
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _coerce(f: dataclasses.Field, v, where: str = ""):
+    name = f.name
+    default = f.default
+
+    def bad(expected):
+        return ConfigError(f"{where}{name}: expected {expected}, got {v!r}")
+
+    if name in ("lr", "dt"):
+        if _is_number(v):
+            return float(v)
+        if isinstance(v, (list, tuple)) and v and all(_is_number(u) for u in v):
+            return tuple(float(u) for u in v)
+        raise bad("a number or a list of numbers (one per " + ("synapse" if name == "lr" else "state layer") + ")")
+    if name == "sizes":
+        if isinstance(v, (list, tuple)) and all(isinstance(u, int) and not isinstance(u, bool) for u in v):
+            return tuple(v)
+        raise bad("a list of integer widths")
+    if v is None:
+        if default is None:
+            return None
+        raise bad(f"a value (the field has no 'none'; default {default!r})")
+    if isinstance(default, bool):
+        if isinstance(v, bool):
+            return v
+        raise bad("true or false")
+    if isinstance(default, int) or name in ("subset", "test_subset"):
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+            raise bad("an integer")
+        return int(v)
+    if isinstance(default, float) or name in ("dt_mean", "dt_std", "dt_min", "dt_max", "dt_out"):
+        if not _is_number(v):
+            raise bad("a number")
+        return float(v)
+    if isinstance(default, str) or default is None:
+        if not isinstance(v, str):
+            raise bad("a string")
+        return DATASET_ALIASES.get(v, v) if name == "dataset" else v
+    return v
+
+
+# --- validation -------------------------------------------------------------------------
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every field and every rule between fields; raise `ConfigError` on the first
+    problem. Returns `cfg` (so `validate(RunConfig.from_dict(d))` reads well)."""
+    def err(name, msg):
+        raise ConfigError(f"{name}: {msg}")
+
+    for f in dataclasses.fields(RunConfig):
+        v, m = getattr(cfg, f.name), f.metadata
+        if v is None:
+            continue
+        if "choices" in m and v not in m["choices"]:
+            err(f.name, f"must be one of {list(m['choices'])}, got {v!r}")
+        if _is_number(v) and not math.isfinite(v):
+            err(f.name, f"must be finite, got {v}")
+        if "lo" in m and (v <= m["lo"] if m.get("lo_open") else v < m["lo"]):
+            err(f.name, f"must be {'>' if m.get('lo_open') else '>='} {m['lo']}, got {v}")
+        if "hi" in m and (v >= m["hi"] if m.get("hi_open") else v > m["hi"]):
+            err(f.name, f"must be {'<' if m.get('hi_open') else '<='} {m['hi']}, got {v}")
+
+    L = cfg.n_layers
+    if len(cfg.sizes) < 2 or any(n < 1 for n in cfg.sizes):
+        err("sizes", f"must list >= 2 positive widths (input, ..., output), got {list(cfg.sizes)}")
+    if cfg.dataset != "synthetic":
+        if cfg.sizes[0] != 784:
+            err("sizes", f"the first width must be 784 (28x28 images) for {cfg.dataset}, got {cfg.sizes[0]}")
+        if cfg.sizes[-1] != 10:
+            err("sizes", f"the last width must be 10 (classes) for {cfg.dataset}, got {cfg.sizes[-1]}")
+    elif cfg.sizes[-1] < 2:
+        err("sizes", "the synthetic dataset needs >= 2 classes (last width)")
+    for name, total in (("subset", cfg.total_train()), ("test_subset", cfg.total_test())):
+        v = getattr(cfg, name)
+        if v is not None and not 1 <= v <= total:
+            err(name, f"must lie in [1, {total}] ({cfg.dataset} has {total} examples), got {v}")
+    if cfg.batch_size > cfg.n_train():
+        err("batch_size", f"must not exceed the {cfg.n_train()} training examples, got {cfg.batch_size}")
+    if cfg.t_nudge > cfg.t_free and cfg.estimator != "bptt_full":
+        err("t_nudge", f"must be <= t_free, got t_nudge={cfg.t_nudge} > t_free={cfg.t_free}")
+    if cfg.estimator in EP_KINDS and cfg.beta == 0:
+        err("beta", f"must be nonzero for the {cfg.estimator!r} EP estimator (it divides by beta)")
+    if not math.isfinite(cfg.beta):
+        err("beta", f"must be finite, got {cfg.beta}")
+    if cfg.nudge == "random_sign" and cfg.estimator not in RANDOM_SIGN_KINDS:
+        err("nudge", f"random_sign needs estimator one of {list(RANDOM_SIGN_KINDS)}, got {cfg.estimator!r}")
+    lrs = cfg.lr if isinstance(cfg.lr, tuple) else (cfg.lr,)
+    if isinstance(cfg.lr, tuple) and len(cfg.lr) != L:
+        err("lr", f"give one rate or one per synapse ({L} for sizes {list(cfg.sizes)}), got {len(cfg.lr)}")
+    if any(not math.isfinite(r) or r < 0 for r in lrs):
+        err("lr", f"rates must be finite and >= 0 (a negative rate trains uphill), got {list(lrs)}")
+    dts = cfg.dt if isinstance(cfg.dt, tuple) else (cfg.dt,)
+    if isinstance(cfg.dt, tuple) and len(cfg.dt) != L:
+        err("dt", f"give one time step or one per state layer ({L}), got {len(cfg.dt)}")
+    if any(not 0 < d <= 1 for d in dts):
+        err("dt", f"time steps must lie in (0, 1], got {list(dts)}")
+    if cfg.dt_dist is None:
+        for name in ("dt_mean", "dt_std", "dt_min", "dt_max"):
+            if getattr(cfg, name) is not None:
+                err(name, "is used only with dt_dist (heterogeneous time steps); set dt_dist too")
+    else:
+        if L < 2:
+            err("dt_dist", "heterogeneous time steps apply to hidden layers; the model has none")
+        if isinstance(cfg.dt, tuple):
+            err("dt", "with dt_dist give the output layer's step as dt_out, not a per-layer dt list")
+        try:
+            cfg.dt_spec()
+        except ValueError as e:
+            err("dt_dist", str(e))
+    if cfg.dt_out is not None and not 0 < cfg.dt_out <= 1:
+        err("dt_out", f"must lie in (0, 1], got {cfg.dt_out}")
+    if cfg.model == "ep":
+        for name in ("basal_branches", "apical_branches", "sparsity", "apical_dense", "alpha"):
+            if getattr(cfg, name) != FIELDS[name].default:
+                err(name, "applies to the dendritic model only (model = 'ep')")
+    elif cfg.gamma != FIELDS["gamma"].default:
+        err("gamma", "applies to the standard model only (model = 'dendritic'; its apical scale is alpha)")
+    if cfg.align_every and cfg.t_nudge > cfg.t_free:
+        err("align_every", "compares with BPTT truncated to t_nudge steps, which needs t_nudge <= t_free")
+    return cfg
+
+
+def warnings_for(cfg: RunConfig) -> list[str]:
+    """Legal but probably unintended settings, one line each."""
+    out = []
+    if cfg.model == "ep" and cfg.gamma != 1 and cfg.estimator in ("symmetric", "one_sided"):
+        out.append(f"gamma={cfg.gamma} != 1 with the {cfg.estimator!r} estimator: not a gradient system, the "
+                   "estimate is not the loss gradient (the 'chl' rule is the one paired with gamma != 1)")
+    if cfg.optimizer == "adam" and cfg.momentum != FIELDS["momentum"].default:
+        out.append("momentum is not used by adam")
+    return out
+
+
+# --- command-line values ----------------------------------------------------------------
+
+def parse_value(text: str):
+    """A `--set` value: JSON (numbers, true/false, null, [lists], "strings"), `none`,
+    a comma-separated list of numbers (`0.5,0.2`), or else the bare string."""
+    t = text.strip()
+    if t.lower() in ("none", "null"):
+        return None
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    try:
+        return json.loads(t)
+    except json.JSONDecodeError:
+        pass
+    if "," in t:
+        parts = [p.strip() for p in t.strip("[]").split(",") if p.strip()]
+        try:
+            return [json.loads(p) for p in parts]
+        except json.JSONDecodeError:
+            return parts
+    return t
+
+
+def parse_sets(pairs) -> dict:
+    """`["lr=0.5,0.2", "beta=0.3"]` -> `{"lr": [0.5, 0.2], "beta": 0.3}`."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, text = pair.split("=", 1)
+        key = key.strip()
+        if key not in FIELDS:
+            raise ConfigError(f"--set: unknown config field {key!r}; run with --list-fields to see them")
+        out[key] = parse_value(text)
+    return out

@@ -1,0 +1,211 @@
+"""The papers' tables in one command, as seed sweeps through the experiment engine.
+
+    python -m experiments.reproduce table2                 # Table 2: {EP, DEP, DBPTT} x datasets
+    python -m experiments.reproduce table1                 # Table 1: HTS dt_out x distribution
+    python -m experiments.reproduce table2 --budget 60     # stop cleanly after ~60 minutes
+    python -m experiments.reproduce table2                 # ... and the same command continues
+    python -m experiments.reproduce table2 --smoke         # the same path in ~2 minutes (CPU)
+
+Each cell whose dataset is available offline (or through --data-dir) runs `--seeds`
+seeds; the seeds of one cell share their structure, so they train as one vmapped
+program. Cells whose data is missing are listed and skipped. Output: one run folder per
+cell and seed under `--out` (default `runs/reproduce-<table>`), and at the end the
+aggregated table against the paper (`<out>/results.md`, `experiments.aggregate`; for
+Table 1 also the stability layout, `experiments.stability`).
+
+Re-running the same command resumes from the checkpoints (finished cells stay as they
+are; `--epochs` may grow). Before training, every cell's time is estimated from a
+timed chunk of its own compiled step (compilation is shared with the run), and with
+`--budget MINUTES` the grid stops at the last epoch boundary that fits, resumable.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from ep_jax.experiments import cli
+from ep_jax.experiments.config import ConfigError, RunConfig, validate
+from ep_jax.experiments.presets import HTS_DISTS, HTS_DT_OUT, PRESETS
+
+TABLE2_CELLS = [f"{d}-{m}" for d in ("mnist", "kmnist", "fmnist") for m in ("ep", "dep", "dbptt")]
+TABLE1_DATASETS = ("mnist", "kmnist", "fmnist")
+SMOKE = dict(subset=512, test_subset=256, epochs=1, chunk=4, eval_batch=256)
+
+
+def available(dataset: str, data_dir=None) -> bool:
+    """Whether the dataset's files are found offline (no download is tried)."""
+    from ep_jax import data
+    name = data.canonical_name(dataset)
+    return any(data._files_in(f, name) is not None for f in data.candidate_dirs(name, data_dir))
+
+
+def cells(table: str, only=None) -> list[tuple[str, dict]]:
+    """`[(cell name, config values)]` of a table."""
+    if table == "table2":
+        out = [(c, dict(PRESETS[c])) for c in TABLE2_CELLS]
+    elif table == "table1":
+        out = [(f"{d}-hts-{dist}-dt{dt:.2f}", dict(PRESETS[f"{d}-hts-{dist}"], dt_out=dt))
+               for d in TABLE1_DATASETS for dist in HTS_DISTS for dt in HTS_DT_OUT]
+    else:
+        raise ConfigError(f"unknown table {table!r}; choose table1 or table2")
+    if only:
+        names = {c for c, _ in out}
+        unknown = sorted(set(only) - names - {c.rsplit("-hts", 1)[0] for c in names})
+        if unknown:
+            raise ConfigError(f"--cells: unknown cell(s) {unknown}; {table} has {sorted(names)}")
+        out = [(c, v) for c, v in out if c in only or c.split("-hts")[0] in only]
+    return out
+
+
+def members(a) -> tuple[list, list[str]]:
+    from ep_jax.experiments import engine
+    out, skipped = [], []
+    root = Path(a.out or f"runs/reproduce-{a.table}")
+    for cell, values in cells(a.table, a.cells.split(",") if a.cells else None):
+        values = dict(values)
+        values["epochs"] = a.epochs
+        if a.data_dir:
+            values["data_dir"] = a.data_dir
+        if a.smoke:
+            values.update(SMOKE)
+        if a.chunk:
+            values["chunk"] = a.chunk
+        if not available(values["dataset"], a.data_dir):
+            skipped.append(f"{cell} ({values['dataset']} not found offline)")
+            continue
+        for seed in range(a.seeds):
+            cfg = validate(RunConfig.from_dict({**values, "seed": seed}, where=f"{cell}: "))
+            out.append(engine.Member(cfg, f"{cell}-seed{seed}", root / cell / f"seed{seed}"))
+    return out, skipped
+
+
+def estimate(groups, data_for) -> list[float]:
+    """Seconds per epoch of each group, from one timed chunk of its compiled step on a
+    throwaway copy of its initial state (the compilation is reused by the run)."""
+    from ep_jax import sweep as S
+    from ep_jax.models.base import default_float
+    from ep_jax.experiments import engine
+    out = []
+    for g in groups:
+        with engine._x64(g.cfg):
+            xtr, ytr, _, _ = data_for(g.cfg)
+            n, B, chunk = len(ytr), g.cfg.batch_size, g.cfg.chunk
+            n_full = n // B
+            if n_full < chunk:  # the run's only full chunk is shorter: time that shape
+                chunk = n_full
+            state, rx = g.initial()
+            x = jnp.asarray(xtr, default_float())
+            y = jnp.asarray(ytr, jnp.int32)
+            idx = jnp.asarray(np.random.default_rng(0).integers(0, n, (chunk, g.M, B)).astype(np.int32))
+            ms = jnp.asarray(g.cfg.max_state, default_float())
+            run = lambda: S.sweep_steps_jit(g.model, g.est, g.opt, state, x, y, idx, rx, ms)[1].loss
+            run().block_until_ready()
+            t0 = time.perf_counter()
+            run().block_until_ready()
+            per_step = (time.perf_counter() - t0) / chunk
+        # + the partial batch and the evaluation (a free phase over the test set)
+        eval_frac = g.cfg.n_test() / max(n, 1) * g.cfg.t_free / (g.cfg.t_free + 3 * g.cfg.t_nudge + 4)
+        out.append(per_step * (n_full + (n % B > 0)) * (1 + eval_frac))
+    return out
+
+
+def parser():
+    p = argparse.ArgumentParser(prog=cli.prog("reproduce"), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", choices=("table1", "table2"))
+    p.add_argument("--seeds", type=int, default=5, help="seeds per cell (default 5)")
+    p.add_argument("--epochs", type=int, default=50,
+                   help="epochs per run (default 50: the papers' numbers need >= 50; --smoke: 1)")
+    p.add_argument("--cells", help="comma-separated cells (default: every cell whose data is available)")
+    p.add_argument("--budget", type=float, help="minutes; stop cleanly at the last epoch boundary that fits")
+    p.add_argument("--smoke", action="store_true", help="tiny subsets, 1 epoch: the same path in ~2 minutes")
+    p.add_argument("--chunk", type=int, help="steps per device-resident scan")
+    p.add_argument("--data-dir", help="folder with the datasets' files (the only place looked)")
+    p.add_argument("--out", help="output folder (default runs/reproduce-<table>)")
+    p.add_argument("--no-estimate", action="store_true", help="skip the time estimate")
+    p.add_argument("--no-progress", action="store_true")
+    cli.add_common(p)
+    return p
+
+
+def main(argv=None):
+    from ep_jax.experiments import aggregate, engine, stability
+    a = parser().parse_args(argv)
+    t_start = time.time()
+    if a.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {a.seeds}")
+    if a.budget is not None and a.budget <= 0:
+        raise ConfigError(f"--budget must be > 0 minutes, got {a.budget}")
+    ms, skipped = members(a)
+    for s in skipped:
+        print(f"skipped: {s}")
+    if not ms:
+        raise ConfigError("no cell has its data available; pass --data-dir (see ep_jax.data for the layout)")
+    out = Path(a.out or f"runs/reproduce-{a.table}")
+    # continue what exists, start the rest: a member folder with a checkpoint resumes
+    todo = []
+    for m in ms:
+        meta = None
+        if (m.dir / engine.CHECKPOINT).exists():
+            from ep_jax.experiments import checkpoint as ckpt
+            meta = ckpt.read_meta(m.dir / engine.CHECKPOINT)
+        if meta is not None and meta.get("digest") != m.cfg.digest():
+            raise engine.RunError(f"{m.dir} holds a run of another config; choose another --out")
+        summary = engine.read_json(m.dir / "summary.json") or {}
+        if meta is not None and (meta["epoch"] >= m.cfg.epochs or summary.get("status") == "diverged"):
+            continue  # finished (or diverged: a rerun would diverge again, bit for bit)
+        todo.append(m)
+    groups = engine.group_members(todo)
+    print(f"{a.table}: {len(ms)} runs in {len({m.dir.parent for m in ms})} cells, {len(todo)} to train "
+          f"in {len(groups)} vmapped group(s) -> {out}")
+    if groups and not a.no_estimate:
+        secs = estimate(groups, engine.load_data)
+        total = 0.0
+        for g, s in zip(groups, secs):
+            left = g.cfg.epochs - min(_epoch(m) for m in g.members)
+            total += s * left
+            print(f"  {g.members[0].dir.parent.name}: {g.M} seeds, ~{s:.1f} s per epoch x {left} epochs "
+                  f"= ~{s * left / 60:.1f} min")
+        print(f"estimated time: ~{total / 60:.1f} min" + (f" (budget {a.budget:g} min)" if a.budget else ""))
+    deadline = t_start + 60 * a.budget if a.budget else None
+    stopped = False
+    try:
+        for g in groups:
+            # members with a checkpoint continue it; the others (no checkpoint yet) start afresh
+            started = any((m.dir / engine.CHECKPOINT).exists() for m in g.members)
+            engine.run(g.members, "resume" if started else "overwrite", progress=not a.no_progress,
+                       deadline=deadline)
+    except engine.Interrupted:
+        stopped = True
+    text = aggregate.report([out]) if out.exists() else ""
+    if a.table == "table1" and out.exists():
+        text += "\n" + stability.report([out])
+    if text:
+        (out / "results.md").write_text(f"# {a.table}" + (" (smoke)" if a.smoke else "") + "\n\n" + text)
+        print(text)
+    if stopped:
+        print(f"stopped by --budget after {(time.time() - t_start) / 60:.1f} min; run the same command "
+              "again to continue")
+    return 0
+
+
+def _epoch(m) -> int:
+    from ep_jax.experiments import checkpoint as ckpt
+    from ep_jax.experiments import engine
+    p = m.dir / engine.CHECKPOINT
+    return ckpt.read_meta(p)["epoch"] if p.exists() else 0
+
+
+
+def entry(argv=None) -> int:
+    """The command line: `main` behind the one-line error handling; its exit status."""
+    return cli.main_wrapper(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(entry())
