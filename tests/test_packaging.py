@@ -64,10 +64,14 @@ def test_packages_and_package_data():
 def test_wheel_installs_only_the_ep_jax_namespace(tmp_path):
     """A built wheel holds one top-level package (no generic `experiments`/`benchmarks`
     that could shadow a user's own), the shipped sweep specs and the `ep-jax` script."""
+    import shutil
     import subprocess
     import zipfile
+    src = tmp_path / "src"   # a copy: the build leaves build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "build", "runs", ".data", ".whl", ".venv", "*.egg-info", "__pycache__", "results"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-                        "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                        "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("ep_jax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

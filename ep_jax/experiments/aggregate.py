@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ep_jax.experiments import cli
+from ep_jax.experiments import cli, figures
 from ep_jax.experiments.config import ConfigError, RunConfig
 from ep_jax.experiments.presets import PUBLISHED_TABLE2, published, table1_cell, table2_cell, table2_position
 
@@ -177,7 +177,7 @@ def report(paths) -> str:
 def plot(cs: list[dict], path) -> None:
     """Test accuracy against epoch, one panel per cell: the seeds' mean with their
     min–max band, and the paper's mean ± std as a grey band."""
-    plt = cli.pyplot()
+    plt = figures.pyplot()
     cs = [c for c in cs if any(r["metrics"] for r in c["runs"])]
     if not cs:
         return

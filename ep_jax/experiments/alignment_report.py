@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ep_jax.experiments import aggregate, cli
+from ep_jax.experiments import aggregate, cli, figures
 from ep_jax.experiments.config import ConfigError
 
 
@@ -69,7 +69,7 @@ def report(paths, out: Path | None) -> str:
 
 
 def plot(cs, path: Path):
-    plt = cli.pyplot()
+    plt = figures.pyplot()
     fig, axes = plt.subplots(2, len(cs), figsize=(5.2 * len(cs), 6.4), squeeze=False)
     for j, c in enumerate(cs):
         steps, cos, ang = series(c["runs"])

@@ -11,16 +11,13 @@ import errno
 import sys
 import tomllib
 
-
-class SpecError(ValueError):
-    """A sweep spec file cannot be read (the message names the file and line)."""
+from ep_jax.experiments.errors import RunError, SpecError  # noqa: F401  (SpecError: re-exported)
 
 
 def expected_errors():
     from ep_jax.data import DatasetError
     from ep_jax.experiments.checkpoint import CheckpointError
     from ep_jax.experiments.config import ConfigError
-    from ep_jax.experiments.engine import RunError
     return (ConfigError, SpecError, DatasetError, RunError, CheckpointError, OSError, tomllib.TOMLDecodeError,
             ValueError)
 
@@ -42,15 +39,6 @@ def describe(e: BaseException) -> str:
     for l in lines[1:]:
         text += (" " if text.endswith(":") else "; ") + l.removeprefix("- ")
     return text
-
-
-def pyplot():
-    """`matplotlib.pyplot` on the file-only Agg backend (commands run without a display);
-    imported on first use, so commands that draw nothing never load matplotlib."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 #: how the commands are invoked, for their usage lines: set to "ep-jax <command>" by the
@@ -94,3 +82,4 @@ def main_wrapper(main, argv=None) -> int:
             raise
         print(f"error: {describe(e)}", file=sys.stderr)
         return 2
+

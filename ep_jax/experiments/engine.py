@@ -51,20 +51,13 @@ import numpy as np
 import ep_jax
 from ep_jax import sweep as S
 from ep_jax.experiments import checkpoint as ckpt
-from ep_jax.experiments import cli
 from ep_jax.experiments import distributed as dist
+from ep_jax.experiments import figures
 from ep_jax.experiments.config import RunConfig, warnings_for
+from ep_jax.experiments.errors import Interrupted, RunError
 
 CHECKPOINT = "checkpoint.msgpack"
 STATUSES = ("ok", "diverged", "interrupted", "failed", "not started", "running")
-
-
-class RunError(RuntimeError):
-    """A run folder cannot be used as asked (exists, no checkpoint, another run's, ...)."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C, SIGTERM or the time budget: stop at a safe point, keep the checkpoints."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,24 +242,6 @@ def summarize(history: list[dict], status: str, message: str = "", diverged_step
         "train_time_s": float(sum(h["time_s"] for h in history)),
         "diverged_step": diverged_step,
     }
-
-
-def plot_curves(run_dir: Path, history: list, title: str):
-    if not history or not dist.is_main():
-        return
-    plt = cli.pyplot()
-    ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(ep, [h["train_acc"] for h in history], "o-", label="train (running)")
-    ax.plot(ep, [h["test_acc"] for h in history], "s-", label="test")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "learning_curve.png", dpi=110)
-    plt.close(fig)
 
 
 def _title(m: Member) -> str:
@@ -528,9 +503,9 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
                     print_fn(f"epoch {epoch}: train {row['train_acc']:.2f}%  test {row['test_acc']:.2f}%  "
                              f"loss {row['loss']:.4f}  ({elapsed:.1f} s)")
                 if M <= 4:
-                    plot_curves(m.dir, histories[i], _title(m))
+                    _plot(m, histories[i], "curves")
                     if align is not None:
-                        plot_alignment(m.dir, histories[i], _title(m))
+                        _plot(m, histories[i], "alignment")
             if not single:
                 ok = [i for i in range(M) if active[i] and alive_now[i]]
                 if ok:
@@ -550,7 +525,7 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
                 status[i] = "interrupted"
                 messages[i] = f"{why}; checkpoint of epoch {start[i]} kept, continue with --resume"
             out[m.name] = _write_summary(m, histories[i], status[i], messages[i], div_step[i])
-            plot_curves(m.dir, histories[i], _title(m))
+            _plot(m, histories[i], "curves")
         print_fn(f"stopped ({why}); continue with --resume")
         raise
     except BaseException as e:
@@ -565,9 +540,9 @@ def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, labe
             status[i] = "ok"
         out[m.name] = _write_summary(m, histories[i], status[i], messages[i], div_step[i])
         if M > 4:
-            plot_curves(m.dir, histories[i], _title(m))
+            _plot(m, histories[i], "curves")
             if align is not None:
-                plot_alignment(m.dir, histories[i], _title(m))
+                _plot(m, histories[i], "alignment")
         if single and histories[i]:
             s = out[m.name]
             print_fn(f"summary: {_title(m)}: final test {s['final_test_acc']:.2f}% (best "
@@ -601,30 +576,9 @@ class _Aligner:
         return out
 
 
-def plot_alignment(run_dir: Path, history: list, title: str):
-    """`alignment.png`: per-parameter cosine (EP vs truncated BPTT) and the angle
-    between the full gradients, against the training step."""
-    recs = [r for h in history for r in h.get("alignment", [])]
-    if not recs or not dist.is_main():
-        return
-    plt = cli.pyplot()
-    steps = [r["step"] for r in recs]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name in recs[0]["cosine"]:
-        a1.plot(steps, [r["cosine"][name] for r in recs], label=name)
-    a1.set_xlabel("training step")
-    a1.set_ylabel("cosine(EP, truncated BPTT)")
-    a1.set_ylim(-1.05, 1.05)
-    a1.grid(alpha=0.3)
-    a1.legend(fontsize=6, ncol=2)
-    a2.plot(steps, [r["angle"] for r in recs], "k-")
-    a2.set_xlabel("training step")
-    a2.set_ylabel("angle between full gradients (°)")
-    a2.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(run_dir / "alignment.png", dpi=110)
-    plt.close(fig)
+def _plot(m: Member, history: list, which: str):
+    if dist.is_main():
+        (figures.learning_curve if which == "curves" else figures.alignment)(m.dir, history, _title(m))
 
 
 def _save(m: Member, state, rx, i: int, epoch: int, history: list):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ep_jax
-from ep_jax.experiments import cli, engine
+from ep_jax.experiments import cli, engine, figures
 from ep_jax.experiments.config import ConfigError, parse_sets, validate, RunConfig
 from ep_jax.experiments.presets import PRESETS
 
@@ -43,7 +43,7 @@ def network(a):
 
 
 def plot(res, names, table, title, path):
-    plt = cli.pyplot()
+    plt = figures.pyplot()
     ep_leaves, bp_leaves = jax.tree.leaves(res.ep), jax.tree.leaves(res.bptt)
     n = len(names) + 1
     cols = min(4, n)

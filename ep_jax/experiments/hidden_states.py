@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ep_jax
-from ep_jax.experiments import cli, engine
+from ep_jax.experiments import cli, engine, figures
 
 
 def trajectory_stats(model, params, buffers, x, rx, t_free, threshold=0.01):
@@ -44,7 +44,7 @@ def analyse_run(run_dir, n_examples=256, threshold=0.01):
 
 def plot(results: dict, path: Path):
     """One column per hidden layer: mean |s| and fraction active against the step."""
-    plt = cli.pyplot()
+    plt = figures.pyplot()
     n_hidden = min(len(r["layers"]) for r in results.values()) - 1
     fig, axes = plt.subplots(2, n_hidden, figsize=(4.2 * n_hidden, 6), squeeze=False)
     for name, r in results.items():

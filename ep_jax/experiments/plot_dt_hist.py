@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from ep_jax import timesteps
-from ep_jax.experiments import cli
+from ep_jax.experiments import cli, figures
 
 
 def main(argv=None):
@@ -35,7 +35,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.n < 1:
         raise ValueError(f"--n must be >= 1, got {a.n}")
-    plt = cli.pyplot()
+    plt = figures.pyplot()
     given = {"mean": a.mean, "std": a.std, "dt_min": a.dt_min, "dt_max": a.dt_max}
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
     summary = {}

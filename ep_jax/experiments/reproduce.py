@@ -31,6 +31,7 @@ import numpy as np
 from ep_jax.experiments import cli
 from ep_jax.experiments.config import ConfigError, RunConfig, validate
 from ep_jax.experiments.presets import HTS_DISTS, HTS_DT_OUT, PRESETS
+from ep_jax.experiments.errors import RunError, Interrupted
 
 TABLE2_CELLS = [f"{d}-{m}" for d in ("mnist", "kmnist", "fmnist") for m in ("ep", "dep", "dbptt")]
 TABLE1_DATASETS = ("mnist", "kmnist", "fmnist")
@@ -155,7 +156,7 @@ def main(argv=None):
             from ep_jax.experiments import checkpoint as ckpt
             meta = ckpt.read_meta(m.dir / engine.CHECKPOINT)
         if meta is not None and meta.get("digest") != m.cfg.digest():
-            raise engine.RunError(f"{m.dir} holds a run of another config; choose another --out")
+            raise RunError(f"{m.dir} holds a run of another config; choose another --out")
         summary = engine.read_json(m.dir / "summary.json") or {}
         if meta is not None and (meta["epoch"] >= m.cfg.epochs or summary.get("status") == "diverged"):
             continue  # finished (or diverged: a rerun would diverge again, bit for bit)
@@ -180,7 +181,7 @@ def main(argv=None):
             started = any((m.dir / engine.CHECKPOINT).exists() for m in g.members)
             engine.run(g.members, "resume" if started else "overwrite", progress=not a.no_progress,
                        deadline=deadline)
-    except engine.Interrupted:
+    except Interrupted:
         stopped = True
     text = aggregate.report([out]) if out.exists() else ""
     if a.table == "table1" and out.exists():

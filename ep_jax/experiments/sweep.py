@@ -36,9 +36,9 @@ import tomllib
 from pathlib import Path
 
 from ep_jax.experiments import cli, distributed
-from ep_jax.experiments.cli import SpecError
 from ep_jax.experiments.config import FIELDS, ConfigError, RunConfig, validate
 from ep_jax.experiments.presets import PRESETS
+from ep_jax.experiments.errors import RunError, SpecError
 
 SPEC_KEYS = {"name", "description", "preset", "out", "base", "grid", "members"}
 
@@ -153,13 +153,13 @@ def check_sweep_folder(out: Path, members, mode: str):
     from ep_jax.experiments import engine
     saved = engine.read_json(out / "sweep.json")
     if mode == "new" and out.is_dir() and any(out.iterdir()):
-        raise engine.RunError(f"{out} already holds a sweep: pass --resume to continue it or --overwrite to "
+        raise RunError(f"{out} already holds a sweep: pass --resume to continue it or --overwrite to "
                               "replace it")
     if mode == "resume":
         if saved is None:
-            raise engine.RunError(f"{out}: no sweep to resume (sweep.json is missing)")
+            raise RunError(f"{out}: no sweep to resume (sweep.json is missing)")
         if [m["name"] for m in saved.get("members", [])] != [m.name for m in members]:
-            raise engine.RunError(f"{out}: the spec's members differ from the saved sweep's; resume needs the "
+            raise RunError(f"{out}: the spec's members differ from the saved sweep's; resume needs the "
                                   "same spec (only epochs may change)")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from ep_jax.experiments import cli, distributed
 from ep_jax.experiments.config import ConfigError, RunConfig, describe, parse_sets, validate
 from ep_jax.experiments.presets import PRESETS
+from ep_jax.experiments.errors import RunError
 
 
 def parser():
@@ -80,7 +81,7 @@ def main(argv=None):
         run_dir = Path(a.out)
         saved = engine.read_json(run_dir / "config.json")
         if saved is None:
-            raise engine.RunError(f"{run_dir}: no run to resume (config.json is missing)")
+            raise RunError(f"{run_dir}: no run to resume (config.json is missing)")
         cfg = validate(RunConfig.from_dict(saved, where=f"{run_dir}/config.json: "))
         if a.epochs is not None:
             cfg = validate(cfg.replace(epochs=a.epochs))
