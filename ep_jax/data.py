@@ -234,6 +234,13 @@ def candidate_dirs(name: str, data_dir=None) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
+def available_offline(name: str, data_dir=None) -> bool:
+    """Whether a complete set of `name`'s files lies in one of the folders searched
+    (`candidate_dirs`); nothing is read beyond the file names, no download is tried."""
+    name = canonical_name(name)
+    return any(_files_in(f, name) is not None for f in candidate_dirs(name, data_dir))
+
+
 TFDS_HOST = ("storage.googleapis.com", 443)  # where tensorflow-datasets downloads from
 
 

@@ -41,8 +41,7 @@ SMOKE = dict(subset=512, test_subset=256, epochs=1, chunk=4, eval_batch=256)
 def available(dataset: str, data_dir=None) -> bool:
     """Whether the dataset's files are found offline (no download is tried)."""
     from ep_jax import data
-    name = data.canonical_name(dataset)
-    return any(data._files_in(f, name) is not None for f in data.candidate_dirs(name, data_dir))
+    return data.available_offline(dataset, data_dir)
 
 
 def cells(table: str, only=None) -> list[tuple[str, dict]]:
