@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ep_jax.experiments import cli, figures
+from ep_jax.experiments import checkpoint, cli, figures, files
 from ep_jax.experiments.config import ConfigError, RunConfig
+from ep_jax.experiments.errors import RunError
 from ep_jax.experiments.presets import PUBLISHED_TABLE2, published, table1_cell, table2_cell, table2_position
 
 CELL_EXCLUDE = ("seed", "data_dir")
@@ -45,18 +46,14 @@ def find_runs(paths) -> list[Path]:
 
 
 def load_run(path: Path) -> dict:
-    """`{"dir", "config", "summary", "metrics"}` of a run folder (summary may be None)."""
-    try:
-        cfg = RunConfig.from_dict(json.loads((path / "config.json").read_text()), where=f"{path}/config.json: ")
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}/config.json: not valid JSON ({e})") from None
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else None
-    mpath = path / "metrics.jsonl"
-    metrics = [json.loads(l) for l in mpath.read_text().splitlines() if l.strip()] if mpath.is_file() else []
-    return {"dir": str(path), "config": cfg, "summary": summary, "metrics": metrics}
+    """`{"dir", "config", "summary", "metrics"}` of a run folder (summary may be None),
+    every file checked (`files`): a damaged file is an error naming it, never a cell."""
+    return {"dir": str(path), "config": files.read_config(path), "summary": files.read_summary(path),
+            "metrics": files.read_metrics(path)}
 
 
 def cell_key(cfg: RunConfig) -> str:
+    """The cell a config belongs to: its JSON without the seed and the data folder."""
     return json.dumps({k: v for k, v in cfg.to_json().items() if k not in CELL_EXCLUDE}, sort_keys=True)
 
 
@@ -88,6 +85,7 @@ def cells(runs: list[dict]) -> list[dict]:
 
 
 def mean_std(v):
+    """`(mean, sample std)` of `v`; nan for what is undefined (no values; one value's std)."""
     v = np.asarray(v, float)
     if not len(v):
         return float("nan"), float("nan")
@@ -102,6 +100,7 @@ def _fmt_ms(v):
 
 
 def cell_label(cfg: RunConfig) -> str:
+    """A cell's name in tables and figures (its Table 1/2 cell where it is one)."""
     t2, t1 = table2_cell(cfg), table1_cell(cfg)
     if t2:
         return f"Table 2 {t2[0].upper()} {t2[1].upper()}"
@@ -165,22 +164,28 @@ def table(cs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(paths) -> str:
+def load_runs(paths) -> list[dict]:
+    """Every run folder at or below `paths`, read and checked (`load_run`); at least one."""
     runs = [load_run(p) for p in find_runs(paths)]
     if not runs:
         raise ConfigError(f"no run folders (with config.json) under {', '.join(map(str, paths))}")
+    return runs
+
+
+def report(paths, runs: list[dict] | None = None) -> str:
+    """The markdown report of the runs at or below `paths` (or of `runs`, already read)."""
+    runs = load_runs(paths) if runs is None else runs
     return ("Test accuracy (%) per cell (same config, seeds pooled): final epoch mean ± std (sample), "
             "best epoch, and the paper's value with our distance from it in its standard deviations.\n\n"
             + table(cells(runs)))
 
 
-def plot(cs: list[dict], path) -> None:
-    """Test accuracy against epoch, one panel per cell: the seeds' mean with their
-    min–max band, and the paper's mean ± std as a grey band."""
+def plot_figure(cs: list[dict]):
+    """The figure of `plot` (a matplotlib Figure), or None when no run has an epoch."""
     plt = figures.pyplot()
     cs = [c for c in cs if any(r["metrics"] for r in c["runs"])]
     if not cs:
-        return
+        return None
     cols = min(3, len(cs))
     rows = -(-len(cs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
@@ -192,7 +197,8 @@ def plot(cs: list[dict], path) -> None:
             a[i, :len(v)] = v
         ep = np.arange(1, T + 1)
         ax.fill_between(ep, np.nanmin(a, 0), np.nanmax(a, 0), alpha=0.3, label=f"{len(curves)} seeds (min–max)")
-        ax.plot(ep, np.nanmean(a, 0), lw=1.5, label="mean")
+        # markers: a run of one epoch is one point, which a line alone does not show
+        ax.plot(ep, np.nanmean(a, 0), "o-", ms=3, lw=1.5, label="mean")
         if c["paper"]:
             pm, ps = c["paper"]
             ax.axhspan(pm - ps, pm + ps, color="0.5", alpha=0.3)
@@ -200,6 +206,7 @@ def plot(cs: list[dict], path) -> None:
         lo = np.nanpercentile(a[:, min(2, T - 1):], 1) if T > 2 else np.nanmin(a)
         ax.set_ylim(max(lo - 0.5, 0), min(np.nanmax(a) + 0.5, 100))
         ax.set_title(cell_label(c["config"]), fontsize=9)
+        figures.integer_epochs(ax, T)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -207,24 +214,42 @@ def plot(cs: list[dict], path) -> None:
     for ax in list(axes.flat)[len(cs):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot(cs: list[dict], path) -> None:
+    """Test accuracy against epoch, one panel per cell: the seeds' mean with their
+    min–max band, and the paper's mean ± std as a grey band; written atomically.
+    RunError when no run has a finished epoch (nothing to draw)."""
+    fig = plot_figure(cs)
+    if fig is None:
+        raise RunError("--plot: no run has a finished epoch to draw")
+    figures.save(fig, path, dpi=110)
 
 
 def main(argv=None):
+    """The command line: the report of the given run folders (and --out, --plot)."""
     p = cli.runs_parser(cli.prog("aggregate"), __doc__)
     p.add_argument("--out", help="also write the markdown table here")
     p.add_argument("--plot", help="also draw every cell's test accuracy per epoch into this PNG")
     cli.add_common(p)
     a = p.parse_args(argv)
-    text = report(a.runs)
+    runs = load_runs(a.runs)
+    text = report(a.runs, runs)
+    fig = None
     if a.plot:
-        plot(cells([load_run(r) for r in find_runs(a.runs)]), a.plot)
+        fig = plot_figure(cells(runs))
+        if fig is None:
+            raise RunError("--plot: no run has a finished epoch to draw")
+    # every input read and checked: now the outputs, each written whole or not at all
+    for target in (a.out, a.plot):
+        if target:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+    if fig is not None:
+        figures.save(fig, a.plot, dpi=110)
     print(text)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
-
+        checkpoint.atomic_write_text(Path(a.out), text)
 
 
 def entry(argv=None) -> int:

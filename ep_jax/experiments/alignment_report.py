@@ -17,29 +17,42 @@ from pathlib import Path
 
 import numpy as np
 
-from ep_jax.experiments import aggregate, cli, figures
+from ep_jax.experiments import aggregate, checkpoint, cli, figures
 from ep_jax.experiments.config import ConfigError
+from ep_jax.experiments.errors import RunError
 
 
 def records(run: dict) -> list[dict]:
+    """A run's alignment records, in order (checked by `files.read_metrics`)."""
     return [r for row in run["metrics"] for r in row.get("alignment", [])]
 
 
 def series(runs: list[dict]):
-    """`(steps, {name: (seeds, T) cosines}, (seeds, T) angles)` on the steps all runs share."""
-    recs = [records(r) for r in runs]
-    recs = [r for r in recs if r]
+    """`(steps, {name: (seeds, T) cosines}, (seeds, T) angles)` on the steps all runs share;
+    RunError when they share none or name other parameters."""
+    with_recs = [r for r in runs if records(r)]
+    recs = [records(r) for r in with_recs]
     if not recs:
         return None
     common = sorted(set.intersection(*[{x["step"] for x in r} for r in recs]))
+    if not common:
+        raise RunError(f"{', '.join(r['dir'] for r in with_recs)}: the runs of one cell share no alignment step "
+                       "(other align_every or damaged metrics)")
     by = [{x["step"]: x for x in r} for r in recs]
     names = list(recs[0][0]["cosine"])
+    for run, b in zip(with_recs, by):
+        for st in common:
+            if sorted(b[st]["cosine"]) != sorted(names):
+                raise RunError(f"{run['dir']}/metrics.jsonl: alignment at step {st} names parameters "
+                               f"{sorted(b[st]['cosine'])}, the cell's others {sorted(names)}")
     cos = {n: np.array([[b[s]["cosine"][n] for s in common] for b in by]) for n in names}
     ang = np.array([[b[s]["angle"] for s in common] for b in by])
     return np.array(common), cos, ang
 
 
 def report(paths, out: Path | None) -> str:
+    """The table (markdown) of the runs at or below `paths`; with `out`, also the figure
+    and the table written there (atomically)."""
     runs = [aggregate.load_run(p) for p in aggregate.find_runs(paths)]
     cs = [c for c in aggregate.cells(runs) if any(records(r) for r in c["runs"])]
     if not cs:
@@ -59,16 +72,25 @@ def report(paths, out: Path | None) -> str:
         t_align = sum(row.get("align_time_s", 0.0) for r in c["runs"] for row in r["metrics"])
         every = c["config"].align_every
         costs.append(f"{aggregate.cell_label(c['config'])} {c['config'].model}: measuring every {every} steps "
-                     f"cost {t_align:.1f} s for {t_train:.0f} s of training ({100 * t_align / t_train:.1f} %)")
+                     f"cost {t_align:.1f} s for {t_train:.0f} s of training"
+                     + (f" ({100 * t_align / t_train:.1f} %)" if t_train > 0 else ""))
     text = "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in costs) + "\n"
     if out is not None:
+        fig = plot_figure(cs)
         out.mkdir(parents=True, exist_ok=True)
-        plot(cs, out / "alignment_over_training.png")
-        (out / "alignment_over_training.md").write_text(text)
+        figures.save(fig, out / "alignment_over_training.png", dpi=110)
+        checkpoint.atomic_write_text(out / "alignment_over_training.md", text)
     return text
 
 
 def plot(cs, path: Path):
+    """`plot_figure` written to `path` (atomically)."""
+    figures.save(plot_figure(cs), path, dpi=110)
+
+
+def plot_figure(cs):
+    """Per cell: cosine per parameter and the angle between the full gradients against
+    the training step (seeds' mean and min–max band); a matplotlib Figure."""
     plt = figures.pyplot()
     fig, axes = plt.subplots(2, len(cs), figsize=(5.2 * len(cs), 6.4), squeeze=False)
     for j, c in enumerate(cs):
@@ -89,11 +111,11 @@ def plot(cs, path: Path):
         ax.set_ylabel("angle between full gradients (°)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None):
+    """The command line: the alignment table (and with --out the figure)."""
     p = cli.runs_parser(cli.prog("alignment_report"), __doc__)
     p.add_argument("--out", help="write alignment_over_training.png and .md here")
     cli.add_common(p)

@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import reprlib
 from typing import Any, Mapping
 
 from ep_jax import activations, losses, timesteps
@@ -27,6 +29,14 @@ DATASET_ALIASES = {"fmnist": "fashion_mnist", "fashion-mnist": "fashion_mnist"}
 TRAIN_SIZE = {"mnist": 60000, "kmnist": 60000, "fashion_mnist": 60000}
 TEST_SIZE = {"mnist": 10000, "kmnist": 10000, "fashion_mnist": 10000}
 OPTIMIZERS = ("sgd", "adam")
+
+#: step counters, example indices and epoch numbers are int32 on the device
+INT32_MAX = 2**31 - 1
+#: the most relaxation steps per phase (t_free, t_nudge): a million steps per example is
+#: already days of compute; far below the int32 step counters
+MAX_STEPS = 10**6
+#: the widest layer: 2^24 neurons (a 784 x 2^24 float32 kernel alone is 51 GB)
+MAX_WIDTH = 2**24
 
 
 class ConfigError(ValueError):
@@ -46,8 +56,8 @@ class RunConfig:
     subset: int | None = _f(None, "train on N examples (a seeded random choice, the same for every seed)")
     test_subset: int | None = _f(None, "evaluate on N test examples (seeded random choice)")
     subset_seed: int = _f(0, "seed of the subset choice (and of the synthetic dataset)", lo=0, hi=2**32 - 1)
-    synthetic_train: int = _f(2000, "synthetic dataset: training examples", lo=1)
-    synthetic_test: int = _f(500, "synthetic dataset: test examples", lo=1)
+    synthetic_train: int = _f(2000, "synthetic dataset: training examples", lo=1, hi=INT32_MAX)
+    synthetic_test: int = _f(500, "synthetic dataset: test examples", lo=1, hi=INT32_MAX)
     synthetic_noise: float = _f(0.3, "synthetic dataset: pixel noise", lo=0.0)
     # model
     model: str = _f("dendritic", "ep | dendritic", choices=("ep", "dendritic"))
@@ -56,16 +66,16 @@ class RunConfig:
     output_activation: str | None = _f(None, "output activation (default: as the hidden one with mse)",
                                        choices=tuple(activations.ACTIVATIONS))
     loss: str = _f("mse", "mse | ce", choices=losses.LOSSES)
-    basal_branches: int = _f(8, "dendritic: basal branches per soma", lo=1)
-    apical_branches: int = _f(2, "dendritic: apical branches per soma", lo=1)
+    basal_branches: int = _f(8, "dendritic: basal branches per soma", lo=1, hi=2**16)
+    apical_branches: int = _f(2, "dendritic: apical branches per soma", lo=1, hi=2**16)
     sparsity: float = _f(0.5, "dendritic: fraction of inputs each branch sees", lo=0.0, lo_open=True, hi=1.0)
     apical_dense: bool = _f(False, "dendritic: apical maps without masks")
     alpha: float = _f(0.2, "dendritic: apical scale")
     gamma: float = _f(1.0, "standard model: feedback scale (1 = energy-based)")
     # estimator
     estimator: str = _f("symmetric", "symmetric | one_sided | chl | bptt | bptt_full", choices=KINDS)
-    t_free: int = _f(60, "free-phase steps T1", lo=1)
-    t_nudge: int = _f(12, "nudged-phase steps T2 (bptt: truncation)", lo=1)
+    t_free: int = _f(60, "free-phase steps T1", lo=1, hi=MAX_STEPS)
+    t_nudge: int = _f(12, "nudged-phase steps T2 (bptt: truncation)", lo=1, hi=MAX_STEPS)
     nudge: str = _f("fixed", "fixed | random_sign (one_sided, chl)", choices=NUDGES)
     # relaxation
     beta: float = _f(0.1, "nudging strength (nonzero for EP estimators)")
@@ -82,15 +92,16 @@ class RunConfig:
     lr: Any = _f((0.4, 0.02), "learning rate >= 0: one, or one per synapse")
     momentum: float = _f(0.9, "sgd momentum in [0, 1)", lo=0.0, hi=1.0, hi_open=True)
     # loop
-    batch_size: int = _f(64, "training batch size", lo=1)
-    epochs: int = _f(20, "epochs to train", lo=1)
+    batch_size: int = _f(64, "training batch size", lo=1, hi=INT32_MAX)
+    epochs: int = _f(20, "epochs to train", lo=1, hi=INT32_MAX)
     seed: int = _f(0, "seed of init, masks, time steps, data order and nudge signs", lo=0, hi=2**32 - 1)
-    eval_batch: int = _f(1000, "evaluation batch size", lo=1)
-    chunk: int = _f(100, "training steps per device-resident scan", lo=1)
+    eval_batch: int = _f(1000, "evaluation batch size", lo=1, hi=INT32_MAX)
+    chunk: int = _f(100, "training steps per device-resident scan", lo=1, hi=INT32_MAX)
     max_state: float = _f(1e4, "a state magnitude above this counts as divergence", lo=0.0, lo_open=True)
     float64: bool = _f(False, "compute in float64")
-    align_every: int = _f(0, "every N steps log EP-vs-BPTT alignment on a probe batch (0: off)", lo=0)
-    align_batch: int = _f(64, "probe batch size of the alignment log", lo=1)
+    align_every: int = _f(0, "every N steps log EP-vs-BPTT alignment on a probe batch (0: off)", lo=0,
+                          hi=INT32_MAX)
+    align_batch: int = _f(64, "probe batch size of the alignment log", lo=1, hi=INT32_MAX)
 
     # --- construction ---------------------------------------------------------------
     @classmethod
@@ -101,7 +112,7 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"{where}unknown config field(s) {unknown}; run with --list-fields to see them")
+            raise ConfigError(f"{where}unknown config field(s) {short(unknown)}; run with --list-fields to see them")
         kw = {}
         for f in dataclasses.fields(cls):
             if f.name in d:
@@ -128,6 +139,7 @@ class RunConfig:
     # --- derived --------------------------------------------------------------------
     @property
     def n_layers(self) -> int:
+        """Synapses (= state layers): widths minus one."""
         return len(self.sizes) - 1
 
     def static_key(self) -> tuple:
@@ -149,6 +161,10 @@ class RunConfig:
     def n_test(self) -> int:
         """Test examples the run uses (after the test subset)."""
         return self.test_subset or self.total_test()
+
+    def steps_per_epoch(self) -> int:
+        """Training steps of one epoch: every full batch, then the partial last one."""
+        return -(-self.n_train() // self.batch_size)
 
     def dt_spec(self):
         """The HTS spec of the hidden layers, or None."""
@@ -177,18 +193,48 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    """`math.isfinite` that also takes integers beyond the float range (always finite)."""
+    return _is_int(v) or math.isfinite(v)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 8, 8, 8, 60, 60
+
+
+def short(v) -> str:
+    """A value for a one-line message: long integers by their size, deep or long
+    containers and strings cut (`[[[...]]]`, `'abc...'`)."""
+    if _is_int(v) and abs(v) >= 10**18:
+        return f"{'-' if v < 0 else ''}an integer of {len(str(abs(v)))} digits"
+    try:
+        return _REPR.repr(v)
+    except RecursionError:
+        return f"a {type(v).__name__} nested too deep"
+
+
 def _coerce(f: dataclasses.Field, v, where: str = ""):
     name = f.name
     default = f.default
 
     def bad(expected):
-        return ConfigError(f"{where}{name}: expected {expected}, got {v!r}")
+        return ConfigError(f"{where}{name}: expected {expected}, got {short(v)}")
+
+    def to_float(u):
+        try:
+            return float(u)
+        except OverflowError:
+            raise ConfigError(f"{where}{name}: {short(u)} is beyond the float range") from None
 
     if name in ("lr", "dt"):
         if _is_number(v):
-            return float(v)
+            return to_float(v)
         if isinstance(v, (list, tuple)) and v and all(_is_number(u) for u in v):
-            return tuple(float(u) for u in v)
+            return tuple(to_float(u) for u in v)
         raise bad("a number or a list of numbers (one per " + ("synapse" if name == "lr" else "state layer") + ")")
     if name == "sizes":
         if isinstance(v, (list, tuple)) and all(isinstance(u, int) and not isinstance(u, bool) for u in v):
@@ -209,7 +255,7 @@ def _coerce(f: dataclasses.Field, v, where: str = ""):
     if isinstance(default, float) or name in ("dt_mean", "dt_std", "dt_min", "dt_max", "dt_out"):
         if not _is_number(v):
             raise bad("a number")
-        return float(v)
+        return to_float(v)
     if isinstance(default, str) or default is None:
         if not isinstance(v, str):
             raise bad("a string")
@@ -230,17 +276,21 @@ def validate(cfg: RunConfig) -> RunConfig:
         if v is None:
             continue
         if "choices" in m and v not in m["choices"]:
-            err(f.name, f"must be one of {list(m['choices'])}, got {v!r}")
-        if _is_number(v) and not math.isfinite(v):
+            err(f.name, f"must be one of {list(m['choices'])}, got {short(v)}")
+        if _is_number(v) and not _finite(v):
             err(f.name, f"must be finite, got {v}")
         if "lo" in m and (v <= m["lo"] if m.get("lo_open") else v < m["lo"]):
-            err(f.name, f"must be {'>' if m.get('lo_open') else '>='} {m['lo']}, got {v}")
+            err(f.name, f"must be {'>' if m.get('lo_open') else '>='} {m['lo']}, got {short(v)}")
         if "hi" in m and (v >= m["hi"] if m.get("hi_open") else v > m["hi"]):
-            err(f.name, f"must be {'<' if m.get('hi_open') else '<='} {m['hi']}, got {v}")
+            err(f.name, f"must be {'<' if m.get('hi_open') else '<='} {m['hi']}, got {short(v)}")
+        if _is_int(v) and abs(v) > 2**63 - 1:   # subset, test_subset: no bound of their own
+            err(f.name, f"must be an integer in the int64 range, got {short(v)}")
 
     L = cfg.n_layers
     if len(cfg.sizes) < 2 or any(n < 1 for n in cfg.sizes):
-        err("sizes", f"must list >= 2 positive widths (input, ..., output), got {list(cfg.sizes)}")
+        err("sizes", f"must list >= 2 positive widths (input, ..., output), got {short(list(cfg.sizes))}")
+    if any(n > MAX_WIDTH for n in cfg.sizes):
+        err("sizes", f"widths must be <= {MAX_WIDTH} (2^24), got {short(max(cfg.sizes))}")
     if cfg.dataset != "synthetic":
         if cfg.sizes[0] != 784:
             err("sizes", f"the first width must be 784 (28x28 images) for {cfg.dataset}, got {cfg.sizes[0]}")
@@ -254,6 +304,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             err(name, f"must lie in [1, {total}] ({cfg.dataset} has {total} examples), got {v}")
     if cfg.batch_size > cfg.n_train():
         err("batch_size", f"must not exceed the {cfg.n_train()} training examples, got {cfg.batch_size}")
+    steps = cfg.epochs * cfg.steps_per_epoch()
+    if steps > INT32_MAX:
+        err("epochs", f"{cfg.epochs} epochs of {cfg.steps_per_epoch()} steps make {steps} training steps, more "
+                      f"than the int32 step counter holds ({INT32_MAX}); at most "
+                      f"{INT32_MAX // cfg.steps_per_epoch()} epochs")
     if cfg.t_nudge > cfg.t_free and cfg.estimator != "bptt_full":
         err("t_nudge", f"must be <= t_free, got t_nudge={cfg.t_nudge} > t_free={cfg.t_free}")
     if cfg.estimator in EP_KINDS and cfg.beta == 0:
@@ -306,6 +361,22 @@ def warnings_for(cfg: RunConfig) -> list[str]:
                    "estimate is not the loss gradient (the 'chl' rule is the one paired with gamma != 1)")
     if cfg.optimizer == "adam" and cfg.momentum != FIELDS["momentum"].default:
         out.append("momentum is not used by adam")
+    if cfg.estimator in EP_KINDS:
+        b = abs(cfg.beta)
+        if b > 10:
+            out.append(f"|beta| = {b:g} > 10: the nudge swamps the network's own drive, the nudged state is "
+                       "pinned to the target and the estimate is far from the loss gradient (EP needs a small beta)")
+        elif b < 1e-6:
+            out.append(f"|beta| = {b:g} < 1e-6: the nudged and free states differ by less than the floating-point "
+                       "resolution of the states, so the estimate (that difference divided by beta) is rounding "
+                       "noise and training stays at chance")
+    dts = [d for d in (cfg.dt if isinstance(cfg.dt, tuple) else (cfg.dt,))]
+    dts += [d for d in (cfg.dt_out, cfg.dt_mean) if d is not None]
+    if dts and min(dts) < 1e-4:
+        d = min(dts)
+        out.append(f"a time step of {d:g} < 1e-4: the relaxation barely moves (t_free x dt = {cfg.t_free * d:.2g} "
+                   "of the ~1 time constant it needs), the states stay near their start and training stays at "
+                   "chance")
     return out
 
 
@@ -344,3 +415,97 @@ def parse_sets(pairs) -> dict:
             raise ConfigError(f"--set: unknown config field {key!r}; run with --list-fields to see them")
         out[key] = parse_value(text)
     return out
+
+
+# --- memory -----------------------------------------------------------------------------
+
+def _weights(cfg: RunConfig) -> tuple[int, int]:
+    """`(weights, biases)`: element counts of the kernels (dendritic: and of their masks,
+    same shape) and of the bias vectors."""
+    s, L = cfg.sizes, cfg.n_layers
+    if cfg.model == "ep":
+        return sum(s[l] * s[l + 1] for l in range(L)), sum(s[1:])
+    Kb, Ka = cfg.basal_branches, cfg.apical_branches
+    basal = sum(s[l] * Kb * s[l + 1] for l in range(L))           # (n_{l-1}, K_b n_l) per synapse
+    apical = sum(s[l + 2] * Ka * s[l + 1] for l in range(L - 1))  # (n_{l+1}, K_a n_l) per hidden layer
+    return basal + apical, sum(Kb * n for n in s[1:])
+
+
+def memory_breakdown(cfg: RunConfig, members: int = 1) -> dict[str, int]:
+    """Bytes a run needs at its peak, by part (rough, meant to be within 2x): parameters
+    and masks, the optimiser's state, gradients and updated copies, the states of a batch
+    over the relaxation (BPTT keeps every step it differentiates), evaluation, the
+    alignment probe, and the dataset (on the device and its host copy). `members`
+    vmapped members multiply everything but the dataset."""
+    f = 8 if cfg.float64 else 4
+    W, b = _weights(cfg)
+    P = W + b                                            # parameter elements
+    S = sum(cfg.sizes[1:])                               # state elements per example
+    if cfg.model == "dendritic":                         # branch pre-activations per example
+        Z = sum(cfg.basal_branches * n for n in cfg.sizes[1:]) + sum(cfg.apical_branches * n
+                                                                     for n in cfg.sizes[1:-1])
+    else:
+        Z = S
+    residual = 2 * S + (Z // 4 if cfg.model == "dendritic" else 0)   # a BPTT step's saved values
+    # (states, inputs, the ReLU pattern of the branches; calibrated on XLA's memory analysis)
+
+    def relaxation(batch, stored_steps):
+        # EP: the free, nudged (and anti-nudged) states and one step's temporaries;
+        # BPTT: every differentiated step's residuals, plus one step's temporaries
+        return batch * f * (4 * S + 2 * Z + stored_steps * residual)
+
+    stored = {"bptt": cfg.t_nudge, "bptt_full": cfg.t_free}.get(cfg.estimator, 0)
+    n_examples = cfg.n_train() + cfg.n_test()
+    parts = {
+        "parameters and masks": f * (P + (2 * W if cfg.model == "dendritic" else 0)),  # + masked kernels
+        "optimiser state": f * P * (2 if cfg.optimizer == "adam" else 1),
+        "gradients and updates": f * 2 * P,
+        "relaxation states": relaxation(cfg.batch_size, stored),
+        "evaluation": cfg.eval_batch * f * (2 * S + 2 * Z),
+        "alignment probe": (relaxation(cfg.align_batch, cfg.t_nudge) + f * 2 * P) if cfg.align_every else 0,
+    }
+    parts = {k: v * members for k, v in parts.items()}
+    parts["dataset"] = n_examples * (cfg.sizes[0] * f + 4) + (cfg.total_train() + cfg.total_test()) * cfg.sizes[0] * 4
+    return parts
+
+
+def estimate_memory(cfg: RunConfig, members: int = 1) -> int:
+    """Bytes a run needs at its peak (`memory_breakdown`, summed): parameters and masks,
+    optimiser state, the batch's states over the relaxation, the dataset on the device."""
+    return int(sum(memory_breakdown(cfg, members).values()))
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the system does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def format_bytes(n: float) -> str:
+    """`1.5 GiB`-style."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_memory(cfg: RunConfig, available: int | None = None, members: int = 1) -> int:
+    """Refuse (`ConfigError`, naming the need and what is available) a run whose
+    `estimate_memory` exceeds `available` bytes (default: the physical memory,
+    `os.sysconf` pages x page size). Returns the estimate."""
+    need = estimate_memory(cfg, members)
+    where = "given"
+    if available is None:
+        available, where = physical_memory(), "physical memory of this machine"
+        if available is None:
+            return need
+    if need > available:
+        parts = sorted(memory_breakdown(cfg, members).items(), key=lambda kv: -kv[1])[:2]
+        detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts)
+        raise ConfigError(f"the run needs about {format_bytes(need)} of memory (mostly {detail}), more than the "
+                          f"{format_bytes(available)} available ({where}); make the network (sizes, "
+                          "basal_branches), batch_size or eval_batch smaller")
+    return need

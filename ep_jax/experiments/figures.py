@@ -14,23 +14,56 @@ def pyplot():
     return plt
 
 
-def learning_curve(run_dir: Path, history: list, title: str):
-    """`learning_curve.png`: running train accuracy and test accuracy per epoch."""
-    if not history:
-        return
+def integer_ticks(axis):
+    """Ticks of `axis` (`ax.xaxis`, `ax.yaxis`) at integers only (epochs, steps, k)."""
+    from matplotlib.ticker import MaxNLocator
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def integer_epochs(ax, last_epoch: int):
+    """Integer epoch ticks on `ax`'s x axis, from 1 to `last_epoch` (a little margin, so a
+    curve of one epoch is a point in the middle, not on the frame)."""
+    integer_ticks(ax.xaxis)
+    ax.set_xlim(0.5, max(last_epoch, 1) + 0.5)
+
+
+def save(fig, path, dpi: int = 110):
+    """Write `fig` as a PNG at `path` atomically (drawn in memory, then a temporary file
+    in the same folder renamed over `path`), and close it."""
+    import io
+    from ep_jax.experiments.checkpoint import atomic_write
+    plt = pyplot()
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi)
+        atomic_write(Path(path), buf.getvalue())
+    finally:
+        plt.close(fig)
+
+
+def learning_curve_figure(history: list, title: str):
+    """The figure of `learning_curve` (a matplotlib Figure): running train accuracy and
+    test accuracy against the epoch, with markers and integer epoch ticks."""
     plt = pyplot()
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ep, [h["train_acc"] for h in history], "o-", label="train (running)")
     ax.plot(ep, [h["test_acc"] for h in history], "s-", label="test")
+    integer_epochs(ax, max(ep))
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "learning_curve.png", dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def learning_curve(run_dir: Path, history: list, title: str):
+    """`learning_curve.png`: running train accuracy and test accuracy per epoch."""
+    if not history:
+        return
+    save(learning_curve_figure(history, title), Path(run_dir) / "learning_curve.png", dpi=110)
 
 
 def alignment(run_dir: Path, history: list, title: str):

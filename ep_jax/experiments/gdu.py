@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ep_jax
-from ep_jax.experiments import cli, engine, figures
+from ep_jax.experiments import checkpoint, cli, engine, figures, files
 from ep_jax.experiments.config import ConfigError, parse_sets, validate, RunConfig
 from ep_jax.experiments.presets import PRESETS
 
@@ -32,7 +32,8 @@ def network(a):
     """`(cfg, model, est, params, buffers, rx, where)` from --run or --preset."""
     if a.run:
         cfg, model, est, params, buffers, rx, meta = engine.load_run(a.run)
-        return cfg, model, est, params, buffers, rx, f"{a.run} (epoch {meta['epoch']})"
+        epoch = files.checkpoint_epoch(meta, Path(a.run) / engine.CHECKPOINT)
+        return cfg, model, est, params, buffers, rx, f"{a.run} (epoch {epoch})"
     if a.preset not in PRESETS:
         raise ConfigError(f"unknown preset {a.preset!r}; choose one of {sorted(PRESETS)}")
     cfg = validate(RunConfig.from_dict({**PRESETS[a.preset], **parse_sets(a.set), "seed": a.seed}))
@@ -43,6 +44,13 @@ def network(a):
 
 
 def plot(res, names, table, title, path):
+    """`plot_figure` written to `path` (atomically)."""
+    figures.save(plot_figure(res, names, table, title), path, dpi=110)
+
+
+def plot_figure(res, names, table, title):
+    """Per parameter three components of the −update against k (BPTT solid, EP dashed),
+    and every parameter's relative RMSE against k; a matplotlib Figure."""
     plt = figures.pyplot()
     ep_leaves, bp_leaves = jax.tree.leaves(res.ep), jax.tree.leaves(res.bptt)
     n = len(names) + 1
@@ -61,6 +69,8 @@ def plot(res, names, table, title, path):
             ax.plot(k, -e[:, j], "--", color=f"C{c}", lw=1.2)
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("k")
+        ax.set_ylabel("−update component", fontsize=8)
+        figures.integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
     ax = list(axes.flat)[len(names)]
     for name in names:
@@ -68,17 +78,19 @@ def plot(res, names, table, title, path):
                     np.maximum(np.asarray(table[name]["rel_rmse"], float), 1e-12), label=name)
     ax.set_title("relative RMSE(EP, BPTT)", fontsize=8)
     ax.set_xlabel("k")
+    ax.set_ylabel("relative RMSE", fontsize=8)
+    figures.integer_ticks(ax.xaxis)
     ax.legend(fontsize=5)
     ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(title + "  (−update per component: BPTT solid, EP dashed)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None):
+    """The command line: the GDU check of a preset's or a run's network."""
     p = argparse.ArgumentParser(prog=cli.prog("gdu"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -110,7 +122,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     title = f"GDU: {where}, {est.kind}, β={float(rx.beta):g}, T1={est.t_free}, T2={est.t_nudge}, batch {a.batch}"
     plot(res, res.names, table, title, out / "gdu.png")
-    (out / "gdu.json").write_text(json.dumps({"title": title, "per_k": table}, indent=1) + "\n")
+    checkpoint.atomic_write_text(out / "gdu.json", json.dumps({"title": title, "per_k": table}, indent=1) + "\n")
     print(title)
     print(f"{'parameter':32s} {'cosine at k=T2':>15s} {'rel RMSE at k=T2':>17s}")
     for name in res.names:

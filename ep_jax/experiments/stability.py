@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ep_jax.experiments import aggregate, cli
+from ep_jax.experiments import aggregate, checkpoint, cli
 from ep_jax.experiments.config import ConfigError
 from ep_jax.experiments.presets import HTS_DISTS, HTS_DT_OUT, PUBLISHED_TABLE1, table1_cell, table1_position
 
@@ -56,6 +56,7 @@ def stability_cells(cs: list[dict], last: int) -> dict:
 
 
 def format_table1(table: dict) -> str:
+    """Markdown: per dataset, one row per output dt, one column per hidden dt distribution."""
     lines = []
     for ds in sorted({k[0] for k in table}):
         lines += [f"\n### {ds}\n", "| dt_out | " + " | ".join(HTS_DISTS) + " |", "|---|" + "---|" * len(HTS_DISTS)]
@@ -76,9 +77,10 @@ def format_table1(table: dict) -> str:
 
 
 def report(paths, last: int = 10) -> str:
-    runs = [aggregate.load_run(p) for p in aggregate.find_runs(paths)]
-    if not runs:
-        raise ConfigError(f"no run folders (with config.json) under {', '.join(map(str, paths))}")
+    """The Table 1 report of the runs at or below `paths` (module docstring)."""
+    if last < 3:
+        raise ConfigError(f"--last must be >= 3 (the std of epoch-to-epoch changes needs 3 epochs), got {last}")
+    runs = aggregate.load_runs(paths)
     cs = aggregate.cells(runs)
     table = stability_cells(cs, last)
     text = ("Test accuracy (%): ours **mean ± std** over seeds (n, fluctuation = std of epoch-to-epoch "
@@ -90,6 +92,7 @@ def report(paths, last: int = 10) -> str:
 
 
 def main(argv=None):
+    """The command line: the Table 1 report of the given run folders."""
     p = cli.runs_parser(cli.prog("stability"), __doc__)
     p.add_argument("--last", type=int, default=10, help="epochs used for the fluctuation")
     p.add_argument("--out")
@@ -99,7 +102,7 @@ def main(argv=None):
     print(text)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
+        checkpoint.atomic_write_text(Path(a.out), text)
 
 
 
