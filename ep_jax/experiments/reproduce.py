@@ -4,23 +4,31 @@
     python -m experiments.reproduce table1                 # Table 1: HTS dt_out x distribution
     python -m experiments.reproduce table2 --budget 60     # stop cleanly after ~60 minutes
     python -m experiments.reproduce table2                 # ... and the same command continues
-    python -m experiments.reproduce table2 --smoke         # the same path in ~2 minutes (CPU)
+    python -m experiments.reproduce table2 --smoke         # the same path on tiny subsets, 1 epoch
 
 Each cell whose dataset is available offline (or through --data-dir) runs `--seeds`
 seeds; the seeds of one cell share their structure, so they train as one vmapped
 program. Cells whose data is missing are listed and skipped. Output: one run folder per
-cell and seed under `--out` (default `runs/reproduce-<table>`), and at the end the
-aggregated table against the paper (`<out>/results.md`, `experiments.aggregate`; for
-Table 1 also the stability layout, `experiments.stability`).
+cell and seed under `--out` (default `runs/reproduce-<table>`, with `--smoke`
+`runs/reproduce-<table>-smoke`), and at the end the aggregated table against the paper
+(`<out>/results.md`, `experiments.aggregate`; for Table 1 also the stability layout,
+`experiments.stability`).
 
-Re-running the same command resumes from the checkpoints (finished cells stay as they
-are; `--epochs` may grow). Before training, every cell's time is estimated from a
-timed chunk of its own compiled step (compilation is shared with the run), and with
-`--budget MINUTES` the grid stops at the last epoch boundary that fits, resumable.
+Re-running the same command continues from the checkpoints (finished cells stay as they
+are; `--epochs` may grow); `--resume` says the same explicitly (and refuses an output
+folder without any checkpoint). `--overwrite` retrains the chosen cells from scratch,
+replacing their run folders (only folders of a reproduce run: the engine refuses others).
+Before training, every group's time per epoch is estimated, one line per group as it
+goes: a chunk of `ESTIMATE_STEPS` steps of its own step function is compiled, run once,
+then timed on a throwaway copy of the initial state (an extra compilation of seconds,
+not the run's `chunk`-step scan). With `--budget MINUTES` the grid stops at the last
+epoch boundary that fits, resumable.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,12 +38,26 @@ import numpy as np
 
 from ep_jax.experiments import cli
 from ep_jax.experiments.config import ConfigError, RunConfig, validate
+from ep_jax.experiments.errors import Interrupted, RunError
 from ep_jax.experiments.presets import HTS_DISTS, HTS_DT_OUT, PRESETS
-from ep_jax.experiments.errors import RunError, Interrupted
+from ep_jax.experiments.train import check_int_flags
 
 TABLE2_CELLS = [f"{d}-{m}" for d in ("mnist", "kmnist", "fmnist") for m in ("ep", "dep", "dbptt")]
 TABLE1_DATASETS = ("mnist", "kmnist", "fmnist")
 SMOKE = dict(subset=512, test_subset=256, epochs=1, chunk=4, eval_batch=256)
+EPOCHS = 50                  # default epochs (the papers' numbers need >= 50); --smoke: SMOKE's
+ESTIMATE_STEPS = 3           # steps of the timed chunk of the time estimate
+MAX_SEEDS = 1000
+
+
+def default_out(table: str, smoke: bool = False) -> Path:
+    """The default output folder: `runs/reproduce-<table>`, `runs/reproduce-<table>-smoke`."""
+    return Path("runs") / (f"reproduce-{table}" + ("-smoke" if smoke else ""))
+
+
+def out_of(a) -> Path:
+    """The output folder of the parsed arguments `a` (`--out`, else `default_out`)."""
+    return Path(a.out) if a.out else default_out(a.table, a.smoke)
 
 
 def available(dataset: str, data_dir=None) -> bool:
@@ -63,16 +85,19 @@ def cells(table: str, only=None) -> list[tuple[str, dict]]:
 
 
 def members(a) -> tuple[list, list[str]]:
+    """`(engine.Member per cell and seed, ["cell (why skipped)"])` of the parsed arguments."""
     from ep_jax.experiments import engine
     out, skipped = [], []
-    root = Path(a.out or f"runs/reproduce-{a.table}")
+    root = out_of(a)
     for cell, values in cells(a.table, a.cells.split(",") if a.cells else None):
         values = dict(values)
-        values["epochs"] = a.epochs
+        values["epochs"] = EPOCHS
         if a.data_dir:
             values["data_dir"] = a.data_dir
         if a.smoke:
             values.update(SMOKE)
+        if a.epochs is not None:
+            values["epochs"] = a.epochs
         if a.chunk:
             values["chunk"] = a.chunk
         if not available(values["dataset"], a.data_dir):
@@ -84,9 +109,29 @@ def members(a) -> tuple[list, list[str]]:
     return out, skipped
 
 
-def estimate(groups, data_for) -> list[float]:
-    """Seconds per epoch of each group, from one timed chunk of its compiled step on a
-    throwaway copy of its initial state (the compilation is reused by the run)."""
+def check_overwrite(out: Path, table: str):
+    """Refuse (RunError) `--overwrite` on a folder that is not a reproduce run's output:
+    it may hold only `results.md` and cell folders of `table` holding `seed<N>` folders."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunError(f"{out} exists and is not a folder")
+    known = {c for c, _ in cells(table)}
+    for p in out.iterdir():
+        if p.name == "results.md" and p.is_file():
+            continue
+        if p.name in known and p.is_dir() and not p.is_symlink() and all(
+                re.fullmatch(r"seed\d+", q.name) and q.is_dir() and not q.is_symlink() for q in p.iterdir()):
+            continue
+        raise RunError(f"--overwrite replaces only the runs of a reproduce output folder; {out} holds {p.name!r}, "
+                       f"which is not one of {table}'s cells (choose another --out)")
+
+
+def estimate(groups, data_for, report=None, steps: int = ESTIMATE_STEPS) -> list[float]:
+    """Seconds per epoch of each group: a chunk of `steps` steps of its compiled step
+    (`ep_jax.sweep.sweep_steps_jit`) on a throwaway copy of its initial state is run once
+    (compiling it), then timed; scaled to the epoch's steps, plus the evaluation.
+    `report(group, seconds)` is called as each group's estimate is known."""
     from ep_jax import sweep as S
     from ep_jax.models.base import default_float
     from ep_jax.experiments import engine
@@ -94,10 +139,9 @@ def estimate(groups, data_for) -> list[float]:
     for g in groups:
         with engine._x64(g.cfg):
             xtr, ytr, _, _ = data_for(g.cfg)
-            n, B, chunk = len(ytr), g.cfg.batch_size, g.cfg.chunk
+            n, B = len(ytr), g.cfg.batch_size
             n_full = n // B
-            if n_full < chunk:  # the run's only full chunk is shorter: time that shape
-                chunk = n_full
+            chunk = max(1, min(steps, g.cfg.chunk, n_full))
             state, rx = g.initial()
             x = jnp.asarray(xtr, default_float())
             y = jnp.asarray(ytr, jnp.int32)
@@ -110,74 +154,107 @@ def estimate(groups, data_for) -> list[float]:
             per_step = (time.perf_counter() - t0) / chunk
         # + the partial batch and the evaluation (a free phase over the test set)
         eval_frac = g.cfg.n_test() / max(n, 1) * g.cfg.t_free / (g.cfg.t_free + 3 * g.cfg.t_nudge + 4)
-        out.append(per_step * (n_full + (n % B > 0)) * (1 + eval_frac))
+        secs = per_step * (n_full + (n % B > 0)) * (1 + eval_frac)
+        out.append(secs)
+        if report is not None:
+            report(g, secs)
     return out
 
 
 def parser():
+    """The command line's argument parser."""
     p = argparse.ArgumentParser(prog=cli.prog("reproduce"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", choices=("table1", "table2"))
-    p.add_argument("--seeds", type=int, default=5, help="seeds per cell (default 5)")
-    p.add_argument("--epochs", type=int, default=50,
-                   help="epochs per run (default 50: the papers' numbers need >= 50; --smoke: 1)")
+    p.add_argument("--seeds", type=int, default=5, help=f"seeds per cell (default 5, at most {MAX_SEEDS})")
+    p.add_argument("--epochs", type=int,
+                   help=f"epochs per run (default {EPOCHS}: the papers' numbers need >= 50; with --smoke "
+                        f"{SMOKE['epochs']})")
     p.add_argument("--cells", help="comma-separated cells (default: every cell whose data is available)")
     p.add_argument("--budget", type=float, help="minutes; stop cleanly at the last epoch boundary that fits")
-    p.add_argument("--smoke", action="store_true", help="tiny subsets, 1 epoch: the same path in ~2 minutes")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"{SMOKE['subset']} training and {SMOKE['test_subset']} test examples, "
+                        f"{SMOKE['epochs']} epoch: the same path in minutes (default --out "
+                        "runs/reproduce-<table>-smoke)")
     p.add_argument("--chunk", type=int, help="steps per device-resident scan")
     p.add_argument("--data-dir", help="folder with the datasets' files (the only place looked)")
-    p.add_argument("--out", help="output folder (default runs/reproduce-<table>)")
+    p.add_argument("--out", help="output folder (default runs/reproduce-<table>, with --smoke "
+                                 "runs/reproduce-<table>-smoke)")
     p.add_argument("--no-estimate", action="store_true", help="skip the time estimate")
-    p.add_argument("--no-progress", action="store_true")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue the runs in --out (what re-running the command does; refuses a folder "
+                        "without any checkpoint)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="retrain the chosen cells from scratch, replacing their run folders")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     cli.add_common(p)
     return p
 
 
 def main(argv=None):
+    """`python -m experiments.reproduce`: train what is left of a table, then write its
+    `results.md`; returns the exit status."""
     from ep_jax.experiments import aggregate, engine, stability
+    from ep_jax.experiments import checkpoint as ckpt
     a = parser().parse_args(argv)
     t_start = time.time()
-    if a.seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {a.seeds}")
-    if a.budget is not None and a.budget <= 0:
-        raise ConfigError(f"--budget must be > 0 minutes, got {a.budget}")
+    check_int_flags({"--seeds": a.seeds, "--epochs": a.epochs, "--chunk": a.chunk})
+    if not 1 <= a.seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds must be >= 1 and <= {MAX_SEEDS}, got {a.seeds}")
+    if a.budget is not None and not (math.isfinite(a.budget) and a.budget > 0):
+        raise ConfigError(f"--budget must be > 0 minutes (and finite), got {a.budget}")
     ms, skipped = members(a)
     for s in skipped:
         print(f"skipped: {s}")
     if not ms:
         raise ConfigError("no cell has its data available; pass --data-dir (see ep_jax.data for the layout)")
-    out = Path(a.out or f"runs/reproduce-{a.table}")
+    out = out_of(a)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} exists and is not a folder")
+    if a.overwrite:
+        check_overwrite(out, a.table)
+    if a.resume and not any((m.dir / engine.CHECKPOINT).exists() for m in ms):
+        raise RunError(f"{out}: no run to resume (no checkpoint of the chosen cells); run the command without "
+                       "--resume to start")
     # continue what exists, start the rest: a member folder with a checkpoint resumes
-    todo = []
+    todo, metas = [], {}
     for m in ms:
         meta = None
-        if (m.dir / engine.CHECKPOINT).exists():
-            from ep_jax.experiments import checkpoint as ckpt
+        if not a.overwrite and (m.dir / engine.CHECKPOINT).exists():
             meta = ckpt.read_meta(m.dir / engine.CHECKPOINT)
         if meta is not None and meta.get("digest") != m.cfg.digest():
-            raise RunError(f"{m.dir} holds a run of another config; choose another --out")
-        summary = engine.read_json(m.dir / "summary.json") or {}
+            raise RunError(f"{m.dir} holds a run of another config; choose another --out, or pass --overwrite "
+                           "to replace it")
+        summary = (engine.read_json(m.dir / "summary.json") or {}) if meta is not None else {}
         if meta is not None and (meta["epoch"] >= m.cfg.epochs or summary.get("status") == "diverged"):
             continue  # finished (or diverged: a rerun would diverge again, bit for bit)
+        metas[m.name] = meta
         todo.append(m)
     groups = engine.group_members(todo)
     print(f"{a.table}: {len(ms)} runs in {len({m.dir.parent for m in ms})} cells, {len(todo)} to train "
-          f"in {len(groups)} vmapped group(s) -> {out}")
+          f"in {len(groups)} vmapped group(s) -> {out}", flush=True)
     if groups and not a.no_estimate:
-        secs = estimate(groups, engine.load_data)
+        print(f"estimating the time of {len(groups)} group(s) ({ESTIMATE_STEPS} timed steps each, after "
+              "compiling them) ...", flush=True)
         total = 0.0
-        for g, s in zip(groups, secs):
-            left = g.cfg.epochs - min(_epoch(m) for m in g.members)
+
+        def report(g, s):
+            nonlocal total
+            left = g.cfg.epochs - min((metas[m.name] or {}).get("epoch", 0) for m in g.members)
             total += s * left
             print(f"  {g.members[0].dir.parent.name}: {g.M} seeds, ~{s:.1f} s per epoch x {left} epochs "
-                  f"= ~{s * left / 60:.1f} min")
-        print(f"estimated time: ~{total / 60:.1f} min" + (f" (budget {a.budget:g} min)" if a.budget else ""))
+                  f"= ~{s * left / 60:.1f} min", flush=True)
+
+        estimate(groups, engine.load_data, report)
+        print(f"estimated time: ~{total / 60:.1f} min" + (f" (budget {a.budget:g} min)" if a.budget else ""),
+              flush=True)
     deadline = t_start + 60 * a.budget if a.budget else None
     stopped = False
     try:
         for g in groups:
             # members with a checkpoint continue it; the others (no checkpoint yet) start afresh
-            started = any((m.dir / engine.CHECKPOINT).exists() for m in g.members)
+            started = any(metas[m.name] is not None for m in g.members)
             engine.run(g.members, "resume" if started else "overwrite", progress=not a.no_progress,
                        deadline=deadline)
     except Interrupted:
@@ -186,20 +263,12 @@ def main(argv=None):
     if a.table == "table1" and out.exists():
         text += "\n" + stability.report([out])
     if text:
-        (out / "results.md").write_text(f"# {a.table}" + (" (smoke)" if a.smoke else "") + "\n\n" + text)
+        ckpt.atomic_write_text(out / "results.md", f"# {a.table}" + (" (smoke)" if a.smoke else "") + "\n\n" + text)
         print(text)
     if stopped:
-        print(f"stopped by --budget after {(time.time() - t_start) / 60:.1f} min; run the same command "
-              "again to continue")
+        print(f"stopped by --budget after {(time.time() - t_start) / 60:.1f} min; run the same command again "
+              "(or with --resume) to continue")
     return 0
-
-
-def _epoch(m) -> int:
-    from ep_jax.experiments import checkpoint as ckpt
-    from ep_jax.experiments import engine
-    p = m.dir / engine.CHECKPOINT
-    return ckpt.read_meta(p)["epoch"] if p.exists() else 0
-
 
 
 def entry(argv=None) -> int:

@@ -4,6 +4,7 @@ A spec (TOML or JSON) is a base config, a grid and/or explicit members — every
 `RunConfig` field (`python -m experiments.train --list-fields`):
 
     name = "dep_lr"               # default: the file's stem; output in runs/<name>
+    out = "runs/lr"               # optional: the output folder (relative, inside the current one)
     preset = "mnist-dep"          # optional: start from a preset
     epochs = 20                   # RunConfig fields at the top level go into [base]
 
@@ -24,12 +25,26 @@ run (`experiments.engine`), and trains with its own seed's keys and data order, 
 member's numbers equal those of the same config run alone. Members that share their
 static structure train as one vmapped program. `<out>/sweep.json` lists the members;
 `<out>/results.md` is the aggregated table (`experiments.aggregate`).
+
+Names become paths: the sweep's name and every member's name (given, or derived from the
+grid: `seed=0_beta=0.1`) must each be one plain folder name (letters, digits and
+`. _ = + -`, not `.`/`..`, not starting with `-`); a spec's `out` must be a relative path
+without `..`. A spec holds at most `MAX_MEMBERS` members (the grid's size is computed
+before anything is expanded).
+
+Everything is checked before anything is written: the spec, every member's config and
+that every member's dataset can be read (`--dry-run` checks the same, trains nothing).
+`--resume` continues the sweep in `<out>` only with the same spec: every member's config
+must equal the one saved in `<out>/sweep.json` except `epochs` (which may grow) and
+`data_dir` (where the data lives is not part of a run).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
+import math
 import re
 import sys
 import tomllib
@@ -37,10 +52,17 @@ from pathlib import Path
 
 from ep_jax.experiments import cli, distributed
 from ep_jax.experiments.config import FIELDS, ConfigError, RunConfig, validate
-from ep_jax.experiments.presets import PRESETS
 from ep_jax.experiments.errors import RunError, SpecError
+from ep_jax.experiments.names import relative_inside, safe_component
+from ep_jax.experiments.presets import PRESETS
+from ep_jax.experiments.train import check_int_flags, check_int_values
 
 SPEC_KEYS = {"name", "description", "preset", "out", "base", "grid", "members"}
+#: the most members a spec may expand to (a bigger grid is refused before it is expanded):
+#: checking 10 000 members' configs takes seconds, and each member is a run folder
+MAX_MEMBERS = 10_000
+#: config fields that may differ from the saved sweep on --resume
+RESUME_FREE = ("epochs", "data_dir")
 
 
 def load_spec(path) -> dict:
@@ -67,13 +89,18 @@ def load_spec(path) -> dict:
         raise SpecError(f"{path}: unknown setting(s) {unknown}; a spec holds {sorted(SPEC_KEYS)} and config "
                         "fields (python -m experiments.train --list-fields)")
     spec.setdefault("name", path.stem)
+    safe_component(spec["name"], f"{path}: the sweep's name", SpecError)
+    if spec.get("out") is not None:
+        relative_inside(spec["out"], f"{path}: out", SpecError)
+    if not isinstance(spec.get("description", ""), str):
+        raise SpecError(f"{path}: description must be a string")
     base = {k: v for k, v in spec.items() if k in FIELDS}
     inner = spec.get("base", {})
     if not isinstance(inner, dict):
         raise SpecError(f"{path}: [base] must be a table")
     base.update(inner)
-    if spec.get("preset"):
-        if spec["preset"] not in PRESETS:
+    if spec.get("preset") is not None:
+        if not isinstance(spec["preset"], str) or spec["preset"] not in PRESETS:
             raise SpecError(f"{path}: unknown preset {spec['preset']!r}; choose one of {sorted(PRESETS)}")
         base = {**PRESETS[spec["preset"]], **base}
     spec["base"] = base
@@ -87,8 +114,21 @@ def _label(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def size(spec: dict) -> int:
+    """How many members `spec` expands to, computed without expanding it."""
+    grid, members = spec.get("grid") or {}, spec.get("members") or []
+    n = (math.prod(len(a) for a in grid.values()) if grid else 0) + len(members)
+    return n or 1
+
+
+def duplicates(names) -> list[str]:
+    """The names that occur more than once, sorted (one pass: linear in the names)."""
+    return sorted(n for n, c in collections.Counter(names).items() if c > 1)
+
+
 def expand(spec: dict) -> list[tuple[str, RunConfig]]:
-    """`[(member name, validated RunConfig)]` of a spec, in grid then members order."""
+    """`[(member name, validated RunConfig)]` of a spec, in grid then members order.
+    Refuses (SpecError) more than `MAX_MEMBERS` members before expanding anything."""
     where = spec.get("_path", "spec")
     base, grid, members = spec["base"], spec.get("grid") or {}, spec.get("members") or []
     if not isinstance(grid, dict):
@@ -100,6 +140,11 @@ def expand(spec: dict) -> list[tuple[str, RunConfig]]:
             raise SpecError(f"{where}: grid.{k} is not a config field")
         if not isinstance(alts, list) or not alts:
             raise SpecError(f"{where}: grid.{k} must be a non-empty list of alternatives, got {alts!r}")
+    n = size(spec)
+    if n > MAX_MEMBERS:
+        shape = " x ".join(f"{len(a)} {k}" for k, a in grid.items())
+        raise SpecError(f"{where}: the spec has {n} members (grid {shape or 'none'} + {len(members)} listed), "
+                        f"more than the {MAX_MEMBERS} a sweep may hold; split it into smaller sweeps")
     out = []
     if grid:
         for combo in itertools.product(*grid.values()):
@@ -108,32 +153,38 @@ def expand(spec: dict) -> list[tuple[str, RunConfig]]:
             out.append((name, {**base, **settings}))
     for i, m in enumerate(members):
         m = dict(m)
-        name = str(m.pop("name", f"member{i}"))
-        out.append((name, {**base, **m}))
+        name = m.pop("name", f"member{i}")
+        if not isinstance(name, (str, int)) or isinstance(name, bool):
+            raise SpecError(f"{where}: members[{i}].name must be a string, got {name!r}")
+        out.append((str(name), {**base, **m}))
     if not out:
         out.append((spec["name"], dict(base)))
     configs = []
     for name, values in out:
         if not re.fullmatch(r"[A-Za-z0-9._=+-]+", name):
             raise SpecError(f"{where}: member name {name!r} may hold only letters, digits and . _ = + -")
+        safe_component(name, f"{where}: member name", SpecError)
         try:
+            check_int_values(values)
             configs.append((name, validate(RunConfig.from_dict(values))))
         except ConfigError as e:
             raise ConfigError(f"{where}: member {name}: {e}") from None
-    names = [n for n, _ in configs]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    dup = duplicates(n for n, _ in configs)
     if dup:
-        raise SpecError(f"{where}: member names must be unique, repeated: {dup}")
+        shown = dup[:10] + (["..."] if len(dup) > 10 else [])
+        raise SpecError(f"{where}: member names must be unique, repeated: {shown}")
     return configs
 
 
 def parser():
+    """The command line's argument parser."""
     p = argparse.ArgumentParser(prog=cli.prog("sweep"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="sweep spec, .toml or .json")
     p.add_argument("--out", help="output folder (default: the spec's out, else runs/<name>)")
     p.add_argument("--epochs", type=int, help="override every member's epochs (also to extend on --resume)")
-    p.add_argument("--dry-run", action="store_true", help="list groups and members, train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the spec and the data, list groups and members, write and train nothing")
     cli.add_run_modes(p)
     distributed.add_flags(p)
     cli.add_common(p)
@@ -141,29 +192,88 @@ def parser():
 
 
 def members_of(spec: dict, out: Path, epochs: int | None = None):
+    """The spec's `engine.Member`s, each in `<out>/<member name>` (`epochs`: override)."""
     from ep_jax.experiments import engine
     configs = expand(spec)
     if epochs is not None:
+        check_int_flags({"--epochs": epochs})
         configs = [(n, validate(c.replace(epochs=epochs))) for n, c in configs]
     return [engine.Member(c, n, out / n) for n, c in configs]
 
 
-def check_sweep_folder(out: Path, members, mode: str):
-    """The sweep-level checks (the engine checks each member's folder)."""
+def check_data(members, load: bool = True):
+    """Refuse (DatasetError, naming the member) before anything is written if a member's
+    dataset cannot be read. Synthetic data always can. A real dataset is loaded through
+    `engine.load_data` (which caches it for the run) when `load`, else it must be found
+    offline (`ep_jax.data.available_offline`) or load."""
+    from ep_jax import data
     from ep_jax.experiments import engine
-    saved = engine.read_json(out / "sweep.json")
+    seen = set()
+    for m in members:
+        c = m.cfg
+        if c.dataset == "synthetic":
+            continue
+        key = (c.dataset, c.data_dir, c.subset, c.test_subset, c.subset_seed) if load else (c.dataset, c.data_dir)
+        if key in seen:
+            continue
+        seen.add(key)
+        if not load and data.available_offline(c.dataset, c.data_dir):
+            continue
+        try:
+            engine.load_data(c)
+        except data.DatasetError as e:
+            raise data.DatasetError(f"member {m.name}: {e}") from None
+
+
+def _members_of_saved(out: Path, saved) -> list[dict]:
+    members = saved.get("members") if isinstance(saved, dict) else None
+    if not isinstance(members, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("config"), dict)
+            for m in members):
+        raise RunError(f"{out / 'sweep.json'}: not a sweep's record (no list of members with name and config)")
+    return members
+
+
+def check_sweep_folder(out: Path, members, mode: str):
+    """The sweep-level checks (the engine checks each member's folder): "new" refuses a
+    folder that holds anything; "resume" needs `<out>/sweep.json` with the same members,
+    each of the same config (only `RESUME_FREE` fields may differ)."""
+    from ep_jax.experiments import engine
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} exists and is not a folder")
     if mode == "new" and out.is_dir() and any(out.iterdir()):
         raise RunError(f"{out} already holds a sweep: pass --resume to continue it or --overwrite to "
-                              "replace it")
+                       "replace it")
     if mode == "resume":
+        saved = engine.read_json(out / "sweep.json")
         if saved is None:
             raise RunError(f"{out}: no sweep to resume (sweep.json is missing)")
-        if [m["name"] for m in saved.get("members", [])] != [m.name for m in members]:
-            raise RunError(f"{out}: the spec's members differ from the saved sweep's; resume needs the "
-                                  "same spec (only epochs may change)")
+        saved_members = _members_of_saved(out, saved)
+        before, now = [m["name"] for m in saved_members], [m.name for m in members]
+        if before != now:
+            gone = [n for n in before if n not in set(now)]
+            new = [n for n in now if n not in set(before)]
+            detail = "; ".join(x for x in (f"not in the spec: {gone[:5]}" if gone else "",
+                                           f"not in the saved sweep: {new[:5]}" if new else "") if x) \
+                or "the order differs"
+            raise RunError(f"{out}: the spec's members differ from the saved sweep's ({detail}); resume needs "
+                           "the same spec (only epochs may change)")
+        for m, s in zip(members, saved_members):
+            mine = m.cfg.to_json()
+            try:
+                theirs = RunConfig.from_dict(s["config"]).to_json()
+            except ConfigError as e:
+                raise RunError(f"{out / 'sweep.json'}: member {m.name}: {e}") from None
+            diff = sorted(k for k in mine if k not in RESUME_FREE and mine[k] != theirs[k])
+            if diff:
+                shown = ", ".join(f"{k}={theirs[k]!r} -> {mine[k]!r}" for k in diff[:4]) + (", ..." * (len(diff) > 4))
+                raise RunError(f"{out}: member {m.name} belongs to another config than the saved sweep's "
+                               f"(differs in {diff}: {shown}); resume needs the same spec (only epochs may "
+                               "change)")
 
 
 def write_sweep_json(out: Path, spec: dict, members):
+    """`<out>/sweep.json`: the sweep's name, description, spec file and members (atomic)."""
     from ep_jax.experiments.checkpoint import atomic_write_text
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "sweep.json", json.dumps(
@@ -172,14 +282,19 @@ def write_sweep_json(out: Path, spec: dict, members):
 
 
 def write_results(out: Path, title: str, members) -> str:
+    """`<out>/results.md`, the aggregated table of the members run so far (written
+    atomically); returns its text."""
     from ep_jax.experiments import aggregate
+    from ep_jax.experiments.checkpoint import atomic_write_text
     runs = [aggregate.load_run(m.dir) for m in members if (m.dir / "config.json").is_file()]
     text = f"# {title}\n\n" + (aggregate.table(aggregate.cells(runs)) if runs else "no results yet\n")
-    (out / "results.md").write_text(text)
+    atomic_write_text(out / "results.md", text)
     return text
 
 
 def main(argv=None):
+    """`python -m experiments.sweep`: check everything, then train the spec's members;
+    returns the exit status (3 when a member failed or was interrupted)."""
     from ep_jax.experiments import engine
     a = parser().parse_args(argv)
     distributed.setup(a)   # before any other JAX use
@@ -190,13 +305,18 @@ def main(argv=None):
     print(f"sweep {spec['name']}: {len(members)} member(s) in {len(groups)} group(s) -> {out}")
     for gi, g in enumerate(groups):
         c = g.cfg
+        names = [m.name for m in g.members]
+        shown = ", ".join(names[:50]) + (f", ... ({len(names) - 50} more)" if len(names) > 50 else "")
         print(f"  group {gi + 1}: {c.dataset} {c.model} {list(c.sizes)} {c.estimator} T1={c.t_free} "
-              f"T2={c.t_nudge} batch={c.batch_size} epochs={c.epochs}: " + ", ".join(m.name for m in g.members))
+              f"T2={c.t_nudge} batch={c.batch_size} epochs={c.epochs}: " + shown)
     if a.dry_run:
+        check_data(members, load=False)
         return 0
     mode = "resume" if a.resume else "overwrite" if a.overwrite else "new"
     distributed.check_layout(members)
-    distributed.together(lambda: (check_sweep_folder(out, members, mode), engine.check_folders(members, mode)))
+    # every check (folders, then data) before anything is written
+    distributed.together(lambda: (check_sweep_folder(out, members, mode), engine.check_folders(members, mode),
+                                  check_data(members)))
     if mode == "overwrite" and out.exists() and distributed.is_main():
         # member folders are replaced by the engine; stale files of an older sweep go too
         for stale in ("sweep.json", "results.md"):
@@ -209,7 +329,6 @@ def main(argv=None):
         text = write_results(out, spec["name"], members) if distributed.is_main() else ""
     print(text)
     return 0 if all(s["status"] in ("ok", "diverged") for s in summaries) else 3
-
 
 
 def entry(argv=None) -> int:

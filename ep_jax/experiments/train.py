@@ -9,28 +9,92 @@
 The run folder (default `runs/<preset>-seed<seed>`) must not exist yet, unless
 `--resume` (continue its checkpoint, bit for bit; only `--epochs` may change) or
 `--overwrite` (replace it). The whole config is checked before any data is read.
+`--list` shows the presets as a table; `--list-fields` every config field, then what
+each estimator kind computes.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from ep_jax.experiments import cli, distributed
 from ep_jax.experiments.config import ConfigError, RunConfig, describe, parse_sets, validate
-from ep_jax.experiments.presets import PRESETS
 from ep_jax.experiments.errors import RunError
+from ep_jax.experiments.names import safe_component
+from ep_jax.experiments.presets import PRESETS
+
+#: integers beyond this are no config value (and overflow float comparisons): refused first
+INT_LIMIT = 2**63
+
+#: what each estimator kind computes (ep_jax.estimators), for --list-fields
+ESTIMATORS = {
+    "symmetric": "EP, nudged at +beta and -beta: g = -(dPhi(s+) - dPhi(s-)) / (2 beta); bias O(beta^2) (default)",
+    "one_sided": "EP, nudged at +beta only: g = -(dPhi(s+) - dPhi(s0)) / beta; bias O(beta) "
+                 "(unbiased on average with nudge = random_sign)",
+    "chl": "contrastive Hebbian rule: -(1/beta) <pre(s+) x (s+ - s0)> per layer (paper 003's rule; also "
+           "for gamma != 1)",
+    "bptt": "backprop through time, truncated: t_free - t_nudge free steps without gradient, then jax.grad "
+            "through the last t_nudge steps (DBPTT for the dendritic model; beta is not used)",
+    "bptt_full": "backprop through time through all t_free free steps (t_nudge and beta are not used)",
+}
+
+
+def check_int_flags(flags: dict):
+    """Refuse (ConfigError, one line) an integer flag beyond +-2**63 (`{flag: value}`;
+    None: not given) before a config comparison could overflow."""
+    for flag, v in flags.items():
+        if isinstance(v, int) and not -INT_LIMIT < v < INT_LIMIT:
+            raise ConfigError(f"{flag}: must be an integer of magnitude below 2**63, got a number of "
+                              f"{len(str(abs(v)))} digits")
+
+
+def check_int_values(values: dict, where: str = ""):
+    """Refuse (ConfigError naming the field) a config value (`{field: value}`, lists
+    included) that is an integer beyond +-2**63."""
+    for k, v in values.items():
+        for u in (v if isinstance(v, (list, tuple)) else (v,)):
+            if isinstance(u, int) and not isinstance(u, bool) and not -INT_LIMIT < u < INT_LIMIT:
+                raise ConfigError(f"{where}{k}: must be an integer of magnitude below 2**63, got a number "
+                                  f"of {len(str(abs(u)))} digits")
+
+
+def preset_table() -> str:
+    """The presets as a table: name, paper table cell, model, estimator, dataset, sizes, epochs."""
+    from ep_jax.experiments import presets
+    rows = [("preset", "paper/table", "model", "estimator", "dataset", "sizes", "epochs")]
+    for name in sorted(PRESETS):
+        cfg = presets.preset_config(name)
+        t2, t1 = presets.table2_cell(cfg), presets.table1_cell(cfg)
+        where = (f"dEP Table 2 ({t2[0]}, {t2[1]})" if t2 else
+                 f"HTS Table 1 ({t1[1]}, dt_out {t1[2]:g})" if t1 else "-")
+        rows.append((name, where, cfg.model, cfg.estimator, cfg.dataset,
+                     "-".join(str(n) for n in cfg.sizes), str(cfg.epochs)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n\nevery preset's values: ep_jax/experiments/presets.py; override any field with " \
+        "--set KEY=VALUE (--list-fields shows them)"
+
+
+def estimator_table() -> str:
+    """One line per estimator kind: what it computes."""
+    w = max(map(len, ESTIMATORS))
+    return "estimator kinds (ep_jax.estimators):\n" + "\n".join(
+        f"  {k:{w}s}  {v}" for k, v in ESTIMATORS.items())
 
 
 def parser():
+    """The command line's argument parser."""
     p = argparse.ArgumentParser(prog=cli.prog("train"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="a preset (--list shows them)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable; --list-fields shows them)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int, help="epochs to train (overrides the preset's; on --resume: "
+                   "the new total, to extend the run)")
+    p.add_argument("--seed", type=int, help="seed of init, masks, time steps, data order and nudge signs "
+                   "(0 .. 2**32-1; default 0)")
     p.add_argument("--subset", type=int, help="train on N examples (seeded random choice)")
     p.add_argument("--test-subset", type=int, help="evaluate on N test examples")
     p.add_argument("--data-dir", help="folder with the dataset files (the only place looked)")
@@ -51,6 +115,8 @@ def resolve(a) -> RunConfig:
             raise ConfigError(f"unknown preset {a.preset!r}; choose one of {sorted(PRESETS)}")
         values.update(PRESETS[a.preset])
     values.update(parse_sets(a.set))
+    check_int_values(values, "--set ")
+    check_int_flags({"--epochs": a.epochs, "--seed": a.seed, "--subset": a.subset, "--test-subset": a.test_subset})
     for name, value in (("epochs", a.epochs), ("seed", a.seed), ("subset", a.subset),
                         ("test_subset", a.test_subset), ("data_dir", a.data_dir)):
         if value is not None:
@@ -59,13 +125,16 @@ def resolve(a) -> RunConfig:
 
 
 def main(argv=None):
+    """`python -m experiments.train`: one run; returns the exit status (0 ok, 130
+    interrupted, 3 otherwise)."""
     a = parser().parse_args(argv)
     if a.list:
-        for name, values in sorted(PRESETS.items()):
-            print(f"{name:22s} {json.dumps(values)}")
+        print(preset_table())
         return 0
     if a.list_fields:
         print(describe())
+        print()
+        print(estimator_table())
         return 0
     distributed.setup(a)   # before any other JAX use
     from ep_jax.experiments import engine
@@ -84,13 +153,18 @@ def main(argv=None):
             raise RunError(f"{run_dir}: no run to resume (config.json is missing)")
         cfg = validate(RunConfig.from_dict(saved, where=f"{run_dir}/config.json: "))
         if a.epochs is not None:
+            check_int_flags({"--epochs": a.epochs})
             cfg = validate(cfg.replace(epochs=a.epochs))
         mode = "resume"
     else:
         cfg = resolve(a)
-        run_dir = Path(a.out) if a.out else Path("runs") / f"{a.preset or 'custom'}-seed{cfg.seed}"
+        if a.out:
+            run_dir = Path(a.out)
+        else:
+            run_dir = Path("runs") / safe_component(f"{a.preset or 'custom'}-seed{cfg.seed}", "run folder name",
+                                                    ConfigError)
         mode = "overwrite" if a.overwrite else "new"
-    member = engine.Member(cfg, run_dir.name, run_dir)
+    member = engine.Member(cfg, run_dir.resolve().name or str(run_dir), run_dir)
     (summary,) = engine.run([member], mode, progress=not a.no_progress)
     return {"ok": 0, "interrupted": 130}.get(summary["status"], 3)
 
