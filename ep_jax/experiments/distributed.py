@@ -10,8 +10,9 @@ job; docs/distributed.md shows how to launch one (one host, several hosts, SLURM
   `--process-id`, else `JAX_COORDINATOR_ADDRESS`/`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID`,
   else what JAX detects (SLURM, Open MPI). With one process nothing is started: the run
   just uses every local device.
-- Every group of members trains on a `("members", "data")` mesh over all devices
-  (`ep_jax.parallel.sharded_sweep_steps`): members split over "members" (they never
+- `setup` returns the runtime (`experiments.runtime.Distributed`, or `Local` when not
+  asked) that the commands hand to the engine. Every group of members trains on a
+  `("members", "data")` mesh over all devices (`ep_jax.parallel.sharded_sweep_steps`): members split over "members" (they never
   communicate), each member's batch over "data" (gradients averaged). The number of
   member shards is the largest that fits, or `--member-shards`; the members must divide
   by it and every batch (`batch_size`, and the last partial batch of an epoch) by the data
@@ -38,13 +39,13 @@ import os
 import re
 import sys
 import traceback
-import weakref
 
-import numpy as np
+from ep_jax.experiments import runtime
+from ep_jax.experiments.errors import RunError
+from ep_jax.experiments.runtime import _STATE, first_line as _first_line
 
 ENV_FLAG = "EP_JAX_DISTRIBUTED"
 DEFAULT_PEER_TIMEOUT = 100   # JAX's heartbeat timeout
-_STATE = {"on": False, "member_shards": None, "lost": False}
 
 
 def add_flags(p):
@@ -82,15 +83,15 @@ def requested(a) -> bool:
                                                                   "member_shards")))
 
 
-def setup(a) -> bool:
+def setup(a):
     """Start the distributed runtime if the flags or `EP_JAX_DISTRIBUTED` ask for it (call
-    before any other JAX use); True when the run is distributed."""
+    before any other JAX use). Returns the runtime to hand to the engine: a
+    `runtime.Distributed` (true) when the run is distributed, else `runtime.LOCAL` (false)."""
     from ep_jax.experiments.config import ConfigError
-    from ep_jax.experiments.engine import RunError
     if not requested(a):
-        return False
+        return runtime.LOCAL
     if _STATE["on"]:
-        return True
+        return runtime.current()
     import jax
     from ep_jax import parallel
     num = a.num_processes if a.num_processes is not None else _env_int("JAX_NUM_PROCESSES")
@@ -123,171 +124,39 @@ def setup(a) -> bool:
     _STATE.update(on=True, member_shards=shards)
     if jax.process_index() != 0:
         sys.stdout = open(os.devnull, "w")   # process 0 alone logs; errors still go to stderr
-    return True
-
-
-def _first_line(e) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return runtime.current()
 
 
 def active() -> bool:
     """The run is distributed (`setup` started it)."""
-    return _STATE["on"]
+    return runtime.current().active
 
 
 def multi() -> bool:
     """Several processes take part."""
-    if not _STATE["on"]:
-        return False
-    import jax
-    return jax.process_count() > 1
+    return runtime.current().multi
 
 
 def is_main() -> bool:
     """This process writes the run's files and logs (process 0; always when not distributed)."""
-    if not _STATE["on"]:
-        return True
-    import jax
-    return jax.process_index() == 0
+    return runtime.current().is_main
 
 
 def together(fn, *args, **kwargs):
-    """`fn(*args, **kwargs)` on every process, as one decision: if it raises on any
-    process, it raises on all of them (the failing process its own error, the others a
-    `RunError` naming that process and its message). Also a barrier."""
-    if not multi():
-        return fn(*args, **kwargs)
-    from jax.experimental import multihost_utils
-    from ep_jax.experiments.engine import RunError
-    err, out = None, None
-    try:
-        out = fn(*args, **kwargs)
-    except Exception as e:   # noqa: BLE001 — every error must reach the other processes
-        err = e
-    msg = np.zeros(400, np.uint8)
-    if err is not None:
-        text = (_first_line(err) or type(err).__name__).encode()[:399]
-        msg[0] = 1
-        msg[1:1 + len(text)] = np.frombuffer(text, np.uint8)
-    allmsg = np.asarray(multihost_utils.process_allgather(msg))
-    if err is not None:
-        raise err
-    failed = np.flatnonzero(allmsg[:, 0])
-    if len(failed):
-        k = int(failed[0])
-        text = bytes(allmsg[k, 1:]).rstrip(b"\0").decode(errors="replace")
-        raise RunError(f"process {k} refused: {text}")
-    return out
+    """`fn(*args, **kwargs)` on every process as one decision (`runtime.Distributed.together`)."""
+    return runtime.current().together(fn, *args, **kwargs)
 
-
-# --- layout ---------------------------------------------------------------------------------
 
 def layout(M: int, batch_size: int, n: int, where: str = "") -> tuple[int, int]:
-    """`(member_shards, data_shards)` of a group of M members with this batch size on `n`
-    training examples; ConfigError naming what does not divide."""
-    import jax
-    from ep_jax import parallel
-    from ep_jax.experiments.config import ConfigError
-    rest = n % batch_size
-    try:
-        return parallel.sweep_layout(jax.device_count(), M, [batch_size, rest], _STATE["member_shards"])
-    except ValueError as e:
-        detail = f"batch_size {batch_size}" + (f", last batch of each epoch {rest} ({n} examples)" if rest else "")
-        raise ConfigError(f"--distributed{where}: {e} ({detail}; {jax.device_count()} devices in "
-                          f"{jax.process_count()} process(es)); change batch_size/subset or --member-shards") from None
+    """`(member_shards, data_shards)` of a group on the current devices (`runtime.Distributed.layout`)."""
+    rt = runtime.current()
+    return (rt if rt.active else runtime.Distributed(_STATE["member_shards"])).layout(M, batch_size, n, where)
 
 
 def check_layout(members):
     """Refuse (ConfigError) before anything is touched if a group does not divide."""
-    if not active():
-        return
     from ep_jax.experiments import engine
-    groups = engine.group_members(members)
-    for gi, g in enumerate(groups):
-        where = f" (group {gi + 1}: {', '.join(m.name for m in g.members)})" if len(groups) > 1 or g.M > 1 else ""
-        layout(g.M, g.cfg.batch_size, g.cfg.n_train(), where)
-
-
-# --- the engine's compiled steps on a mesh ---------------------------------------------------
-
-class GroupRunner:
-    """`sweep_steps_jit` and the evaluation of one group on its `("members", "data")` mesh."""
-
-    def __init__(self, g, n: int):
-        from ep_jax import parallel
-        self.m, self.d = layout(g.M, g.cfg.batch_size, n)
-        self.mesh = parallel.sweep_mesh(self.m)
-        self.steps = parallel.sharded_sweep_steps(g.model, g.est, g.opt, self.mesh)
-        self.ev = parallel.sharded_sweep_evaluate(g.model, g.est, self.mesh)
-        self._cache = {}
-
-    def _resident(self, a, host=False):
-        """The replicated global copy (or the host copy) of a dataset array, made once."""
-        from ep_jax import parallel
-        key = (id(a), host)
-        if key not in self._cache or self._cache[key][0] is not a:
-            self._cache[key] = (a, np.asarray(a) if host else parallel.put(a, self.mesh))
-        return self._cache[key][1]
-
-    def __call__(self, model, est, opt, state, x_all, y_all, idx, rx, max_state):
-        """As `ep_jax.sweep.sweep_steps_jit` (idx `(T, M, B)`); state and info come back
-        replicated on every device."""
-        from ep_jax import parallel
-        from jax.sharding import PartitionSpec as P
-        mesh = self.mesh
-        # state and rx replicated, as the steps return them (one compiled program per chunk
-        # shape; the step takes each device's members itself)
-        state, rx = parallel.put((state, rx), mesh)
-        idx = parallel.put(np.asarray(idx), mesh, P(None, parallel.MEMBERS, parallel.DATA))
-        return self.steps(state, self._resident(x_all), self._resident(y_all), idx, rx, parallel.put(max_state, mesh))
-
-    def evaluate(self, state, x, y, rx, batch: int):
-        """Per-member accuracy (fraction) and mean loss on `(x, y)`, batches split over "data"."""
-        from ep_jax import parallel
-        from jax.sharding import PartitionSpec as P
-        mesh, d = self.mesh, self.d
-        state, rx = parallel.put((state, rx), mesh)
-        xh, yh = self._resident(x, host=True), self._resident(y, host=True)
-        n = len(yh)
-        correct, loss = 0.0, 0.0
-        b = min(-(-batch // d) * d, -(-n // d) * d)
-        for i in range(0, n, b):
-            xb, yb = xh[i:i + b], yh[i:i + b]
-            k = len(yb)
-            pad = b - k   # the last batch padded to the others' shape: one compiled program
-            mask = np.arange(k + pad) < k
-            if pad:
-                xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
-                yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
-            xg, yg, mg = parallel.put((xb, yb, mask), mesh, P(parallel.DATA))
-            c, l = self.ev(state, xg, yg, mg, rx)
-            correct = correct + np.asarray(c, np.float64)
-            loss = loss + np.asarray(l, np.float64)
-        return correct / n, loss / n
-
-
-_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def steps_fn(g, n: int) -> GroupRunner:
-    """The group's compiled steps on the mesh (ConfigError if it does not divide)."""
-    r = _RUNNERS.get(g)
-    if r is None:
-        r = _RUNNERS[g] = GroupRunner(g, n)
-    return r
-
-
-def evaluate(g, state, x, y, rx, batch: int):
-    return _RUNNERS[g].evaluate(state, x, y, rx, batch)
-
-
-def host(tree):
-    """Numpy copies of a (replicated) state, for host-side work on one process (saving,
-    alignment probes); unchanged when not distributed."""
-    if not active():
-        return tree
-    import jax
-    return jax.tree.map(np.asarray, tree)
+    runtime.current().check_layout(engine.group_members(members))
 
 
 # --- the commands' exit ------------------------------------------------------------------
@@ -306,7 +175,6 @@ def main_wrapper(main, argv=None) -> int:
     another process died becomes one clear `error:` line (exit 2), and this process then
     leaves at once rather than wait for the lost one at JAX's shutdown barrier."""
     from ep_jax.experiments import cli
-    from ep_jax.experiments.engine import RunError
 
     def guarded(argv):
         try:

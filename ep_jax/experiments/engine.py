@@ -5,42 +5,36 @@ folder). Members that agree on every static field form a group; a group is ONE c
 program, vmapped over its members, with the dataset resident on the device and the
 epoch's steps run as `lax.scan`s over chunks of `cfg.chunk` steps.
 
-Keys. Everything random derives from the member's seed:
-`init, dt, step, data = split(PRNGKey(seed), 4)` — params and masks from `init`, sampled
-heterogeneous time steps from `dt`, step t's key (random nudge signs) is
-`fold_in(step, t)`, and epoch e's example order is `permutation(fold_in(data, e), n)`.
-Each member has its own data order, so a member trained in a sweep, alone with
-`train`, or by a plain loop over `ep_jax.train_step` goes through the same numbers. The
-subset (`subset`) is `ep_jax.data.subset_indices(fold_in(PRNGKey(subset_seed), 0), ...)`:
-the same examples for every seed. An epoch is every full batch, then the partial last
-batch (as PyTorch's DataLoader, the reference's, does).
+The engine is a composition of parts, each in its own file:
 
-Run folder (one per member):
-- `config.json`     the member's `RunConfig` (round-trips through `RunConfig.from_dict`);
-- `metrics.jsonl`   one line per finished epoch: epoch, train_acc (running accuracy of the
-                    free phase during the epoch, %), loss, test_acc (%), test_loss,
-                    time_s, steps (and the alignment columns when `align_every` is set);
-- `checkpoint.msgpack` the state after the last finished epoch (`experiments.checkpoint`),
-                    with the metrics history; `metrics.jsonl` always equals that history;
-- `summary.json`    status (ok | diverged | interrupted | failed | not started), message,
-                    final/best test accuracy, epochs done — written on every exit path;
-- `learning_curve.png`.
+- `build`      keys, model, estimator, optimiser, time steps, data and example order
+               from a config (how every random choice derives from the seed);
+- `runfolder`  the run folder's files, its lock (one process at a time) and what
+               `--overwrite` may remove;
+- `loop`       the epochs and chunks of a group, with hooks; it knows nothing of files;
+- `loggers`    metrics.jsonl, the console, the progress bar, TensorBoard, W&B;
+- `alignment_hook`  EP-vs-BPTT alignment during training (`align_every`);
+- `runtime`    one process or a `jax.distributed` job: who writes, how results reach
+               the host, the compiled steps on a mesh;
+- `checkpoint` the state files (msgpack, no pickle), `figures` the PNGs.
 
-Modes: "new" refuses an existing, non-empty folder; "overwrite" replaces it (only after
-the config, the data and the checkpoints were read without error); "resume" needs a
-checkpoint of the same config (only `epochs` may differ) and continues bit for bit.
-A diverging member (non-finite state or gradient, or a state above `max_state`) is
-frozen at its last good step; its last checkpoint (previous epoch) is kept; the others
-go on.
+Modes: "new" refuses an existing, non-empty folder; "overwrite" replaces a run folder
+(only after the config, the data and the checkpoints were read without error, and only a
+folder that ep_jax made as a run folder); "resume" needs a checkpoint of the same run —
+the same config except `epochs` (which may grow) and `data_dir` (where the data lives is
+not part of a run's identity) — and continues bit for bit. A diverging member (non-finite
+state or gradient, or a state above `max_state`) is frozen at its last good step; its
+last checkpoint (previous epoch) is kept; the others go on. Ctrl-C, SIGTERM and the time
+budget stop at a safe point (a second signal while an epoch is being recorded waits for
+the record to be complete).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import shutil
 import signal
-import sys
-import time
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -51,13 +45,20 @@ import numpy as np
 import ep_jax
 from ep_jax import sweep as S
 from ep_jax.experiments import checkpoint as ckpt
-from ep_jax.experiments import distributed as dist
-from ep_jax.experiments import figures
+from ep_jax.experiments import figures, runtime as runtimes
+from ep_jax.experiments.alignment_hook import AlignmentHook
+from ep_jax.experiments.build import (build_estimator, build_model, build_optimizer, build_relaxation,  # noqa: F401
+                                      epoch_batches, epoch_order, group_optimizer, keys, load_data,
+                                      model_settings, opt_hyperparams)
 from ep_jax.experiments.config import RunConfig, warnings_for
 from ep_jax.experiments.errors import Interrupted, RunError
+from ep_jax.experiments.loggers import ConsoleLogger, JsonlLogger, ProgressBar, optional_loggers, plural
+from ep_jax.experiments.loop import Hook, Loop
+from ep_jax.experiments.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, RunFolder
 
-CHECKPOINT = "checkpoint.msgpack"
 STATUSES = ("ok", "diverged", "interrupted", "failed", "not started", "running")
+#: fields that are not part of a run's identity (a resume may change them)
+NOT_IDENTITY = ("epochs", "data_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,109 +69,18 @@ class Member:
     dir: Path
 
 
-# --- building blocks from a config ------------------------------------------------------
-
-def keys(cfg: RunConfig) -> dict:
-    """The member's keys (module docstring)."""
-    k = jax.random.split(jax.random.PRNGKey(cfg.seed), 4)
-    return dict(zip(("init", "dt", "step", "data"), k))
-
-
-def build_model(cfg: RunConfig):
-    kw = dict(sizes=tuple(cfg.sizes), activation=cfg.activation, output_activation=cfg.output_activation,
-              loss=cfg.loss)
-    if cfg.model == "dendritic":
-        kw.update(basal_branches=cfg.basal_branches, apical_branches=cfg.apical_branches,
-                  sparsity=cfg.sparsity, apical_dense=cfg.apical_dense)
-    return ep_jax.build_model(cfg.model, **kw)
-
-
-def build_estimator(cfg: RunConfig) -> ep_jax.Estimator:
-    return ep_jax.Estimator(cfg.estimator, t_free=cfg.t_free, t_nudge=cfg.t_nudge, nudge=cfg.nudge)
-
-
-def build_optimizer(cfg: RunConfig, model):
-    """The optimiser (its rates are set per member, see `opt_hyperparams`)."""
-    if cfg.optimizer == "adam":
-        return ep_jax.optim.adam(model, lr=cfg.lr)
-    return ep_jax.optim.sgd(model, lr=cfg.lr, momentum=cfg.momentum)
-
-
-_OPTIMIZERS: dict = {}
-
-
-def group_optimizer(cfg: RunConfig, model):
-    """The optimiser of a group, one object per (model, kind, precision): its rates are
-    placeholders, every member's own are set through `opt_hyperparams`. Reusing the object
-    lets `jit` reuse the compiled step across runs, resumes and groups of one process."""
-    from ep_jax.models.base import default_float
-    key = (model, cfg.optimizer, str(default_float()))
-    if key not in _OPTIMIZERS:
-        _OPTIMIZERS[key] = (ep_jax.optim.adam(model, lr=0.0) if cfg.optimizer == "adam"
-                            else ep_jax.optim.sgd(model, lr=0.0, momentum=0.0))
-    return _OPTIMIZERS[key]
-
-
-def opt_hyperparams(cfg: RunConfig, model) -> dict:
-    lr = ep_jax.optim.per_synapse_rates(model, cfg.lr)
-    if cfg.optimizer == "adam":
-        return {"lr": lr}
-    return {"lr": lr, "momentum": jnp.asarray(cfg.momentum, lr.dtype)}
-
-
-def model_settings(cfg: RunConfig) -> dict:
-    return {"alpha": cfg.alpha} if cfg.model == "dendritic" else {"gamma": cfg.gamma}
-
-
-def build_relaxation(cfg: RunConfig, model) -> ep_jax.Relaxation:
-    """β and the time steps; heterogeneous hidden steps are sampled from the `dt` key."""
-    spec = cfg.dt_spec()
-    if spec is None:
-        dt = cfg.dt if not isinstance(cfg.dt, tuple) else list(cfg.dt)
-    else:
-        dt_out = cfg.dt_out if cfg.dt_out is not None else cfg.dt
-        dt = list(ep_jax.timesteps.layer_dts(keys(cfg)["dt"], model, spec, dt_out))
-    return ep_jax.make_relaxation(model, beta=cfg.beta, dt=dt)
-
-
-# --- data -------------------------------------------------------------------------------
-
-_DATA_CACHE: dict = {}
-
-
-def load_data(cfg: RunConfig):
-    """`(x_train, y_train, x_test, y_test)` numpy arrays after the subsets (cached)."""
-    key = (cfg.dataset, cfg.data_dir, cfg.subset, cfg.test_subset, cfg.subset_seed,
-           cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_noise, cfg.sizes[0], cfg.sizes[-1])
-    if key in _DATA_CACHE:
-        return _DATA_CACHE[key]
-    if cfg.dataset == "synthetic":
-        ds = ep_jax.synthetic.make_synthetic(jax.random.PRNGKey(cfg.subset_seed), n_features=cfg.sizes[0],
-                                             n_classes=cfg.sizes[-1], n_train=cfg.synthetic_train,
-                                             n_test=cfg.synthetic_test, noise=cfg.synthetic_noise)
-    else:
-        ds = ep_jax.data.load_dataset(cfg.dataset, data_dir=cfg.data_dir)
-    base = jax.random.PRNGKey(cfg.subset_seed)
-    i = ep_jax.data.subset_indices(jax.random.fold_in(base, 0), len(ds.y_train), cfg.subset)
-    j = ep_jax.data.subset_indices(jax.random.fold_in(base, 1), len(ds.y_test), cfg.test_subset)
-    out = (ds.x_train[i], ds.y_train[i], ds.x_test[j], ds.y_test[j])
-    if len(_DATA_CACHE) > 2:
-        _DATA_CACHE.clear()
-    _DATA_CACHE[key] = out
-    return out
-
-
-def epoch_order(cfg: RunConfig, epoch: int, n: int) -> np.ndarray:
-    """The example order of epoch `epoch` (1-based) for this member."""
-    return np.asarray(jax.random.permutation(jax.random.fold_in(keys(cfg)["data"], epoch), n))
-
-
-def epoch_batches(cfg: RunConfig, epoch: int, n: int):
-    """`(full (n // B, B), rest (n % B,))` example indices of the epoch's batches."""
-    perm = epoch_order(cfg, epoch, n)
-    B = cfg.batch_size
-    n_full = n // B
-    return perm[: n_full * B].reshape(n_full, B), perm[n_full * B:]
+def same_run(meta: dict, cfg: RunConfig, saved: dict | None) -> bool:
+    """Whether a checkpoint's meta belongs to `cfg`'s run: its digest is the config's
+    (`RunConfig.digest`, all but epochs), with `data_dir` as the run folder's config.json
+    saved it — where the data lives is not part of a run's identity."""
+    if meta.get("digest") == cfg.digest():
+        return True
+    if isinstance(saved, dict) and "data_dir" in saved:
+        try:
+            return meta.get("digest") == cfg.replace(data_dir=saved["data_dir"]).digest()
+        except Exception:   # noqa: BLE001 — a damaged config.json: not the same run
+            return False
+    return False
 
 
 # --- groups -----------------------------------------------------------------------------
@@ -216,15 +126,17 @@ def _member_tree(state: S.SweepState, rx, i: int):
 # --- files ------------------------------------------------------------------------------
 
 def read_json(path: Path):
+    """A JSON file's value, None if it does not exist; RunError naming it if it is not JSON."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise RunError(f"{path}: not valid JSON ({type(e).__name__})") from None
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a `metrics.jsonl` ([] if it does not exist)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -232,6 +144,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def summarize(history: list[dict], status: str, message: str = "", diverged_step=None) -> dict:
+    """`summary.json` of a run from its history."""
     best = max(history, key=lambda h: h["test_acc"]) if history else None
     return {
         "status": status, "message": message, "epochs_done": len(history),
@@ -249,114 +162,182 @@ def _title(m: Member) -> str:
     return f"{m.name}: {c.dataset} {c.model}/{c.estimator} seed {c.seed}"
 
 
-# --- preparing folders (read-only checks first, then changes) -----------------------------
+# --- checks (read-only, before anything changes) ------------------------------------------
+
+def check_members(members: Sequence[Member]):
+    """Unique names and folders (RunError), in one pass."""
+    seen, dup = set(), set()
+    for m in members:
+        (dup if m.name in seen else seen).add(m.name)
+    if dup:
+        raise RunError(f"member names must be unique, repeated: {sorted(dup)}")
+    dirs = {m.dir.resolve() for m in members}
+    if len(dirs) != len(members):
+        raise RunError("two members share a run folder")
+
 
 def check_folders(members: Sequence[Member], mode: str) -> dict:
     """Read-only checks of every member folder for `mode`; returns `{name: checkpoint meta}`
     of the checkpoints a resume will load. Raises RunError before anything is changed."""
     if mode not in ("new", "resume", "overwrite"):
         raise ValueError(f"mode must be new, resume or overwrite, got {mode!r}")
-    names = [m.name for m in members]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise RunError(f"member names must be unique, repeated: {dup}")
-    dirs = [m.dir.resolve() for m in members]
-    if len(set(dirs)) != len(dirs):
-        raise RunError("two members share a run folder")
+    check_members(members)
     metas = {}
     for m in members:
+        f = RunFolder(m.dir)
         d = m.dir
         if d.exists() and not d.is_dir():
             raise RunError(f"{d} exists and is not a folder")
-        busy = d.is_dir() and any(d.iterdir())
-        if mode == "new" and busy:
+        if mode == "new" and f.busy():
             raise RunError(f"{d} already holds a run: pass --resume to continue it or --overwrite to replace it")
+        if mode == "overwrite":
+            f.check_replaceable()
         if mode != "resume":
             continue
         path = d / CHECKPOINT
         if not path.exists():
             if len(members) == 1:
                 raise RunError(f"{d}: no checkpoint to resume from ({CHECKPOINT} is missing)")
-            if (d / "metrics.jsonl").exists() and read_metrics(d / "metrics.jsonl"):
+            if (d / METRICS).exists() and read_metrics(d / METRICS):
                 raise RunError(f"{d}: has metrics but no checkpoint; cannot resume it safely")
             continue  # a sweep member that never finished an epoch starts afresh
         meta = ckpt.read_meta(path)
-        saved = read_json(d / "config.json")
-        if meta.get("digest") != m.cfg.digest():
+        saved = read_json(d / CONFIG)
+        if not same_run(meta, m.cfg, saved):
             detail = ""
-            if saved is not None:
-                diff = sorted(k for k, v in m.cfg.to_json().items() if k != "epochs" and saved.get(k) != v)
+            if isinstance(saved, dict):
+                diff = sorted(k for k, v in m.cfg.to_json().items() if k not in NOT_IDENTITY and saved.get(k) != v)
                 detail = f" (differs in {diff})" if diff else ""
-            raise RunError(f"{d}: the checkpoint belongs to another config{detail}; only epochs may change "
-                           "on --resume")
+            raise RunError(f"{d}: the checkpoint belongs to another config{detail}; only epochs (and data_dir) "
+                           "may change on --resume")
         if meta["epoch"] > m.cfg.epochs:
             raise RunError(f"{d}: already trained {meta['epoch']} epochs, more than epochs={m.cfg.epochs}")
         metas[m.name] = meta
     return metas
 
 
-# --- the training loop ------------------------------------------------------------------
+# --- signals ------------------------------------------------------------------------------
 
 class _Signals:
-    """SIGTERM raises KeyboardInterrupt in the main thread while training."""
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while training —
+    except inside `recording()` (an epoch's checkpoint and metrics line), where the stop
+    waits for the record to be complete, and after the first stop (`stopping()`), when
+    further signals are ignored so that the summaries are written whole."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.old = None
-        try:
-            self.old = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread
-            pass
+        self.old, self.depth, self.pending, self.stopped = {}, 0, False, False
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self.old[s] = signal.signal(s, self._handle)
         return self
 
-    @staticmethod
-    def _raise(signum, frame):
+    def _handle(self, signum, frame):
+        if self.stopped:
+            return
+        if self.depth:
+            self.pending = True
+            return
+        self.stopped = True
         raise KeyboardInterrupt
 
+    @contextlib.contextmanager
+    def recording(self):
+        """A section that a signal does not cut (module docstring)."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending and not self.stopped:
+            self.pending, self.stopped = False, True
+            raise KeyboardInterrupt
+
+    def stopping(self):
+        """From now on signals are ignored (the stop is under way)."""
+        self.stopped = True
+
     def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Context:
+    mode: str
+    metas: dict
+    folders: dict
+    runtime: object
+    signals: _Signals
+    progress: bool
+    print_fn: Callable
+    deadline: float | None
+    data: tuple | None
+    loggers: tuple
 
 
 def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, print_fn: Callable = print,
-        deadline: float | None = None, data=None) -> list[dict]:
+        deadline: float | None = None, data=None, runtime=None, loggers: Sequence[str] = ()) -> list[dict]:
     """Train `members` (see the module docstring); returns one summary per member.
 
     deadline: a `time.time()` by which training stops cleanly at an epoch boundary (an
     epoch starts only if the last one's duration still fits; status interrupted,
-    resumable). data: `(x_train, y_train, x_test, y_test)`
-    to use instead of loading the configs' dataset (tests)."""
+    resumable). data: `(x_train, y_train, x_test, y_test)` to use instead of loading the
+    configs' dataset (tests). runtime: where to train and who writes (`runtime.Local()`,
+    `runtime.Distributed(...)`; default `runtime.current()`). loggers: optional writers
+    ("tensorboard", "wandb")."""
+    rt = runtime if runtime is not None else runtimes.current()
     members = list(members)
-    dist.check_layout(members)                            # distributed: refuse what does not divide
-    metas = dist.together(check_folders, members, mode)   # distributed: every process checks, one decision
-    progress = progress and dist.is_main()
-    for m in members:
-        for w in warnings_for(m.cfg):
-            print_fn(f"warning ({m.name}): {w}")
+    if mode not in ("new", "resume", "overwrite"):
+        raise ValueError(f"mode must be new, resume or overwrite, got {mode!r}")
+    check_members(members)
     groups = group_members(members)
+    rt.check_layout(groups)                               # distributed: refuse what does not divide
+    folders = {m.name: RunFolder(m.dir) for m in members}
     summaries: dict[str, dict] = {}
     started: set[str] = set()
-    with _Signals():
+    with _Signals() as sig, contextlib.ExitStack() as held:
+        def take_and_check():
+            if rt.is_main:   # one process writes, so one holds the folders
+                for m in members:
+                    lock = folders[m.name].lock
+                    held.callback(lock.undo_created)   # after release: the folders a refusal left empty
+                    held.callback(lock.release)
+                    lock.acquire()
+            return check_folders(members, mode)
+
+        metas = rt.together(take_and_check)              # distributed: every process checks, one decision
+        for m in members:
+            for w in warnings_for(m.cfg):
+                print_fn(f"warning ({m.name}): {w}")
+        ctx = _Context(mode, metas, folders, rt, sig, progress and rt.is_main, print_fn, deadline, data,
+                       tuple(loggers))
         try:
             for gi, g in enumerate(groups):
                 started.update(m.name for m in g.members)
-                summaries.update(_run_group(g, mode, metas, progress, print_fn, deadline, data,
-                                            label=f"group {gi + 1}/{len(groups)}" if len(groups) > 1 else ""))
+                label = f"group {gi + 1}/{len(groups)}" if len(groups) > 1 else ""
+                with _x64(g.cfg):
+                    summaries.update(_train_group(g, ctx, label))
         except (Interrupted, KeyboardInterrupt):
+            sig.stopping()
             # the group in flight wrote its own summaries; later groups never started
             for m in members:
-                if m.name not in started:
-                    summaries[m.name] = _write_summary(m, read_metrics(m.dir / "metrics.jsonl"), "interrupted",
+                if m.name not in started and (m.dir / CONFIG).is_file():
+                    summaries[m.name] = _write_summary(m, read_metrics(m.dir / METRICS), "interrupted",
                                                        "stopped before this member's group finished; "
-                                                       "continue with --resume")
+                                                       "continue with --resume", is_main=rt.is_main)
             raise
     return [summaries[m.name] for m in members]
 
 
-def _write_summary(m: Member, history, status, message="", diverged_step=None) -> dict:
+def _write_summary(m: Member, history, status, message="", diverged_step=None, is_main: bool = True) -> dict:
     s = summarize(history, status, message, diverged_step)
     try:
-        if m.dir.is_dir() and dist.is_main():
-            ckpt.atomic_write_text(m.dir / "summary.json", json.dumps(s, indent=1) + "\n")
+        if m.dir.is_dir() and is_main:
+            ckpt.atomic_write_text(m.dir / SUMMARY, json.dumps(s, indent=1) + "\n")
     except OSError:
         pass  # the original error (disk full, permissions) is what the user needs to see
     return s
@@ -367,241 +348,135 @@ def _x64(cfg):
     return jax.enable_x64(bool(cfg.float64))
 
 
-def _run_group(g: Group, mode, metas, progress, print_fn, deadline, data, label=""):
-    with _x64(g.cfg):
-        return _train_group(g, mode, metas, progress, print_fn, deadline, data, label)
-
-
-def _train_group(g: Group, mode, metas, progress, print_fn, deadline, data, label):
-    cfg, M = g.cfg, g.M
-    xtr, ytr, xte, yte = data if data is not None else load_data(cfg)
+def _group_data(g: Group, data):
+    """The group's data on the device, checked against the model."""
+    xtr, ytr, xte, yte = data if data is not None else load_data(g.cfg)
     ep_jax.estimators.check_labels(g.model, ytr)
     ep_jax.estimators.check_labels(g.model, yte)
     if xtr.shape[1] != g.model.sizes[0]:
         raise RunError(f"sizes[0] = {g.model.sizes[0]} but the data has {xtr.shape[1]} features")
-    steps_fn = dist.steps_fn(g, len(ytr)) if dist.active() else S.sweep_steps_jit
+    dtype = ep_jax.models.base.default_float()
+    return (jnp.asarray(xtr, dtype), jnp.asarray(ytr, jnp.int32), jnp.asarray(xte, dtype),
+            jnp.asarray(yte, jnp.int32))
 
-    # templates, then the checkpoints into them: still nothing on disk changed
+
+def _restore(g: Group, metas: dict):
+    """Initial state of every member, with the checkpoints of those that resume."""
     state, rx = g.initial()
-    start = np.zeros(M, int)
-    histories = [[] for _ in range(M)]
+    start = np.zeros(g.M, int)
+    histories = [[] for _ in range(g.M)]
     for i, m in enumerate(g.members):
         if m.name in metas:
             meta, tree = ckpt.load(m.dir / CHECKPOINT, _member_tree(state, rx, i))
             state = jax.tree.map(lambda a, b: a.at[i].set(b), state, tree["sweep"])
             rx = jax.tree.map(lambda a, b: a.at[i].set(b), rx, tree["relaxation"])
             start[i], histories[i] = meta["epoch"], meta["history"]
+    return state, rx, start, histories
 
-    # from here on the folders change (process 0 alone writes them)
-    for i, m in enumerate(g.members if dist.is_main() else ()):
-        if mode == "overwrite" and m.dir.exists():
-            shutil.rmtree(m.dir)
-        m.dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(m.dir / "config.json", json.dumps(m.cfg.to_json(), indent=1) + "\n")
-        ckpt.atomic_write_text(m.dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in histories[i]))
-        if m.name not in metas:  # a fresh member: epoch 0 is a good state to come back to
+
+def _prepare(g: Group, ctx: _Context, state, rx, histories):
+    """From here on the folders change (on the writing process only)."""
+    for i, m in enumerate(g.members):
+        f = ctx.folders[m.name]
+        if ctx.mode == "overwrite" and f.path.is_dir():
+            f.clear()
+        f.path.mkdir(parents=True, exist_ok=True)
+        f.lock.write_holder()
+        f.write_json(CONFIG, m.cfg.to_json())
+        f.write_metrics(histories[i])
+        if m.name not in ctx.metas:  # a fresh member: epoch 0 is a good state to come back to
             _save(m, state, rx, i, 0, [])
         _write_summary(m, histories[i], "running")
 
-    dtype = ep_jax.models.base.default_float()
-    x_dev, y_dev = jnp.asarray(xtr, dtype), jnp.asarray(ytr, jnp.int32)
-    xte_dev, yte_dev = jnp.asarray(xte, dtype), jnp.asarray(yte, jnp.int32)
-    n, B, epochs = len(ytr), cfg.batch_size, cfg.epochs
-    n_full = n // B
-    max_state = jnp.asarray(cfg.max_state, dtype)
-    status = ["running"] * M
-    messages = [""] * M
-    div_step = [None] * M
-    single = M == 1
 
-    align = _Aligner(g, x_dev, y_dev, state) if cfg.align_every else None
-    pending = [[] for _ in range(M)]   # alignment records of the epoch in flight
-    if align is not None:
-        steps0 = np.asarray(state.train.step)
-        fresh = [i for i in range(M) if steps0[i] == 0 and status[i] == "running"]
-        if fresh:
-            for i, rec in align.measure(state, rx, fresh).items():
-                pending[i].append(rec)
+class _Record(Hook):
+    """Each finished epoch made safe: its checkpoint first (then the loop counts it done),
+    and the figures (every epoch for up to 4 members, at the end for more)."""
 
-    from tqdm.auto import tqdm
-    first_epoch = int(start.min()) + 1
-    total_steps = (epochs - first_epoch + 1) * (n_full + (n % B > 0))
-    bar = tqdm(total=total_steps, unit="step", disable=not progress, leave=False, file=sys.stderr,
-               desc=(label + " " if label else "") + (g.members[0].name if single else f"{M} members"))
-    last_epoch_s = 0.0
-    try:
-        for epoch in range(first_epoch, epochs + 1):
-            if deadline is not None and time.time() + last_epoch_s > deadline:
-                raise Interrupted("time budget used up")
-            # members already past this epoch (resumed from a later checkpoint) sit it out
-            active = np.array([start[i] < epoch and status[i] == "running" for i in range(M)])
-            if not active.any():
+    def __init__(self, g: Group, ctx: _Context):
+        self.g, self.rt = g, ctx.runtime
+
+    def after_epoch(self, loop, state, rx, end):
+        """Save every member's checkpoint of this epoch."""
+        host = None
+        for i, row in enumerate(end.rows):
+            if row is None:
                 continue
-            alive_before = np.asarray(state.alive)
-            state = state._replace(alive=jnp.asarray(alive_before & active))
-            t0 = time.perf_counter()
-            orders = [epoch_batches(m.cfg, epoch, n) for m in g.members]
-            full = np.stack([o[0] for o in orders], axis=1)            # (n_full, M, B)
-            rest = np.stack([o[1] for o in orders], axis=0)            # (M, n % B)
-            correct, loss_sum, seen = np.zeros(M), np.zeros(M), 0
-            align_s = 0.0
-            chunks = [full[c0:c0 + cfg.chunk] for c0 in range(0, n_full, cfg.chunk)]
-            if rest.shape[1]:
-                chunks.append(rest[None])
-            for idx in chunks:
-                before = np.asarray(state.train.step) if align is not None else None
-                state, info = steps_fn(g.model, g.est, g.opt, state, x_dev, y_dev, jnp.asarray(idx), rx, max_state)
-                correct += np.asarray(info.correct).sum(0)
-                loss_sum += (np.asarray(info.loss) * idx.shape[2]).sum(0)
-                seen += idx.shape[0] * idx.shape[2]
-                bar.update(idx.shape[0])
-                if progress and single:
-                    bar.set_postfix(acc=f"{100 * correct[0] / seen:.2f}%")
-                if align is not None:
-                    after = np.asarray(state.train.step)
-                    due = [i for i in range(M) if active[i] and after[i] // cfg.align_every > before[i] // cfg.align_every]
-                    if due:
-                        ta = time.perf_counter()
-                        for i, rec in align.measure(state, rx, due).items():
-                            pending[i].append(rec)
-                        align_s += time.perf_counter() - ta
-            alive_now = np.asarray(state.alive)
-            jax.block_until_ready(state)
-            elapsed = time.perf_counter() - t0 - align_s
-            test_acc, test_loss = _evaluate(g, state, xte_dev, yte_dev, rx, cfg.eval_batch)
-            # restore the flags of members that sat this epoch out
-            state = state._replace(alive=jnp.asarray(np.where(active, alive_now, alive_before)))
-            dsteps = np.asarray(state.diverged_step)
-            steps = np.asarray(state.train.step)
-            for i, m in enumerate(g.members):
-                if not active[i]:
-                    continue
-                if not alive_now[i]:
-                    status[i] = "diverged"
-                    div_step[i] = int(dsteps[i])
-                    messages[i] = (f"diverged at epoch {epoch}, step {int(dsteps[i]) + 1} (non-finite state or "
-                                   f"gradient, or a state above max_state={cfg.max_state:g}); the checkpoint of "
-                                   f"epoch {start[i]} is kept")
-                    print_fn(f"{m.name}: STOPPED: {messages[i]}")
-                    continue
-                row = {"epoch": epoch, "train_acc": 100.0 * correct[i] / seen, "loss": loss_sum[i] / seen,
-                       "test_acc": 100.0 * test_acc[i], "test_loss": float(test_loss[i]), "time_s": elapsed,
-                       "steps": int(steps[i])}
-                if align is not None:
-                    row["align_time_s"] = align_s
-                    row["alignment"] = pending[i]
-                    pending[i] = []
-                # saved first: a failed write (disk full, Ctrl-C) leaves the history of the last
-                # checkpoint, so summary.json and metrics.jsonl never claim an unsaved epoch
-                _save(m, state, rx, i, epoch, histories[i] + [row])
-                histories[i].append(row)
-                if dist.is_main():
-                    with open(m.dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                start[i] = epoch
-                if single:
-                    print_fn(f"epoch {epoch}: train {row['train_acc']:.2f}%  test {row['test_acc']:.2f}%  "
-                             f"loss {row['loss']:.4f}  ({elapsed:.1f} s)")
-                if M <= 4:
-                    _plot(m, histories[i], "curves")
-                    if align is not None:
-                        _plot(m, histories[i], "alignment")
-            if not single:
-                ok = [i for i in range(M) if active[i] and alive_now[i]]
-                if ok:
-                    accs = 100 * test_acc[ok]
-                    print_fn(f"{label or g.members[0].dir.parent.name}: epoch {epoch}: test accuracy mean {accs.mean():.2f}% "
-                             f"(min {accs.min():.2f}, max {accs.max():.2f}) over {len(ok)} member(s) "
-                             f"({elapsed:.1f} s)")
-            last_epoch_s = time.perf_counter() - t0
-            if not any(s == "running" for s in status):
-                break
+            m = self.g.members[i]
+            if self.rt.is_main:
+                host = host or self.rt.host((state, rx))
+                _save(m, *host, i, end.epoch, loop.history[i] + [row])
+            loop.done(i, row)
+            if self.g.M <= 4:
+                _figures(m, loop.history[i], self.rt)
+
+    def stop(self, loop, reason):
+        """The figures of a large group, once."""
+        if reason == "interrupted" or (reason == "ok" and self.g.M > 4):
+            for i, m in enumerate(self.g.members):
+                _figures(m, loop.history[i], self.rt)
+
+
+def _figures(m: Member, history: list, rt):
+    if rt.is_main:
+        figures.learning_curve(m.dir, history, _title(m))
+        if m.cfg.align_every:
+            figures.alignment(m.dir, history, _title(m))
+
+
+def _train_group(g: Group, ctx: _Context, label: str) -> dict:
+    data = _group_data(g, ctx.data)
+    runner = ctx.runtime.runner(g, int(data[1].shape[0]))
+    state, rx, start, histories = _restore(g, ctx.metas)       # still nothing on disk changed
+    if ctx.runtime.is_main:
+        _prepare(g, ctx, state, rx, histories)
+    folders = [ctx.folders[m.name] for m in g.members]
+    names = [m.name for m in g.members]
+    hooks: list[Hook] = []
+    if g.cfg.align_every:
+        hooks.append(AlignmentHook(g, data[0], data[1], state, ctx.runtime))
+    hooks += [_Record(g, ctx), JsonlLogger(folders, ctx.runtime.is_main),
+              ConsoleLogger(names, label or g.members[0].dir.parent.name, ctx.print_fn),
+              ProgressBar((label + " " if label else "") + (names[0] if g.M == 1 else f"{g.M} members"),
+                          ctx.progress)]
+    if ctx.runtime.is_main:
+        hooks += optional_loggers(ctx.loggers, folders, names, [m.cfg for m in g.members])
+    batches = lambda i, epoch, n: epoch_batches(g.members[i].cfg, epoch, n)
+    loop = Loop(g, runner, data, batches, start, histories, hooks, ctx.deadline, guard=ctx.signals.recording)
+    is_main = ctx.runtime.is_main
+    try:
+        loop.run(state, rx)
     except (Interrupted, KeyboardInterrupt) as e:
-        bar.close()
+        ctx.signals.stopping()
         why = str(e) if isinstance(e, Interrupted) and str(e) else "interrupted"
-        out = {}
         for i, m in enumerate(g.members):
-            if status[i] == "running":
-                status[i] = "interrupted"
-                messages[i] = f"{why}; checkpoint of epoch {start[i]} kept, continue with --resume"
-            out[m.name] = _write_summary(m, histories[i], status[i], messages[i], div_step[i])
-            _plot(m, histories[i], "curves")
-        print_fn(f"stopped ({why}); continue with --resume")
+            if loop.status[i] == "running":
+                loop.status[i] = "interrupted"
+                loop.message[i] = f"{why}; checkpoint of epoch {loop.start[i]} kept, continue with --resume"
+            _write_summary(m, loop.history[i], loop.status[i], loop.message[i], loop.diverged_step[i], is_main)
+        ctx.print_fn(f"stopped ({why}); continue with --resume")
         raise
     except BaseException as e:
-        bar.close()
         for i, m in enumerate(g.members):
-            _write_summary(m, histories[i], "failed", f"{type(e).__name__}: {e}", div_step[i])
+            _write_summary(m, loop.history[i], "failed", f"{type(e).__name__}: {e}", loop.diverged_step[i], is_main)
         raise
-    bar.close()
     out = {}
     for i, m in enumerate(g.members):
-        if status[i] == "running":
-            status[i] = "ok"
-        out[m.name] = _write_summary(m, histories[i], status[i], messages[i], div_step[i])
-        if M > 4:
-            _plot(m, histories[i], "curves")
-            if align is not None:
-                _plot(m, histories[i], "alignment")
-        if single and histories[i]:
-            s = out[m.name]
-            print_fn(f"summary: {_title(m)}: final test {s['final_test_acc']:.2f}% (best "
-                     f"{s['best_test_acc']:.2f}% at epoch {s['best_epoch']}), {s['epochs_done']} epochs, "
-                     f"{s['train_time_s']:.0f} s training -> {m.dir}")
+        status = "ok" if loop.status[i] == "running" else loop.status[i]
+        out[m.name] = s = _write_summary(m, loop.history[i], status, loop.message[i], loop.diverged_step[i],
+                                         is_main)
+        if g.M == 1 and loop.history[i]:
+            ctx.print_fn(f"summary: {_title(m)}: final test {s['final_test_acc']:.2f}% (best "
+                         f"{s['best_test_acc']:.2f}% at epoch {s['best_epoch']}), {plural(s['epochs_done'], 'epoch')}, "
+                         f"{s['train_time_s']:.0f} s training -> {m.dir}")
     return out
 
 
-class _Aligner:
-    """EP-vs-BPTT alignment of every member on a fixed probe batch (`align_batch`
-    training examples, a seeded choice shared by the members: `subset_seed`)."""
-
-    def __init__(self, g: Group, x, y, state):
-        cfg = g.cfg
-        n = x.shape[0]
-        probe = ep_jax.data.subset_indices(jax.random.fold_in(jax.random.PRNGKey(cfg.subset_seed), 2), n,
-                                           min(cfg.align_batch, n))
-        xp, yp = x[jnp.asarray(probe)], y[jnp.asarray(probe)]
-        self.names = ep_jax.alignment.leaf_names(S.take(state.train.params, 0))
-        fn = lambda tr, r: ep_jax.alignment.measure(g.model, g.est, tr.params, tr.buffers, xp, yp, r)
-        self.fn = jax.jit(jax.vmap(fn))
-
-    def measure(self, state, rx, members) -> dict:
-        a = jax.device_get(self.fn(*dist.host((state.train, rx))))
-        steps = np.asarray(state.train.step)
-        out = {}
-        for i in members:
-            leaf = lambda f: {n: float(np.asarray(v)[i]) for n, v in zip(self.names, f)}
-            out[i] = {"step": int(steps[i]), "angle": float(np.asarray(a.angle)[i]), "cosine": leaf(a.cosine),
-                      "rel_rmse": leaf(a.rel_rmse), "sign_agree": leaf(a.sign_agree)}
-        return out
-
-
-def _plot(m: Member, history: list, which: str):
-    if dist.is_main():
-        (figures.learning_curve if which == "curves" else figures.alignment)(m.dir, history, _title(m))
-
-
 def _save(m: Member, state, rx, i: int, epoch: int, history: list):
-    if not dist.is_main():
-        return
-    state, rx = dist.host((state, rx))
+    """Member i's checkpoint of `epoch` (host copies of the state)."""
     meta = {"epoch": epoch, "digest": m.cfg.digest(), "name": m.name, "history": history,
             "ep_jax": "0.2.0", "backend": jax.default_backend()}
     ckpt.save(m.dir / CHECKPOINT, _member_tree(state, rx, i), meta)
-
-
-def _evaluate(g: Group, state, x, y, rx, batch: int):
-    """Per-member test accuracy (fraction) and mean loss."""
-    if dist.active():
-        return dist.evaluate(g, state, x, y, rx, batch)
-    correct = np.zeros(g.M)
-    loss = np.zeros(g.M)
-    n = x.shape[0]
-    for i in range(0, n, batch):
-        ev = S.sweep_evaluate(g.model, g.est, state, x[i:i + batch], y[i:i + batch], rx)
-        correct += np.asarray(ev.correct)
-        loss += np.asarray(ev.loss) * min(batch, n - i)
-    return correct / n, loss / n
 
 
 # --- restoring a finished run (analysis tools) ------------------------------------------
@@ -610,7 +485,7 @@ def load_run(run_dir: Path):
     """`(cfg, model, est, params, buffers, rx, meta)` of a run folder's checkpoint."""
     from ep_jax.experiments.config import validate
     run_dir = Path(run_dir)
-    saved = read_json(run_dir / "config.json")
+    saved = read_json(run_dir / CONFIG)
     if saved is None:
         raise RunError(f"{run_dir}: no config.json (not a run folder)")
     cfg = validate(RunConfig.from_dict(saved, where=f"{run_dir}/config.json: "))

@@ -1,0 +1,215 @@
+"""The training loop of a group: epochs of device-resident chunks, and hooks.
+
+`Loop.run(state, rx)` trains a group's members (state in, state out) from the epoch after
+each member's last finished one (`start`) to `epochs`. It knows nothing of files: after
+every chunk and every epoch it calls its hooks (`Hook`), which log, measure, draw and
+write. An epoch is every full batch in chunks of `cfg.chunk` steps (one `lax.scan` each,
+the data resident on the device), then the partial last batch; then the test set is
+evaluated. The loop does not wait for a chunk's results: the per-chunk counts are read
+once, at the end of the epoch (a hook that shows a running accuracy reads them itself).
+
+Per member the loop keeps `status` (running | diverged | interrupted | ok), `start` (the
+last epoch whose record a hook made safe, see `EpochEnd.done`), `history` (those epochs'
+rows), `message` and `diverged_step`. A member whose state or gradient turns non-finite
+(or exceeds `max_state`) is frozen at its last good step by the compiled step itself; the
+loop marks it diverged and the others go on. A member already past an epoch (resumed from
+a later checkpoint) sits that epoch out.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ep_jax.experiments.errors import Interrupted
+
+
+class Chunk(NamedTuple):
+    """What a hook sees after one chunk: epoch, chunk number, steps in the chunk, batch
+    size, and the chunk's per-step `info` (device arrays: `correct`, `loss` of shape
+    `(steps, members)`)."""
+    epoch: int
+    index: int
+    steps: int
+    batch: int
+    info: object
+
+
+@dataclasses.dataclass
+class EpochEnd:
+    """What a hook sees after one epoch. Arrays have one entry per member; `rows[i]` is
+    member i's metrics row (None if it sat the epoch out or diverged in it)."""
+    epoch: int
+    active: np.ndarray
+    alive: np.ndarray
+    rows: list
+    test_acc: np.ndarray
+    elapsed: float
+    diverged: list
+
+
+class Hook:
+    """Something that happens around the loop: every method is optional."""
+
+    def start(self, loop: "Loop", state, rx):
+        """Before the first epoch."""
+
+    def after_chunk(self, loop: "Loop", state, rx, chunk: Chunk):
+        """After every chunk (the chunk's results may still be computing)."""
+
+    def columns(self, loop: "Loop", i: int) -> dict:
+        """Extra columns of member i's row for the epoch that just ended."""
+        return {}
+
+    def excluded_time(self) -> float:
+        """Seconds this hook spent during the epoch that do not count as training (reset)."""
+        return 0.0
+
+    def after_epoch(self, loop: "Loop", state, rx, end: EpochEnd):
+        """After every epoch, in the order of the hooks."""
+
+    def stop(self, loop: "Loop", reason: str):
+        """When the loop ends: "ok", "interrupted" or "failed" (also when a hook failed)."""
+
+
+class Loop:
+    """One group's epochs (module docstring).
+
+    runner: `.steps(state, x, y, idx, rx, max_state)` and `.evaluate(state, x, y, rx,
+    batch)` (a runtime's runner); data: device arrays `(x_train, y_train, x_test, y_test)`;
+    batches: `batches(member_index, epoch, n) -> (full (n // B, B), rest)` example indices;
+    start: last finished epoch per member; histories: their rows; guard: a context
+    manager around the hooks' `after_epoch` (the engine's: a signal does not cut an
+    epoch's record in half)."""
+
+    def __init__(self, group, runner, data, batches: Callable, start: Sequence[int], histories: list,
+                 hooks: Sequence[Hook] = (), deadline: float | None = None, guard: Callable | None = None):
+        self.group = group
+        self.cfg = group.cfg
+        self.M = group.M
+        self.runner = runner
+        self.x, self.y, self.x_test, self.y_test = data
+        self.batches = batches
+        self.start = np.asarray(start, int).copy()
+        self.history = [list(h) for h in histories]
+        self.hooks = list(hooks)
+        self.deadline = deadline
+        self.guard = guard or contextlib.nullcontext
+        self.status = ["running"] * self.M
+        self.message = [""] * self.M
+        self.diverged_step: list = [None] * self.M
+        dtype = self.x.dtype
+        self.max_state = jnp.asarray(self.cfg.max_state, dtype)
+
+    @property
+    def n(self) -> int:
+        """Training examples."""
+        return int(self.y.shape[0])
+
+    def steps_per_epoch(self) -> int:
+        """Full batches plus the partial last one."""
+        B = self.cfg.batch_size
+        return self.n // B + (self.n % B > 0)
+
+    def first_epoch(self) -> int:
+        """The first epoch some member still has to train."""
+        return int(self.start.min()) + 1
+
+    def run(self, state, rx):
+        """Train every member to `cfg.epochs`; returns the final state."""
+        reason = "failed"
+        try:
+            for h in self.hooks:
+                h.start(self, state, rx)
+            last_epoch_s = 0.0
+            for epoch in range(self.first_epoch(), self.cfg.epochs + 1):
+                if self.deadline is not None and time.time() + last_epoch_s > self.deadline:
+                    raise Interrupted("time budget used up")
+                t0 = time.perf_counter()
+                state = self.epoch(state, rx, epoch)
+                last_epoch_s = time.perf_counter() - t0
+                if not any(s == "running" for s in self.status):
+                    break
+            reason = "ok"
+        except (Interrupted, KeyboardInterrupt):
+            reason = "interrupted"
+            raise
+        finally:
+            for h in self.hooks:
+                try:
+                    h.stop(self, reason)
+                except Exception:   # noqa: BLE001
+                    if reason == "ok":
+                        raise
+                    # the error that stopped the loop is the one to report
+        return state
+
+    def epoch(self, state, rx, epoch: int):
+        """One epoch of every active member, then the hooks."""
+        M, cfg = self.M, self.cfg
+        active = np.array([self.start[i] < epoch and self.status[i] == "running" for i in range(M)])
+        if not active.any():
+            return state
+        alive_before = np.asarray(state.alive)
+        state = state._replace(alive=jnp.asarray(alive_before & active))
+        t0 = time.perf_counter()
+        orders = [self.batches(i, epoch, self.n) for i in range(M)]
+        full = np.stack([o[0] for o in orders], axis=1)            # (n_full, M, B)
+        rest = np.stack([o[1] for o in orders], axis=0)            # (M, n % B)
+        chunks = [full[c0:c0 + cfg.chunk] for c0 in range(0, full.shape[0], cfg.chunk)]
+        if rest.shape[1]:
+            chunks.append(rest[None])
+        infos = []
+        for ci, idx in enumerate(chunks):
+            state, info = self.runner.steps(state, self.x, self.y, jnp.asarray(idx), rx, self.max_state)
+            infos.append((info, idx.shape[2]))
+            for h in self.hooks:
+                h.after_chunk(self, state, rx, Chunk(epoch, ci, idx.shape[0], idx.shape[2], info))
+        # the epoch's counts, read once (the same float64 sums, in the same order, as chunk by chunk)
+        correct, loss_sum, seen = np.zeros(M), np.zeros(M), 0
+        for info, B in infos:
+            c = np.asarray(info.correct)
+            correct += c.sum(0)
+            loss_sum += (np.asarray(info.loss) * B).sum(0)
+            seen += c.shape[0] * B
+        alive_now = np.asarray(state.alive)
+        jax.block_until_ready(state)
+        elapsed = time.perf_counter() - t0 - sum(h.excluded_time() for h in self.hooks)
+        test_acc, test_loss = self.runner.evaluate(state, self.x_test, self.y_test, rx, cfg.eval_batch)
+        # restore the flags of members that sat this epoch out
+        state = state._replace(alive=jnp.asarray(np.where(active, alive_now, alive_before)))
+        dsteps = np.asarray(state.diverged_step)
+        steps = np.asarray(state.train.step)
+        rows, diverged = [None] * M, []
+        for i in range(M):
+            if not active[i]:
+                continue
+            if not alive_now[i]:
+                self.status[i] = "diverged"
+                self.diverged_step[i] = int(dsteps[i])
+                self.message[i] = (f"diverged at epoch {epoch}, step {int(dsteps[i]) + 1} (non-finite state or "
+                                   f"gradient, or a state above max_state={cfg.max_state:g}); the checkpoint of "
+                                   f"epoch {self.start[i]} is kept")
+                diverged.append(i)
+                continue
+            row = {"epoch": epoch, "train_acc": 100.0 * correct[i] / seen, "loss": loss_sum[i] / seen,
+                   "test_acc": 100.0 * test_acc[i], "test_loss": float(test_loss[i]), "time_s": elapsed,
+                   "steps": int(steps[i])}
+            for h in self.hooks:
+                row.update(h.columns(self, i))
+            rows[i] = row
+        end = EpochEnd(epoch, active, alive_now, rows, test_acc, elapsed, diverged)
+        with self.guard():
+            for h in self.hooks:
+                h.after_epoch(self, state, rx, end)
+        return state
+
+    def done(self, i: int, row: dict):
+        """Member i's epoch `row["epoch"]` is recorded (called by the hook that saves it)."""
+        self.history[i].append(row)
+        self.start[i] = row["epoch"]
