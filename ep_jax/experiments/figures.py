@@ -15,9 +15,10 @@ def pyplot():
 
 
 def integer_ticks(axis):
-    """Ticks of `axis` (`ax.xaxis`, `ax.yaxis`) at integers only (epochs, steps, k)."""
+    """Ticks of `axis` (`ax.xaxis`, `ax.yaxis`) at integers only (epochs, steps, k), even
+    when the view holds a single integer (a one-epoch run)."""
     from matplotlib.ticker import MaxNLocator
-    axis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def integer_epochs(ax, last_epoch: int):
