@@ -89,5 +89,4 @@ def alignment(run_dir: Path, history: list, title: str):
     a2.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(run_dir / "alignment.png", dpi=110)
-    plt.close(fig)
+    save(fig, Path(run_dir) / "alignment.png", dpi=110)
