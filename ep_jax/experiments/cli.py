@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sys
 import tomllib
 
@@ -75,6 +76,8 @@ def main_wrapper(main, argv=None) -> int:
     try:
         return main(argv) or 0
     except KeyboardInterrupt:
+        if argv is None:   # a command line: a second Ctrl-C would only cut the interpreter's exit handlers
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("interrupted", file=sys.stderr)
         return 130
     except expected_errors() as e:

@@ -111,6 +111,11 @@ def setup(a):
     if coordinator is not None and not re.fullmatch(r"\S+:\d+", coordinator):
         raise ConfigError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
     if num != 1 or pid not in (None, 0):
+        if pid in (None, 0) and coordinator is not None:
+            _check_port_free(coordinator)
+        if pid not in (None, 0):
+            print(f"process {pid}: joining the coordinator at {coordinator or 'the cluster'} (waiting up to "
+                  f"{max(300, timeout)} s for every process)...", file=sys.stderr, flush=True)
         try:
             parallel.initialize(coordinator, num, pid, initialization_timeout=max(300, timeout),
                                 heartbeat_timeout_seconds=timeout)
@@ -121,10 +126,30 @@ def setup(a):
         except Exception as e:  # connection refused, timed out, ...
             raise RunError(f"--distributed: could not join the other processes via {coordinator or 'the cluster'} "
                            f"({_first_line(e)})") from None
+    if num is not None and jax.process_count() != num:
+        raise RunError(f"--num-processes {num} but the job has {jax.process_count()} processes: start every "
+                       "process with the same --num-processes")
     _STATE.update(on=True, member_shards=shards)
+    rt = runtime.current()
+    # the same process count everywhere (a process started with another count is refused)
+    rt.agree(str(num), "the process count (--num-processes)")
     if jax.process_index() != 0:
         sys.stdout = open(os.devnull, "w")   # process 0 alone logs; errors still go to stderr
     return runtime.current()
+
+
+def _check_port_free(coordinator: str):
+    """Process 0 serves the coordinator: refuse a local port already in use (JAX would crash)."""
+    import socket
+    host, port = coordinator.rsplit(":", 1)
+    if host not in ("localhost", "127.0.0.1", "0.0.0.0", "[::1]", socket.gethostname()):
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("" if host == "0.0.0.0" else "127.0.0.1", int(port)))
+        except OSError:
+            raise RunError(f"--coordinator {coordinator}: port {port} is already in use on this host; "
+                           "choose a free port for process 0") from None
 
 
 def active() -> bool:

@@ -296,6 +296,9 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
     check_members(members)
     groups = group_members(members)
     rt.check_layout(groups)                               # distributed: refuse what does not divide
+    # distributed: every process must train the same members with the same configs
+    rt.agree(json.dumps([[m.name, {k: v for k, v in m.cfg.to_json().items() if k != "data_dir"}]
+                         for m in members], sort_keys=True), "config (or members)")
     folders = {m.name: RunFolder(m.dir) for m in members}
     summaries: dict[str, dict] = {}
     started: set[str] = set()

@@ -52,6 +52,9 @@ class Local:
         """`fn(*args, **kwargs)`: one process decides alone."""
         return fn(*args, **kwargs)
 
+    def agree(self, value: str, what: str):
+        """One process always agrees with itself."""
+
     def check_layout(self, groups):
         """Nothing to divide on one device."""
 
@@ -137,6 +140,21 @@ class Distributed:
             text = bytes(allmsg[k, 1:]).rstrip(b"\0").decode(errors="replace")
             raise RunError(f"process {k} refused: {text}")
         return out
+
+    def agree(self, value: str, what: str):
+        """Refuse (RunError, on every process) unless every process passes the same `value`
+        (a digest of its config, its process count, ...): processes started with other
+        settings would train silently to a worse result or wait forever at the end."""
+        if not self.multi:
+            return
+        import hashlib
+        from jax.experimental import multihost_utils
+        h = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
+        allh = np.asarray(multihost_utils.process_allgather(h))
+        other = [k for k in range(len(allh)) if not np.array_equal(allh[k], allh[0])]
+        if other:
+            raise RunError(f"process {other[0]} was started with another {what} than process 0: start every "
+                           "process with the same command")
 
     def layout(self, M: int, batch_size: int, n: int, where: str = "") -> tuple[int, int]:
         """`(member_shards, data_shards)` of a group of M members with this batch size on `n`
