@@ -33,6 +33,7 @@ from jax import lax
 
 from ep_jax import dynamics
 from ep_jax.estimators import Estimator, check_batch, check_beta, ep_grad_from_states, ep_nudged_states
+from ep_jax.models.base import check_network
 from ep_jax.relaxation import Relaxation, check_shapes
 
 
@@ -56,6 +57,9 @@ def bptt_truncated_curve(model, params, buffers, x, y, rx: Relaxation, t_free: i
     if not 1 <= k_max <= t_free:
         raise ValueError(f"the truncated BPTT curve needs 1 <= k_max <= t_free, got k_max={k_max}, "
                          f"t_free={t_free} (t_nudge may not exceed t_free)")
+    check_network(model, params, buffers)
+    check_batch(model, x, y)
+    check_shapes(model, rx)
     y1h = model.one_hot(y, x.dtype)
 
     def step(p, s):
@@ -85,7 +89,8 @@ def bptt_truncated_curve(model, params, buffers, x, y, rx: Relaxation, t_free: i
     return jax.tree.map(lambda a: a[::-1], cum)
 
 
-def _check(model, est: Estimator, x, y, rx):
+def _check(model, est: Estimator, params, buffers, x, y, rx):
+    check_network(model, params, buffers)
     if not est.is_ep or est.nudge != "fixed":
         raise ValueError(f"the EP curve needs an EP estimator with fixed nudging (symmetric, one_sided or chl), "
                          f"got kind={est.kind!r}, nudge={est.nudge!r}")
@@ -96,7 +101,7 @@ def _check(model, est: Estimator, x, y, rx):
 
 def ep_curve(model, est: Estimator, params, buffers, x, y, rx: Relaxation):
     """EP estimates after each of the first k = 1..T2 nudged steps (leaves `(T2, ...)`)."""
-    _check(model, est, x, y, rx)
+    _check(model, est, params, buffers, x, y, rx)
     y1h = model.one_hot(y, x.dtype)
     eff = model.prepare(params, buffers)
     ctx = model.input_drive(eff, x)
@@ -112,7 +117,7 @@ def ep_curve(model, est: Estimator, params, buffers, x, y, rx: Relaxation):
 
 def gdu(model, est: Estimator, params, buffers, x, y, rx: Relaxation) -> GDUResult:
     """EP and truncated-BPTT gradient curves for k = 1..est.t_nudge."""
-    _check(model, est, x, y, rx)
+    _check(model, est, params, buffers, x, y, rx)
     ep = ep_curve(model, est, params, buffers, x, y, rx)
     bptt = bptt_truncated_curve(model, params, buffers, x, y, rx, est.t_free, est.t_nudge)
     return GDUResult(ep, bptt, _leaf_names(params))

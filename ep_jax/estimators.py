@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from ep_jax import dynamics
+from ep_jax.models.base import check_network
 from ep_jax.relaxation import Relaxation, check_shapes, concrete
 
 KINDS = ("symmetric", "one_sided", "chl", "bptt", "bptt_full")
@@ -83,27 +84,40 @@ class Aux(NamedTuple):
 
 
 def check_batch(model, x, y):
-    """Static checks of a batch: input width, label shape. Raise naming the argument."""
+    """Checks of a batch: input width, at least one example, label shape and dtype
+    (static: free under jit), and the label values where `y` is concrete
+    (`check_labels`). Raise naming the argument."""
     model.check_input(x)
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    if x.shape[0] < 1:
+        raise ValueError(f"x must hold at least one example (batch >= 1), got shape {tuple(x.shape)}")
+    if jnp.ndim(y) != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(jnp.shape(y))}")
     if not jnp.issubdtype(y.dtype, jnp.integer):
         raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
     check_labels(model, y)
 
 
 def check_labels(model, y):
-    """Labels must lie in [0, n_classes). Checked when `y` is concrete (not under jit,
-    where an out-of-range label would silently give an all-zero target: drivers check
-    their datasets once with this function)."""
+    """Labels must lie in [0, n_classes): a one-line ValueError when `y` is concrete
+    (eager calls; drivers check their datasets once with this function). Under jit the
+    values are not known: there `labels_in_range` is the traced check (an out-of-range
+    label would otherwise give an all-zero one-hot target, silently)."""
     v = concrete(y)
     if v is not None and v.size and (v.min() < 0 or v.max() >= model.n_classes):
         raise ValueError(f"y holds labels in [{v.min()}, {v.max()}], outside [0, {model.n_classes}) "
                          f"for a model with {model.n_classes} outputs")
 
 
+def labels_in_range(model, y) -> jax.Array:
+    """`()` bool, traceable: every label of `y` lies in [0, n_classes). Under jit an
+    out-of-range label makes `Aux.loss` / `Evaluation.loss` NaN and `train_step` refuse
+    the step (`StepInfo.finite` False); numbers for valid labels are unchanged."""
+    return jnp.all((y >= 0) & (y < model.n_classes))
+
+
 def _aux(model, s_free, y, y1h, beta):
-    loss = jnp.mean(model.cost(s_free[-1], y1h))
+    # NaN for out-of-range labels (only reachable under jit: eager calls refuse them)
+    loss = jnp.where(labels_in_range(model, y), jnp.mean(model.cost(s_free[-1], y1h)), jnp.nan)
     correct = jnp.sum(jnp.argmax(s_free[-1], axis=-1) == y)
     return Aux(s_free, loss, correct, beta)
 
@@ -187,9 +201,17 @@ def estimate(model, est: Estimator, key, params, buffers, x, y, rx: Relaxation):
     """Gradient estimate and `Aux` for one batch.
 
     key: a `jax.random` key (used by `nudge="random_sign"`; may be None otherwise).
-    x: `(B, n_0)` float; y: `(B,)` int labels; rx: `Relaxation` (β, time steps).
-    Returns `(grads, aux)`, grads with the structure of `params`.
+    x: `(B, n_0)` float, B >= 1; y: `(B,)` int labels in [0, n_classes); rx: `Relaxation`
+    (β, time steps). Returns `(grads, aux)`, grads with the structure of `params`.
+
+    Refused with a one-line ValueError: params/buffers whose leaves or shapes are not the
+    model's (`check_network`, at trace time), a bad batch (`check_batch`), and, where the
+    values are concrete (eager calls), out-of-range labels and β = 0 for EP estimators.
+    Under jit those values are not known: an out-of-range label then gives a NaN
+    `aux.loss` (its one-hot target would be all zero; the gradients are not a gradient
+    of any loss of the batch), and β = 0 non-finite EP gradients.
     """
+    check_network(model, params, buffers)
     check_batch(model, x, y)
     check_shapes(model, rx)
     check_beta(est, rx.beta)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from ep_jax import dynamics
 from ep_jax.estimators import Estimator
-from ep_jax.models.base import OutputGrad
+from ep_jax.models.base import OutputGrad, check_network
 from ep_jax.relaxation import check_shapes
 
 
@@ -39,6 +39,7 @@ def make_ep_block(model, est: Estimator):
                          f"got kind={est.kind!r}, nudge={est.nudge!r}")
 
     def free(params, buffers, x, rx):
+        check_network(model, params, buffers)
         model.check_input(x)
         check_shapes(model, rx)
         eff = model.prepare(params, buffers)

@@ -13,6 +13,15 @@ parts: jit it with those static (`train_step_jit`), vmap it over `state`/`rx` fo
 A step whose gradients or free state are not finite is not applied: the returned state
 is the input state and `info.finite` is False, so a driver can stop cleanly.
 
+Checks: params and buffers against the model's leaves and shapes, the batch's shapes
+(at least one example) and the relaxation's shapes are checked at trace time (free under
+jit), with one-line ValueErrors. Label values and β are checked only where they are
+concrete (eager calls): under jit an out-of-range label is not an error but makes the
+step's `info.finite` False (the step is refused, `info.loss` is NaN), and β = 0 with an
+EP estimator gives non-finite gradients (refused likewise, every step:
+`make_relaxation` warns about β = 0 once, where it is known). Drivers check their
+datasets once with `ep_jax.estimators.check_labels`.
+
 Keys: `train_step` uses the key it is given (for `nudge="random_sign"`). Loops over
 steps derive step t's key as `fold_in(key, t)` with t the state's step counter
 (`step_key`); `train_steps` and the experiment engine do exactly that, so a loop of
@@ -29,8 +38,8 @@ import jax.numpy as jnp
 import optax
 
 from ep_jax import dynamics
-from ep_jax.estimators import Estimator, check_batch, estimate
-from ep_jax.models.base import default_float
+from ep_jax.estimators import Estimator, check_batch, estimate, labels_in_range
+from ep_jax.models.base import check_network, default_float
 from ep_jax.relaxation import Relaxation, check_shapes, concrete
 
 
@@ -103,10 +112,15 @@ def train_step(model, est: Estimator, opt: optax.GradientTransformation, key, st
     batch axis of that name, `(x, y)` is this device's shard; gradients and loss are
     averaged over the axis (`pmean`: equal shards give the gradient of the global batch
     mean), `correct` is summed, and the step is applied only where every shard is finite.
+
+    Refused (module docstring): eagerly, out-of-range labels and β = 0 for EP estimators
+    raise a ValueError; under jit they make `info.finite` False and the state is returned
+    unchanged (an out-of-range label also makes `info.loss` NaN). Valid labels get
+    exactly the numbers they got without this check.
     """
     grads, aux = estimate(model, est, key, state.params, state.buffers, x, y, rx)
     loss, correct, n = aux.loss, aux.correct, x.shape[0]
-    finite = _all_finite(aux.s_free)
+    finite = _all_finite(aux.s_free) & labels_in_range(model, y)
     absmax = jnp.max(jnp.stack([jnp.max(jnp.abs(sl)) for sl in aux.s_free]))
     if axis_name is not None:
         absmax = jax.lax.pmax(absmax, axis_name)
@@ -146,7 +160,11 @@ train_steps_jit.__doc__ = "`train_steps` jitted with `(model, est, opt)` static.
 
 
 def predict(model, est: Estimator, params, buffers, x, rx: Relaxation):
-    """Free state after `est.t_free` steps; `argmax` of its last layer is the prediction."""
+    """Free state after `est.t_free` steps; `argmax` of its last layer is the prediction.
+
+    params/buffers are checked against the model's leaves and shapes at trace time
+    (`ep_jax.models.base.check_network`: a one-line ValueError naming the leaf)."""
+    check_network(model, params, buffers)
     model.check_input(x)
     check_shapes(model, rx)
     eff = model.prepare(params, buffers)
@@ -154,11 +172,16 @@ def predict(model, est: Estimator, params, buffers, x, rx: Relaxation):
 
 
 def evaluate(model, est: Estimator, params, buffers, x, y, rx: Relaxation) -> Evaluation:
-    """Accuracy and mean loss of the free phase (`est.t_free` steps) on `(x, y)`."""
+    """Accuracy and mean loss of the free phase (`est.t_free` steps) on `(x, y)`.
+
+    x: `(B, n_0)`, B >= 1; y: `(B,)` int labels in [0, n_classes). Out-of-range labels
+    raise a ValueError where `y` is concrete (eager calls); under jit they cannot, and
+    the returned loss is NaN instead (the accuracy counts them as wrong)."""
     check_batch(model, x, y)
     s = predict(model, est, params, buffers, x, rx)
     correct = jnp.sum(jnp.argmax(s[-1], axis=-1) == y)
-    loss = jnp.mean(model.cost(s[-1], model.one_hot(y, s[-1].dtype)))
+    loss = jnp.where(labels_in_range(model, y), jnp.mean(model.cost(s[-1], model.one_hot(y, s[-1].dtype))),
+                     jnp.nan)
     return Evaluation(correct / x.shape[0], loss, correct)
 
 

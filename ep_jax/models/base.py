@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from typing import Any, Callable, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import jax
@@ -247,3 +248,63 @@ class LayeredModel(abc.ABC):
         for l, (sl, n) in enumerate(zip(s, self.state_sizes), start=1):
             if sl.shape[-1] != n:
                 raise ValueError(f"state layer {l} must have width {n}, got shape {sl.shape}")
+
+
+# --- the network's pytrees against the model (shapes are static: free, at trace time) ----
+
+def _paths(tree) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): tuple(jnp.shape(leaf)) for p, leaf in leaves}
+
+
+def _expected(model):
+    # the shapes `model.init` makes, traced abstractly (no arrays are drawn)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    params, buffers = jax.eval_shape(lambda k: model.init(k), key)
+    return _paths(params), _paths(buffers)
+
+
+_expected_cached = functools.lru_cache(maxsize=64)(_expected)
+
+
+def _describe(model) -> str:
+    name = getattr(model, "name", type(model).__name__)
+    return f"the {name!r} model with sizes {tuple(model.sizes)}"
+
+
+def _leaves(names) -> str:
+    shown = ", ".join(names[:4]) + (f" (and {len(names) - 4} more)" if len(names) > 4 else "")
+    return ("leaf " if len(names) == 1 else "leaves ") + shown
+
+
+def _compare(what: str, given: dict, expected: dict, model):
+    missing = [k or "(root)" for k in expected if k not in given]
+    if missing:
+        raise ValueError(f"{what} is missing the {_leaves(missing)} that {_describe(model)} needs")
+    extra = [k or "(root)" for k in given if k not in expected]
+    if extra:
+        raise ValueError(f"{what} has the {_leaves(extra)}, which "
+                         f"{_describe(model)} does not have ({what} of another model?)")
+    for k, shape in expected.items():
+        if given[k] != shape:
+            raise ValueError(f"{what} leaf {k} has shape {given[k]}, expected {shape} for {_describe(model)} "
+                             f"({what} of another model?)")
+
+
+def check_network(model, params, buffers=None):
+    """Raise a one-line ValueError unless `params` (and `buffers`, when given) have the
+    leaves and shapes that `model.init` makes: naming the missing or unexpected leaf, or
+    the leaf whose shape differs and the shape expected. Shapes are static, so under jit
+    this runs once, at trace time, and costs nothing per step; dtypes are not checked."""
+    try:
+        try:
+            hash(model)
+        except TypeError:  # an unhashable (user-defined) model: not cached
+            expected = _expected(model)
+        else:
+            expected = _expected_cached(model)
+    except Exception:  # noqa: BLE001 - a user model whose init cannot be traced abstractly: nothing to compare
+        return
+    _compare("params", _paths(params), expected[0], model)
+    if buffers is not None:
+        _compare("buffers", _paths(buffers), expected[1], model)
