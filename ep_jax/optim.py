@@ -12,6 +12,11 @@ The dendritic model's apical map of hidden layer l uses the rate of synapse l + 
 (`model.lr_tree`). The rates and μ are wrapped with `optax.inject_hyperparams`, so they
 are arrays in the optimiser state (`opt_state.hyperparams["lr"]`, shape `(L,)`): a sweep
 vmaps over them, and `with_hyperparams` sets them without rebuilding the optimiser.
+
+Refused with a one-line ValueError: negative or non-finite rates, momentum outside
+[0, 1) (where the values are concrete, as the command lines refuse them), and an
+optimiser state made by another optimiser (`adam` given `sgd`'s state, or a plain optax
+state).
 """
 from __future__ import annotations
 
@@ -32,41 +37,80 @@ def scale_by_tree(rates) -> optax.GradientTransformation:
 
 
 def per_synapse_rates(model, lr, dtype=None) -> jax.Array:
-    """`lr` as an `(L,)` array: one float for every synapse, or one per synapse."""
+    """`lr` as an `(L,)` array: one float for every synapse, or one per synapse; concrete
+    rates must be finite and >= 0 (a one-line ValueError)."""
     dtype = dtype or default_float()
     L = model.n_layers
     arr = np.asarray(lr, dtype=np.float64) if not isinstance(lr, jax.Array) else lr
+    _check_rates(arr)
     if jnp.ndim(arr) == 0:
         arr = jnp.broadcast_to(jnp.asarray(arr, dtype), (L,))
     if jnp.shape(arr) != (L,):
         raise ValueError(f"lr must be one float or {L} floats (one per synapse), got shape {jnp.shape(arr)}")
-    v = concrete(arr)
+    return jnp.asarray(arr, dtype)
+
+
+def _check_rates(lr):
+    v = concrete(lr)
     if v is not None and not np.all(np.isfinite(v)):
         raise ValueError(f"lr must be finite, got {v}")
-    return jnp.asarray(arr, dtype)
+    if v is not None and np.any(v < 0):
+        raise ValueError(f"lr must be >= 0 (a negative rate ascends the loss), got {v}")
+
+
+def _check_momentum(momentum):
+    m = concrete(momentum)
+    if m is not None and not np.all(np.isfinite(m)):
+        raise ValueError(f"momentum must be finite, got {m}")
+    if m is not None and not np.all((m >= 0) & (m < 1)):
+        raise ValueError(f"momentum must lie in [0, 1), got {m}")
+
+
+_CHECKS = {"lr": _check_rates, "momentum": _check_momentum}
+
+
+def _own_state(tx, name: str, model, hyperparams) -> optax.GradientTransformationExtraArgs:
+    """`tx` whose update first checks that the state is one this optimiser made: the
+    injected hyperparameters it has, the rates one per synapse of `model` (a static
+    check, free under jit)."""
+    hyperparams = sorted(hyperparams)
+
+    def update(updates, state, params=None, **extra):
+        hp = getattr(state, "hyperparams", None)
+        if not isinstance(hp, dict) or sorted(hp) != hyperparams:
+            made = (f"an optimiser with hyperparameters {sorted(hp)}" if isinstance(hp, dict)
+                    else f"another optimiser (a {type(state).__name__}, no injected hyperparameters)")
+            raise ValueError(f"opt_state was made by {made}, not by ep_jax.optim.{name} (hyperparameters "
+                             f"{hyperparams}): pass the state its own init made")
+        if jnp.shape(hp["lr"]) != (model.n_layers,):
+            raise ValueError(f"opt_state holds lr of shape {jnp.shape(hp['lr'])}, expected ({model.n_layers},) "
+                             f"(one rate per synapse): the state was made for another model")
+        return tx.update(updates, state, params, **extra)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def sgd(model, lr=0.05, momentum: float = 0.9, dtype=None) -> optax.GradientTransformation:
     """SGD with PyTorch momentum and one learning rate per synapse (module docstring).
 
-    lr: one float or one per synapse; momentum: μ. Both are arrays in the optimiser
-    state (`optax.inject_hyperparams`)."""
+    lr: one float >= 0 or one per synapse; momentum: μ in [0, 1). Both are arrays in
+    the optimiser state (`optax.inject_hyperparams`); `update` refuses a state that
+    another optimiser made."""
     dtype = dtype or default_float()
     rates = per_synapse_rates(model, lr, dtype)
+    _check_momentum(momentum)
     mu = jnp.asarray(momentum, dtype)
-    m = concrete(mu)
-    if m is not None and not np.isfinite(m):
-        raise ValueError(f"momentum must be finite, got {m}")
 
     def build(lr, momentum):
         return optax.chain(optax.trace(decay=momentum), scale_by_tree(model.lr_tree(lr)))
 
-    return optax.inject_hyperparams(build)(lr=rates, momentum=mu)
+    return _own_state(optax.inject_hyperparams(build)(lr=rates, momentum=mu), "sgd", model, ("lr", "momentum"))
 
 
 def with_hyperparams(opt_state, **values):
     """`opt_state` with injected hyperparameters replaced (e.g. `lr=jnp.array([0.4, 0.02])`);
-    shapes must match the old values. Works under `vmap` (one value per member)."""
+    shapes must match the old values, and concrete rates must be >= 0 and finite,
+    momentum in [0, 1). Works under `vmap` (one value per member)."""
     hp = getattr(opt_state, "hyperparams", None)
     if hp is None:
         raise ValueError("this optimiser state has no injected hyperparameters (build the optimiser "
@@ -79,17 +123,20 @@ def with_hyperparams(opt_state, **values):
         v = jnp.asarray(v, jnp.result_type(hp[k]))
         if v.shape != jnp.shape(hp[k]):
             raise ValueError(f"hyperparameter {k} must have shape {jnp.shape(hp[k])}, got {v.shape}")
+        if k in _CHECKS:
+            _CHECKS[k](v)
         new[k] = v
     return opt_state._replace(hyperparams=new)
 
 
 def adam(model, lr=1e-3, dtype=None, **adam_kwargs) -> optax.GradientTransformation:
-    """Adam (`optax.scale_by_adam`) with one learning rate per synapse, the rates an array
-    in the state (`inject_hyperparams`) like `sgd`'s."""
+    """Adam (`optax.scale_by_adam`) with one learning rate per synapse (each >= 0), the
+    rates an array in the state (`inject_hyperparams`) like `sgd`'s; `update` refuses a
+    state that another optimiser made."""
     dtype = dtype or default_float()
     rates = per_synapse_rates(model, lr, dtype)
 
     def build(lr):
         return optax.chain(optax.scale_by_adam(**adam_kwargs), scale_by_tree(model.lr_tree(lr)))
 
-    return optax.inject_hyperparams(build)(lr=rates)
+    return _own_state(optax.inject_hyperparams(build)(lr=rates), "adam", model, ("lr",))
