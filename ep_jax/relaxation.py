@@ -11,6 +11,7 @@ so `dt = 1` is the plain fixed-point iteration `s_l ← σ_l(h_l)`.
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -26,10 +27,15 @@ class Relaxation(NamedTuple):
     dt: tuple
 
 
-def make_relaxation(model, *, beta: float = 0.1, dt=1.0, dtype=None) -> Relaxation:
+def make_relaxation(model, *, beta: float = 0.1, dt=1.0, dtype=None, est=None) -> Relaxation:
     """A validated `Relaxation` for `model`.
 
-    beta: the nudging strength (a float; EP estimators need β ≠ 0, checked when they run).
+    beta: the nudging strength (a finite float). The EP estimators (symmetric,
+    one_sided, chl) divide by β: given `est` (an `ep_jax.Estimator`), β = 0 with an EP
+    estimator is refused here (ValueError); without `est`, β = 0 warns once
+    (`UserWarning`): eager estimates refuse it, but under jit every training step is
+    then refused as non-finite while the loss is still reported. BPTT estimators ignore
+    β (pass `est` to say so and silence the warning).
     dt: one float for every layer, or a list/tuple with one entry per state layer, each
     a float or a per-neuron array `(n_l,)`. Every time step must lie in (0, 1].
     """
@@ -48,6 +54,15 @@ def make_relaxation(model, *, beta: float = 0.1, dt=1.0, dtype=None) -> Relaxati
                          "time steps in a list: dt=[dt_1, ..., dt_L])")
     rx = Relaxation(beta=jnp.asarray(beta, dtype), dt=dts)
     check(model, rx)
+    b = concrete(rx.beta)
+    if b is not None and b == 0:
+        if est is not None and est.is_ep:
+            raise ValueError(f"beta must be nonzero for the {est.kind!r} EP estimator (it divides by beta)")
+        if est is None:
+            warnings.warn("beta=0: the EP estimators (symmetric, one_sided, chl) divide by beta, so under jit "
+                          "every training step is refused as non-finite (info.finite False) while a loss is "
+                          "still reported; only the BPTT estimators can use beta=0 (pass est= to "
+                          "make_relaxation to check)", stacklevel=2)
     return rx
 
 
