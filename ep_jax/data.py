@@ -9,18 +9,22 @@ Where it looks, in order (the first place holding a complete set of files wins):
    place looked;
 2. the environment variable `EP_JAX_DATA_DIR`;
 3. `/usr/share/datasets/fashion-mnist` (Debian's `dataset-fashion-mnist`; Fashion-MNIST only);
-4. `./.data/<name>` and `../shared/data/<name>` next to the repository;
+4. `./.data/<name>` in the current working directory (`.data/mnist`, `.data/kmnist`,
+   `.data/fashion-mnist` or `.data/fashion_mnist`);
 5. tensorflow-datasets (`mnist`, `kmnist`, `fashion_mnist`), imported only at this point.
-In each folder the files may sit directly or in a subfolder named after the dataset
-(`mnist/`, `kmnist/`, `fashion-mnist/`, `fashion_mnist/`, `fmnist/`).
+In the folders of 1 and 2 the files may sit directly or in a subfolder named after the
+dataset (`mnist/`, `MNIST/`, `kmnist/`, `KMNIST/`, `fashion-mnist/`, `fashion_mnist/`,
+`fmnist/`, `FashionMNIST/`).
 
 File formats: the four standard IDX files (`train-images-idx3-ubyte[.gz]`,
 `train-labels-idx1-ubyte[.gz]`, `t10k-images-idx3-ubyte[.gz]`, `t10k-labels-idx1-ubyte[.gz]`),
 or for KMNIST the official `kmnist-{train,test}-{imgs,labels}.npz` (array `arr_0`).
-Files are checked structurally (magic number, dimensions, payload length) and, with
-`verify=True`, against the official md5 sums (of the file, or of the decompressed IDX
-payload: Debian recompressed Fashion-MNIST, so only its payloads match). Any problem
-raises `DatasetError` naming the file; nothing is returned half-loaded.
+Files are always checked for structure and content (IDX magic number, dimensions and
+payload length; images uint8 `(N, 28, 28)` with N >= 1, integer labels in 0..9, one per
+image) and, with `verify=True`, against the official md5 sums (of the file, or of the
+decompressed IDX payload: Debian recompressed Fashion-MNIST, so only its payloads
+match) and the official sizes. Any problem raises `DatasetError` naming the file;
+nothing is returned half-loaded.
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ NORMALISATION = {"mnist": None, "kmnist": (0.1918, 0.3483), "fashion_mnist": (0.
 SUBFOLDERS = {"mnist": ("mnist", "MNIST"), "kmnist": ("kmnist", "KMNIST"),
               "fashion_mnist": ("fashion-mnist", "fashion_mnist", "fmnist", "FashionMNIST")}
 DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder above the package (not a place looked)
+LOCAL_DIR = ".data"  # `./.data/<name>`, relative to the current working directory
 ENV_VAR = "EP_JAX_DATA_DIR"
 SIZES = {"train": 60000, "test": 10000}
 
@@ -205,21 +210,30 @@ def load_files(folder, name: str, verify: bool = True, expect_sizes: bool | None
             arrays[key] = parse_idx(payload, path)
     for split in ("train", "test"):
         x, y = arrays[(split, "images")], arrays[(split, "labels")]
+        fx, fy = files[(split, "images")], files[(split, "labels")]
+        if x.dtype != np.uint8:
+            raise DatasetError(f"{fx}: images have dtype {x.dtype}, expected uint8 (pixel values 0..255)")
         if x.ndim != 3 or x.shape[1:] != (28, 28):
-            raise DatasetError(f"{files[(split, 'images')]}: images have shape {x.shape}, expected (N, 28, 28)")
+            raise DatasetError(f"{fx}: images have shape {x.shape}, expected (N, 28, 28)")
+        if len(x) == 0:
+            raise DatasetError(f"{fx}: holds 0 {split} examples, expected at least 1")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DatasetError(f"{fy}: labels have dtype {y.dtype}, expected integers 0..9")
         if y.ndim != 1 or len(y) != len(x):
-            raise DatasetError(f"{files[(split, 'labels')]}: {len(y)} labels for {len(x)} images")
+            raise DatasetError(f"{fy}: {len(y)} labels for {len(x)} images")
         if (verify if expect_sizes is None else expect_sizes) and len(y) != SIZES[split]:
-            raise DatasetError(f"{files[(split, 'images')]}: {len(y)} {split} examples, expected {SIZES[split]}")
-        if y.size and int(y.max()) > 9:
-            raise DatasetError(f"{files[(split, 'labels')]}: label {int(y.max())} outside 0..9")
+            raise DatasetError(f"{fx}: {len(y)} {split} examples, expected {SIZES[split]}")
+        if y.size and (int(y.min()) < 0 or int(y.max()) > 9):
+            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            raise DatasetError(f"{fy}: label {bad} outside 0..9")
     return (arrays[("train", "images")], arrays[("train", "labels")],
             arrays[("test", "images")], arrays[("test", "labels")])
 
 
 def candidate_dirs(name: str, data_dir=None) -> list[Path]:
     """Folders searched for `name`, in order (see the module docstring). An explicit
-    `data_dir` is the only place looked (with its dataset-named subfolders)."""
+    `data_dir` is the only place looked (with its dataset-named subfolders); `./.data`
+    is taken relative to the current working directory at the time of the call."""
     if data_dir:
         r = Path(data_dir)
         return list(dict.fromkeys([r] + [r / s for s in SUBFOLDERS[name]]))
@@ -229,8 +243,9 @@ def candidate_dirs(name: str, data_dir=None) -> list[Path]:
         out += [r] + [r / s for s in SUBFOLDERS[name]]
     if name in DEBIAN_DIRS:
         out.append(DEBIAN_DIRS[name])
+    local = Path.cwd() / LOCAL_DIR
     for s in SUBFOLDERS[name][:1] + ("fashion_mnist",) * (name == "fashion_mnist"):
-        out += [REPO_ROOT / ".data" / s, REPO_ROOT.parent / "shared" / "data" / s]
+        out.append(local / s)
     return list(dict.fromkeys(out))
 
 
@@ -292,7 +307,8 @@ def load_dataset(name: str, data_dir=None, normalize: bool = True, source: str =
 
     `source`: "auto" (files, then tfds), "files" or "tfds". See the module docstring for
     the folders searched; with `data_dir` given, only that folder is (no tfds either).
-    `verify=False` skips the md5 and size checks (structure is always checked).
+    `verify=False` skips the md5 and size checks (structure, dtypes and the label range
+    are always checked).
     """
     name = canonical_name(name)
     if source not in ("auto", "files", "tfds"):

@@ -10,7 +10,17 @@ import pytest
 from ep_jax import data as D
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-MNIST = D.REPO_ROOT.parent / "shared" / "data" / "mnist"
+# the project's shared MNIST files sit beside the checkout (CI has them there); the
+# library never looks there by itself, so the tests pass the folder explicitly
+SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    """The shared MNIST folder beside the checkout (skips when it is absent)."""
+    if not D.available_offline("mnist", SHARED_MNIST):
+        pytest.skip(f"the shared MNIST files are not beside the checkout ({SHARED_MNIST})")
+    return SHARED_MNIST
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:
@@ -34,10 +44,12 @@ def write_set(folder: Path, n_train=50, n_test=20, seed=0, gz=True):
 
 @pytest.fixture
 def no_defaults(monkeypatch, tmp_path):
-    """No env var, no Debian folder, no repo-local data, no tfds: only what a test names."""
+    """No env var, no Debian folder, no ./.data (the working directory is an empty
+    tmp_path/"cwd"), no tfds: only what a test names."""
     monkeypatch.delenv(D.ENV_VAR, raising=False)
     monkeypatch.setattr(D, "DEBIAN_DIRS", {"fashion_mnist": tmp_path / "no-debian"})
-    monkeypatch.setattr(D, "REPO_ROOT", tmp_path / "repo")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
 
 
@@ -103,6 +115,46 @@ def test_mismatched_counts_and_bad_labels(tmp_path, no_defaults):
         D.load_dataset("mnist", data_dir=tmp_path, verify=False)
 
 
+def write_kmnist_npz(folder: Path, **override):
+    rng = np.random.default_rng(2)
+    arrs = {"kmnist-train-imgs.npz": rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
+            "kmnist-train-labels.npz": rng.integers(0, 10, 30, dtype=np.uint8),
+            "kmnist-test-imgs.npz": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
+            "kmnist-test-labels.npz": rng.integers(0, 10, 12, dtype=np.uint8)}
+    arrs.update(override)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f, a in arrs.items():
+        np.savez_compressed(folder / f, arr_0=a)
+    return arrs
+
+
+@pytest.mark.parametrize("file,array,match", [
+    ("kmnist-train-labels.npz", np.array([3, -1] + [0] * 28, np.int64), "label -1 outside 0..9"),
+    ("kmnist-test-labels.npz", np.full(12, 10, np.int16), "label 10 outside 0..9"),
+    ("kmnist-test-labels.npz", np.zeros(12, np.float32), "labels have dtype float32, expected integers"),
+    ("kmnist-train-imgs.npz", np.full((30, 28, 28), 1000.0), "images have dtype float64, expected uint8"),
+    ("kmnist-test-imgs.npz", np.zeros((12, 28, 28), np.int64), "images have dtype int64, expected uint8"),
+])
+def test_npz_contents_are_checked_without_verify(tmp_path, no_defaults, file, array, match):
+    """verify=False skips the checksums, never the dtypes and value ranges."""
+    write_kmnist_npz(tmp_path / "k", **{file: array})
+    with pytest.raises(D.DatasetError, match=match) as e:
+        D.load_dataset("kmnist", data_dir=tmp_path / "k", verify=False)
+    assert str(e.value).startswith(str(tmp_path / "k" / file)) and "\n" not in str(e.value)
+    write_kmnist_npz(tmp_path / "ok")   # the control: the same files, valid, load
+    assert D.load_dataset("kmnist", data_dir=tmp_path / "ok", verify=False).x_train.shape == (30, 784)
+
+
+@pytest.mark.parametrize("split", ["train", "t10k"])
+def test_idx_with_zero_examples_is_refused_naming_the_file(tmp_path, no_defaults, split):
+    write_set(tmp_path)
+    for kind, shape in (("images-idx3", (0, 28, 28)), ("labels-idx1", (0,))):
+        (tmp_path / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(shape))))
+    with pytest.raises(D.DatasetError, match="holds 0 .* examples, expected at least 1") as e:
+        D.load_dataset("mnist", data_dir=tmp_path, verify=False)
+    assert str(e.value).startswith(str(tmp_path / f"{split}-images-idx3-ubyte.gz")) and "\n" not in str(e.value)
+
+
 def test_checksum_mismatch_and_size_check(tmp_path, no_defaults):
     write_set(tmp_path)
     with pytest.raises(D.DatasetError, match=r"md5 .* does not match the official .*verify=False"):
@@ -127,15 +179,14 @@ def test_missing_dataset_lists_every_default_place(tmp_path, no_defaults):
     with pytest.raises(D.DatasetError) as e:
         D.load_dataset("fashion_mnist")
     msg = str(e.value)
-    assert "no-debian" in msg and str(tmp_path / "repo" / ".data" / "fashion-mnist") in msg
+    assert "no-debian" in msg and str(tmp_path / "cwd" / ".data" / "fashion-mnist") in msg
     assert "tensorflow-datasets: not importable" in msg and "pip install 'ep_jax[tfds]'" in msg
 
 
 def test_lookup_order(tmp_path, no_defaults, monkeypatch):
-    """data_dir (alone) > EP_JAX_DATA_DIR > Debian's folder > ./.data, ../shared/data."""
+    """data_dir (alone) > EP_JAX_DATA_DIR > Debian's folder > ./.data (the working directory's)."""
     places = {"explicit": tmp_path / "explicit", "env": tmp_path / "env" / "fashion_mnist",
-              "debian": tmp_path / "no-debian", "repo": tmp_path / "repo" / ".data" / "fashion-mnist",
-              "shared": tmp_path / "shared" / "data" / "fashion_mnist"}
+              "debian": tmp_path / "no-debian", "local": tmp_path / "cwd" / ".data" / "fashion-mnist"}
     labels = {name: write_set(folder, seed=i)["t10k-labels-idx1-ubyte"] for i, (name, folder) in enumerate(places.items())}
     monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "env"))
 
@@ -147,13 +198,34 @@ def test_lookup_order(tmp_path, no_defaults, monkeypatch):
     monkeypatch.delenv(D.ENV_VAR)
     assert found() == ["debian"]
     monkeypatch.setattr(D, "DEBIAN_DIRS", {})
-    assert found() == ["repo"]
-    import shutil
-    shutil.rmtree(places["repo"])
-    assert found() == ["shared"]
-    dirs = D.candidate_dirs("fashion_mnist")
-    assert dirs.index(tmp_path / "repo" / ".data" / "fashion-mnist") < dirs.index(places["shared"])
+    assert found() == ["local"]
+    assert D.candidate_dirs("fashion_mnist") == [places["local"], tmp_path / "cwd" / ".data" / "fashion_mnist"]
     assert D.candidate_dirs("mnist", data_dir=tmp_path) == [tmp_path, tmp_path / "mnist", tmp_path / "MNIST"]
+
+
+def test_local_data_is_relative_to_the_working_directory(tmp_path, no_defaults, monkeypatch):
+    """`./.data/<name>` follows the current working directory (what the README says), not
+    the folder the package was installed in."""
+    labels = write_set(tmp_path / "project" / ".data" / "mnist")["t10k-labels-idx1-ubyte"]
+    with pytest.raises(D.DatasetError, match="not found"):
+        D.load_dataset("mnist", verify=False)                        # cwd is the empty tmp_path/"cwd"
+    monkeypatch.chdir(tmp_path / "project")
+    assert D.candidate_dirs("mnist") == [tmp_path / "project" / ".data" / "mnist"]
+    assert D.available_offline("mnist")
+    np.testing.assert_array_equal(D.load_dataset("mnist", verify=False).y_test, labels)
+
+
+def test_shared_folder_beside_the_package_is_not_looked_in(tmp_path, no_defaults, monkeypatch):
+    """No user has the project's `shared/data` beside their copy of the package: the
+    library never looks there (tests pass that folder explicitly)."""
+    monkeypatch.setattr(D, "REPO_ROOT", tmp_path / "repo")
+    write_set(tmp_path / "shared" / "data" / "mnist")
+    write_set(tmp_path / "repo" / ".data" / "mnist")
+    assert D.candidate_dirs("mnist") == [tmp_path / "cwd" / ".data" / "mnist"]
+    assert not D.available_offline("mnist")
+    with pytest.raises(D.DatasetError) as e:
+        D.load_dataset("mnist", verify=False)
+    assert str(tmp_path / "shared") not in str(e.value) and str(tmp_path / "repo") not in str(e.value)
 
 
 class FakeBuilder:
@@ -235,9 +307,8 @@ def test_real_fashion_mnist(monkeypatch):
     assert abs(ds.x_train.mean()) < 2e-3 and abs(ds.x_train.std() - 1) < 2e-3
 
 
-@pytest.mark.skipif(not MNIST.is_dir(), reason="the shared MNIST files are not beside the checkout")
-def test_real_mnist():
-    ds = D.load_dataset("mnist", data_dir=MNIST)
+def test_real_mnist(mnist_dir):
+    ds = D.load_dataset("mnist", data_dir=mnist_dir)
     np.testing.assert_array_equal(np.bincount(ds.y_train), [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
     np.testing.assert_array_equal(np.bincount(ds.y_test), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
     assert int(np.rint(ds.x_test.astype(np.float64) * 255).sum()) == 264923200  # SOURCES.md pixel sum
