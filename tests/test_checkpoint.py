@@ -149,7 +149,7 @@ BAD = {
                                       np.ones((16, 96), np.float32)), None, "mask of shape"),
     "short mask": (lambda sd: _set(sd["sweep"]["train"]["buffers"]["masks"]["basal"], "0",
                                    np.zeros(100, np.uint8)), None, "mask of shape"),
-    "newer version": (None, lambda o: _set(o, "version", 2), "checkpoint version 2"),
+    "newer version": (None, lambda o: _set(o, "version", ckpt.VERSION + 1), f"checkpoint version {ckpt.VERSION + 1}"),
     "other format": (None, lambda o: _set(o, "format", "something-else"), "not an ep_jax checkpoint"),
     "meta not JSON": (None, lambda o: _set(o, "meta", "{not json"), "damaged checkpoint"),
     "truncated": (None, None, "unreadable"),

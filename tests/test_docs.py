@@ -66,7 +66,9 @@ def _parse_only(module: str, argv: list[str]):
 
 
 def commands(block: str):
-    """`python -m` / `bash` commands of a shell block (one per line, `&&` chains split)."""
+    """`python -m` / `ep-jax` / `bash` commands of a shell block (one per line, `&&` chains
+    split); `ep-jax CMD ...` is given as the module it runs, `python -m experiments.<module> ...`."""
+    from ep_jax.experiments.commands import COMMANDS
     out = []
     for line in block.splitlines():
         line = line.split("  #")[0].strip()
@@ -74,6 +76,10 @@ def commands(block: str):
             part = part.strip().strip("()").strip()
             if part.startswith(("python -m", "bash ")):
                 out.append(shlex.split(part))
+            elif part.startswith("ep-jax "):
+                cmd = shlex.split(part)
+                assert cmd[1] in COMMANDS, f"unknown ep-jax command in the docs: {part}"
+                out.append(["python", "-m", f"experiments.{COMMANDS[cmd[1]][0]}"] + cmd[2:])
     return out
 
 

@@ -47,7 +47,7 @@ class Recorder(Hook):
 def bare_loop(cfg, hooks):
     g = engine.Group([engine.Member(cfg, "m", Path("unused"))])
     with engine._x64(cfg):
-        data = engine._group_data(g, None)
+        data = engine.group_data(g, None)
         state, rx = g.initial()
         loop = Loop(g, runtime.LOCAL.runner(g, int(data[1].shape[0])), data,
                     lambda i, e, n: build.epoch_batches(cfg, e, n), [0], [[]], hooks)
@@ -259,7 +259,7 @@ def test_alignment_hook_measures_without_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny(align_every=4, align_batch=16)
     g = engine.Group([engine.Member(cfg, "m", tmp_path / "unused")])
-    data = engine._group_data(g, None)
+    data = engine.group_data(g, None)
     state, rx = g.initial()
     hook = AlignmentHook(g, data[0], data[1], state, runtime.LOCAL)
     rec = Recorder()

@@ -45,7 +45,7 @@ import numpy as np
 import ep_jax
 from ep_jax import sweep as S
 from ep_jax.experiments import checkpoint as ckpt
-from ep_jax.experiments import figures, runtime as runtimes
+from ep_jax.experiments import config as configs, figures, files, runtime as runtimes
 from ep_jax.experiments.alignment_hook import AlignmentHook
 from ep_jax.experiments.build import (build_estimator, build_model, build_optimizer, build_relaxation,  # noqa: F401
                                       epoch_batches, epoch_order, group_optimizer, keys, load_data,
@@ -126,21 +126,15 @@ def _member_tree(state: S.SweepState, rx, i: int):
 # --- files ------------------------------------------------------------------------------
 
 def read_json(path: Path):
-    """A JSON file's value, None if it does not exist; RunError naming it if it is not JSON."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise RunError(f"{path}: not valid JSON ({type(e).__name__})") from None
+    """A JSON file's value, None if it does not exist; RunError naming it if it cannot be
+    read (`files.read_json`)."""
+    return files.read_json(path, "any")
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a `metrics.jsonl` ([] if it does not exist)."""
+    """The checked rows of a `metrics.jsonl` ([] if it does not exist; `files.read_metrics`)."""
     path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return files.read_metrics(path.parent) if path.name == METRICS else files.read_metrics(path)
 
 
 def summarize(history: list[dict], status: str, message: str = "", diverged_step=None) -> dict:
@@ -296,6 +290,8 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
     check_members(members)
     groups = group_members(members)
     rt.check_layout(groups)                               # distributed: refuse what does not divide
+    for g in groups:                                      # refuse what cannot fit before allocating
+        configs.check_memory(g.cfg, members=g.M)
     # distributed: every process must train the same members with the same configs
     rt.agree(json.dumps([[m.name, {k: v for k, v in m.cfg.to_json().items() if k != "data_dir"}]
                          for m in members], sort_keys=True), "config (or members)")
@@ -351,7 +347,7 @@ def _x64(cfg):
     return jax.enable_x64(bool(cfg.float64))
 
 
-def _group_data(g: Group, data):
+def group_data(g: Group, data=None):
     """The group's data on the device, checked against the model."""
     xtr, ytr, xte, yte = data if data is not None else load_data(g.cfg)
     ep_jax.estimators.check_labels(g.model, ytr)
@@ -428,7 +424,7 @@ def _figures(m: Member, history: list, rt):
 
 
 def _train_group(g: Group, ctx: _Context, label: str) -> dict:
-    data = _group_data(g, ctx.data)
+    data = group_data(g, ctx.data)
     runner = ctx.runtime.runner(g, int(data[1].shape[0]))
     state, rx, start, histories = _restore(g, ctx.metas)       # still nothing on disk changed
     if ctx.runtime.is_main:
@@ -486,12 +482,8 @@ def _save(m: Member, state, rx, i: int, epoch: int, history: list):
 
 def load_run(run_dir: Path):
     """`(cfg, model, est, params, buffers, rx, meta)` of a run folder's checkpoint."""
-    from ep_jax.experiments.config import validate
     run_dir = Path(run_dir)
-    saved = read_json(run_dir / CONFIG)
-    if saved is None:
-        raise RunError(f"{run_dir}: no config.json (not a run folder)")
-    cfg = validate(RunConfig.from_dict(saved, where=f"{run_dir}/config.json: "))
+    cfg = files.read_config(run_dir)
     g = Group([Member(cfg, run_dir.name, run_dir)])
     with _x64(cfg):
         state, rx = g.initial()
