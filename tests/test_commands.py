@@ -418,3 +418,18 @@ def test_reproduce_prints_a_line_per_estimated_group(tmp_path, monkeypatch, fake
     assert "estimating the time of 2 group(s)" in text
     assert "  mnist-ep: 2 seeds, ~2.0 s per epoch x 50 epochs" in text
     assert "  mnist-dep: 2 seeds, ~2.0 s per epoch x 50 epochs" in text
+
+
+def test_reproduce_rerun_may_move_the_data(tmp_path, fake_cells, no_training):
+    """--data-dir is not part of a run: a re-run with the data elsewhere continues."""
+    out = tmp_path / "o"
+    ms, _ = reproduce.members(reproduce.parser().parse_args(rep("--out", str(out), "--data-dir", "/old/place")))
+    for m in ms:
+        _checkpoint(m.dir, m.cfg, 1)
+        (m.dir / "config.json").write_text(json.dumps(m.cfg.to_json()))
+    rc, text, err = run_cli(reproduce.main, rep("--out", out, "--data-dir", tmp_path))
+    assert rc == 0, err
+    assert no_training == [([m.dir for m in ms], "resume")]
+    rc, _, err = run_cli(reproduce.main, rep("--out", out, "--data-dir", tmp_path, "--seeds", "1",
+                                             "--cells", "mnist-ep", "--chunk", "7"))
+    assert_one_line_error(rc, err, "holds a run of another config")

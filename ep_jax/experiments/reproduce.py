@@ -223,7 +223,7 @@ def main(argv=None):
         meta = None
         if not a.overwrite and (m.dir / engine.CHECKPOINT).exists():
             meta = ckpt.read_meta(m.dir / engine.CHECKPOINT)
-        if meta is not None and meta.get("digest") != m.cfg.digest():
+        if meta is not None and not _same_run(meta, m.cfg, m.dir):
             raise RunError(f"{m.dir} holds a run of another config; choose another --out, or pass --overwrite "
                            "to replace it")
         summary = (engine.read_json(m.dir / "summary.json") or {}) if meta is not None else {}
@@ -269,6 +269,20 @@ def main(argv=None):
         print(f"stopped by --budget after {(time.time() - t_start) / 60:.1f} min; run the same command again "
               "(or with --resume) to continue")
     return 0
+
+
+def _same_run(meta: dict, cfg: RunConfig, run_dir: Path) -> bool:
+    """Whether a checkpoint's meta is of `cfg`'s run: the same digest, or the same with
+    `data_dir` as the run's config.json saved it (where the data lives is not part of a
+    run; the engine's resume check agrees)."""
+    from ep_jax.experiments import engine
+    if meta.get("digest") == cfg.digest():
+        return True
+    saved = engine.read_json(run_dir / "config.json")
+    if isinstance(saved, dict) and "data_dir" in saved and (saved["data_dir"] is None or
+                                                             isinstance(saved["data_dir"], str)):
+        return meta.get("digest") == cfg.replace(data_dir=saved["data_dir"]).digest()
+    return False
 
 
 def entry(argv=None) -> int:

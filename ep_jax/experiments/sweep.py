@@ -26,14 +26,16 @@ member's numbers equal those of the same config run alone. Members that share th
 static structure train as one vmapped program. `<out>/sweep.json` lists the members;
 `<out>/results.md` is the aggregated table (`experiments.aggregate`).
 
-Names become paths: the sweep's name and every member's name (given, or derived from the
-grid: `seed=0_beta=0.1`) must each be one plain folder name (letters, digits and
-`. _ = + -`, not `.`/`..`, not starting with `-`); a spec's `out` must be a relative path
-without `..`. A spec holds at most `MAX_MEMBERS` members (the grid's size is computed
-before anything is expanded).
+Names become paths, each exactly one folder name inside the output folder: the sweep's
+name (no `/` or `\\`, not `.` or `..`, not empty, no control characters, not starting
+with `-`) and every member's name, given or derived from the grid (`seed=0_beta=0.1`;
+letters, digits and `. _ = + -` only, the same rules). A spec's `out` must be a relative
+path without `..`; `--out` may point anywhere. A spec holds at most 10 000 members
+(`MAX_MEMBERS`; the grid's size is computed before anything is expanded).
 
 Everything is checked before anything is written: the spec, every member's config and
-that every member's dataset can be read (`--dry-run` checks the same, trains nothing).
+that every member's dataset can be read (`--dry-run` checks the spec and finds the data,
+writes and trains nothing).
 `--resume` continues the sweep in `<out>` only with the same spec: every member's config
 must equal the one saved in `<out>/sweep.json` except `epochs` (which may grow) and
 `data_dir` (where the data lives is not part of a run).
