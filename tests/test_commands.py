@@ -317,11 +317,13 @@ def test_reproduce_smoke_epochs_flag_is_used(tmp_path, monkeypatch, fake_cells, 
 
 
 def _checkpoint(run_dir: Path, cfg: RunConfig, epoch: int):
+    """A run folder as the engine leaves it after `epoch` epochs (checkpoint, config.json)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     history = [dict(epoch=e, steps=10 * e, train_acc=50.0, loss=0.1, test_acc=50.0, test_loss=0.1, time_s=1.0)
                for e in range(1, epoch + 1)]
     ckpt.save(run_dir / engine.CHECKPOINT, {"w": np.zeros(2, np.float32)},
               {"epoch": epoch, "digest": cfg.digest(), "name": run_dir.name, "history": history})
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_json()))
 
 
 def test_reproduce_resume_is_accepted_and_refuses_nothing_to_resume(tmp_path, fake_cells, no_training):
@@ -433,3 +435,16 @@ def test_reproduce_rerun_may_move_the_data(tmp_path, fake_cells, no_training):
     rc, _, err = run_cli(reproduce.main, rep("--out", out, "--data-dir", tmp_path, "--seeds", "1",
                                              "--cells", "mnist-ep", "--chunk", "7"))
     assert_one_line_error(rc, err, "holds a run of another config")
+
+
+def test_reproduce_checks_every_groups_folders_before_training_any(tmp_path, fake_cells, no_training):
+    out = tmp_path / "o"
+    argv = rep("--out", out, "--cells", "mnist-ep,mnist-dep")
+    ms, _ = reproduce.members(reproduce.parser().parse_args([str(a) for a in argv]))
+    late = [m for m in ms if m.name.startswith("mnist-dep")][0]
+    late.dir.mkdir(parents=True)
+    (late.dir / "not-a-run.txt").write_text("mine")      # the second group's folder is not replaceable
+    before = snapshot(out)
+    rc, _, err = run_cli(reproduce.main, argv)
+    assert_one_line_error(rc, err, str(late.dir), "not-a-run.txt")
+    assert snapshot(out) == before and no_training == []

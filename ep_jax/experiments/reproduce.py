@@ -232,6 +232,9 @@ def main(argv=None):
         metas[m.name] = meta
         todo.append(m)
     groups = engine.group_members(todo)
+    modes = ["resume" if any(metas[m.name] is not None for m in g.members) else "overwrite" for g in groups]
+    for g, mode in zip(groups, modes):   # every group's folders, read-only, before any is changed
+        engine.check_folders(g.members, mode)
     print(f"{a.table}: {len(ms)} runs in {len({m.dir.parent for m in ms})} cells, {len(todo)} to train "
           f"in {len(groups)} vmapped group(s) -> {out}", flush=True)
     if groups and not a.no_estimate:
@@ -252,11 +255,9 @@ def main(argv=None):
     deadline = t_start + 60 * a.budget if a.budget else None
     stopped = False
     try:
-        for g in groups:
+        for g, mode in zip(groups, modes):
             # members with a checkpoint continue it; the others (no checkpoint yet) start afresh
-            started = any(metas[m.name] is not None for m in g.members)
-            engine.run(g.members, "resume" if started else "overwrite", progress=not a.no_progress,
-                       deadline=deadline)
+            engine.run(g.members, mode, progress=not a.no_progress, deadline=deadline)
     except Interrupted:
         stopped = True
     text = aggregate.report([out]) if out.exists() else ""

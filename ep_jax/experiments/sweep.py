@@ -215,7 +215,7 @@ def check_data(members, load: bool = True):
         c = m.cfg
         if c.dataset == "synthetic":
             continue
-        key = (c.dataset, c.data_dir, c.subset, c.test_subset, c.subset_seed) if load else (c.dataset, c.data_dir)
+        key = (c.dataset, c.data_dir)   # the subsets of a readable dataset are valid (validate)
         if key in seen:
             continue
         seen.add(key)
