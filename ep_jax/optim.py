@@ -50,23 +50,36 @@ def per_synapse_rates(model, lr, dtype=None) -> jax.Array:
     return jnp.asarray(arr, dtype)
 
 
+def _fmt(v) -> str:
+    return " ".join(np.array2string(np.asarray(v), separator=", ").split())  # one line, whatever the rank
+
+
 def _check_rates(lr):
     v = concrete(lr)
     if v is not None and not np.all(np.isfinite(v)):
-        raise ValueError(f"lr must be finite, got {v}")
+        raise ValueError(f"lr must be finite, got {_fmt(v)}")
     if v is not None and np.any(v < 0):
-        raise ValueError(f"lr must be >= 0 (a negative rate ascends the loss), got {v}")
+        raise ValueError(f"lr must be >= 0 (a negative rate ascends the loss), got {_fmt(v)}")
 
 
 def _check_momentum(momentum):
     m = concrete(momentum)
     if m is not None and not np.all(np.isfinite(m)):
-        raise ValueError(f"momentum must be finite, got {m}")
+        raise ValueError(f"momentum must be finite, got {_fmt(m)}")
     if m is not None and not np.all((m >= 0) & (m < 1)):
-        raise ValueError(f"momentum must lie in [0, 1), got {m}")
+        raise ValueError(f"momentum must lie in [0, 1), got {_fmt(m)}")
 
 
 _CHECKS = {"lr": _check_rates, "momentum": _check_momentum}
+
+
+def check_hyperparams(values) -> None:
+    """One-line ValueError unless the concrete values of `values` (a mapping of
+    hyperparameter names to arrays, e.g. a sweep's `opt_hyperparams`) are valid: rates
+    `lr` finite and >= 0, `momentum` in [0, 1). Other names and traced values pass."""
+    for k, v in values.items():
+        if k in _CHECKS:
+            _CHECKS[k](v)
 
 
 def _own_state(tx, name: str, model, hyperparams) -> optax.GradientTransformationExtraArgs:
@@ -123,8 +136,7 @@ def with_hyperparams(opt_state, **values):
         v = jnp.asarray(v, jnp.result_type(hp[k]))
         if v.shape != jnp.shape(hp[k]):
             raise ValueError(f"hyperparameter {k} must have shape {jnp.shape(hp[k])}, got {v.shape}")
-        if k in _CHECKS:
-            _CHECKS[k](v)
+        check_hyperparams({k: v})
         new[k] = v
     return opt_state._replace(hyperparams=new)
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ep_jax.estimators import Estimator
-from ep_jax.optim import with_hyperparams
+from ep_jax.optim import check_hyperparams, with_hyperparams
 from ep_jax.relaxation import Relaxation
 from ep_jax.train import TrainState, evaluate, init_state, step_key, train_step
 
@@ -70,7 +70,8 @@ def init_sweep(model, est: Estimator, opt, init_keys, step_keys, *, settings: Ma
     hyperparameters set to `opt_hyperparams[...][i]`.
 
     init_keys, step_keys: `(M, 2)` keys (or lists). settings: model settings, each `(M,)`.
-    opt_hyperparams: injected optimiser hyperparameters, each with a leading axis M.
+    opt_hyperparams: injected optimiser hyperparameters, each with a leading axis M
+    (rates `lr` >= 0 and finite, `momentum` in [0, 1): a one-line ValueError otherwise).
     """
     init_keys = jnp.asarray(jnp.stack(list(init_keys)) if isinstance(init_keys, (list, tuple)) else init_keys)
     step_keys = jnp.asarray(jnp.stack(list(step_keys)) if isinstance(step_keys, (list, tuple)) else step_keys)
@@ -82,6 +83,7 @@ def init_sweep(model, est: Estimator, opt, init_keys, step_keys, *, settings: Ma
     for name, v in list(settings.items()) + list(hps.items()):
         if v.shape[:1] != (M,):
             raise ValueError(f"{name} must have a leading member axis of {M}, got shape {v.shape}")
+    check_hyperparams(hps)  # concrete here; inside the vmapped init they are traced
 
     def one(key, st, hp):
         s = init_state(model, est, opt, key, dtype=dtype, **st)

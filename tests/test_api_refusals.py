@@ -196,6 +196,14 @@ def test_with_hyperparams_refuses_bad_values_and_accepts_edges(setup):
     with pytest.raises(ValueError) as e:
         ep_jax.optim.with_hyperparams(s, momentum=jnp.asarray(1.0))
     one_line(e, "momentum must lie in [0, 1)")
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    opt = ep_jax.optim.sgd(model, lr=0.1)
+    with pytest.raises(ValueError) as e:   # a sweep's per-member values, before the vmapped init
+        sweep.init_sweep(model, est, opt, keys, keys, opt_hyperparams={"momentum": jnp.array([0.9, 1.0])})
+    one_line(e, "momentum must lie in [0, 1)")
+    with pytest.raises(ValueError) as e:
+        sweep.init_sweep(model, est, opt, keys, keys, opt_hyperparams={"lr": jnp.array([[0.1, 0.1], [0.1, -1.0]])})
+    one_line(e, "lr must be >= 0")
     # the controls: a zero rate (a frozen synapse) and zero momentum are valid
     ep_jax.optim.sgd(model, lr=[0.0, 0.1], momentum=0.0)
     s2 = ep_jax.optim.with_hyperparams(s, lr=jnp.array([0.0, 0.2]), momentum=jnp.asarray(0.0))

@@ -327,3 +327,25 @@ def test_the_engine_never_imports_a_command_and_nothing_goes_round_in_a_circle()
         state[n] = "done"
     for n in sorted(graph):
         visit(n, [])
+
+
+def test_resume_after_the_data_moved(tmp_path, monkeypatch):
+    """Where the data lives is not part of a run: `--resume --data-dir NEW` (or
+    EP_JAX_DATA_DIR in place of a saved folder) continues bit for bit."""
+    d, ref = tmp_path / "r", tmp_path / "ref"
+    rc, _, err = run_cli(train.main, tiny_args(epochs=1, data_dir=str(tmp_path / "old")) + ["--out", d])
+    assert rc == 0, err
+    rc, _, err = run_cli(train.main, ["--resume", "--out", d, "--epochs", "2", "--data-dir", str(tmp_path / "new"),
+                                      "--no-progress"])
+    assert rc == 0, err
+    assert json.loads((d / "config.json").read_text())["data_dir"] == str(tmp_path / "new")
+    monkeypatch.setenv("EP_JAX_DATA_DIR", str(tmp_path / "env"))
+    rc, _, err = run_cli(train.main, ["--resume", "--out", d, "--epochs", "3", "--no-progress"])
+    assert rc == 0, err
+    assert json.loads((d / "config.json").read_text())["data_dir"] is None
+    rc, _, err = run_cli(train.main, tiny_args(epochs=3) + ["--out", ref])
+    assert rc == 0, err
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+    assert strip(metrics(d)) == strip(metrics(ref))
+    a, b = checkpoint_arrays(d)[1], checkpoint_arrays(ref)[1]
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)

@@ -280,7 +280,7 @@ def test_resume_with_another_runs_checkpoint_refused_untouched(run_copy, finishe
 
 @pytest.mark.parametrize("extra,flag", [
     (["--set", "beta=0.3"], "--set"), (["--seed", "4"], "--seed"), (["--preset", "mnist-dep"], "--preset"),
-    (["--subset", "100"], "--subset"), (["--test-subset", "32"], "--test-subset"), (["--data-dir", "/tmp"], "--data-dir"),
+    (["--subset", "100"], "--subset"), (["--test-subset", "32"], "--test-subset"),
     (["--overwrite"], "not allowed with argument"),
 ])
 def test_resume_refuses_other_settings(run_copy, extra, flag):

@@ -131,14 +131,16 @@ def test_stability_table(tmp_path):
     expect = {}
 
     def write_run(d, dist, seed, acc, status="ok"):
+        """A run folder as the engine writes one (every config field, full metric rows)."""
+        from ep_jax.experiments import engine
+        from ep_jax.experiments.config import RunConfig, validate
         d.mkdir()
-        (d / "config.json").write_text(json.dumps(dict(dataset="mnist", dt_dist=dist, dt_out=0.25, dt=0.25,
-                                                       seed=seed)))
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "test_acc": a}) + "\n"
-                                                 for i, a in enumerate(acc)))
-        (d / "summary.json").write_text(json.dumps(dict(
-            status=status, epochs_done=len(acc), final_test_acc=acc[-1] if status == "ok" else None,
-            best_test_acc=max(acc) if status == "ok" else None)))
+        cfg = validate(RunConfig.from_dict(dict(dataset="mnist", dt_dist=dist, dt_out=0.25, dt=0.25, seed=seed)))
+        (d / "config.json").write_text(json.dumps(cfg.to_json()))
+        rows = [{"epoch": i + 1, "train_acc": a, "loss": 0.1, "test_acc": a, "test_loss": 0.1, "time_s": 1.0,
+                 "steps": 10 * (i + 1)} for i, a in enumerate(acc)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "summary.json").write_text(json.dumps(engine.summarize(rows if status == "ok" else rows[:1], status)))
 
     for dist in ("lognormal", "scalar"):
         finals, flucts = [], []

@@ -16,6 +16,7 @@ from ep_jax.experiments.errors import RunError, SpecError  # noqa: F401  (SpecEr
 
 
 def expected_errors():
+    """The exception types that end a command with one `error:` line (exit status 2)."""
     from ep_jax.data import DatasetError
     from ep_jax.experiments.checkpoint import CheckpointError
     from ep_jax.experiments.config import ConfigError
@@ -24,6 +25,7 @@ def expected_errors():
 
 
 def describe(e: BaseException) -> str:
+    """One line for an expected error: the whole message joined, OS errors said plainly."""
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         if e.errno == errno.ENOSPC:
@@ -60,14 +62,19 @@ def runs_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 
 def add_common(p: argparse.ArgumentParser):
+    """`--debug` (show the traceback of an error)."""
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def add_run_modes(p: argparse.ArgumentParser):
+    """`--resume` / `--overwrite`, `--no-progress` and `--log` of the training commands."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint(s) in the output folder")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log", action="append", default=[], choices=("tensorboard", "wandb"),
+                   help="also log to TensorBoard event files (<run>/tensorboard/, needs tensorboardX) or to "
+                        "Weights & Biases (needs wandb); repeatable; off by default")
 
 
 def main_wrapper(main, argv=None) -> int:

@@ -28,6 +28,7 @@ COMMANDS = {
 
 
 def usage() -> str:
+    """The `ep-jax --help` text: every command with its one-line description."""
     width = max(map(len, COMMANDS))
     lines = ["usage: ep-jax <command> [options]   (ep-jax <command> --help for its options)", "", "commands:"]
     lines += [f"  {name:{width}s}  {desc}" for name, (_, desc) in COMMANDS.items()]

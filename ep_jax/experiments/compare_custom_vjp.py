@@ -17,6 +17,7 @@ from ep_jax.experiments import cli
 
 
 def main(argv=None):
+    """The command: parse `argv` and run it."""
     p = argparse.ArgumentParser(prog=cli.prog("compare_custom_vjp"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--beta", type=float, default=0.01)

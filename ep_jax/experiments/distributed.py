@@ -78,6 +78,7 @@ def _env_int(name):
 
 
 def requested(a) -> bool:
+    """Whether the flags or `EP_JAX_DISTRIBUTED` ask for a distributed run."""
     return bool(getattr(a, "distributed", False) or os.environ.get(ENV_FLAG, "").lower() in ("1", "true", "yes")
                 or any(getattr(a, k, None) is not None for k in ("coordinator", "num_processes", "process_id",
                                                                   "member_shards")))

@@ -56,7 +56,7 @@ from ep_jax.experiments.loggers import ConsoleLogger, JsonlLogger, ProgressBar, 
 from ep_jax.experiments.loop import Hook, Loop
 from ep_jax.experiments.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, RunFolder
 
-STATUSES = ("ok", "diverged", "interrupted", "failed", "not started", "running")
+STATUSES = files.STATUSES
 #: fields that are not part of a run's identity (a resume may change them)
 NOT_IDENTITY = ("epochs", "data_dir")
 
@@ -291,7 +291,7 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
     groups = group_members(members)
     rt.check_layout(groups)                               # distributed: refuse what does not divide
     for g in groups:                                      # refuse what cannot fit before allocating
-        configs.check_memory(g.cfg, members=g.M)
+        configs.check_memory(g.cfg, available=_device_memory(), members=g.M)
     # distributed: every process must train the same members with the same configs
     rt.agree(json.dumps([[m.name, {k: v for k, v in m.cfg.to_json().items() if k != "data_dir"}]
                          for m in members], sort_keys=True), "config (or members)")
@@ -330,6 +330,17 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
                                                        "continue with --resume", is_main=rt.is_main)
             raise
     return [summaries[m.name] for m in members]
+
+
+def _device_memory() -> int | None:
+    """The accelerator's memory limit (None on a CPU: `check_memory` then takes the host's)."""
+    try:
+        d = jax.devices()[0]
+        if d.platform == "cpu":
+            return None
+        return int((d.memory_stats() or {}).get("bytes_limit")) or None
+    except Exception:   # noqa: BLE001 — a backend without memory_stats: use the host's
+        return None
 
 
 def _write_summary(m: Member, history, status, message="", diverged_step=None, is_main: bool = True) -> dict:

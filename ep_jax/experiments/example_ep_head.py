@@ -32,6 +32,7 @@ class ConvEP(nn.Module):
 
 
 def main(argv=None):
+    """The command: parse `argv` and run it."""
     p = argparse.ArgumentParser(prog=cli.prog("example_ep_head"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist")

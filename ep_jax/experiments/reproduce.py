@@ -36,7 +36,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from ep_jax.experiments import cli
+from ep_jax.experiments import cli, runtime
 from ep_jax.experiments.config import ConfigError, RunConfig, validate
 from ep_jax.experiments.errors import Interrupted, RunError
 from ep_jax.experiments.presets import HTS_DISTS, HTS_DT_OUT, PRESETS
@@ -257,7 +257,7 @@ def main(argv=None):
     try:
         for g, mode in zip(groups, modes):
             # members with a checkpoint continue it; the others (no checkpoint yet) start afresh
-            engine.run(g.members, mode, progress=not a.no_progress, deadline=deadline)
+            engine.run(g.members, mode, progress=not a.no_progress, deadline=deadline, runtime=runtime.LOCAL)
     except Interrupted:
         stopped = True
     text = aggregate.report([out]) if out.exists() else ""

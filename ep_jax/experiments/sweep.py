@@ -58,6 +58,7 @@ from ep_jax.experiments.errors import RunError, SpecError
 from ep_jax.experiments.names import relative_inside, safe_component
 from ep_jax.experiments.presets import PRESETS
 from ep_jax.experiments.train import check_int_flags, check_int_values
+from ep_jax.experiments.runfolder import FolderLock
 
 SPEC_KEYS = {"name", "description", "preset", "out", "base", "grid", "members"}
 #: the most members a spec may expand to (a bigger grid is refused before it is expanded):
@@ -299,7 +300,7 @@ def main(argv=None):
     returns the exit status (3 when a member failed or was interrupted)."""
     from ep_jax.experiments import engine
     a = parser().parse_args(argv)
-    distributed.setup(a)   # before any other JAX use
+    rt = distributed.setup(a)   # before any other JAX use
     spec = load_spec(a.spec)
     out = Path(a.out or spec.get("out") or Path("runs") / spec["name"])
     members = members_of(spec, out, a.epochs)
@@ -315,20 +316,31 @@ def main(argv=None):
         check_data(members, load=False)
         return 0
     mode = "resume" if a.resume else "overwrite" if a.overwrite else "new"
-    distributed.check_layout(members)
-    # every check (folders, then data) before anything is written
-    distributed.together(lambda: (check_sweep_folder(out, members, mode), engine.check_folders(members, mode),
-                                  check_data(members)))
-    if mode == "overwrite" and out.exists() and distributed.is_main():
-        # member folders are replaced by the engine; stale files of an older sweep go too
-        for stale in ("sweep.json", "results.md"):
-            (out / stale).unlink(missing_ok=True)
-    if distributed.is_main():
-        write_sweep_json(out, spec, members)
+    rt.check_layout(groups)
+    lock = FolderLock(out, "sweep")   # one process at a time in the sweep folder (process 0 holds it)
+
+    def checks():   # every check (lock, folders, then data) before anything is written
+        if rt.is_main:
+            lock.acquire()
+        check_sweep_folder(out, members, mode)
+        engine.check_folders(members, mode)
+        check_data(members)
+
     try:
-        summaries = engine.run(members, mode, progress=not a.no_progress)
+        rt.together(checks)
+        if mode == "overwrite" and out.exists() and rt.is_main:
+            # member folders are replaced by the engine; stale files of an older sweep go too
+            for stale in ("sweep.json", "results.md"):
+                (out / stale).unlink(missing_ok=True)
+        if rt.is_main:
+            write_sweep_json(out, spec, members)
+        try:
+            summaries = engine.run(members, mode, progress=not a.no_progress, runtime=rt, loggers=a.log)
+        finally:
+            text = write_results(out, spec["name"], members) if rt.is_main else ""
     finally:
-        text = write_results(out, spec["name"], members) if distributed.is_main() else ""
+        lock.release()
+        lock.undo_created()
     print(text)
     return 0 if all(s["status"] in ("ok", "diverged") for s in summaries) else 3
 

@@ -15,6 +15,7 @@ each estimator kind computes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -97,7 +98,8 @@ def parser():
                    "(0 .. 2**32-1; default 0)")
     p.add_argument("--subset", type=int, help="train on N examples (seeded random choice)")
     p.add_argument("--test-subset", type=int, help="evaluate on N test examples")
-    p.add_argument("--data-dir", help="folder with the dataset files (the only place looked)")
+    p.add_argument("--data-dir", help="folder with the dataset files (the only place looked); also with --resume, "
+                   "when the data moved")
     p.add_argument("--out", help="run folder (default runs/<preset>-seed<seed>)")
     cli.add_run_modes(p)
     p.add_argument("--list", action="store_true", help="print the presets and exit")
@@ -136,17 +138,17 @@ def main(argv=None):
         print()
         print(estimator_table())
         return 0
-    distributed.setup(a)   # before any other JAX use
+    rt = distributed.setup(a)   # before any other JAX use
     from ep_jax.experiments import engine
     if a.resume:
         if not a.out:
             raise ConfigError("--resume needs --out RUN_DIR")
         ignored = [flag for flag, v in (("--preset", a.preset), ("--set", a.set), ("--seed", a.seed),
-                                        ("--subset", a.subset), ("--test-subset", a.test_subset),
-                                        ("--data-dir", a.data_dir)) if v]
+                                        ("--subset", a.subset), ("--test-subset", a.test_subset)) if v]
         if ignored:
             raise ConfigError(f"--resume continues the saved config; it would ignore {', '.join(ignored)} "
-                              "(only --epochs may change; start a new run for other settings)")
+                              "(only --epochs and where the data lives, --data-dir, may change; start a new run "
+                              "for other settings)")
         run_dir = Path(a.out)
         saved = engine.read_json(run_dir / "config.json")
         if saved is None:
@@ -155,6 +157,12 @@ def main(argv=None):
         if a.epochs is not None:
             check_int_flags({"--epochs": a.epochs})
             cfg = validate(cfg.replace(epochs=a.epochs))
+        # where the data lives is not part of the run (the files' checksums are): a new
+        # --data-dir, or EP_JAX_DATA_DIR in place of a saved folder, finds data that moved
+        if a.data_dir:
+            cfg = validate(cfg.replace(data_dir=a.data_dir))
+        elif cfg.data_dir and os.environ.get("EP_JAX_DATA_DIR"):
+            cfg = validate(cfg.replace(data_dir=None))
         mode = "resume"
     else:
         cfg = resolve(a)
@@ -165,7 +173,7 @@ def main(argv=None):
                                                     ConfigError)
         mode = "overwrite" if a.overwrite else "new"
     member = engine.Member(cfg, run_dir.resolve().name or str(run_dir), run_dir)
-    (summary,) = engine.run([member], mode, progress=not a.no_progress)
+    (summary,) = engine.run([member], mode, progress=not a.no_progress, runtime=rt, loggers=a.log)
     return {"ok": 0, "interrupted": 130}.get(summary["status"], 3)
 
 
