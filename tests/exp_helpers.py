@@ -12,11 +12,13 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import checkpoint as ckpt
 from experiments import cli
@@ -134,3 +136,25 @@ def subprocess_env(**extra) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished TINY run folder (2 epochs), made once per test module."""
+    d = tmp_path_factory.mktemp("finished") / "run"
+    rc, _, err = run_cli(train_main(), tiny_args() + ["--out", d])
+    assert rc == 0, err
+    return d
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path):
+    """A copy of `finished` for one test to change."""
+    d = tmp_path / "run"
+    shutil.copytree(finished, d)
+    return d
+
+
+def train_main():
+    from experiments import train
+    return train.main

@@ -18,23 +18,9 @@ from flax import serialization
 import ep_jax
 from experiments import checkpoint as ckpt
 from experiments import engine, train
+from exp_helpers import finished, run_copy  # noqa: F401  (fixtures)
 from exp_helpers import (assert_one_line_error, assert_same_arrays, checkpoint_arrays, metrics, run_cli, snapshot,
                          summary, tiny, tiny_args)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ck") / "run"
-    rc, _, err = run_cli(train.main, tiny_args() + ["--out", d])
-    assert rc == 0, err
-    return d
-
-
-@pytest.fixture
-def run_copy(finished, tmp_path):
-    d = tmp_path / "run"
-    shutil.copytree(finished, d)
-    return d
 
 
 class Touch:

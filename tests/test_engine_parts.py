@@ -349,3 +349,11 @@ def test_resume_after_the_data_moved(tmp_path, monkeypatch):
     assert strip(metrics(d)) == strip(metrics(ref))
     a, b = checkpoint_arrays(d)[1], checkpoint_arrays(ref)[1]
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_huge_relaxations_warn_that_chunks_return_late():
+    from ep_jax.experiments.config import RunConfig, validate, warnings_for
+    (w,) = warnings_for(validate(RunConfig.from_dict({"t_free": 10**6})))
+    assert "Ctrl-C/SIGTERM take effect" in w and "--set chunk=1" in w
+    assert warnings_for(validate(RunConfig.from_dict({"t_free": 10**6, "chunk": 1}))) == []
+    assert warnings_for(validate(RunConfig.from_dict({}))) == []

@@ -377,6 +377,11 @@ def warnings_for(cfg: RunConfig) -> list[str]:
         out.append(f"a time step of {d:g} < 1e-4: the relaxation barely moves (t_free x dt = {cfg.t_free * d:.2g} "
                    "of the ~1 time constant it needs), the states stay near their start and training stays at "
                    "chance")
+    per_chunk = cfg.chunk * (cfg.t_free + 3 * cfg.t_nudge)
+    if per_chunk > 2_000_000:
+        out.append(f"a chunk of {cfg.chunk} steps is about {per_chunk:.2g} relaxation steps: the progress bar moves, "
+                   "and Ctrl-C/SIGTERM take effect, only between chunks (after minutes or more); set a smaller "
+                   f"chunk (--set chunk={max(1, 2_000_000 // (cfg.t_free + 3 * cfg.t_nudge))})")
     return out
 
 
