@@ -51,7 +51,10 @@ def per_synapse_rates(model, lr, dtype=None) -> jax.Array:
 
 
 def _fmt(v) -> str:
-    return " ".join(np.array2string(np.asarray(v), separator=", ").split())  # one line, whatever the rank
+    v = np.asarray(v)
+    if v.ndim == 0:
+        return str(v.item())
+    return " ".join(np.array2string(v, separator=", ").split())  # one line, whatever the rank
 
 
 def _check_rates(lr):

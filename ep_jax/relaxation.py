@@ -40,6 +40,8 @@ def make_relaxation(model, *, beta: float = 0.1, dt=1.0, dtype=None, est=None) -
     a float or a per-neuron array `(n_l,)`. Every time step must lie in (0, 1].
     """
     dtype = dtype or default_float()
+    if est is not None and not hasattr(est, "is_ep"):
+        raise TypeError(f"est must be an ep_jax.Estimator (or None), got {type(est).__name__}")
     L = model.n_layers
     if isinstance(dt, (list, tuple)):
         if len(dt) != L:
