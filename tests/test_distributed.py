@@ -410,3 +410,60 @@ def test_killed_process_stops_the_other_and_resume_continues(tmp_path, victim):
     engine.run([engine.Member(cfg(d), "ref", ref)], "new", progress=False, print_fn=lambda *a: None)
     assert_params_close(params_of(run), params_of(ref))
     assert [m["test_acc"] for m in got] == [m["test_acc"] for m in metrics_of(ref)]
+
+
+# --- start-up checks: every process must be started alike ---------------------------------------
+
+def test_coordinator_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _cli(["-m", "experiments.train", *_sets(A), "--out", str(tmp_path / "run"), "--distributed",
+                  "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0", "--no-progress"],
+                 devices=1, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"port {port} is already in use" in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _two(tmp_path, per_process_args, nums=(2, 2), timeout=150):
+    port = free_port()
+    run = tmp_path / "run"
+    cmds = [[sys.executable, "-m", "experiments.train", *_sets(A), *per_process_args[i], "--out", str(run),
+             "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(nums[i]),
+             "--process-id", str(i), "--peer-timeout", str(PEER_TIMEOUT), "--no-progress"] for i in range(2)]
+    logs = [tmp_path / f"log{i}.txt" for i in range(2)]
+    with processes(cmds, logs, child_env(1)) as procs:
+        codes = wait_all(procs, timeout)
+    return codes, [Path(l).read_text() for l in logs], run
+
+
+def _error_lines(log):
+    return [l for l in log.splitlines() if l.startswith("error: ")]
+
+
+def test_processes_started_with_other_settings_refuse_together(tmp_path):
+    """Seeds (or β, lr, epochs) that differ between the processes: both stop at start-up
+    with one error line, and nothing is written."""
+    codes, logs, run = _two(tmp_path, [["--seed", "0"], ["--seed", "1"]])
+    assert codes == [2, 2], logs
+    for log in logs:
+        (line,) = _error_lines(log)
+        assert "process 1 was started with another config" in line, log[-2000:]
+        assert "Traceback" not in log
+    assert not run.exists()
+
+
+def test_processes_started_with_other_process_counts_stop(tmp_path):
+    """--num-processes 2 on one process and 3 on the other: both stop at start-up with one
+    line (the odd one its own, the other naming it), no C++ abort, nothing written."""
+    codes, logs, run = _two(tmp_path, [[], []], nums=(2, 3))
+    assert codes == [2, 2], logs
+    (line,) = _error_lines(logs[1])
+    assert "--num-processes 3 but the job has 2 processes" in line
+    assert "Check failure stack trace" not in logs[1] and "Aborted" not in logs[1]
+    (line,) = _error_lines(logs[0])
+    assert "process 1 refused: --num-processes 3 but the job has 2 processes" in line
+    assert not run.exists()

@@ -127,13 +127,15 @@ def setup(a):
         except Exception as e:  # connection refused, timed out, ...
             raise RunError(f"--distributed: could not join the other processes via {coordinator or 'the cluster'} "
                            f"({_first_line(e)})") from None
-    if num is not None and jax.process_count() != num:
-        raise RunError(f"--num-processes {num} but the job has {jax.process_count()} processes: start every "
-                       "process with the same --num-processes")
     _STATE.update(on=True, member_shards=shards)
     rt = runtime.current()
-    # the same process count everywhere (a process started with another count is refused)
-    rt.agree(str(num), "the process count (--num-processes)")
+
+    def same_count():
+        if num is not None and jax.process_count() != num:
+            raise RunError(f"--num-processes {num} but the job has {jax.process_count()} processes: start every "
+                           "process with the same --num-processes")
+    # one decision: the process started with another count says so, the others name it
+    rt.together(same_count)
     if jax.process_index() != 0:
         sys.stdout = open(os.devnull, "w")   # process 0 alone logs; errors still go to stderr
     return runtime.current()
@@ -228,12 +230,14 @@ def main_wrapper(main, argv=None) -> int:
 def finish(code: int) -> int:
     """Leave the distributed runtime: at JAX's shutdown barrier when every process is
     alive, at once (`os._exit`) when one was lost."""
+    if _STATE["lost"]:   # also when the job never became consistent (setup refused it)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if not multi():
         return code
     sys.stdout.flush()
     sys.stderr.flush()
-    if _STATE["lost"]:
-        os._exit(code)
     import jax
     try:
         jax.distributed.shutdown()
