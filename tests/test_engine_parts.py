@@ -200,8 +200,20 @@ def test_a_process_that_does_not_write_leaves_no_file(tmp_path):
     assert not (tmp_path / "r").exists()                            # ...and wrote nothing
 
 
-def test_progress_bar_is_off_when_stderr_is_not_a_terminal():
-    assert not loggers.ProgressBar("x", enabled=True).enabled       # pytest captures stderr
+def test_epoch_lines_never_land_on_the_progress_bar(tmp_path, monkeypatch):
+    """stdout and stderr into one stream (a pipe, a log file): every console line starts
+    after the bar was cleared, never in the middle of the bar's line."""
+    import contextlib
+    import io
+    import re
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        engine.run([engine.Member(tiny(epochs=3), "r", tmp_path / "r")], "new")
+    text = buf.getvalue()
+    assert re.search(r"\d+/18 \[", text), "no progress bar was drawn"
+    starts = re.findall(r"(.?)(epoch \d+:|summary:)", text)
+    assert len(starts) == 4 and all(c in ("", "\r", "\n") for c, _ in starts), starts
     assert loggers.plural(1, "epoch") == "1 epoch" and loggers.plural(3, "member") == "3 members"
 
 

@@ -6,8 +6,9 @@
 - `ConsoleLogger`: one line per epoch (a single run: its accuracies; a sweep: the
   members' mean, min and max), a line per diverged member, a summary line at the end;
 - `ProgressBar`: a tqdm bar of steps on stderr (a single run also shows its running
-  accuracy, which reads each chunk's counts; a sweep's bar waits for nothing). When stderr
-  is not a terminal the bar is off, so piped output holds only whole lines;
+  accuracy, which reads each chunk's counts; a sweep's bar waits for nothing). The console
+  lines are written with the bar cleared first (`tqdm.external_write_mode`), so an epoch
+  line never lands on the bar's line, also when stdout and stderr share a pipe or a file;
 - `TensorBoardLogger` (`--log tensorboard`, extra `ep_jax[tensorboard]`): event files under
   `<run folder>/tensorboard/` through tensorboardX, one scalar per row column;
 - `WandbLogger` (`--log wandb`, extra `ep_jax[wandb]`): one Weights & Biases run per
@@ -52,7 +53,13 @@ class ConsoleLogger(Hook):
     """Epoch lines through `print_fn` (module docstring)."""
 
     def __init__(self, names, label: str, print_fn: Callable = print):
-        self.names, self.label, self.print = list(names), label, print_fn
+        self.names, self.label, self.print_fn = list(names), label, print_fn
+
+    def print(self, text: str):
+        """One line, with any progress bar cleared first and redrawn after."""
+        from tqdm import tqdm
+        with tqdm.external_write_mode():
+            self.print_fn(text)
 
     def after_epoch(self, loop, state, rx, end):
         """The epoch's line(s)."""
@@ -77,7 +84,7 @@ class ProgressBar(Hook):
 
     def __init__(self, desc: str, enabled: bool = True):
         self.desc = desc
-        self.enabled = enabled and _is_terminal(sys.stderr)
+        self.enabled = enabled
         self.bar = None
 
     def start(self, loop, state, rx):
@@ -106,13 +113,6 @@ class ProgressBar(Hook):
         """Close the bar (before anything else is printed)."""
         if self.bar is not None:
             self.bar.close()
-
-
-def _is_terminal(f) -> bool:
-    try:
-        return f.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 class TensorBoardLogger(Hook):
