@@ -1,6 +1,7 @@
 """HTS samplers (docs/equations.md) and per-neuron time steps in every model and estimator."""
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,9 @@ import pytest
 import ep_jax
 from ep_jax import timesteps as T
 from experiments import stability
+
+# the project's offline MNIST, in shared/ beside the checkout (CI has it too)
+SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
 N = 200_000
 
@@ -100,7 +104,7 @@ def test_hts_with_every_estimator(kind):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ep_jax.data.REPO_ROOT.parent / "shared/data/mnist").is_dir(),
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(),
                     reason="shared MNIST files not beside the checkout")
 def test_paper003_network_with_hts_learns(tmp_path):
     """The paper-003 preset (784-1024-10, leaky-ReLU/sigmoid, CHL rule, 125/12 steps,
@@ -108,7 +112,7 @@ def test_paper003_network_with_hts_learns(tmp_path):
     Measured: 88.8 % on 2000 test images (chance 10 %)."""
     from experiments import engine
     from experiments.train import main
-    mnist = ep_jax.data.REPO_ROOT.parent / "shared/data/mnist"
+    mnist = SHARED_MNIST
     out = tmp_path / "run"
     rc = main(["--preset", "mnist-hts-lognormal", "--data-dir", str(mnist), "--epochs", "3",
                "--subset", "10000", "--test-subset", "2000", "--out", str(out), "--no-progress"])

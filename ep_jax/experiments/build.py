@@ -85,7 +85,7 @@ def build_relaxation(cfg: RunConfig, model) -> ep_jax.Relaxation:
     else:
         dt_out = cfg.dt_out if cfg.dt_out is not None else cfg.dt
         dt = list(ep_jax.timesteps.layer_dts(keys(cfg)["dt"], model, spec, dt_out))
-    return ep_jax.make_relaxation(model, beta=cfg.beta, dt=dt)
+    return ep_jax.make_relaxation(model, beta=cfg.beta, dt=dt, est=build_estimator(cfg))
 
 
 _DATA_CACHE: dict = {}
