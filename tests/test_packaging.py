@@ -42,7 +42,7 @@ def third_party_imports(folder):
     return found
 
 
-@pytest.mark.parametrize("folder,groups", [("ep_jax", ("tfds",)), ("benchmarks", ()),
+@pytest.mark.parametrize("folder,groups", [("ep_jax", ("tfds", "tensorboard", "wandb")), ("benchmarks", ()),
                                            ("tests", ("test",))])
 def test_every_third_party_import_is_declared(folder, groups):
     missing = {m: files for m, files in third_party_imports(folder).items() if m not in declared(*groups)}
