@@ -266,3 +266,37 @@ def combine(a, ga, b, gb):
     if isinstance(ga, (list, tuple)):
         return [combine(a, u, b, v) for u, v in zip(ga, gb)]
     return a * ga + b * gb
+
+
+# --- the slow mark for long end-to-end runs ------------------------------------------------
+#
+# Tests that each take more than ~8 s on 2 CPU cores (measured with --durations, 2026-12-01)
+# and repeat a path that faster tests also cover (whole command lines, subprocesses, the
+# float64 twin of a float32 check). They run with `-m slow`, which CI runs after the default
+# run; the default run stays near 10 minutes.
+SLOW = {
+    "test_alignment_tracking.py::test_sweep_members_each_measure_their_own_alignment_for_every_estimator",
+    "test_alignment_tracking.py::test_measuring_does_not_perturb_training",
+    "test_alignment_tracking.py::test_gdu_command_draws_the_figure",
+    "test_docs.py::test_readme_main_job_as_written",
+    "test_experiments.py::test_train_sweep_member_and_plain_loop_agree[float64]",
+    "test_experiments.py::test_hidden_states_writes_under_runs_by_default",
+    "test_experiments.py::test_reproduce_table2_smoke_end_to_end_and_rerun_trains_nothing",
+    "test_experiments.py::test_sweep_member_order_does_not_matter",
+    "test_experiments.py::test_diverging_member_frozen_others_continue",
+    "test_interrupt.py::test_signal_leaves_interrupted_summary_and_resume_equals_uninterrupted",
+    "test_interrupt.py::test_kill_9_mid_epoch_then_resume_equals_uninterrupted",
+    "test_engine_parts.py::test_two_commands_into_one_folder_second_refused_first_untouched",
+    "test_engine_parts.py::test_resume_after_the_data_moved",
+    "test_sweep.py::test_sweep_folders_resume_and_refusals",
+    "test_embed.py::test_flax_wrapper_trains_in_user_loop_and_serialises",
+    "test_cli_errors.py::test_disk_full_mid_run_keeps_last_checkpoint_and_resumes",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        file = item.nodeid.split("/")[-1]
+        base = file.split("[")[0]
+        if file in SLOW or base in SLOW:
+            item.add_marker(pytest.mark.slow)
