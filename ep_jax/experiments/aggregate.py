@@ -252,10 +252,5 @@ def main(argv=None):
         checkpoint.atomic_write_text(Path(a.out), text)
 
 
-def entry(argv=None) -> int:
-    """The command line: `main` behind the one-line error handling; its exit status."""
-    return cli.main_wrapper(main, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(cli.main_wrapper(main))

@@ -123,11 +123,5 @@ def main(argv=None):
     print(report(a.runs, Path(a.out) if a.out else None))
 
 
-
-def entry(argv=None) -> int:
-    """The command line: `main` behind the one-line error handling; its exit status."""
-    return cli.main_wrapper(main, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(cli.main_wrapper(main))

@@ -37,7 +37,7 @@ def usage() -> str:
 
 def main(argv=None) -> int:
     """Dispatch `argv` (default `sys.argv[1:]`) to a command; its exit status."""
-    from ep_jax.experiments import cli
+    from ep_jax.experiments import cli, distributed
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -48,7 +48,9 @@ def main(argv=None) -> int:
         return 2
     cli.PROG = f"ep-jax {name}"
     mod = importlib.import_module(f"ep_jax.experiments.{COMMANDS[name][0]}")
-    return mod.entry(argv[1:])
+    # the training commands' wrapper: the one-line errors of cli.main_wrapper, plus leaving a
+    # distributed job cleanly (a no-op for the commands that never start one)
+    return distributed.main_wrapper(mod.main, argv[1:])
 
 
 if __name__ == "__main__":

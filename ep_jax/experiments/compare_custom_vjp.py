@@ -41,11 +41,5 @@ def main(argv=None):
         print(alignment.format_comparison(alignment.compare(g_vjp, g_bptt), "custom VJP vs BPTT through all 200 free steps"))
 
 
-
-def entry(argv=None) -> int:
-    """The command line: `main` behind the one-line error handling; its exit status."""
-    return cli.main_wrapper(main, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(cli.main_wrapper(main))

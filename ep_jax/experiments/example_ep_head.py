@@ -68,11 +68,5 @@ def main(argv=None):
         print(f"epoch {epoch}: loss {float(l):.4f}  test accuracy {100 * float(accuracy(params, ds.x_test, ds.y_test)):.2f}%")
 
 
-
-def entry(argv=None) -> int:
-    """The command line: `main` behind the one-line error handling; its exit status."""
-    return cli.main_wrapper(main, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(cli.main_wrapper(main))

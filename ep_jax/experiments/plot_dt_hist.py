@@ -86,10 +86,5 @@ def main(argv=None):
     print(f"wrote {out}/dt_hist.png")
 
 
-def entry(argv=None) -> int:
-    """The command line: `main` behind the one-line error handling; its exit status."""
-    return cli.main_wrapper(main, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(cli.main_wrapper(main))

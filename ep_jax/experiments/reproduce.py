@@ -223,7 +223,7 @@ def main(argv=None):
         meta = None
         if not a.overwrite and (m.dir / engine.CHECKPOINT).exists():
             meta = ckpt.read_meta(m.dir / engine.CHECKPOINT)
-        if meta is not None and not _same_run(meta, m.cfg, m.dir):
+        if meta is not None and not engine.same_run(meta, m.cfg, engine.read_json(m.dir / "config.json")):
             raise RunError(f"{m.dir} holds a run of another config; choose another --out, or pass --overwrite "
                            "to replace it")
         summary = (engine.read_json(m.dir / "summary.json") or {}) if meta is not None else {}
@@ -272,24 +272,6 @@ def main(argv=None):
     return 0
 
 
-def _same_run(meta: dict, cfg: RunConfig, run_dir: Path) -> bool:
-    """Whether a checkpoint's meta is of `cfg`'s run: the same digest, or the same with
-    `data_dir` as the run's config.json saved it (where the data lives is not part of a
-    run; the engine's resume check agrees)."""
-    from ep_jax.experiments import engine
-    if meta.get("digest") == cfg.digest():
-        return True
-    saved = engine.read_json(run_dir / "config.json")
-    if isinstance(saved, dict) and "data_dir" in saved and (saved["data_dir"] is None or
-                                                             isinstance(saved["data_dir"], str)):
-        return meta.get("digest") == cfg.replace(data_dir=saved["data_dir"]).digest()
-    return False
-
-
-def entry(argv=None) -> int:
-    """The command line: `main` behind the one-line error handling; its exit status."""
-    return cli.main_wrapper(main, argv)
-
 
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(cli.main_wrapper(main))

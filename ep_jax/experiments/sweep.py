@@ -58,6 +58,7 @@ from ep_jax.experiments.errors import RunError, SpecError
 from ep_jax.experiments.names import relative_inside, safe_component
 from ep_jax.experiments.presets import PRESETS
 from ep_jax.experiments.train import check_int_flags, check_int_values
+from ep_jax.experiments.engine import NOT_IDENTITY
 from ep_jax.experiments.runfolder import FolderLock
 
 SPEC_KEYS = {"name", "description", "preset", "out", "base", "grid", "members"}
@@ -65,7 +66,7 @@ SPEC_KEYS = {"name", "description", "preset", "out", "base", "grid", "members"}
 #: checking 10 000 members' configs takes seconds, and each member is a run folder
 MAX_MEMBERS = 10_000
 #: config fields that may differ from the saved sweep on --resume
-RESUME_FREE = ("epochs", "data_dir")
+RESUME_FREE = NOT_IDENTITY   # the fields a resume may change, as for a single run
 
 
 def load_spec(path) -> dict:
@@ -345,10 +346,5 @@ def main(argv=None):
     return 0 if all(s["status"] in ("ok", "diverged") for s in summaries) else 3
 
 
-def entry(argv=None) -> int:
-    """The command line: `main` behind the one-line error handling; its exit status."""
-    return distributed.main_wrapper(main, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(distributed.main_wrapper(main))

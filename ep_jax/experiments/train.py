@@ -177,11 +177,5 @@ def main(argv=None):
     return {"ok": 0, "interrupted": 130}.get(summary["status"], 3)
 
 
-
-def entry(argv=None) -> int:
-    """The command line: `main` behind the one-line error handling; its exit status."""
-    return distributed.main_wrapper(main, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(distributed.main_wrapper(main))
