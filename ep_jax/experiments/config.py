@@ -47,6 +47,11 @@ def _f(default, help, **meta):
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
+def _plain(v):
+    """A default as `to_json` writes it (tuples as lists)."""
+    return list(v) if isinstance(v, tuple) else v
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one training run needs; see each field's `help` (`describe()`)."""
@@ -132,8 +137,14 @@ class RunConfig:
         return out
 
     def digest(self, exclude=("epochs",)) -> str:
-        """Short hash of the config without `exclude` (what a checkpoint must match)."""
-        d = {k: v for k, v in self.to_json().items() if k not in exclude}
+        """Short hash of the config without `exclude` (what a checkpoint must match).
+
+        Fields added after checkpoints existed (`later=True` in their metadata) count
+        only when they differ from their default, so a run saved before the field
+        existed keeps its digest and can be resumed."""
+        later = {f.name: f.default for f in dataclasses.fields(self) if f.metadata.get("later")}
+        d = {k: v for k, v in self.to_json().items()
+             if k not in exclude and not (k in later and v == _plain(later[k]))}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     # --- derived --------------------------------------------------------------------
