@@ -1,8 +1,17 @@
-"""Datasets: MNIST, KMNIST and Fashion-MNIST, offline from files or online via tfds.
+"""Datasets: MNIST, KMNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100, offline from files or
+online via tfds.
 
-`load_dataset(name)` returns a `Dataset` of flattened float32 images `(N, 784)` and int32
-labels (train 60 000, test 10 000), normalised as the reference code does: pixels scaled to [0, 1],
-then MNIST unchanged, KMNIST `(x − 0.1918)/0.3483`, Fashion-MNIST `(x − 0.2860)/0.3530`.
+`load_dataset(name)` returns a `Dataset` of flattened float32 images and int32 labels:
+MNIST-family `(N, 784)` = 28x28x1 images (train 60 000, test 10 000), CIFAR `(N, 3072)` =
+32x32x3 images flattened in row-major HWC order, i.e. `x.reshape(N, 32, 32, 3)` is the
+image (train 50 000, test 10 000; CIFAR-100's fine labels 0..99). `IMAGE_SHAPES` gives each
+dataset's `(H, W, C)`. Normalisation, pixels first scaled to [0, 1]: as the reference code,
+MNIST unchanged, KMNIST `(x − 0.1918)/0.3483`, Fashion-MNIST `(x − 0.2860)/0.3530`; CIFAR
+per channel (R, G, B) `(x − mean)/std` with the values everyone uses — CIFAR-10 mean
+(0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010) (those of Laborieux et al. 2021's
+code, `main.py` of Laborieux-Axel/Equilibrium-Propagation, which divides by 3 x std on top:
+not done here), CIFAR-100 mean (0.5071, 0.4865, 0.4409), std (0.2673, 0.2564, 0.2762) (the
+training set's, as in weiaicunzai/pytorch-cifar100).
 
 Where it looks, in order (the first place holding a complete set of files wins):
 1. the `data_dir` argument (`--data-dir` on the command lines): when given, the ONLY
@@ -15,6 +24,20 @@ Where it looks, in order (the first place holding a complete set of files wins):
 In the folders of 1 and 2 the files may sit directly or in a subfolder named after the
 dataset (`mnist/`, `MNIST/`, `kmnist/`, `KMNIST/`, `fashion-mnist/`, `fashion_mnist/`,
 `fmnist/`, `FashionMNIST/`).
+
+CIFAR (`cifar10`, `cifar100`; no Debian folder) is read only from the official *binary*
+version, with numpy, never unpickled: the archive `cifar-10-binary.tar.gz` (read in memory,
+not extracted) or its extracted files `data_batch_1.bin` .. `data_batch_5.bin` and
+`test_batch.bin` (records of 1 label byte + 3072 pixel bytes: 1024 R, 1024 G, 1024 B, each
+row-major 32x32), or `cifar-100-binary.tar.gz` / `train.bin`, `test.bin` (records of 2 label
+bytes, coarse then fine, + 3072; the fine label is used). Subfolders looked in: `cifar10/`,
+`cifar-10/`, `CIFAR10/`, `cifar-10-batches-bin/` (`cifar100/`, `cifar-100/`, `CIFAR100/`,
+`cifar-100-binary/`). The pickled "python version" (`cifar-10-python.tar.gz`,
+`cifar-10-batches-py/`, `data_batch_1` without `.bin`, any file starting with pickle's magic
+byte) is refused with one line naming the binary archive to use. Checksums (`verify=True`):
+the archives' SHA-256 as tensorflow-datasets publishes them (`url_checksums/cifar10.txt`,
+`cifar100.txt`) or their MD5 from the CIFAR page (c32a1d4a..., 03b5dce0...); the extracted
+`.bin` files' MD5 as listed by rai-project/dldataset (`vision/cifar10.go`, `cifar100.go`).
 
 File formats: the four standard IDX files (`train-images-idx3-ubyte[.gz]`,
 `train-labels-idx1-ubyte[.gz]`, `t10k-images-idx3-ubyte[.gz]`, `t10k-labels-idx1-ubyte[.gz]`),
@@ -41,16 +64,28 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-DATASETS = ("mnist", "kmnist", "fashion_mnist")
-ALIASES = {"fmnist": "fashion_mnist", "fashion-mnist": "fashion_mnist", "k-mnist": "kmnist"}
-NORMALISATION = {"mnist": None, "kmnist": (0.1918, 0.3483), "fashion_mnist": (0.2860, 0.3530)}
+DATASETS = ("mnist", "kmnist", "fashion_mnist", "cifar10", "cifar100")
+CIFAR = ("cifar10", "cifar100")
+ALIASES = {"fmnist": "fashion_mnist", "fashion-mnist": "fashion_mnist", "k-mnist": "kmnist",
+           "cifar-10": "cifar10", "cifar-100": "cifar100"}
+#: (H, W, C) of each dataset's images; the flat inputs are these in row-major order
+IMAGE_SHAPES = {"mnist": (28, 28, 1), "kmnist": (28, 28, 1), "fashion_mnist": (28, 28, 1),
+                "cifar10": (32, 32, 3), "cifar100": (32, 32, 3)}
+N_CLASSES = {"mnist": 10, "kmnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+NORMALISATION = {"mnist": None, "kmnist": (0.1918, 0.3483), "fashion_mnist": (0.2860, 0.3530),
+                 # per channel (R, G, B); sources in the module docstring
+                 "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+                 "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 SUBFOLDERS = {"mnist": ("mnist", "MNIST"), "kmnist": ("kmnist", "KMNIST"),
-              "fashion_mnist": ("fashion-mnist", "fashion_mnist", "fmnist", "FashionMNIST")}
+              "fashion_mnist": ("fashion-mnist", "fashion_mnist", "fmnist", "FashionMNIST"),
+              "cifar10": ("cifar10", "cifar-10", "CIFAR10", "cifar-10-batches-bin"),
+              "cifar100": ("cifar100", "cifar-100", "CIFAR100", "cifar-100-binary")}
 DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder above the package (not a place looked)
 LOCAL_DIR = ".data"  # `./.data/<name>`, relative to the current working directory
 ENV_VAR = "EP_JAX_DATA_DIR"
 SIZES = {"train": 60000, "test": 10000}
+CIFAR_SIZES = {"train": 50000, "test": 10000}
 
 IDX_FILES = {("train", "images"): "train-images-idx3-ubyte", ("train", "labels"): "train-labels-idx1-ubyte",
              ("test", "images"): "t10k-images-idx3-ubyte", ("test", "labels"): "t10k-labels-idx1-ubyte"}
@@ -89,6 +124,10 @@ HOW_TO_GET = {
               "https://github.com/rois-codh/kmnist into a folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
     "fashion_mnist": "apt-get install dataset-fashion-mnist (Debian/Ubuntu), or put the 4 IDX .gz files "
                      "in a folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
+    "cifar10": "download the binary version https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz into a "
+               "folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
+    "cifar100": "download the binary version https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz into a "
+                "folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
 }
 
 
@@ -99,9 +138,9 @@ class DatasetError(RuntimeError):
 class Dataset(NamedTuple):
     """A dataset as host arrays: flattened images and integer labels."""
     name: str
-    x_train: np.ndarray   # (60000, 784) float32
-    y_train: np.ndarray   # (60000,) int32
-    x_test: np.ndarray    # (10000, 784) float32
+    x_train: np.ndarray   # (N, H*W*C) float32: (60000, 784) MNIST-family, (50000, 3072) CIFAR
+    y_train: np.ndarray   # (N,) int32
+    x_test: np.ndarray    # (10000, H*W*C) float32
     y_test: np.ndarray    # (10000,) int32
 
 
@@ -177,6 +216,8 @@ def _find_file(folder: Path, stem: str) -> Path | None:
 
 def _files_in(folder: Path, name: str) -> dict | None:
     """The complete set of files for `name` in `folder`, or None."""
+    if name in CIFAR:
+        return _cifar_files_in(folder, name)
     idx = {k: _find_file(folder, stem) for k, stem in IDX_FILES.items()}
     if all(idx.values()):
         return idx
@@ -193,6 +234,8 @@ def load_files(folder, name: str, verify: bool = True, expect_sizes: bool | None
     Returns `(x_train, y_train, x_test, y_test)`; raises `DatasetError` on any problem.
     """
     name = canonical_name(name)
+    if name in CIFAR:
+        return load_cifar_files(folder, name, verify, expect_sizes)
     files = _files_in(Path(folder), name)
     if files is None:
         raise DatasetError(f"{folder}: no complete set of {name} files")
@@ -228,6 +271,187 @@ def load_files(folder, name: str, verify: bool = True, expect_sizes: bool | None
             raise DatasetError(f"{fy}: label {bad} outside 0..9")
     return (arrays[("train", "images")], arrays[("train", "labels")],
             arrays[("test", "images")], arrays[("test", "labels")])
+
+
+# --- CIFAR: the official binary version, fixed-size records read with numpy ----------------
+
+CIFAR_ARCHIVES = {"cifar10": "cifar-10-binary.tar.gz", "cifar100": "cifar-100-binary.tar.gz"}
+CIFAR_BINS = {"cifar10": {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)},
+              "cifar100": {"train": ("train.bin",), "test": ("test.bin",)}}
+#: label bytes per record (CIFAR-100: coarse, fine) and the label range of each byte
+CIFAR_LABEL_BYTES = {"cifar10": (10,), "cifar100": (20, 100)}
+CIFAR_PIXELS = 32 * 32 * 3
+#: the pickled "python version": what a user may have instead, and what to get
+CIFAR_PICKLED = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py", "data_batch_1", "test_batch"),
+                 "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", "train", "test")}
+PICKLE_MAGIC = 0x80   # the first byte of a pickle (protocol >= 2); no CIFAR label byte is that large
+# SHA-256 of the archives: tensorflow-datasets' url_checksums/cifar10.txt, cifar100.txt
+CIFAR_SHA256 = {"cifar-10-binary.tar.gz": "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+                "cifar-100-binary.tar.gz": "58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec"}
+# MD5: of the archives as on https://www.cs.toronto.edu/~kriz/cifar.html; of the extracted
+# files as listed by rai-project/dldataset (vision/cifar10.go, vision/cifar100.go)
+CIFAR_MD5 = {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530",
+             "cifar-100-binary.tar.gz": "03b5dce01913d631647c71ecec9e9cb8",
+             "data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25", "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
+             "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421", "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
+             "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d", "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d",
+             "train.bin": "6172c7755cfe09b2fe270c85cebc1b15", "test.bin": "4499cfba6c016c1be1438163640a0898"}
+CIFAR_ARCHIVE_BYTES = {"cifar-10-binary.tar.gz": 170052171, "cifar-100-binary.tar.gz": 168513733}
+
+
+def _use_binary(name: str) -> str:
+    return (f"use the binary version {CIFAR_ARCHIVES[name]} (https://www.cs.toronto.edu/~kriz/"
+            f"{CIFAR_ARCHIVES[name]}); ep_jax never unpickles data")
+
+
+def _is_pickle(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == bytes([PICKLE_MAGIC])
+    except OSError:
+        return False
+
+
+def _cifar_pickled_in(folder: Path, name: str) -> Path | None:
+    """A file or folder of the pickled python version in `folder` (or `folder` itself)."""
+    if folder.is_file():
+        if folder.name in CIFAR_PICKLED[name][:1] or _is_pickle(folder):
+            return folder
+        return None
+    archive, subdir, *batches = CIFAR_PICKLED[name]
+    for cand in (folder / archive, folder / subdir):
+        if cand.exists():
+            return cand
+    for b in batches:
+        if (folder / b).is_file() and _is_pickle(folder / b):
+            return folder / b
+    return None
+
+
+def _cifar_files_in(folder: Path, name: str) -> dict | None:
+    """`{"archive": path}` or `{"bins": {split: [paths]}}` for `name` in `folder` (the
+    archive itself may be given as the folder), or None."""
+    archive = CIFAR_ARCHIVES[name]
+    if folder.is_file():
+        return {"archive": folder} if folder.name.endswith((".tar.gz", ".tgz", ".tar")) else None
+    bins = {split: [folder / f for f in fs] for split, fs in CIFAR_BINS[name].items()}
+    if all(p.is_file() for ps in bins.values() for p in ps):
+        return {"bins": bins}
+    if (folder / archive).is_file():
+        return {"archive": folder / archive}
+    return None
+
+
+def _check_cifar_sum(path: Path, member: str, raw: bytes):
+    sha = CIFAR_SHA256.get(member)
+    md5 = CIFAR_MD5.get(member)
+    if sha is None and md5 is None:
+        return
+    got_sha, got_md5 = hashlib.sha256(raw).hexdigest(), hashlib.md5(raw).hexdigest()
+    if got_sha != sha and got_md5 != md5:
+        raise DatasetError(f"{path}: md5 {got_md5} does not match the official {member}'s {md5}"
+                           + (f" (nor sha256 {got_sha[:16]}... its {sha[:16]}...)" if sha else "")
+                           + "; the file is corrupt or not the official release "
+                           "(ep_jax.data.load_dataset(..., verify=False) loads it anyway)")
+
+
+def parse_cifar_records(raw: bytes, name: str, source="<bytes>") -> tuple[np.ndarray, np.ndarray]:
+    """`(images (N, 32, 32, 3) uint8 HWC, fine labels (N,) uint8)` of a CIFAR binary batch:
+    fixed-size records of the label byte(s) then 3072 pixel bytes (1024 R, 1024 G, 1024 B,
+    each row-major 32x32). DatasetError naming `source` for a pickle, a length that is not
+    a whole number of records, no record, or a label out of range."""
+    ranges = CIFAR_LABEL_BYTES[name]
+    rec = len(ranges) + CIFAR_PIXELS
+    if raw[:1] == bytes([PICKLE_MAGIC]):
+        raise DatasetError(f"{source}: a Python pickle (the CIFAR 'python version'), not a binary batch; "
+                           + _use_binary(name))
+    if len(raw) == 0 or len(raw) % rec:
+        raise DatasetError(f"{source}: {len(raw)} bytes is not a whole number of {rec}-byte {name} records "
+                           "(truncated or corrupt file)")
+    a = np.frombuffer(raw, np.uint8).reshape(-1, rec)
+    for j, hi in enumerate(ranges):
+        bad = a[:, j] >= hi
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DatasetError(f"{source}: record {i} has label byte {j} = {int(a[i, j])}, outside 0..{hi - 1} "
+                               "(corrupt file, or not the binary version)")
+    x = a[:, len(ranges):].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x), a[:, len(ranges) - 1].copy()
+
+
+def _read_cifar_archive(path: Path, name: str, verify: bool) -> dict:
+    """`{member file name: bytes}` of the binary batches inside the archive (in memory)."""
+    import io
+    import tarfile
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    if verify:
+        _check_cifar_sum(path, CIFAR_ARCHIVES[name], raw)
+    wanted = {f for fs in CIFAR_BINS[name].values() for f in fs}
+    out, names = {}, []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
+            for m in tar:
+                names.append(m.name)
+                base = m.name.rsplit("/", 1)[-1]
+                if m.isfile() and base in wanted:
+                    out[base] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        first = (str(e).strip().splitlines() or [""])[0].rstrip(":")
+        raise DatasetError(f"{path}: corrupt or truncated archive ({type(e).__name__}: {first})") from None
+    pickled = CIFAR_PICKLED[name][1]
+    if any(n.split("/", 1)[0] == pickled for n in names):
+        raise DatasetError(f"{path}: holds the pickled 'python version' ({pickled}/); " + _use_binary(name))
+    missing = sorted(wanted - set(out))
+    if missing:
+        raise DatasetError(f"{path}: the archive lacks {', '.join(missing)} (not the {CIFAR_ARCHIVES[name]} "
+                           "archive, or truncated)")
+    return out
+
+
+def load_cifar_files(folder, name: str, verify: bool = True, expect_sizes: bool | None = None):
+    """Load CIFAR's raw uint8 images `(N, 32, 32, 3)` (HWC) and labels from the binary
+    archive or its extracted `.bin` files in `folder` (module docstring).
+
+    Returns `(x_train, y_train, x_test, y_test)`; raises `DatasetError` on any problem
+    (the pickled python version, checksums with `verify`, record structure, labels, the
+    official 50 000 / 10 000 examples with `verify` or `expect_sizes`)."""
+    name = canonical_name(name)
+    folder = Path(folder)
+    pickled = _cifar_pickled_in(folder, name)
+    files = _cifar_files_in(folder, name)
+    if files is None:
+        if pickled is not None:
+            raise DatasetError(f"{pickled}: the pickled CIFAR 'python version'; " + _use_binary(name))
+        raise DatasetError(f"{folder}: no complete set of {name} files")
+    if "archive" in files:
+        path = files["archive"]
+        if _is_pickle(path) or path.name == CIFAR_PICKLED[name][0]:
+            raise DatasetError(f"{path}: the pickled CIFAR 'python version'; " + _use_binary(name))
+        blobs = _read_cifar_archive(path, name, verify)
+        sources = {f: f"{path}:{f}" for f in blobs}
+    else:
+        blobs, sources = {}, {}
+        for p in (p for ps in files["bins"].values() for p in ps):
+            try:
+                blobs[p.name] = p.read_bytes()
+            except OSError as e:
+                raise DatasetError(f"{p}: cannot read ({e.strerror or e})") from None
+            sources[p.name] = str(p)
+            if verify and blobs[p.name][:1] != bytes([PICKLE_MAGIC]):
+                _check_cifar_sum(p, p.name, blobs[p.name])
+    out = []
+    for split in ("train", "test"):
+        parts = [parse_cifar_records(blobs[f], name, sources[f]) for f in CIFAR_BINS[name][split]]
+        x = np.concatenate([a for a, _ in parts])
+        y = np.concatenate([b for _, b in parts])
+        if (verify if expect_sizes is None else expect_sizes) and len(y) != CIFAR_SIZES[split]:
+            where = sources[CIFAR_BINS[name][split][0]].rsplit(":", 1)[0] if "archive" in files else folder
+            raise DatasetError(f"{where}: {len(y)} {split} examples, expected {CIFAR_SIZES[split]}")
+        out += [x, y]
+    return tuple(out)
 
 
 def candidate_dirs(name: str, data_dir=None) -> list[Path]:
@@ -282,7 +506,9 @@ def _load_tfds(name: str, data_dir=None):
 
     def split(s):
         ds = tfds.data_source(name, split=s, data_dir=data_dir)
-        x = np.stack([np.asarray(ex["image"]).reshape(28, 28) for ex in ds]).astype(np.uint8)
+        h, w, c = IMAGE_SHAPES[name]
+        shape = (h, w) if c == 1 else (h, w, c)
+        x = np.stack([np.asarray(ex["image"]).reshape(shape) for ex in ds]).astype(np.uint8)
         y = np.asarray([ex["label"] for ex in ds])
         return x, y
     (xtr, ytr), (xte, yte) = split("train"), split("test")
@@ -296,7 +522,10 @@ def _finish(name, raw, normalize: bool) -> Dataset:
         x = np.asarray(x, np.float32).reshape(len(x), -1) / np.float32(255.0)
         if normalize and NORMALISATION[name]:
             mean, std = NORMALISATION[name]
-            x = (x - np.float32(mean)) / np.float32(std)
+            # per channel: the flat HWC layout repeats the C channels fastest
+            c = IMAGE_SHAPES[name][2]
+            mean, std = np.tile(np.float32(mean), x.shape[1] // c), np.tile(np.float32(std), x.shape[1] // c)
+            x = (x - mean) / std
         return x
     return Dataset(name, prep(xtr), np.asarray(ytr, np.int32), prep(xte), np.asarray(yte, np.int32))
 
@@ -320,6 +549,9 @@ def load_dataset(name: str, data_dir=None, normalize: bool = True, source: str =
         for folder in candidate_dirs(name, data_dir):
             if _files_in(folder, name) is not None:
                 return _finish(name, load_files(folder, name, verify), normalize)
+            pickled = _cifar_pickled_in(folder, name) if name in CIFAR else None
+            if pickled is not None:   # refused where found, rather than passed over
+                raise DatasetError(f"{pickled}: the pickled CIFAR 'python version'; " + _use_binary(name))
             looked.append(f"  - {folder}: {'no complete set of files' if folder.is_dir() else 'does not exist'}")
     have_tfds = False
     if source in ("auto", "tfds"):
