@@ -291,6 +291,10 @@ SLOW = {
     "test_sweep.py::test_sweep_folders_resume_and_refusals",
     "test_embed.py::test_flax_wrapper_trains_in_user_loop_and_serialises",
     "test_cli_errors.py::test_disk_full_mid_run_keeps_last_checkpoint_and_resumes",
+    "test_kernels.py::test_free_and_nudged_states_match_xla[False-dendritic-2h]",
+    "test_kernels.py::test_free_and_nudged_states_match_xla[True-dendritic-2h]",
+    "test_kernels.py::test_vmapped_members_equal_solo",
+    "test_kernels.py::test_float64_matches_xla[dendritic]",
 }
 
 

@@ -1,0 +1,481 @@
+"""A fused relaxation kernel in Pallas: all steps of one phase in one launch.
+
+The XLA path (`ep_jax.dynamics`) runs a phase as a `lax.scan` of `T` steps; on a GPU each
+step is a few small kernels (one matmul of 64 rows per synapse and direction, and the
+elementwise update), so one MNIST DEP training step of 72 relaxation steps is a chain of
+hundreds of launches and waits on latency, not on arithmetic. Here one program per
+(member, batch tile) loads its rows of the state once, runs every step of the phase with
+the state held on chip, and writes the final state once:
+
+    for t in 1..T:   h_l = drive_l(s)                     (the model's `drives`)
+                     s_l ← (1 − dt_l) ⊙ s_l + dt_l ⊙ σ_l(h_l)
+
+with the same drives as the models (`ep_jax.models.ep`, `ep_jax.models.dendritic`):
+
+- standard / HTS network (`EPModel`): `h_l = W_l s_{l−1} + b_l + γ W_{l+1}ᵀ s_{l+1}`
+  (`h_1`'s feedforward part is the input drive `ctx`; the output gets no feedback and,
+  nudged, the force `−β ∂ℓ/∂s_L`); γ ≠ 1, leaky-ReLU hidden and sigmoid output layers and
+  per-neuron `dt` (the heterogeneous-time-step network) are the same kernel;
+- dendritic (`DendriticModel`): `h_l = B_l(s_{l−1}) + α A_l(s_{l+1})`, each map the soma
+  average of ReLU branches of the masked kernels (`ep_jax.dendrites`: branch-major, the K
+  slices added as the same halving tree, one matmul per branch).
+
+What stays in XLA: the loop invariants (`model.prepare`: masked kernels; the input drive
+`model.input_drive`, computed once per batch) and the gradient (`primitive_grad` at the
+relaxed states). The weights, loop-invariant, are read by every program (per tile) from
+device memory (on a GPU mostly from L2).
+
+Shapes. The GPU backend wants power-of-2 block shapes and matmul dimensions >= 16; the
+wrapper pads every width to the next power of 2 (at least 16: the 10 outputs become 16)
+and the batch to a multiple of the tile. Padding does not change the numbers: padded
+neurons have zero weights in and out and a time step of 0, so they stay at their initial
+0 and add exact zeros to every real drive (the cross-entropy softmax masks them out);
+padded rows are independent examples, sliced off. `check_blocks` asserts the constraints
+before any call, so a CPU test catches a violation that only the GPU would reject.
+
+Backend: Triton (`jax.experimental.pallas.triton`). Mosaic GPU (`pallas.mosaic_gpu`) is
+the future path on Hopper, but it is a different programming model (explicit shared-memory
+references, warpgroup matrix instructions, hand-written pipelining) whose API changed
+between jax 0.10 and 0.11; the Triton lowering takes the plain `jnp` kernel body written
+here (dots, elementwise maps, `fori_loop`) unchanged on both versions (deprecated in 0.11,
+still present). Where the Triton compiler parameters are missing the call refuses with
+`BackendUnavailable` (one line); where the kernel does not lower (no GPU and no interpret
+mode, a Triton error, a model without a kernel), `relax` warns once with one line and runs
+the XLA path.
+
+Precision: the kernel's dots use jax's default matmul precision, as the XLA path does (on
+NVIDIA GPUs that is TF32 for float32, about 3e-4 relative per dot; `jax.default_matmul_
+precision("highest")` gives IEEE float32 in both paths). On a CPU the kernel runs only in
+Pallas interpret mode (`interpret(True)`), which emulates the program with XLA ops, one
+grid point at a time: a test tool, far slower than the XLA path.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from ep_jax import activations, dynamics
+from ep_jax.models.base import OutputGrad
+from ep_jax.models.dendritic import DendriticModel
+from ep_jax.models.ep import EPModel
+
+MIN_DIM = 16               # smallest matmul dimension the Triton dot takes
+STATE_BYTES = 96 * 1024    # the tile heuristic keeps a program's state under this
+
+
+class KernelShapeError(ValueError):
+    """A block shape or matmul dimension the Pallas GPU backend would reject."""
+
+
+class BackendUnavailable(RuntimeError):
+    """This jax has no Pallas Triton backend (no `pallas.triton.CompilerParams`)."""
+
+
+_STATE = {"interpret": False}
+
+
+@contextlib.contextmanager
+def interpret(on: bool = True):
+    """Run the kernels in Pallas interpret mode (on any backend; the CPU tests' mode).
+    Read when a function is traced: a jitted function traced before keeps its mode."""
+    old = _STATE["interpret"]
+    _STATE["interpret"] = bool(on)
+    try:
+        yield
+    finally:
+        _STATE["interpret"] = old
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def padded(n: int) -> int:
+    """A width as the kernel holds it: the next power of 2, at least `MIN_DIM`."""
+    return max(MIN_DIM, _next_pow2(n))
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The static structure of one kernel call (hashable: the lowering cache's key)."""
+    kind: str                 # "ep" | "dendritic"
+    widths: tuple             # real widths n_1..n_L
+    padded: tuple             # kernel widths N_1..N_L
+    acts: tuple               # activation names per layer
+    loss: str
+    nudged: str | None        # None (free), "onehot" or "grad"
+    n_out: int                # real output width (softmax mask)
+    tile: int
+    rows: int                 # padded batch
+    steps: int
+    dtype: str
+    basal: int = 1
+    apical: int = 1
+    prev: bool = False        # also write the state before the last step (the residual's)
+
+
+def check_blocks(plan: Plan):
+    """Raise `KernelShapeError` (one line) unless every block shape of `plan` is a power
+    of 2 and every matmul dimension is >= 16 (the Triton backend's constraints)."""
+    if not _is_pow2(plan.tile) or plan.tile < MIN_DIM:
+        raise KernelShapeError(f"batch tile {plan.tile} must be a power of 2 >= {MIN_DIM}")
+    if plan.rows % plan.tile:
+        raise KernelShapeError(f"padded batch {plan.rows} is not a multiple of the tile {plan.tile}")
+    for l, n in enumerate(plan.padded, start=1):
+        if not _is_pow2(n) or n < MIN_DIM:
+            raise KernelShapeError(f"layer {l}: kernel width {n} must be a power of 2 >= {MIN_DIM} "
+                                   f"(pad {plan.widths[l - 1]} to {padded(plan.widths[l - 1])})")
+
+
+# --- the kernel body ----------------------------------------------------------------------
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=a.dtype)
+
+
+def _soma_parts(parts, branches):
+    # the halving tree of `ep_jax.dendrites.soma`, on already ReLU-ed branch slices
+    while len(parts) > 1:
+        h = len(parts) // 2
+        parts = [parts[i] + parts[i + h] for i in range(h)] + parts[2 * h:]
+    return parts[0] / branches
+
+
+def _dendritic_map(u, k_ref, c_ref, n, branches):
+    """Soma average of ReLU branches `u @ k_ref[:, k·n:(k+1)·n] (+ c)`: one dot per branch."""
+    parts = []
+    for k in range(branches):
+        z = _dot(u, k_ref[:, pl.ds(k * n, n)])
+        if c_ref is not None:
+            z = z + c_ref[:, pl.ds(k * n, n)]
+        parts.append(jnp.maximum(z, 0))
+    return _soma_parts(parts, branches)
+
+
+def _make_kernel(plan: Plan):
+    L = len(plan.padded)
+    N = plan.padded
+    acts = [activations.get_activation(a) for a in plan.acts]
+
+    def kernel(*refs):
+        it = iter(refs)
+        ctx_ref = next(it)
+        s_refs = [next(it) for _ in range(L)]
+        if plan.nudged:
+            tgt_ref, beta_ref = next(it), next(it)
+        dt_refs = [next(it) for _ in range(L)]
+        if plan.kind == "ep":
+            w_refs = [next(it) for _ in range(L - 1)]     # synapse l+1: (N_l, N_{l+1})
+            b_refs = [next(it) for _ in range(L - 1)]
+            wt_refs = [next(it) for _ in range(L - 1)]    # its transpose (N_{l+1}, N_l)
+            g_refs = [next(it) for _ in range(L - 1)]     # γ broadcast to (1, N_l), hidden l
+        else:
+            kb_refs = [next(it) for _ in range(L - 1)]    # basal kernels of synapses 2..L
+            cb_refs = [next(it) for _ in range(L - 1)]
+            ka_refs = [next(it) for _ in range(L - 1)]    # apical kernels of hidden layers
+            a_refs = [next(it) for _ in range(L - 1)]     # α broadcast to (1, N_l)
+        out_refs = list(it)
+
+        ctx = ctx_ref[...]
+        dts = [r[...] for r in dt_refs]
+        if plan.nudged:
+            tgt, beta = tgt_ref[...], beta_ref[...]
+            if plan.loss == "ce":
+                col = lax.broadcasted_iota(jnp.int32, tgt.shape, 1)
+                real = col < plan.n_out
+
+        def force(s_out):
+            if plan.nudged == "grad":
+                g = tgt
+            elif plan.loss == "mse":
+                g = s_out - tgt
+            else:  # softmax over the real outputs only
+                z = jnp.where(real, s_out, -jnp.inf)
+                e = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
+                g = e / jnp.sum(e, axis=-1, keepdims=True) - tgt
+            return -beta * g
+
+        def drives(s):
+            h = []
+            for l in range(L):
+                if plan.kind == "ep":
+                    hl = ctx if l == 0 else _dot(s[l - 1], w_refs[l - 1][...]) + b_refs[l - 1][...]
+                    if l < L - 1:
+                        hl = hl + g_refs[l][...] * _dot(s[l + 1], wt_refs[l][...])
+                else:
+                    hl = ctx if l == 0 else _dendritic_map(s[l - 1], kb_refs[l - 1], cb_refs[l - 1],
+                                                           N[l], plan.basal)
+                    if l < L - 1:
+                        hl = hl + a_refs[l][...] * _dendritic_map(s[l + 1], ka_refs[l], None, N[l],
+                                                                  plan.apical)
+                if l == L - 1 and plan.nudged:
+                    hl = hl + force(s[l])
+                h.append(hl)
+            return h
+
+        def body(_, s):
+            h = drives(s)
+            return tuple((1 - d) * sl + d * act(hl) for sl, hl, d, act in zip(s, h, dts, acts))
+
+        s = tuple(r[...] for r in s_refs)
+        if plan.prev:
+            s = lax.fori_loop(0, plan.steps - 1, body, s)
+            for r, sl in zip(out_refs[L:], s):
+                r[...] = sl
+            s = body(plan.steps - 1, s)
+        else:
+            s = lax.fori_loop(0, plan.steps, body, s)
+        for r, sl in zip(out_refs, s):
+            r[...] = sl
+
+    return kernel
+
+
+# --- the call ---------------------------------------------------------------------------
+
+def _compiler_params(interp: bool):
+    if interp:
+        return None
+    from jax.experimental.pallas import triton as plt
+    cls = getattr(plt, "CompilerParams", None) or getattr(plt, "TritonCompilerParams", None)
+    if cls is None:
+        raise BackendUnavailable(f"jax {jax.__version__} has no Pallas Triton backend "
+                                 "(pallas.triton.CompilerParams): use impl='xla'")
+    return cls(num_warps=4, num_stages=1)
+
+
+def _call(plan: Plan, interp: bool):
+    """The `pallas_call` of a plan: inputs as `_operands` orders them."""
+    check_blocks(plan)
+    L, N, t = len(plan.padded), plan.padded, plan.tile
+    dtype = jnp.dtype(plan.dtype)
+    row = lambda n: pl.BlockSpec((t, n), lambda i: (i, 0))
+    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+    specs = [row(N[0])] + [row(n) for n in N]
+    if plan.nudged:
+        specs += [row(N[-1]), row(N[-1])]
+    specs += [whole((1, n)) for n in N]
+    if plan.kind == "ep":
+        specs += [whole((N[l], N[l + 1])) for l in range(L - 1)]
+        specs += [whole((1, N[l + 1])) for l in range(L - 1)]
+        specs += [whole((N[l + 1], N[l])) for l in range(L - 1)]
+        specs += [whole((1, N[l])) for l in range(L - 1)]
+    else:
+        specs += [whole((N[l], plan.basal * N[l + 1])) for l in range(L - 1)]
+        specs += [whole((1, plan.basal * N[l + 1])) for l in range(L - 1)]
+        specs += [whole((N[l + 1], plan.apical * N[l])) for l in range(L - 1)]
+        specs += [whole((1, N[l])) for l in range(L - 1)]
+    for shape in [s.block_shape for s in specs]:
+        for d in shape:
+            if not _is_pow2(d):
+                raise KernelShapeError(f"block shape {tuple(shape)} is not made of powers of 2")
+    outs = N + N if plan.prev else N
+    out_shape = tuple(jax.ShapeDtypeStruct((plan.rows, n), dtype) for n in outs)
+    return pl.pallas_call(_make_kernel(plan), out_shape=out_shape, grid=(plan.rows // t,),
+                          in_specs=specs, out_specs=tuple(row(n) for n in outs),
+                          interpret=interp, compiler_params=_compiler_params(interp),
+                          name=f"ep_relax_{plan.kind}")
+
+
+def _pad2(a, rows, cols):
+    return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])))
+
+
+def _pad_branches(k, n, N, branches, rows=None):
+    """A branch-major `(m, K·n)` kernel (or `(K·n,)` bias) padded to `(M, K·N)`."""
+    if k.ndim == 1:
+        return jnp.pad(k.reshape(branches, n), ((0, 0), (0, N - n))).reshape(1, branches * N)
+    m = k.shape[0]
+    k = jnp.pad(k.reshape(m, branches, n), ((0, rows - m), (0, 0), (0, N - n)))
+    return k.reshape(rows, branches * N)
+
+
+def _operands(plan: Plan, model, eff, ctx, s, target, beta, dt):
+    L, N, R = len(plan.padded), plan.padded, plan.rows
+    dtype = ctx.dtype
+    ops = [_pad2(ctx, R, N[0])] + [_pad2(sl, R, n) for sl, n in zip(s, N)]
+    B = ctx.shape[0]
+    if plan.nudged:
+        g = target.g if isinstance(target, OutputGrad) else target
+        ops.append(_pad2(g.astype(dtype), R, N[-1]))
+        b = jnp.broadcast_to(jnp.asarray(beta, dtype).reshape(-1, 1) if jnp.ndim(beta) else beta,
+                             (B, plan.n_out)).astype(dtype)
+        ops.append(_pad2(b, R, N[-1]))
+    for d, n, Np in zip(dt, plan.widths, N):
+        ops.append(jnp.pad(jnp.broadcast_to(jnp.asarray(d, dtype), (n,)), (0, Np - n)).reshape(1, Np))
+    row = lambda v, l: jnp.full((1, N[l]), v, dtype)
+    if plan.kind == "ep":
+        layers = eff["layers"]
+        ws = [_pad2(layers[l + 1]["w"], N[l], N[l + 1]) for l in range(L - 1)]
+        ops += ws
+        ops += [jnp.pad(layers[l + 1]["b"], (0, N[l + 1] - plan.widths[l + 1])).reshape(1, -1)
+                for l in range(L - 1)]
+        ops += [w.T for w in ws]
+        ops += [row(eff["gamma"], l) for l in range(L - 1)]
+    else:
+        n = plan.widths
+        ops += [_pad_branches(eff["basal"][l + 1][0], n[l + 1], N[l + 1], plan.basal, N[l]) for l in range(L - 1)]
+        ops += [_pad_branches(eff["basal"][l + 1][1], n[l + 1], N[l + 1], plan.basal) for l in range(L - 1)]
+        ops += [_pad_branches(eff["apical"][l], n[l], N[l], plan.apical, N[l + 1]) for l in range(L - 1)]
+        ops += [row(eff["alpha"], l) for l in range(L - 1)]
+    return [o.astype(dtype) for o in ops]
+
+
+def supported(model) -> str | None:
+    """None when `model` has a kernel, else the reason (one line)."""
+    if type(model) not in (EPModel, DendriticModel):
+        return f"no Pallas relaxation kernel for {type(model).__name__} (EPModel and DendriticModel have one)"
+    if isinstance(model, DendriticModel) and not (_is_pow2(model.basal_branches) and _is_pow2(model.apical_branches)):
+        return (f"the Pallas relaxation kernel needs power-of-2 branch counts, got basal {model.basal_branches}, "
+                f"apical {model.apical_branches}")
+    return None
+
+
+def _tile(batch: int, widths, itemsize: int) -> int:
+    t = max(MIN_DIM, min(64, _next_pow2(batch)))
+    while t > MIN_DIM and t * sum(widths) * itemsize > STATE_BYTES:
+        t //= 2
+    return t
+
+
+def plan_of(model, ctx, s, target, steps: int, block_b: int | None = None, prev: bool = False) -> Plan:
+    """The `Plan` of a call (static: shapes and the model's structure)."""
+    widths = tuple(int(n) for n in model.state_sizes)
+    N = tuple(padded(n) for n in widths)
+    B = ctx.shape[0]
+    t = block_b if block_b is not None else _tile(B, N, jnp.dtype(ctx.dtype).itemsize)
+    nudged = None if target is None else ("grad" if isinstance(target, OutputGrad) else "onehot")
+    acts = (model.activation,) * (model.n_layers - 1) + (model.out_activation_name,)
+    kw = {}
+    if isinstance(model, DendriticModel):
+        kw = dict(basal=model.basal_branches, apical=model.apical_branches)
+    rows = -(-B // t) * t if t > 0 else B
+    return Plan("dendritic" if kw else "ep", widths, N, acts, model.loss, nudged, widths[-1], int(t), rows,
+                int(steps), jnp.dtype(ctx.dtype).name, prev=bool(prev), **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _lowers(plan: Plan, interp: bool, backend: str) -> bool:
+    """Whether the plan's kernel compiles here; warns once (one line) when it does not."""
+    why = None
+    if interp:
+        return True
+    if backend != "gpu":
+        why = f"it needs a GPU (backend here: {backend}; kernels.interpret(True) runs it emulated)"
+    else:
+        try:
+            jax.jit(_call(plan, interp)).lower(*_abstract_operands(plan)).compile()
+        except (KernelShapeError, BackendUnavailable):
+            raise
+        except Exception as e:  # noqa: BLE001 - any lowering failure: fall back to XLA
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            why = f"it does not lower ({type(e).__name__}: {first})"
+    if why:
+        warnings.warn(f"ep_jax.kernels: the Pallas relaxation kernel is not used: {why}; running the XLA path",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def _abstract_operands(plan: Plan):
+    L, N, R = len(plan.padded), plan.padded, plan.rows
+    dt = jnp.dtype(plan.dtype)
+    sd = lambda *shape: jax.ShapeDtypeStruct(shape, dt)
+    ops = [sd(R, N[0])] + [sd(R, n) for n in N]
+    if plan.nudged:
+        ops += [sd(R, N[-1]), sd(R, N[-1])]
+    ops += [sd(1, n) for n in N]
+    if plan.kind == "ep":
+        ops += [sd(N[l], N[l + 1]) for l in range(L - 1)] + [sd(1, N[l + 1]) for l in range(L - 1)]
+        ops += [sd(N[l + 1], N[l]) for l in range(L - 1)] + [sd(1, N[l]) for l in range(L - 1)]
+    else:
+        ops += [sd(N[l], plan.basal * N[l + 1]) for l in range(L - 1)]
+        ops += [sd(1, plan.basal * N[l + 1]) for l in range(L - 1)]
+        ops += [sd(N[l + 1], plan.apical * N[l]) for l in range(L - 1)]
+        ops += [sd(1, N[l]) for l in range(L - 1)]
+    return ops
+
+
+def _xla(model, eff, ctx, s, target, beta, dt, steps, record, residual):
+    if residual:
+        return dynamics.relax(model, eff, ctx, s, target, beta, dt, steps, record, residual=True)
+    return dynamics.relax(model, eff, ctx, s, target, beta, dt, steps, record)
+
+
+def _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b):
+    """`(final, state before the last step or None)` by the kernel, or None where the
+    kernel is not used (the caller then runs the XLA path)."""
+    why = supported(model)
+    if why:
+        warnings.warn(f"ep_jax.kernels: {why}; running the XLA path", RuntimeWarning, stacklevel=3)
+        return None
+    plan = plan_of(model, ctx, s, target, steps, block_b, prev=residual)
+    check_blocks(plan)
+    interp = _STATE["interpret"]
+    if not _lowers(plan, interp, jax.default_backend()):
+        return None
+    out = _call(plan, interp)(*_operands(plan, model, eff, ctx, s, target, beta, dt))
+    B, L = ctx.shape[0], len(plan.widths)
+    cut = lambda arrs: tuple(o[:B, :n] for o, n in zip(arrs, plan.widths))
+    return cut(out[:L]), (cut(out[L:]) if residual else None)
+
+
+def relax(model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False,
+          residual: bool = False, *, block_b: int | None = None):
+    """`steps` updates from state `s`, as `ep_jax.dynamics.relax` (same arguments, same
+    states; with `residual` also the relative residual of the last step), in one kernel
+    launch. `record=True` (the trajectory) runs the XLA path, as do models without a
+    kernel and backends where it does not lower (one warning line). `block_b`: rows per
+    program (a power of 2 >= 16; default: up to 64, fewer for wide states)."""
+    if record or steps == 0:
+        return _xla(model, eff, ctx, s, target, beta, dt, steps, record, residual)
+    got = _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b)
+    if got is None:
+        return _xla(model, eff, ctx, s, target, beta, dt, steps, record, residual)
+    final, prev = got
+    return (final, dynamics.relative_residual(final, prev)) if residual else final
+
+
+def free_phase(model, eff, ctx, dt, steps: int, record: bool = False, residual: bool = False, *,
+               block_b: int | None = None):
+    """`steps` free steps (β = 0) from the zero state (`ep_jax.dynamics.free_phase`)."""
+    s0 = model.zero_state(ctx.shape[0], ctx.dtype)
+    return relax(model, eff, ctx, s0, None, 0.0, dt, steps, record, residual, block_b=block_b)
+
+
+def nudged_phases(model, eff, ctx, s_free, target, betas, dt, steps: int, batched: bool = True,
+                  record: bool = False, residual: bool = False, *, block_b: int | None = None):
+    """Nudged phases from the free state, one per β (`ep_jax.dynamics.nudged_phases`:
+    a list of states; with `residual`, `(list, r)`). The phases are always stacked along
+    the batch axis into one launch (`batched` is accepted for the signature: both give
+    the same numbers)."""
+    def xla():
+        kw = dict(residual=True) if residual else {}
+        return dynamics.nudged_phases(model, eff, ctx, s_free, target, betas, dt, steps, batched, record, **kw)
+
+    if record or steps == 0:
+        return xla()
+    n, B = len(betas), ctx.shape[0]
+    tile = lambda a: jnp.concatenate([a] * n, axis=0)
+    beta_col = jnp.concatenate([jnp.full((B, 1), b, ctx.dtype) for b in betas], axis=0)
+    got = _relax2(model, eff, tile(ctx), tuple(tile(sl) for sl in s_free), jax.tree.map(tile, target),
+                  beta_col, dt, steps, residual, block_b)
+    if got is None:
+        return xla()
+    split = lambda st: [tuple(lax.slice_in_dim(sl, i * B, (i + 1) * B, axis=0) for sl in st) for i in range(n)]
+    finals = split(got[0])
+    if not residual:
+        return finals
+    prevs = split(got[1])
+    return finals, dynamics.relative_residual(sum(map(tuple, finals), ()), sum(map(tuple, prevs), ()))
