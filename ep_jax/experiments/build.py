@@ -39,7 +39,8 @@ def build_model(cfg: RunConfig):
 
 def build_estimator(cfg: RunConfig) -> ep_jax.Estimator:
     """The gradient estimator of a config."""
-    return ep_jax.Estimator(cfg.estimator, t_free=cfg.t_free, t_nudge=cfg.t_nudge, nudge=cfg.nudge)
+    return ep_jax.Estimator(cfg.estimator, t_free=cfg.t_free, t_nudge=cfg.t_nudge, nudge=cfg.nudge,
+                            impl=cfg.relaxation_impl)
 
 
 def build_optimizer(cfg: RunConfig, model):

@@ -82,6 +82,9 @@ class RunConfig:
     t_free: int = _f(60, "free-phase steps T1", lo=1, hi=MAX_STEPS)
     t_nudge: int = _f(12, "nudged-phase steps T2 (bptt: truncation)", lo=1, hi=MAX_STEPS)
     nudge: str = _f("fixed", "fixed | random_sign (one_sided, chl)", choices=NUDGES)
+    relaxation_impl: str = _f("xla", "xla | pallas: how the free and nudged phases relax (pallas: the fused "
+                              "kernel of ep_jax.kernels; symmetric, one_sided, chl)", choices=("xla", "pallas"),
+                              later=True)
     # relaxation
     beta: float = _f(0.1, "nudging strength (nonzero for EP estimators)")
     dt: Any = _f(1.0, "time step in (0, 1]: one, or one per state layer")
@@ -326,6 +329,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         err("beta", f"must be nonzero for the {cfg.estimator!r} EP estimator (it divides by beta)")
     if not math.isfinite(cfg.beta):
         err("beta", f"must be finite, got {cfg.beta}")
+    if cfg.relaxation_impl == "pallas" and cfg.estimator not in ("symmetric", "one_sided", "chl"):
+        err("relaxation_impl", f"pallas needs estimator symmetric, one_sided or chl, got {cfg.estimator!r}")
     if cfg.nudge == "random_sign" and cfg.estimator not in RANDOM_SIGN_KINDS:
         err("nudge", f"random_sign needs estimator one of {list(RANDOM_SIGN_KINDS)}, got {cfg.estimator!r}")
     lrs = cfg.lr if isinstance(cfg.lr, tuple) else (cfg.lr,)
