@@ -122,7 +122,7 @@ def table2_cell(cfg) -> tuple[str, str] | None:
 
 # fields that may differ from a preset without changing what is compared with the paper
 _FREE = ("seed", "epochs", "data_dir", "chunk", "eval_batch", "max_state", "align_every", "align_batch",
-         "subset_seed", "dt_out")
+         "subset_seed", "dt_out", "relaxation_impl")
 
 
 def _is_preset(cfg, preset: dict) -> bool:

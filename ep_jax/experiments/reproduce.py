@@ -100,6 +100,8 @@ def members(a) -> tuple[list, list[str]]:
             values["epochs"] = a.epochs
         if a.chunk:
             values["chunk"] = a.chunk
+        if a.impl and values.get("estimator") in ("symmetric", "one_sided", "chl"):
+            values["relaxation_impl"] = a.impl   # BPTT cells keep the XLA path
         if not available(values["dataset"], a.data_dir):
             skipped.append(f"{cell} ({values['dataset']} not found offline)")
             continue
@@ -177,6 +179,8 @@ def parser():
                         f"{SMOKE['epochs']} epoch: the same path in minutes (default --out "
                         "runs/reproduce-<table>-smoke)")
     p.add_argument("--chunk", type=int, help="steps per device-resident scan")
+    p.add_argument("--impl", choices=("xla", "pallas"),
+                   help="relaxation implementation of the EP cells (config field relaxation_impl; default xla)")
     p.add_argument("--data-dir", help="folder with the datasets' files (the only place looked)")
     p.add_argument("--out", help="output folder (default runs/reproduce-<table>, with --smoke "
                                  "runs/reproduce-<table>-smoke)")
