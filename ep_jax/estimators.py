@@ -39,6 +39,9 @@ KINDS = ("symmetric", "one_sided", "chl", "bptt", "bptt_full")
 EP_KINDS = ("symmetric", "one_sided", "chl")
 NUDGES = ("fixed", "random_sign")
 RANDOM_SIGN_KINDS = ("one_sided", "chl")
+#: relaxation implementations: `lax.scan` (ep_jax.dynamics) or the fused Pallas kernel (ep_jax.kernels)
+IMPLS = ("xla", "pallas")
+PALLAS_KINDS = ("symmetric", "one_sided", "chl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +52,16 @@ class Estimator:
     prediction's). t_nudge: nudged-phase steps T2 (for ``bptt``: the truncation length).
     batched_nudge: run the ±β phases as one scan over a doubled batch (same numbers).
     nudge: ``"fixed"`` or ``"random_sign"`` (module docstring).
+    impl: how the free and nudged phases relax: ``"xla"`` (`lax.scan`, `ep_jax.dynamics`)
+    or ``"pallas"`` (one fused kernel per phase, `ep_jax.kernels`; same states;
+    symmetric, one_sided and chl only).
     """
     kind: str = "symmetric"
     t_free: int = 60
     t_nudge: int = 12
     batched_nudge: bool = True
     nudge: str = "fixed"
+    impl: str = "xla"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -68,6 +75,10 @@ class Estimator:
         if self.nudge == "random_sign" and self.kind not in RANDOM_SIGN_KINDS:
             raise ValueError(f"nudge='random_sign' needs estimator one of {list(RANDOM_SIGN_KINDS)}, "
                              f"got {self.kind!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {list(IMPLS)}, got {self.impl!r}")
+        if self.impl == "pallas" and self.kind not in PALLAS_KINDS:
+            raise ValueError(f"impl='pallas' needs estimator one of {list(PALLAS_KINDS)}, got {self.kind!r}")
 
     @property
     def is_ep(self) -> bool:
@@ -147,8 +158,16 @@ def chl_grad(model, params, buffers, x, s_plus, s_free, beta):
 def ep_nudged_states(model, est, eff, ctx, s_free, y1h, rx: Relaxation, record=False):
     """The nudged states the estimator needs: `[s⁺, s⁻]` (symmetric) or `[s⁺]`."""
     betas = (rx.beta, -rx.beta) if est.kind == "symmetric" else (rx.beta,)
-    return dynamics.nudged_phases(model, eff, ctx, s_free, y1h, betas, rx.dt, est.t_nudge,
-                                  batched=est.batched_nudge, record=record)
+    return _phases(est).nudged_phases(model, eff, ctx, s_free, y1h, betas, rx.dt, est.t_nudge,
+                                      batched=est.batched_nudge, record=record)
+
+
+def _phases(est):
+    """The module whose `free_phase` / `nudged_phases` run the estimator's relaxation."""
+    if est.impl == "pallas":
+        from ep_jax import kernels
+        return kernels
+    return dynamics
 
 
 def ep_grad_from_states(model, est, params, buffers, x, y1h, beta, s_free, nudged):
@@ -221,7 +240,7 @@ def estimate(model, est: Estimator, key, params, buffers, x, y, rx: Relaxation):
     rx = rx._replace(beta=signed_beta(est, key, rx.beta))
     eff = model.prepare(params, buffers)
     ctx = model.input_drive(eff, x)
-    s_free = dynamics.free_phase(model, eff, ctx, rx.dt, est.t_free)
+    s_free = _phases(est).free_phase(model, eff, ctx, rx.dt, est.t_free)
     nudged = ep_nudged_states(model, est, eff, ctx, s_free, y1h, rx)
     grads = ep_grad_from_states(model, est, params, buffers, x, y1h, rx.beta, s_free, nudged)
     return grads, _aux(model, s_free, y, y1h, rx.beta)
