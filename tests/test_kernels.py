@@ -3,6 +3,7 @@
 On the CPU the kernel runs in Pallas interpret mode: the same kernel body and block
 layout as on the GPU, emulated. Widths are small and not powers of 2 (the wrapper pads
 them), batches not multiples of the tile (padded rows), so padding is exercised."""
+import dataclasses
 import warnings
 
 import jax
@@ -174,3 +175,29 @@ def test_estimator_impl_validation():
         ep_jax.Estimator(impl="cuda")
     with pytest.raises(ValueError, match="impl='pallas' needs estimator"):
         ep_jax.Estimator("bptt", impl="pallas")
+
+
+def test_run_config_field_is_opt_in_and_keeps_old_digests():
+    from ep_jax.experiments.build import build_estimator
+    from ep_jax.experiments.config import ConfigError, RunConfig, validate
+    base = dict(model="ep", sizes=[12, 24, 10], dataset="synthetic")
+    cfg = validate(RunConfig.from_dict(base))
+    assert cfg.relaxation_impl == "xla" and build_estimator(cfg).impl == "xla"
+    # a run saved before the field existed keeps its digest: the field is `later`, so at its
+    # default it does not enter the digest (and a non-default value does, below)
+    field = {f.name: f for f in dataclasses.fields(cfg)}["relaxation_impl"]
+    assert field.metadata.get("later") is True
+    fast = validate(RunConfig.from_dict(dict(base, relaxation_impl="pallas")))
+    assert build_estimator(fast).impl == "pallas" and fast.digest() != cfg.digest()
+    with pytest.raises(ConfigError, match="relaxation_impl"):
+        validate(RunConfig.from_dict(dict(base, relaxation_impl="pallas", estimator="bptt")))
+
+
+def test_estimator_pallas_runs_both_phases_in_the_kernel():
+    model, params, buffers, _, _, x, y, dt = setup("ep")
+    rx = ep_jax.make_relaxation(model, beta=0.4, dt=list(dt))
+    jaxpr = lambda impl: str(jax.make_jaxpr(lambda p: ep_jax.estimate(
+        model, ep_jax.Estimator(t_free=5, t_nudge=3, impl=impl), None, p, buffers, x, y, rx))(params))
+    with kernels.interpret():
+        assert jaxpr("pallas").count("pallas_call") == 2     # the free phase and the stacked ±β phases
+    assert jaxpr("xla").count("pallas_call") == 0
