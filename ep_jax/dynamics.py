@@ -31,8 +31,10 @@ def step(model: Model, eff, ctx, s, target, beta, dt):
 
 
 def per_neuron(dt, s):
-    """Each layer's time step broadcast to `(n_l,)`."""
-    return tuple(jnp.broadcast_to(d, sl.shape[-1:]) for d, sl in zip(dt, s))
+    """Each layer's time step broadcast to the layer's per-example shape `s_l.shape[1:]`:
+    `(n_l,)`, or `(H, W, C)` for an image-shaped layer (a per-channel `(C,)` dt is then
+    repeated over the positions)."""
+    return tuple(jnp.broadcast_to(d, sl.shape[1:]) for d, sl in zip(dt, s))
 
 
 def relax(model: Model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False):

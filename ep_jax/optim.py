@@ -40,7 +40,7 @@ def per_synapse_rates(model, lr, dtype=None) -> jax.Array:
     """`lr` as an `(L,)` array: one float for every synapse, or one per synapse; concrete
     rates must be finite and >= 0 (a one-line ValueError)."""
     dtype = dtype or default_float()
-    L = model.n_layers
+    L = model.n_synapses
     arr = np.asarray(lr, dtype=np.float64) if not isinstance(lr, jax.Array) else lr
     _check_rates(arr)
     if jnp.ndim(arr) == 0:
@@ -98,8 +98,8 @@ def _own_state(tx, name: str, model, hyperparams) -> optax.GradientTransformatio
                     else f"another optimiser (a {type(state).__name__}, no injected hyperparameters)")
             raise ValueError(f"opt_state was made by {made}, not by ep_jax.optim.{name} (hyperparameters "
                              f"{hyperparams}): pass the state its own init made")
-        if jnp.shape(hp["lr"]) != (model.n_layers,):
-            raise ValueError(f"opt_state holds lr of shape {jnp.shape(hp['lr'])}, expected ({model.n_layers},) "
+        if jnp.shape(hp["lr"]) != (model.n_synapses,):
+            raise ValueError(f"opt_state holds lr of shape {jnp.shape(hp['lr'])}, expected ({model.n_synapses},) "
                              f"(one rate per synapse): the state was made for another model")
         return tx.update(updates, state, params, **extra)
 

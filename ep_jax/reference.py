@@ -42,9 +42,23 @@ class Unhoisted:
         return self.model.state_sizes
 
     @property
+    def state_shapes(self):
+        """As the wrapped model."""
+        return self.model.state_shapes
+
+    @property
+    def n_synapses(self):
+        """As the wrapped model."""
+        return self.model.n_synapses
+
+    @property
     def n_classes(self):
         """As the wrapped model."""
         return self.model.n_classes
+
+    def output(self, eff, s):
+        """The wrapped model's output, its loop invariants recomputed."""
+        return self.model.output(self.model.prepare(*eff), s)
 
     def init(self, key, dtype=None, **settings):
         """The wrapped model's `init`: the same params and buffers for a key."""

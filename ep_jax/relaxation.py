@@ -3,7 +3,9 @@
 A `Relaxation` is a pytree of arrays, so it can be vmapped (a sweep over β or over
 sampled time steps is one compiled program) and is never baked into a compiled function
 as a constant. `dt` holds one entry per state layer: a scalar, or a per-neuron vector
-`(n_l,)` (heterogeneous time steps, `ep_jax.timesteps`). One relaxation step is
+`(n_l,)` (heterogeneous time steps, `ep_jax.timesteps`); an image-shaped layer `(H, W, C)`
+of a convolutional model takes a scalar, a per-element `(H, W, C)` array or a per-channel
+`(C,)` vector (repeated over the positions). One relaxation step is
 
     s_l ← (1 − dt_l) ⊙ s_l + dt_l ⊙ σ_l(h_l(s))
 
@@ -37,7 +39,8 @@ def make_relaxation(model, *, beta: float = 0.1, dt=1.0, dtype=None, est=None) -
     then refused as non-finite while the loss is still reported. BPTT estimators ignore
     β (pass `est` to say so and silence the warning).
     dt: one float for every layer, or a list/tuple with one entry per state layer, each
-    a float or a per-neuron array `(n_l,)`. Every time step must lie in (0, 1].
+    a float or a per-neuron array `(n_l,)` (image layers: `(H, W, C)` per element or `(C,)`
+    per channel). Every time step must lie in (0, 1].
     """
     dtype = dtype or default_float()
     if est is not None and not hasattr(est, "is_ep"):
@@ -75,9 +78,13 @@ def check_shapes(model, rx: Relaxation):
         raise TypeError(f"expected a Relaxation (ep_jax.make_relaxation), got {type(rx).__name__}")
     if len(rx.dt) != L:
         raise ValueError(f"dt must have {L} entries (one per state layer), got {len(rx.dt)}")
-    for l, (d, n) in enumerate(zip(rx.dt, model.state_sizes), start=1):
-        if jnp.shape(d) not in ((), (n,)):
-            raise ValueError(f"dt of layer {l} must be a scalar or shape ({n},), got shape {jnp.shape(d)}")
+    for l, shape in enumerate(model.state_shapes, start=1):
+        # accepted: (), the layer's full shape (per neuron / element), its last axis (per channel)
+        if jnp.shape(d := rx.dt[l - 1]) not in ((), tuple(shape), tuple(shape[-1:])):
+            if len(shape) == 1:
+                raise ValueError(f"dt of layer {l} must be a scalar or shape ({shape[0]},), got shape {jnp.shape(d)}")
+            raise ValueError(f"dt of layer {l} must be a scalar, shape {tuple(shape)} (per element) or "
+                             f"({shape[-1]},) (per channel), got shape {jnp.shape(d)}")
     if jnp.shape(rx.beta) != ():
         raise ValueError(f"beta must be a scalar, got shape {jnp.shape(rx.beta)}")
 

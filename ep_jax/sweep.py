@@ -52,13 +52,14 @@ def take(tree, i: int):
 
 
 def stack_relaxations(model, rxs: Sequence[Relaxation]) -> Relaxation:
-    """Stack member `Relaxation`s; a layer's dt is broadcast to `(n_l,)` where members differ
-    in shape (scalar in one, per-neuron in another: the same numbers)."""
+    """Stack member `Relaxation`s; a layer's dt is broadcast to the layer's full shape
+    (`(n_l,)`, or `(H, W, C)`) where members differ in shape (scalar in one, per-neuron in
+    another: the same numbers)."""
     dts = []
-    for l, n in enumerate(model.state_sizes):
+    for l, shape in enumerate(model.state_shapes):
         layer = [r.dt[l] for r in rxs]
         if len({jnp.shape(d) for d in layer}) > 1:
-            layer = [jnp.broadcast_to(d, (n,)) for d in layer]
+            layer = [jnp.broadcast_to(d, tuple(shape)) for d in layer]
         dts.append(layer)
     return stack([r._replace(dt=tuple(d[i] for d in dts)) for i, r in enumerate(rxs)])
 

@@ -92,8 +92,9 @@ def layer_dts(key, model, hidden: DtSpec | None, dt_out: float, dtype=None):
     output layer. `hidden=None` gives scalar 1.0 for the hidden layers."""
     dtype = dtype or default_float()
     out = []
-    for l, n in enumerate(model.state_sizes[:-1]):
+    # an image-shaped layer (conv models) gets one draw per element, in its shape
+    for l, shape in enumerate(model.state_shapes[:-1]):
         out.append(jnp.asarray(1.0, dtype) if hidden is None
-                   else sample_dt(jax.random.fold_in(key, l), hidden, n, dtype))
+                   else sample_dt(jax.random.fold_in(key, l), hidden, math.prod(shape), dtype).reshape(shape))
     out.append(jnp.asarray(dt_out, dtype))
     return tuple(out)

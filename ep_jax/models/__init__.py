@@ -1,9 +1,10 @@
 """Models by name: `build_model("ep" | "dendritic", sizes=..., ...)`."""
 from ep_jax.models.base import LayeredModel, Model, OutputGrad
+from ep_jax.models.conv import ConvEPModel
 from ep_jax.models.dendritic import DendriticModel
 from ep_jax.models.ep import EPModel
 
-MODELS = {"ep": EPModel, "dendritic": DendriticModel}
+MODELS = {"ep": EPModel, "dendritic": DendriticModel, "conv": ConvEPModel}
 
 
 def build_model(name: str, **config) -> LayeredModel:
@@ -19,4 +20,5 @@ def build_model(name: str, **config) -> LayeredModel:
         raise ValueError(f"bad option for the {name!r} model: {e}") from None
 
 
-__all__ = ["LayeredModel", "Model", "OutputGrad", "EPModel", "DendriticModel", "MODELS", "build_model"]
+__all__ = ["LayeredModel", "Model", "OutputGrad", "EPModel", "DendriticModel", "ConvEPModel", "MODELS",
+           "build_model"]

@@ -57,7 +57,14 @@ class Model(Protocol):
         """Number of state layers L."""
     @property
     def state_sizes(self) -> tuple[int, ...]:
-        """Widths `(n_1, ..., n_L)`."""
+        """Widths `(n_1, ..., n_L)` (flat sizes of the state layers)."""
+    @property
+    def state_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Each state layer's shape without the batch axis: `(n_l,)`, or `(H, W, C)` for
+        the image-shaped layers of convolutional models."""
+    @property
+    def n_synapses(self) -> int:
+        """Weight layers, one learning rate each (`lr_tree`): L, plus a readout if any."""
     @property
     def n_classes(self) -> int:
         """Width of the output layer."""
@@ -74,6 +81,9 @@ class Model(Protocol):
         """Batch-mean sum of the layer primitives `Σ_l φ_l`."""
     def feedforward(self, eff: Any, ctx: Any, s: State) -> State:
         """Feedforward drive of every layer (layer 1: `ctx`)."""
+    def output(self, eff: Any, s: State) -> jax.Array:
+        """The output `(B, n_classes)` read from a state: `s_L`, or a readout of it (the
+        conv models' softmax readout). Prediction `argmax`, cost `ℓ(output, ŷ)`."""
 
     # shared helpers (LayeredModel implements them)
     def layer_activations(self) -> tuple[Callable, ...]:
@@ -135,6 +145,16 @@ class LayeredModel(abc.ABC):
         return self.sizes[1:]
 
     @property
+    def state_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Each state layer's shape without the batch axis: `(n_l,)`."""
+        return tuple((n,) for n in self.state_sizes)
+
+    @property
+    def n_synapses(self) -> int:
+        """Weight layers (one learning rate each): one per state layer."""
+        return self.n_layers
+
+    @property
     def n_classes(self) -> int:
         """Width of the output layer."""
         return self.sizes[-1]
@@ -154,11 +174,15 @@ class LayeredModel(abc.ABC):
 
     def zero_state(self, batch: int, dtype=jnp.float32):
         """Every state starts at zero for every example."""
-        return tuple(jnp.zeros((batch, n), dtype) for n in self.state_sizes)
+        return tuple(jnp.zeros((batch,) + shape, dtype) for shape in self.state_shapes)
 
     def one_hot(self, y, dtype=jnp.float32):
         """One-hot targets `(B, n_L)` from integer labels `(B,)`."""
         return jax.nn.one_hot(y, self.n_classes, dtype=dtype)
+
+    def output(self, eff, s):
+        """The output is the last state layer `s_L` (a readout model overrides this)."""
+        return s[-1]
 
     # --- settings --------------------------------------------------------------------
     def settings(self, dtype=None, **given) -> dict:
@@ -242,12 +266,13 @@ class LayeredModel(abc.ABC):
             )
 
     def check_state(self, s):
-        """Raise unless `s` holds one `(B, n_l)` array per state layer."""
+        """Raise unless `s` holds one `(B, *state_shapes[l])` array per state layer."""
         if len(s) != self.n_layers:
             raise ValueError(f"state must hold {self.n_layers} layers, got {len(s)}")
-        for l, (sl, n) in enumerate(zip(s, self.state_sizes), start=1):
-            if sl.shape[-1] != n:
-                raise ValueError(f"state layer {l} must have width {n}, got shape {sl.shape}")
+        for l, (sl, shape) in enumerate(zip(s, self.state_shapes), start=1):
+            if sl.ndim <= len(shape) or tuple(sl.shape[-len(shape):]) != shape:
+                raise ValueError(f"state layer {l} must have shape (batch, {', '.join(map(str, shape))}), "
+                                 f"got {tuple(sl.shape)}")
 
 
 # --- the network's pytrees against the model (shapes are static: free, at trace time) ----
