@@ -35,6 +35,12 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 
 
+#: the activations that are holomorphic (complex-differentiable) functions: the only ones
+#: the holomorphic estimator accepts (it runs the nudged phases at complex states).
+#: hard_sigmoid, relu and leaky_relu are not (they clip or switch on the real part).
+HOLOMORPHIC = ("tanh", "sigmoid", "identity")
+
+
 def get_activation(name: str) -> Activation:
     """Return the activation called `name`; raise a ValueError listing the known names."""
     try:

@@ -24,6 +24,7 @@ experiment engine calls it every `align_every` steps on a fixed probe batch
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -73,8 +74,10 @@ def bptt_truncated_curve(model, params, buffers, x, y, rx: Relaxation, t_free: i
     # inputs of each recorded step: s_start, then the first k_max − 1 recorded states
     prev = tuple(jnp.concatenate([a[None], t[:-1]], axis=0) for a, t in zip(s_start, traj))
     s_final = tuple(t[-1] for t in traj)
-    lam = jax.grad(lambda s: jnp.mean(model.cost(s[-1], y1h)))(s_final)
-    zero = jax.tree.map(jnp.zeros_like, params)
+    # the cost's own parameter gradient starts the sums: a readout's (`model.output`), zero
+    # when the output is s_L itself
+    lam, g_out = jax.grad(lambda s, p: jnp.mean(model.cost(model.output(model.prepare(p, buffers), s), y1h)),
+                          argnums=(0, 1))(s_final, params)
 
     def back(carry, s_prev):
         lam, acc = carry
@@ -83,7 +86,7 @@ def bptt_truncated_curve(model, params, buffers, x, y, rx: Relaxation, t_free: i
         acc = jax.tree.map(jnp.add, acc, g)
         return (lam, acc), acc
 
-    _, cum = lax.scan(back, (lam, zero), prev, reverse=True)
+    _, cum = lax.scan(back, (lam, g_out), prev, reverse=True)
     # reverse scan stacks outputs in input order: index i holds the sum over steps i..end,
     # i.e. truncation to the last k_max − i steps; flip so index k−1 is "last k steps".
     return jax.tree.map(lambda a: a[::-1], cum)
@@ -213,7 +216,7 @@ def measure(model, est: Estimator, params, buffers, x, y, rx: Relaxation) -> Ali
     estimator can be measured: `bptt` against itself gives cosine 1 (a sanity line),
     `bptt_full` shows what the truncation drops."""
     from ep_jax.estimators import estimate
-    fixed = Estimator(est.kind, est.t_free, est.t_nudge, est.batched_nudge, "fixed")
+    fixed = dataclasses.replace(est, nudge="fixed")
     g_ep, _ = estimate(model, fixed, None, params, buffers, x, y, rx)
     g_bp, _ = estimate(model, Estimator("bptt", est.t_free, est.t_nudge), None, params, buffers, x, y, rx)
     cos, rr, sa = [], [], []

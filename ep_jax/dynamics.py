@@ -37,50 +37,87 @@ def per_neuron(dt, s):
     return tuple(jnp.broadcast_to(d, sl.shape[1:]) for d, sl in zip(dt, s))
 
 
-def relax(model: Model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False):
+def relax(model: Model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False,
+          residual: bool = False):
     """`steps` updates from state `s`.
 
     Returns the final state, or `(final, trajectory)` when `record`: the trajectory holds
-    every layer's state after each step, shape `(steps, B, n_l)` per layer.
+    every layer's state after each step, shape `(steps, B, n_l)` per layer. With
+    `residual`, also the relative residual of the last step (`relative_residual`) as a
+    last element: `(final, r)` or `(final, trajectory, r)`; the states are the same.
     """
+    final, traj, prev = _scan(model, eff, ctx, s, target, beta, dt, steps, record, residual)
+    out = (final, traj) if record else (final,)
+    if residual:
+        out = out + (relative_residual(final, prev),)
+    return out if len(out) > 1 else out[0]
+
+
+def _scan(model, eff, ctx, s, target, beta, dt, steps, record, keep_prev):
+    """`(final, trajectory or None, state before the last step or None)`."""
     def body(carry, _):
-        s, dts = carry
-        s = step(model, eff, ctx, s, target, beta, dts)
-        return (s, dts), (s if record else None)
+        s, prev, dts = carry
+        new = step(model, eff, ctx, s, target, beta, dts)
+        return (new, s if keep_prev else prev, dts), (new if record else None)
 
     if steps == 0:
-        return (s, tuple(jnp.zeros((0,) + sl.shape, sl.dtype) for sl in s)) if record else s
+        traj = tuple(jnp.zeros((0,) + sl.shape, sl.dtype) for sl in s) if record else None
+        return s, traj, (s if keep_prev else None)
     # dt rides in the carry as per-neuron vectors: the loop body is then the same program
     # whether the user gave a scalar or a vector (no constant folding of a scalar dt).
-    (s, _), traj = lax.scan(body, (s, per_neuron(dt, s)), None, length=steps)
-    return (s, traj) if record else s
+    # With `keep_prev` the carry also holds the state before the last step (one copy of
+    # the state per step; without it nothing more is carried).
+    (s, prev, _), traj = lax.scan(body, (s, s if keep_prev else (), per_neuron(dt, s)), None, length=steps)
+    return s, traj, (prev if keep_prev else None)
 
 
-def free_phase(model: Model, eff, ctx, dt, steps: int, record: bool = False):
-    """`steps` free steps (β = 0) from the zero state. The result is also the prediction."""
+def relative_residual(s, prev) -> jax.Array:
+    """‖s − prev‖ / ‖s‖ over every layer and example of the batch (one scalar): how far
+    the last relaxation step moved the state, relative to its size. A phase has
+    converged when this is near the float resolution; 0 for an all-zero state that did
+    not move."""
+    num = sum(jnp.sum(jnp.abs(a - b) ** 2) for a, b in zip(s, prev))
+    den = sum(jnp.sum(jnp.abs(a) ** 2) for a in s)
+    return jnp.where(den > 0, jnp.sqrt(num / jnp.where(den > 0, den, 1)), jnp.sqrt(num))
+
+
+def layer_residuals(s, prev) -> tuple:
+    """`relative_residual` of each layer separately (a tuple of scalars)."""
+    return tuple(relative_residual((a,), (b,)) for a, b in zip(s, prev))
+
+
+def free_phase(model: Model, eff, ctx, dt, steps: int, record: bool = False, residual: bool = False):
+    """`steps` free steps (β = 0) from the zero state. The result is also the prediction.
+    `record`, `residual`: as `relax`."""
     s0 = model.zero_state(ctx.shape[0], ctx.dtype)
-    return relax(model, eff, ctx, s0, None, 0.0, dt, steps, record)
+    return relax(model, eff, ctx, s0, None, 0.0, dt, steps, record, residual)
 
 
 def nudged_phases(model: Model, eff, ctx, s_free, target, betas, dt, steps: int,
-                  batched: bool = True, record: bool = False):
+                  batched: bool = True, record: bool = False, residual: bool = False):
     """Nudged phases from the free state, one per entry of `betas` (e.g. `(β, −β)`).
 
     `batched=True` stacks the phases along the batch axis and runs one scan (one larger
     matmul per step instead of several small ones); `False` runs one scan per phase.
     Both give the same numbers. Returns a list with one state (or `(state, trajectory)`)
-    per β.
+    per β; with `residual`, `(list, r)`: r the `relative_residual` of the last step over
+    every phase together.
     """
     if not batched or len(betas) == 1:
-        return [relax(model, eff, ctx, s_free, target, b, dt, steps, record) for b in betas]
-    n, B = len(betas), ctx.shape[0]
-    tile = lambda a: jnp.concatenate([a] * n, axis=0)
-    beta_col = jnp.concatenate([jnp.full((B, 1), b, ctx.dtype) for b in betas], axis=0)
-    out = relax(model, eff, tile(ctx), tuple(tile(sl) for sl in s_free), jax.tree.map(tile, target),
-                beta_col, dt, steps, record)
-    split = lambda a, i, axis: lax.slice_in_dim(a, i * B, (i + 1) * B, axis=axis)
-    if record:
-        final, traj = out
-        return [(tuple(split(sl, i, 0) for sl in final), tuple(split(t, i, 1) for t in traj))
-                for i in range(n)]
-    return [tuple(split(sl, i, 0) for sl in out) for i in range(n)]
+        outs = [_scan(model, eff, ctx, s_free, target, b, dt, steps, record, residual) for b in betas]
+        finals = [o[0] for o in outs]
+        prevs = [o[2] for o in outs]
+        phases = [(f, t) for f, t, _ in outs] if record else finals
+    else:
+        n, B = len(betas), ctx.shape[0]
+        tile = lambda a: jnp.concatenate([a] * n, axis=0)
+        beta_col = jnp.concatenate([jnp.full((B, 1), b, ctx.dtype) for b in betas], axis=0)
+        final, traj, prev = _scan(model, eff, tile(ctx), tuple(tile(sl) for sl in s_free),
+                                  jax.tree.map(tile, target), beta_col, dt, steps, record, residual)
+        split = lambda a, i, axis: lax.slice_in_dim(a, i * B, (i + 1) * B, axis=axis)
+        finals = [tuple(split(sl, i, 0) for sl in final) for i in range(n)]
+        prevs = [tuple(split(sl, i, 0) for sl in prev) for i in range(n)] if residual else None
+        phases = ([(finals[i], tuple(split(t, i, 1) for t in traj)) for i in range(n)] if record else finals)
+    if not residual:
+        return phases
+    return phases, relative_residual(sum(map(tuple, finals), ()), sum(map(tuple, prevs), ()))

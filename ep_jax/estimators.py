@@ -14,6 +14,19 @@ as constants:
 - ``bptt``       `T1 − T2` free steps under stop_gradient, `T2` more, jax.grad of the mean
                  cost through those `T2` steps ("DBPTT" for the dendritic model)
 - ``bptt_full``  jax.grad through all `T1` free steps
+- ``holomorphic`` nudged phases at N complex strengths on a circle,
+                 β_k = |β| ω^k with ω = e^{2πi/N}, k = 0..N−1, started from the free state,
+                 and the first Fourier coefficient of the nudged parameter derivative:
+                 g = −Re[(1/(N|β|)) Σ_k ω^{−k} ∂_θ Φ(s_k, β_k)]
+                 (Laborieux & Zenke 2022). By Cauchy's formula this is −d/dβ ∂_θΦ at β = 0,
+                 the loss gradient at the free equilibrium, up to an error that falls
+                 geometrically with N at any |β| (for converged phases). N = 2 is the
+                 symmetric estimate. Needs holomorphic activations and cost (`check_holomorphic`).
+- ``implicit``   the gradient of ℓ at the free fixed point s* = G(s*, θ) (G one
+                 relaxation step) by implicit differentiation: the adjoint λ = G_sᵀλ + ∂ℓ/∂s
+                 solved by fixed-point iteration (it converges as the relaxation does), then
+                 g = G_θᵀλ. The reference EP approximates; refused when the free phase's
+                 relative residual exceeds `tol` (`implicit_grad`).
 
 Nudging sign: `nudge="random_sign"` draws the sign of β afresh for every call from the
 `key` given, `β_t = β · rademacher(key)`, which makes the one-sided estimate unbiased on
@@ -30,13 +43,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ep_jax import dynamics
 from ep_jax.models.base import check_network
 from ep_jax.relaxation import Relaxation, check_shapes, concrete
 
-KINDS = ("symmetric", "one_sided", "chl", "bptt", "bptt_full")
-EP_KINDS = ("symmetric", "one_sided", "chl")
+KINDS = ("symmetric", "one_sided", "chl", "bptt", "bptt_full", "holomorphic", "implicit")
+EP_KINDS = ("symmetric", "one_sided", "chl", "holomorphic")
+#: points on the circle of the holomorphic estimator when `n_points` is not given
+DEFAULT_N_POINTS = 4
+#: the free phase's relative residual the implicit gradient accepts when `tol` is not given
+DEFAULT_TOL = 1e-5
 NUDGES = ("fixed", "random_sign")
 RANDOM_SIGN_KINDS = ("one_sided", "chl")
 #: relaxation implementations: `lax.scan` (ep_jax.dynamics) or the fused Pallas kernel (ep_jax.kernels)
@@ -52,6 +70,9 @@ class Estimator:
     prediction's). t_nudge: nudged-phase steps T2 (for ``bptt``: the truncation length).
     batched_nudge: run the ±β phases as one scan over a doubled batch (same numbers).
     nudge: ``"fixed"`` or ``"random_sign"`` (module docstring).
+    n_points: ``holomorphic`` only: the N points on the circle (>= 2; default 4).
+    tol: ``implicit`` only: the largest relative residual of the free phase's last step
+    accepted as converged (default 1e-5).
     impl: how the free and nudged phases relax: ``"xla"`` (`lax.scan`, `ep_jax.dynamics`)
     or ``"pallas"`` (one fused kernel per phase, `ep_jax.kernels`; same states;
     symmetric, one_sided and chl only).
@@ -61,6 +82,8 @@ class Estimator:
     t_nudge: int = 12
     batched_nudge: bool = True
     nudge: str = "fixed"
+    n_points: int | None = None
+    tol: float | None = None
     impl: str = "xla"
 
     def __post_init__(self):
@@ -75,10 +98,30 @@ class Estimator:
         if self.nudge == "random_sign" and self.kind not in RANDOM_SIGN_KINDS:
             raise ValueError(f"nudge='random_sign' needs estimator one of {list(RANDOM_SIGN_KINDS)}, "
                              f"got {self.kind!r}")
+        if self.n_points is not None:
+            if self.kind != "holomorphic":
+                raise ValueError(f"n_points is a setting of the 'holomorphic' estimator, not of {self.kind!r}")
+            if isinstance(self.n_points, bool) or int(self.n_points) != self.n_points or self.n_points < 2:
+                raise ValueError(f"n_points must be an integer >= 2, got {self.n_points!r}")
+        if self.tol is not None:
+            if self.kind != "implicit":
+                raise ValueError(f"tol is a setting of the 'implicit' estimator, not of {self.kind!r}")
+            if not 0 < self.tol < float("inf"):
+                raise ValueError(f"tol must be a positive number, got {self.tol!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {list(IMPLS)}, got {self.impl!r}")
         if self.impl == "pallas" and self.kind not in PALLAS_KINDS:
             raise ValueError(f"impl='pallas' needs estimator one of {list(PALLAS_KINDS)}, got {self.kind!r}")
+
+    @property
+    def points(self) -> int:
+        """N of the holomorphic estimator (`n_points`, default 4)."""
+        return DEFAULT_N_POINTS if self.n_points is None else int(self.n_points)
+
+    @property
+    def residual_tol(self) -> float:
+        """The implicit estimator's residual tolerance (`tol`, default 1e-5)."""
+        return DEFAULT_TOL if self.tol is None else float(self.tol)
 
     @property
     def is_ep(self) -> bool:
@@ -92,6 +135,8 @@ class Aux(NamedTuple):
     loss: jax.Array      # batch mean of ℓ(s⁰_L, y)
     correct: jax.Array   # number of examples with argmax s⁰_L == y
     beta: jax.Array      # the β used (signed, for nudge="random_sign")
+    residual_free: jax.Array = jnp.nan    # relative residual of the free phase's last step
+    residual_nudge: jax.Array = jnp.nan   # ... of the nudged phases' last step (all phases; NaN: none ran)
 
 
 def check_batch(model, x, y):
@@ -126,11 +171,14 @@ def labels_in_range(model, y) -> jax.Array:
     return jnp.all((y >= 0) & (y < model.n_classes))
 
 
-def _aux(model, s_free, y, y1h, beta):
+def _aux(model, s_free, y, y1h, beta, res_free, res_nudge=None, out=None):
     # NaN for out-of-range labels (only reachable under jit: eager calls refuse them)
-    loss = jnp.where(labels_in_range(model, y), jnp.mean(model.cost(s_free[-1], y1h)), jnp.nan)
-    correct = jnp.sum(jnp.argmax(s_free[-1], axis=-1) == y)
-    return Aux(s_free, loss, correct, beta)
+    out = s_free[-1] if out is None else out   # the model's output (`model.output`): s_L or a readout of it
+    loss = jnp.where(labels_in_range(model, y), jnp.mean(model.cost(out, y1h)), jnp.nan)
+    correct = jnp.sum(jnp.argmax(out, axis=-1) == y)
+    rdtype = loss.dtype
+    res_nudge = jnp.full((), jnp.nan, rdtype) if res_nudge is None else res_nudge.astype(rdtype)
+    return Aux(s_free, loss, correct, beta, res_free.astype(rdtype), res_nudge)
 
 
 def primitive_grad(model, params, buffers, x, terms, y1h):
@@ -155,11 +203,18 @@ def chl_grad(model, params, buffers, x, s_plus, s_free, beta):
     return jax.grad(f)(params)
 
 
-def ep_nudged_states(model, est, eff, ctx, s_free, y1h, rx: Relaxation, record=False):
-    """The nudged states the estimator needs: `[s⁺, s⁻]` (symmetric) or `[s⁺]`."""
-    betas = (rx.beta, -rx.beta) if est.kind == "symmetric" else (rx.beta,)
+def ep_nudged_states(model, est, eff, ctx, s_free, y1h, rx: Relaxation, record=False, residual=False):
+    """The nudged states the estimator needs: `[s⁺, s⁻]` (symmetric), `[s⁺]` (one-sided,
+    chl) or the N complex states at `holomorphic_betas` (holomorphic). `record`,
+    `residual`: as `dynamics.nudged_phases`."""
+    if est.kind == "holomorphic":
+        cdtype = complex_dtype(ctx.dtype)
+        betas = tuple(holomorphic_betas(rx.beta, est.points, cdtype))
+        ctx, s_free = jax.tree.map(lambda a: a.astype(cdtype), (ctx, tuple(s_free)))
+    else:
+        betas = (rx.beta, -rx.beta) if est.kind == "symmetric" else (rx.beta,)
     return _phases(est).nudged_phases(model, eff, ctx, s_free, y1h, betas, rx.dt, est.t_nudge,
-                                      batched=est.batched_nudge, record=record)
+                                      batched=est.batched_nudge, record=record, residual=residual)
 
 
 def _phases(est):
@@ -170,8 +225,56 @@ def _phases(est):
     return dynamics
 
 
+def complex_dtype(dtype):
+    """complex64 for float32 (and narrower), complex128 for float64."""
+    return jnp.result_type(dtype, jnp.complex64)
+
+
+def unit_roots(n: int) -> np.ndarray:
+    """ω^k = e^{2πik/N}, k = 0..N−1, with the points on the axes exact (±1, ±i)."""
+    w = np.exp(2j * np.pi * np.arange(n) / n)
+    return np.where(np.abs(w.real) < 1e-12, 0, w.real) + 1j * np.where(np.abs(w.imag) < 1e-12, 0, w.imag)
+
+
+def holomorphic_betas(beta, n: int, cdtype):
+    """The N nudging strengths β_k = |β| ω^k of the holomorphic estimator."""
+    r = jnp.abs(beta).astype(cdtype)
+    return [r * jnp.asarray(w, cdtype) for w in unit_roots(n)]
+
+
+def holomorphic_grad(model, params, buffers, x, y1h, beta, nudged):
+    """−Re[(1/(N|β|)) Σ_k ω^{−k} ∂_θ Φ(s_k, β_k)] (module docstring), states held fixed.
+
+    θ is real, so Re[c ∂_θΦ] = ∂_θ Re[c Φ]: one real-valued `jax.grad`."""
+    n = len(nudged)
+    cdtype = complex_dtype(x.dtype)
+    betas = holomorphic_betas(beta, n, cdtype)
+    coef = [jnp.asarray(np.conj(w) / n, cdtype) / jnp.abs(beta).astype(cdtype) for w in unit_roots(n)]
+
+    def f(p):
+        eff = model.prepare(p, buffers)
+        ctx = model.input_drive(eff, x)
+        return -sum(jnp.real(c * model.primitive(eff, ctx, jax.lax.stop_gradient(s_k), y1h, b_k))
+                    for c, s_k, b_k in zip(coef, nudged, betas))
+    return jax.grad(f)(params)
+
+
+def check_holomorphic(model):
+    """Refuse (one-line ValueError) a model with a part that is not holomorphic: the
+    holomorphic estimator evaluates the dynamics at complex states. Models that do not
+    describe themselves (no `non_holomorphic` method) are not checked."""
+    parts = getattr(model, "non_holomorphic", None)
+    bad = parts() if callable(parts) else []
+    if bad:
+        from ep_jax.activations import HOLOMORPHIC
+        raise ValueError(f"the holomorphic estimator needs holomorphic functions, and this model uses "
+                         f"{', '.join(bad)}; holomorphic activations: {', '.join(HOLOMORPHIC)} (with the mse loss)")
+
+
 def ep_grad_from_states(model, est, params, buffers, x, y1h, beta, s_free, nudged):
     """The EP estimate from already relaxed states (`nudged` as from `ep_nudged_states`)."""
+    if est.kind == "holomorphic":
+        return holomorphic_grad(model, params, buffers, x, y1h, beta, nudged)
     if est.kind == "symmetric":
         s_p, s_m = nudged
         terms = [(-0.5 / beta, s_p, beta), (0.5 / beta, s_m, -beta)]
@@ -190,13 +293,72 @@ def _bptt(model, est, params, buffers, x, y, y1h, rx):
         ctx = model.input_drive(eff, x)
         if est.kind == "bptt":
             s = jax.lax.stop_gradient(dynamics.free_phase(model, eff, ctx, rx.dt, est.t_free - est.t_nudge))
-            s = dynamics.relax(model, eff, ctx, s, None, 0.0, rx.dt, est.t_nudge)
+            s, r = dynamics.relax(model, eff, ctx, s, None, 0.0, rx.dt, est.t_nudge, residual=True)
         else:
-            s = dynamics.free_phase(model, eff, ctx, rx.dt, est.t_free)
-        return jnp.mean(model.cost(s[-1], y1h)), s
+            s, r = dynamics.free_phase(model, eff, ctx, rx.dt, est.t_free, residual=True)
+        return jnp.mean(model.cost(model.output(eff, s), y1h)), (s, jax.lax.stop_gradient(r))
 
-    (_, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, _aux(model, s, y, y1h, rx.beta)
+    (_, (s, r)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, _aux(model, s, y, y1h, rx.beta, r, out=model.output(model.prepare(params, buffers), s))
+
+
+class ImplicitInfo(NamedTuple):
+    """How the implicit gradient was obtained."""
+    residual_free: jax.Array     # relative residual of the free phase's last step
+    residual_adjoint: jax.Array  # relative change of λ in the adjoint's last iteration
+    iterations: jax.Array        # adjoint iterations run
+    converged: jax.Array         # bool: residual_free <= tol
+
+
+def implicit_grad(model, params, buffers, x, y, rx: Relaxation, t_free: int, tol: float = DEFAULT_TOL,
+                  max_iter: int | None = None):
+    """∂ℓ/∂θ at the free fixed point by implicit differentiation; `(grads, s_free, info)`.
+
+    With G(s, θ) one relaxation step (β = 0), s* = G(s*, θ) the state after `t_free`
+    steps, and ℓ the batch mean of the cost: λ = G_sᵀλ + ∂ℓ/∂s* is iterated from
+    λ = ∂ℓ/∂s* (each iteration one `jax.vjp` of the step; it contracts at the rate of the
+    relaxation itself) until λ changes by at most 100 ulp relative, or `max_iter`
+    iterations (default 20·t_free + 100); then grads = G_θᵀλ. `info.converged` is False
+    when the free phase's relative residual exceeds `tol`: the grads are then NaN
+    (eager calls of `estimate` raise a ValueError instead).
+    """
+    eff = model.prepare(params, buffers)
+    ctx = model.input_drive(eff, x)
+    s, res = dynamics.free_phase(model, eff, ctx, rx.dt, t_free, residual=True)
+    y1h = model.one_hot(y, x.dtype)
+    g_s = jax.grad(lambda st: jnp.mean(model.cost(st[-1], y1h)))(s)
+
+    def G(p, st):
+        e = model.prepare(p, buffers)
+        return dynamics.step(model, e, model.input_drive(e, x), st, None, 0.0, rx.dt)
+
+    _, vjp = jax.vjp(G, params, s)
+    eps = 100 * jnp.finfo(x.dtype).eps
+    limit = 20 * t_free + 100 if max_iter is None else int(max_iter)
+
+    def cond(c):
+        _, k, change = c
+        return (k < limit) & (change > eps)
+
+    def body(c):
+        lam, k, _ = c
+        new = jax.tree.map(jnp.add, vjp(lam)[1], g_s)
+        return new, k + 1, dynamics.relative_residual(new, lam)
+
+    lam, k, change = jax.lax.while_loop(cond, body, (g_s, jnp.zeros((), jnp.int32), jnp.asarray(jnp.inf, x.dtype)))
+    grads = vjp(lam)[0]
+    ok = res <= tol
+    grads = jax.tree.map(lambda a: jnp.where(ok, a, jnp.nan), grads)
+    return grads, s, ImplicitInfo(res, change, k, ok)
+
+
+def _implicit(model, est, params, buffers, x, y, y1h, rx):
+    grads, s, info = implicit_grad(model, params, buffers, x, y, rx, est.t_free, est.residual_tol)
+    r = concrete(info.residual_free)
+    if r is not None and not r <= est.residual_tol:
+        raise ValueError(f"the free phase has not converged: relative residual {float(r):.3g} > tol="
+                         f"{est.residual_tol:g} after t_free={est.t_free} steps (raise t_free, or tol)")
+    return grads, _aux(model, s, y, y1h, rx.beta, info.residual_free, info.residual_adjoint)
 
 
 def signed_beta(est: Estimator, key, beta):
@@ -237,10 +399,14 @@ def estimate(model, est: Estimator, key, params, buffers, x, y, rx: Relaxation):
     y1h = model.one_hot(y, x.dtype)
     if est.kind in ("bptt", "bptt_full"):
         return _bptt(model, est, params, buffers, x, y, y1h, rx)
+    if est.kind == "implicit":
+        return _implicit(model, est, params, buffers, x, y, y1h, rx)
+    if est.kind == "holomorphic":
+        check_holomorphic(model)
     rx = rx._replace(beta=signed_beta(est, key, rx.beta))
     eff = model.prepare(params, buffers)
     ctx = model.input_drive(eff, x)
-    s_free = _phases(est).free_phase(model, eff, ctx, rx.dt, est.t_free)
-    nudged = ep_nudged_states(model, est, eff, ctx, s_free, y1h, rx)
+    s_free, r_free = _phases(est).free_phase(model, eff, ctx, rx.dt, est.t_free, residual=True)
+    nudged, r_nudge = ep_nudged_states(model, est, eff, ctx, s_free, y1h, rx, residual=True)
     grads = ep_grad_from_states(model, est, params, buffers, x, y1h, rx.beta, s_free, nudged)
-    return grads, _aux(model, s_free, y, y1h, rx.beta)
+    return grads, _aux(model, s_free, y, y1h, rx.beta, r_free, r_nudge, out=model.output(eff, s_free))

@@ -60,6 +60,8 @@ class StepInfo(NamedTuple):
     state_absmax: jax.Array   # max |s⁰| over every layer (a divergence signal)
     finite: jax.Array         # bool: the step was applied
     beta: jax.Array           # the β used (signed, for nudge="random_sign")
+    residual_free: jax.Array = jnp.nan   # ‖s_T − s_{T−1}‖ / ‖s_T‖ of the free phase (all layers)
+    residual_nudge: jax.Array = jnp.nan  # the same of the nudged phases (NaN: none ran; implicit: the adjoint's)
 
 
 class Evaluation(NamedTuple):
@@ -122,8 +124,10 @@ def train_step(model, est: Estimator, opt: optax.GradientTransformation, key, st
     loss, correct, n = aux.loss, aux.correct, x.shape[0]
     finite = _all_finite(aux.s_free) & labels_in_range(model, y)
     absmax = jnp.max(jnp.stack([jnp.max(jnp.abs(sl)) for sl in aux.s_free]))
+    res = (aux.residual_free, aux.residual_nudge)
     if axis_name is not None:
         absmax = jax.lax.pmax(absmax, axis_name)
+        res = jax.lax.pmax(res, axis_name)   # the worst shard
         grads, loss = jax.lax.pmean((grads, loss), axis_name)
         correct, n = jax.lax.psum((correct, n), axis_name)
         finite = jax.lax.psum(jnp.logical_not(finite).astype(jnp.int32), axis_name) == 0
@@ -137,7 +141,8 @@ def train_step(model, est: Estimator, opt: optax.GradientTransformation, key, st
     # (under vmap it becomes a select, as before)
     new = jax.lax.cond(finite, apply, lambda _: state, None)
     info = StepInfo(loss=loss, correct=correct, accuracy=correct / n, grad_norm=optax.tree.norm(grads),
-                    state_absmax=absmax, finite=finite, beta=aux.beta)
+                    state_absmax=absmax, finite=finite, beta=aux.beta, residual_free=res[0],
+                    residual_nudge=res[1])
     return new, info
 
 
@@ -178,9 +183,9 @@ def evaluate(model, est: Estimator, params, buffers, x, y, rx: Relaxation) -> Ev
     raise a ValueError where `y` is concrete (eager calls); under jit they cannot, and
     the returned loss is NaN instead (the accuracy counts them as wrong)."""
     check_batch(model, x, y)
-    s = predict(model, est, params, buffers, x, rx)
-    correct = jnp.sum(jnp.argmax(s[-1], axis=-1) == y)
-    loss = jnp.where(labels_in_range(model, y), jnp.mean(model.cost(s[-1], model.one_hot(y, s[-1].dtype))),
+    out = model.output(model.prepare(params, buffers), predict(model, est, params, buffers, x, rx))
+    correct = jnp.sum(jnp.argmax(out, axis=-1) == y)
+    loss = jnp.where(labels_in_range(model, y), jnp.mean(model.cost(out, model.one_hot(y, out.dtype))),
                      jnp.nan)
     return Evaluation(correct / x.shape[0], loss, correct)
 

@@ -4,7 +4,9 @@ steps, data and the order of its examples.
 Keys. Everything random derives from the member's seed:
 `init, dt, step, data = split(PRNGKey(seed), 4)` — params and masks from `init`, sampled
 heterogeneous time steps from `dt`, step t's key (random nudge signs) is
-`fold_in(step, t)`, and epoch e's example order is `permutation(fold_in(data, e), n)`.
+`fold_in(step, t)`, epoch e's example order is `permutation(fold_in(data, e), n)`, and with
+`augment` example j's crop and flip at step t come from `fold_in(fold_in(fold_in(data,
+AUG_TAG), t), j)` (`ep_jax.augment`).
 Each member has its own data order, so a member trained in a sweep, alone, or by a plain
 loop over `ep_jax.train_step` goes through the same numbers. The subset (`subset`) is
 `ep_jax.data.subset_indices(fold_in(PRNGKey(subset_seed), 0), ...)`: the same examples for
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ep_jax
-from ep_jax.experiments.config import RunConfig
+from ep_jax.experiments.config import CONV_MODELS, DENDRITIC_MODELS, RunConfig
 
 
 def keys(cfg: RunConfig) -> dict:
@@ -28,7 +30,19 @@ def keys(cfg: RunConfig) -> dict:
 
 
 def build_model(cfg: RunConfig):
-    """The model of a config (`ep_jax.build_model`)."""
+    """The model of a config (`ep_jax.build_model`); conv models get the layers with the
+    defaults filled (stride 1, padding 0, max pooling) and the image shape."""
+    if cfg.model in CONV_MODELS:
+        layers = cfg.conv_layers()
+        kw = dict(input_shape=tuple(cfg.image_shape()), channels=tuple(cfg.channels),
+                  kernels=tuple(cfg.kernels), strides=tuple(c["stride"] for c in layers),
+                  paddings=tuple(c["padding"] for c in layers), pools=tuple(c["pool"] for c in layers),
+                  fc=tuple(cfg.fc), activation=cfg.activation, output_activation=cfg.output_activation,
+                  loss=cfg.loss, readout=cfg.readout)
+        if cfg.model == "dendritic_conv":
+            kw.update(basal_branches=cfg.basal_branches, apical_branches=cfg.apical_branches,
+                      sparsity=cfg.sparsity, apical_dense=cfg.apical_dense)
+        return ep_jax.build_model(cfg.model, **kw)
     kw = dict(sizes=tuple(cfg.sizes), activation=cfg.activation, output_activation=cfg.output_activation,
               loss=cfg.loss)
     if cfg.model == "dendritic":
@@ -37,10 +51,25 @@ def build_model(cfg: RunConfig):
     return ep_jax.build_model(cfg.model, **kw)
 
 
+def build_augment(cfg: RunConfig):
+    """The training augmentation of a config (`ep_jax.augment.CropFlip` of its images, 4
+    pixels of edge padding and flips, as Laborieux et al. 2021), or None."""
+    if not cfg.augment:
+        return None
+    from ep_jax.augment import CropFlip
+    return CropFlip(tuple(cfg.image_shape()), pad=4, flip=True)
+
+
+def augment_key(cfg: RunConfig):
+    """The member's augmentation key: `fold_in(data, AUG_TAG)` (step t: `fold_in` of it with t)."""
+    from ep_jax.augment import AUG_TAG
+    return jax.random.fold_in(keys(cfg)["data"], AUG_TAG)
+
+
 def build_estimator(cfg: RunConfig) -> ep_jax.Estimator:
     """The gradient estimator of a config."""
     return ep_jax.Estimator(cfg.estimator, t_free=cfg.t_free, t_nudge=cfg.t_nudge, nudge=cfg.nudge,
-                            impl=cfg.relaxation_impl)
+                            impl=cfg.relaxation_impl, n_points=cfg.n_points, tol=cfg.implicit_tol)
 
 
 def build_optimizer(cfg: RunConfig, model):
@@ -74,8 +103,10 @@ def opt_hyperparams(cfg: RunConfig, model) -> dict:
 
 
 def model_settings(cfg: RunConfig) -> dict:
-    """The model's numeric settings of a config (alpha or gamma)."""
-    return {"alpha": cfg.alpha} if cfg.model == "dendritic" else {"gamma": cfg.gamma}
+    """The model's numeric settings of a config (alpha, gamma, or none)."""
+    if cfg.model in DENDRITIC_MODELS:
+        return {"alpha": cfg.alpha}
+    return {"gamma": cfg.gamma} if cfg.model == "ep" else {}   # the conv model has no settings
 
 
 def build_relaxation(cfg: RunConfig, model) -> ep_jax.Relaxation:
@@ -95,12 +126,12 @@ _DATA_CACHE: dict = {}
 def load_data(cfg: RunConfig):
     """`(x_train, y_train, x_test, y_test)` numpy arrays after the subsets (cached)."""
     key = (cfg.dataset, cfg.data_dir, cfg.subset, cfg.test_subset, cfg.subset_seed,
-           cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_noise, cfg.sizes[0], cfg.sizes[-1])
+           cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_noise, cfg.n_inputs(), cfg.n_classes())
     if key in _DATA_CACHE:
         return _DATA_CACHE[key]
     if cfg.dataset == "synthetic":
-        ds = ep_jax.synthetic.make_synthetic(jax.random.PRNGKey(cfg.subset_seed), n_features=cfg.sizes[0],
-                                             n_classes=cfg.sizes[-1], n_train=cfg.synthetic_train,
+        ds = ep_jax.synthetic.make_synthetic(jax.random.PRNGKey(cfg.subset_seed), n_features=cfg.n_inputs(),
+                                             n_classes=cfg.n_classes(), n_train=cfg.synthetic_train,
                                              n_test=cfg.synthetic_test, noise=cfg.synthetic_noise)
     else:
         ds = ep_jax.data.load_dataset(cfg.dataset, data_dir=cfg.data_dir)

@@ -24,11 +24,19 @@ from typing import Any, Mapping
 from ep_jax import activations, losses, timesteps
 from ep_jax.estimators import KINDS, NUDGES, RANDOM_SIGN_KINDS, EP_KINDS
 
-DATASETS = ("mnist", "kmnist", "fashion_mnist", "synthetic")
-DATASET_ALIASES = {"fmnist": "fashion_mnist", "fashion-mnist": "fashion_mnist"}
-TRAIN_SIZE = {"mnist": 60000, "kmnist": 60000, "fashion_mnist": 60000}
-TEST_SIZE = {"mnist": 10000, "kmnist": 10000, "fashion_mnist": 10000}
+DATASETS = ("mnist", "kmnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
+DATASET_ALIASES = {"fmnist": "fashion_mnist", "fashion-mnist": "fashion_mnist", "cifar-10": "cifar10",
+                   "cifar-100": "cifar100"}
+TRAIN_SIZE = {"mnist": 60000, "kmnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000}
+TEST_SIZE = {"mnist": 10000, "kmnist": 10000, "fashion_mnist": 10000, "cifar10": 10000, "cifar100": 10000}
 OPTIMIZERS = ("sgd", "adam")
+#: models whose layers are convolutions (input_shape, channels, kernels, ... , fc)
+CONV_MODELS = ("conv", "dendritic_conv")
+DENDRITIC_MODELS = ("dendritic", "dendritic_conv")
+POOLS = ("max", "avg", "none")
+LR_SCHEDULES = ("constant", "cosine")
+#: the fields of the convolutional models, and of the MLPs
+CONV_FIELDS = ("input_shape", "channels", "kernels", "strides", "paddings", "pools", "fc", "readout")
 
 #: step counters, example indices and epoch numbers are int32 on the device
 INT32_MAX = 2**31 - 1
@@ -56,7 +64,8 @@ def _plain(v):
 class RunConfig:
     """Everything one training run needs; see each field's `help` (`describe()`)."""
     # data
-    dataset: str = _f("mnist", "mnist | kmnist | fashion_mnist (fmnist) | synthetic", choices=DATASETS)
+    dataset: str = _f("mnist", "mnist | kmnist | fashion_mnist (fmnist) | cifar10 | cifar100 | synthetic",
+                      choices=DATASETS)
     data_dir: str | None = _f(None, "folder with the dataset files; when given, the only place looked")
     subset: int | None = _f(None, "train on N examples (a seeded random choice, the same for every seed)")
     test_subset: int | None = _f(None, "evaluate on N test examples (seeded random choice)")
@@ -65,8 +74,9 @@ class RunConfig:
     synthetic_test: int = _f(500, "synthetic dataset: test examples", lo=1, hi=INT32_MAX)
     synthetic_noise: float = _f(0.3, "synthetic dataset: pixel noise", lo=0.0)
     # model
-    model: str = _f("dendritic", "ep | dendritic", choices=("ep", "dendritic"))
-    sizes: tuple = _f((784, 256, 10), "layer widths, input first")
+    model: str = _f("dendritic", "ep | dendritic | conv | dendritic_conv",
+                    choices=("ep", "dendritic") + CONV_MODELS)
+    sizes: tuple = _f((784, 256, 10), "layer widths, input first (MLP models)")
     activation: str = _f("hard_sigmoid", "hidden activation", choices=tuple(activations.ACTIVATIONS))
     output_activation: str | None = _f(None, "output activation (default: as the hidden one with mse)",
                                        choices=tuple(activations.ACTIVATIONS))
@@ -77,11 +87,28 @@ class RunConfig:
     apical_dense: bool = _f(False, "dendritic: apical maps without masks")
     alpha: float = _f(0.2, "dendritic: apical scale")
     gamma: float = _f(1.0, "standard model: feedback scale (1 = energy-based)")
+    input_shape: tuple | None = _f(None, "conv models: (H, W, C) of the images (default: the dataset's)",
+                                   later=True)
+    channels: tuple = _f((), "conv models: output channels of each conv layer", later=True)
+    kernels: tuple = _f((), "conv models: kernel size k (k x k) of each conv layer", later=True)
+    strides: tuple = _f((), "conv models: stride of each conv layer (default 1 each)", later=True)
+    paddings: tuple = _f((), "conv models: zero padding of each conv layer (default 0 each)", later=True)
+    pools: tuple = _f((), "conv models: max | avg | none after each conv layer (2x2, stride 2; "
+                          "default max each)", later=True)
+    fc: tuple = _f((), "conv models: widths of the fully connected layers after the convs, the classes last",
+                   later=True)
+    readout: str = _f("none", "conv models: none | softmax (cross-entropy readout outside the dynamics)",
+                      choices=("none", "softmax"), later=True)
     # estimator
-    estimator: str = _f("symmetric", "symmetric | one_sided | chl | bptt | bptt_full", choices=KINDS)
+    estimator: str = _f("symmetric", "symmetric | one_sided | chl | bptt | bptt_full | holomorphic | implicit",
+                        choices=KINDS)
     t_free: int = _f(60, "free-phase steps T1", lo=1, hi=MAX_STEPS)
     t_nudge: int = _f(12, "nudged-phase steps T2 (bptt: truncation)", lo=1, hi=MAX_STEPS)
     nudge: str = _f("fixed", "fixed | random_sign (one_sided, chl)", choices=NUDGES)
+    n_points: int | None = _f(None, "holomorphic: points N on the circle of complex nudges (default 4)", lo=2,
+                              hi=4096, later=True)
+    implicit_tol: float | None = _f(None, "implicit: largest free-phase relative residual accepted (default 1e-5)",
+                                    lo=0.0, lo_open=True, later=True)
     relaxation_impl: str = _f("xla", "xla | pallas: how the free and nudged phases relax (pallas: the fused "
                               "kernel of ep_jax.kernels; symmetric, one_sided, chl)", choices=("xla", "pallas"),
                               later=True)
@@ -99,6 +126,11 @@ class RunConfig:
     optimizer: str = _f("sgd", "sgd (PyTorch momentum) | adam; one rate per synapse", choices=OPTIMIZERS)
     lr: Any = _f((0.4, 0.02), "learning rate >= 0: one, or one per synapse")
     momentum: float = _f(0.9, "sgd momentum in [0, 1)", lo=0.0, hi=1.0, hi_open=True)
+    lr_schedule: str = _f("constant", "constant | cosine (per epoch, from lr to lr_min over the epochs)",
+                          choices=LR_SCHEDULES, later=True)
+    lr_min: float = _f(1e-5, "cosine schedule: the rate of the last epoch's end", lo=0.0, later=True)
+    weight_decay: float = _f(0.0, "added to the gradient: g + weight_decay * theta (PyTorch's)", lo=0.0,
+                             later=True)
     # loop
     batch_size: int = _f(64, "training batch size", lo=1, hi=INT32_MAX)
     epochs: int = _f(20, "epochs to train", lo=1, hi=INT32_MAX)
@@ -110,6 +142,8 @@ class RunConfig:
     align_every: int = _f(0, "every N steps log EP-vs-BPTT alignment on a probe batch (0: off)", lo=0,
                           hi=INT32_MAX)
     align_batch: int = _f(64, "probe batch size of the alignment log", lo=1, hi=INT32_MAX)
+    augment: bool = _f(False, "training images: random crop (4-pixel edge padding) and horizontal flip, on "
+                              "the device, from the data key; never at evaluation", later=True)
 
     # --- construction ---------------------------------------------------------------
     @classmethod
@@ -153,8 +187,57 @@ class RunConfig:
     # --- derived --------------------------------------------------------------------
     @property
     def n_layers(self) -> int:
-        """Synapses (= state layers): widths minus one."""
+        """State layers: widths minus one (conv models: conv layers + fc layers, less the
+        last fc layer when it is the softmax readout, which is outside the dynamics)."""
+        if self.model in CONV_MODELS:
+            return len(self.channels) + len(self.fc) - (self.readout != "none")
         return len(self.sizes) - 1
+
+    def n_synapses(self) -> int:
+        """Weight layers, one learning rate each: the state layers' (and the readout)."""
+        if self.model in CONV_MODELS:
+            return len(self.channels) + len(self.fc)
+        return self.n_layers
+
+    def image_shape(self) -> tuple | None:
+        """`(H, W, C)` of the inputs: `input_shape`, else the dataset's (None for synthetic)."""
+        if self.input_shape is not None:
+            return tuple(self.input_shape)
+        from ep_jax.data import IMAGE_SHAPES
+        return IMAGE_SHAPES.get(self.dataset)
+
+    def n_inputs(self) -> int:
+        """Input features per example (`sizes[0]`; conv models: H x W x C)."""
+        if self.model in CONV_MODELS:
+            h, w, c = self.image_shape() or (0, 0, 0)
+            return h * w * c
+        return self.sizes[0]
+
+    def n_classes(self) -> int:
+        """Output width (`sizes[-1]`; conv models: `fc[-1]`)."""
+        if self.model in CONV_MODELS:
+            return self.fc[-1] if self.fc else 0
+        return self.sizes[-1]
+
+    def conv_layers(self) -> list[dict]:
+        """Per conv layer: channels, kernel, stride, padding, pool (defaults filled: stride
+        1, padding 0, max pool) and the shapes `(h_in, w_in, c_in)`, `(h_conv, w_conv)`
+        (before pooling) and `(h_out, w_out)` (the state). Pooling is 2x2 with stride 2
+        (floor). Shapes that do not fit are left as they come (`validate` refuses them)."""
+        n = len(self.channels)
+        strides = self.strides or (1,) * n
+        paddings = self.paddings or (0,) * n
+        pools = self.pools or ("max",) * n
+        h, w, c = self.image_shape() or (0, 0, 0)
+        out = []
+        for l in range(n):
+            k, st, p = self.kernels[l], strides[l], paddings[l]
+            hc, wc = (h + 2 * p - k) // st + 1, (w + 2 * p - k) // st + 1
+            ho, wo = (hc // 2, wc // 2) if pools[l] != "none" else (hc, wc)
+            out.append(dict(channels=self.channels[l], kernel=k, stride=st, padding=p, pool=pools[l],
+                            h_in=h, w_in=w, c_in=c, h_conv=hc, w_conv=wc, h_out=ho, w_out=wo))
+            h, w, c = ho, wo, self.channels[l]
+        return out
 
     def static_key(self) -> tuple:
         """What members must share to run as one vmapped group."""
@@ -231,6 +314,17 @@ def short(v) -> str:
         return f"a {type(v).__name__} nested too deep"
 
 
+def _non_holomorphic(cfg) -> list[str]:
+    """What the holomorphic estimator cannot run in `cfg`'s model (the model's own list)."""
+    from ep_jax.experiments.build import build_model
+    try:
+        model = build_model(cfg)
+    except Exception:   # noqa: BLE001 — a bad model is reported by its own field's check
+        return []
+    parts = getattr(model, "non_holomorphic", None)
+    return parts() if callable(parts) else []
+
+
 def _coerce(f: dataclasses.Field, v, where: str = ""):
     name = f.name
     default = f.default
@@ -254,6 +348,18 @@ def _coerce(f: dataclasses.Field, v, where: str = ""):
         if isinstance(v, (list, tuple)) and all(isinstance(u, int) and not isinstance(u, bool) for u in v):
             return tuple(v)
         raise bad("a list of integer widths")
+    if name in ("channels", "kernels", "strides", "paddings", "fc") or (name == "input_shape" and v is not None):
+        if _is_int(v) and name != "input_shape":
+            v = [v]
+        if isinstance(v, (list, tuple)) and all(_is_int(u) for u in v):
+            return tuple(v)
+        raise bad("a list of integers" + (" (H, W, C)" if name == "input_shape" else ""))
+    if name == "pools":
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, (list, tuple)) and all(isinstance(u, str) for u in v):
+            return tuple(v)
+        raise bad(f"a list of {' | '.join(POOLS)}")
     if v is None:
         if default is None:
             return None
@@ -262,11 +368,11 @@ def _coerce(f: dataclasses.Field, v, where: str = ""):
         if isinstance(v, bool):
             return v
         raise bad("true or false")
-    if isinstance(default, int) or name in ("subset", "test_subset"):
+    if isinstance(default, int) or name in ("subset", "test_subset", "n_points"):
         if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
             raise bad("an integer")
         return int(v)
-    if isinstance(default, float) or name in ("dt_mean", "dt_std", "dt_min", "dt_max", "dt_out"):
+    if isinstance(default, float) or name in ("dt_mean", "dt_std", "dt_min", "dt_max", "dt_out", "implicit_tol"):
         if not _is_number(v):
             raise bad("a number")
         return to_float(v)
@@ -301,15 +407,27 @@ def validate(cfg: RunConfig) -> RunConfig:
             err(f.name, f"must be an integer in the int64 range, got {short(v)}")
 
     L = cfg.n_layers
-    if len(cfg.sizes) < 2 or any(n < 1 for n in cfg.sizes):
+    if cfg.model in CONV_MODELS:
+        _validate_conv(cfg, err)
+    else:
+        for name in CONV_FIELDS:
+            if getattr(cfg, name) != FIELDS[name].default:
+                err(name, f"applies to the conv models only ({' | '.join(CONV_MODELS)}; model = {cfg.model!r})")
+    if cfg.model in CONV_MODELS:
+        pass   # their widths are channels and fc (checked above)
+    elif len(cfg.sizes) < 2 or any(n < 1 for n in cfg.sizes):
         err("sizes", f"must list >= 2 positive widths (input, ..., output), got {short(list(cfg.sizes))}")
-    if any(n > MAX_WIDTH for n in cfg.sizes):
+    elif any(n > MAX_WIDTH for n in cfg.sizes):
         err("sizes", f"widths must be <= {MAX_WIDTH} (2^24), got {short(max(cfg.sizes))}")
-    if cfg.dataset != "synthetic":
-        if cfg.sizes[0] != 784:
-            err("sizes", f"the first width must be 784 (28x28 images) for {cfg.dataset}, got {cfg.sizes[0]}")
-        if cfg.sizes[-1] != 10:
-            err("sizes", f"the last width must be 10 (classes) for {cfg.dataset}, got {cfg.sizes[-1]}")
+    elif cfg.dataset != "synthetic":
+        from ep_jax.data import IMAGE_SHAPES, N_CLASSES
+        h, w, c = IMAGE_SHAPES[cfg.dataset]
+        if cfg.sizes[0] != h * w * c:
+            err("sizes", f"the first width must be {h * w * c} ({h}x{w}x{c} images) for {cfg.dataset}, "
+                         f"got {cfg.sizes[0]}")
+        if cfg.sizes[-1] != N_CLASSES[cfg.dataset]:
+            err("sizes", f"the last width must be {N_CLASSES[cfg.dataset]} (classes) for {cfg.dataset}, "
+                         f"got {cfg.sizes[-1]}")
     elif cfg.sizes[-1] < 2:
         err("sizes", "the synthetic dataset needs >= 2 classes (last width)")
     for name, total in (("subset", cfg.total_train()), ("test_subset", cfg.total_test())):
@@ -333,9 +451,20 @@ def validate(cfg: RunConfig) -> RunConfig:
         err("relaxation_impl", f"pallas needs estimator symmetric, one_sided or chl, got {cfg.estimator!r}")
     if cfg.nudge == "random_sign" and cfg.estimator not in RANDOM_SIGN_KINDS:
         err("nudge", f"random_sign needs estimator one of {list(RANDOM_SIGN_KINDS)}, got {cfg.estimator!r}")
+    if cfg.n_points is not None and cfg.estimator != "holomorphic":
+        err("n_points", f"is a setting of the holomorphic estimator, not of {cfg.estimator!r}")
+    if cfg.implicit_tol is not None and cfg.estimator != "implicit":
+        err("implicit_tol", f"is a setting of the implicit estimator, not of {cfg.estimator!r}")
+    if cfg.estimator == "holomorphic":
+        bad = _non_holomorphic(cfg)
+        if bad:
+            err("estimator", f"holomorphic needs holomorphic functions, and this model uses {', '.join(bad)}; "
+                             f"holomorphic activations: {', '.join(activations.HOLOMORPHIC)} (with loss mse)")
     lrs = cfg.lr if isinstance(cfg.lr, tuple) else (cfg.lr,)
-    if isinstance(cfg.lr, tuple) and len(cfg.lr) != L:
-        err("lr", f"give one rate or one per synapse ({L} for sizes {list(cfg.sizes)}), got {len(cfg.lr)}")
+    if isinstance(cfg.lr, tuple) and len(cfg.lr) != cfg.n_synapses():
+        err("lr", f"give one rate or one per synapse ({cfg.n_synapses()} for "
+                  + (f"{len(cfg.channels)} conv + {len(cfg.fc)} fc layers" if cfg.model in CONV_MODELS
+                     else f"sizes {list(cfg.sizes)}") + f"), got {len(cfg.lr)}")
     if any(not math.isfinite(r) or r < 0 for r in lrs):
         err("lr", f"rates must be finite and >= 0 (a negative rate trains uphill), got {list(lrs)}")
     dts = cfg.dt if isinstance(cfg.dt, tuple) else (cfg.dt,)
@@ -358,15 +487,84 @@ def validate(cfg: RunConfig) -> RunConfig:
             err("dt_dist", str(e))
     if cfg.dt_out is not None and not 0 < cfg.dt_out <= 1:
         err("dt_out", f"must lie in (0, 1], got {cfg.dt_out}")
-    if cfg.model == "ep":
+    if cfg.model not in DENDRITIC_MODELS:
         for name in ("basal_branches", "apical_branches", "sparsity", "apical_dense", "alpha"):
             if getattr(cfg, name) != FIELDS[name].default:
-                err(name, "applies to the dendritic model only (model = 'ep')")
-    elif cfg.gamma != FIELDS["gamma"].default:
-        err("gamma", "applies to the standard model only (model = 'dendritic'; its apical scale is alpha)")
+                err(name, f"applies to the dendritic models only (model = {cfg.model!r})")
+    if cfg.model != "ep" and cfg.gamma != FIELDS["gamma"].default:
+        err("gamma", f"applies to the standard model only (model = {cfg.model!r}"
+                     + ("; its apical scale is alpha)" if cfg.model in DENDRITIC_MODELS else ")"))
+    if cfg.lr_schedule != "cosine" and cfg.lr_min != FIELDS["lr_min"].default:
+        err("lr_min", "is used only with lr_schedule = 'cosine'")
+    if cfg.augment and cfg.image_shape() is None:
+        err("augment", "needs images (the synthetic dataset has none; give input_shape with a conv model)")
     if cfg.align_every and cfg.t_nudge > cfg.t_free:
         err("align_every", "compares with BPTT truncated to t_nudge steps, which needs t_nudge <= t_free")
     return cfg
+
+
+def _validate_conv(cfg: RunConfig, err):
+    """The rules of the conv models' fields (`validate`): list lengths, ranges, the input
+    shape against the dataset's images, and every layer's kernel and pooling against the
+    map it gets."""
+    if cfg.sizes != FIELDS["sizes"].default:
+        err("sizes", f"applies to the MLP models (ep, dendritic); model {cfg.model!r} takes input_shape, "
+                     "channels, kernels, strides, paddings, pools and fc")
+    n = len(cfg.channels)
+    if n == 0 or any(c < 1 for c in cfg.channels):
+        err("channels", f"must list >= 1 positive channel counts (one per conv layer), got {short(list(cfg.channels))}")
+    if any(c > MAX_WIDTH for c in cfg.channels):
+        err("channels", f"must be <= {MAX_WIDTH}, got {short(max(cfg.channels))}")
+    if len(cfg.kernels) != n:
+        err("kernels", f"give one kernel size per conv layer ({n} channels listed), got {len(cfg.kernels)}")
+    for name in ("strides", "paddings", "pools"):
+        v = getattr(cfg, name)
+        if v and len(v) != n:
+            err(name, f"give one per conv layer ({n} channels listed) or none (the default), got {len(v)}")
+    if any(k < 1 for k in cfg.kernels):
+        err("kernels", f"must be >= 1, got {short(list(cfg.kernels))}")
+    if any(st < 1 for st in cfg.strides):
+        err("strides", f"must be >= 1, got {short(list(cfg.strides))}")
+    if any(p < 0 for p in cfg.paddings):
+        err("paddings", f"must be >= 0, got {short(list(cfg.paddings))}")
+    bad = [p for p in cfg.pools if p not in POOLS]
+    if bad:
+        err("pools", f"must each be one of {list(POOLS)}, got {short(bad[0])}")
+    if not cfg.fc or any(w < 1 for w in cfg.fc):
+        err("fc", f"must list >= 1 positive widths, the classes last, got {short(list(cfg.fc))}")
+    if cfg.readout == "softmax":
+        if cfg.loss != "ce":
+            err("readout", f"softmax is the cross-entropy readout: set loss = 'ce' (got {cfg.loss!r})")
+        if cfg.output_activation is not None:
+            err("output_activation", "must be left out with readout = 'softmax' (the last state layer is hidden)")
+        if cfg.n_layers < 1:
+            err("fc", "with readout = 'softmax' the last fc width is the readout's; the network needs a state "
+                      "layer below it")
+    if any(w > MAX_WIDTH for w in cfg.fc):
+        err("fc", f"widths must be <= {MAX_WIDTH}, got {short(max(cfg.fc))}")
+    if cfg.input_shape is not None and (len(cfg.input_shape) != 3 or any(d < 1 for d in cfg.input_shape)):
+        err("input_shape", f"must be three positive integers (H, W, C), got {short(list(cfg.input_shape))}")
+    if cfg.dataset == "synthetic":
+        if cfg.input_shape is None:
+            err("input_shape", "the synthetic dataset has no image shape: give input_shape (H, W, C)")
+        if cfg.fc[-1] < 2:
+            err("fc", "the synthetic dataset needs >= 2 classes (last width)")
+    else:
+        from ep_jax.data import IMAGE_SHAPES, N_CLASSES
+        shape = IMAGE_SHAPES[cfg.dataset]
+        if cfg.input_shape is not None and tuple(cfg.input_shape) != shape:
+            err("input_shape", f"{list(cfg.input_shape)} does not match {cfg.dataset}'s {shape[0]}x{shape[1]}x"
+                               f"{shape[2]} images (leave it out to take the dataset's)")
+        if cfg.fc[-1] != N_CLASSES[cfg.dataset]:
+            err("fc", f"the last width must be {N_CLASSES[cfg.dataset]} (classes) for {cfg.dataset}, got {cfg.fc[-1]}")
+    for l, c in enumerate(cfg.conv_layers(), 1):
+        hp, wp = c["h_in"] + 2 * c["padding"], c["w_in"] + 2 * c["padding"]
+        if c["kernel"] > min(hp, wp):
+            err("kernels", f"conv layer {l}: a {c['kernel']}x{c['kernel']} kernel is larger than its {hp}x{wp} input"
+                           f" ({c['h_in']}x{c['w_in']} with padding {c['padding']})")
+        if c["h_out"] < 1 or c["w_out"] < 1:
+            err("pools", f"conv layer {l}: 2x2 {c['pool']} pooling of its {c['h_conv']}x{c['w_conv']} map leaves a "
+                         "zero-sized map (fewer layers, more padding, or pool 'none')")
 
 
 def warnings_for(cfg: RunConfig) -> list[str]:
@@ -440,9 +638,32 @@ def parse_sets(pairs) -> dict:
 
 # --- memory -----------------------------------------------------------------------------
 
+def _conv_counts(cfg: RunConfig) -> tuple[int, int, int, int]:
+    """Conv models: `(weights, biases, state elements, pre-activation elements)` per
+    example — kernels k·k·C_in·C_out (dendritic: K_b basal copies, and K_a apical copies
+    of the layer above's kernel or fc map), fc matrices; states are the pooled maps and
+    the fc layers; the pre-activations are the maps before pooling (times the branches)."""
+    layers = cfg.conv_layers()
+    dend = cfg.model == "dendritic_conv"
+    Kb, Ka = (cfg.basal_branches, cfg.apical_branches) if dend else (1, 1)
+    conv_w = [c["kernel"] ** 2 * c["c_in"] * c["channels"] for c in layers]
+    widths = [layers[-1]["h_out"] * layers[-1]["w_out"] * layers[-1]["channels"]] + list(cfg.fc)
+    fc_w = [widths[i] * widths[i + 1] for i in range(len(cfg.fc))]
+    syn = conv_w + fc_w                                             # per synapse, input side first
+    W = Kb * sum(syn) + (Ka * sum(syn[1:]) if dend else 0)         # apical maps of hidden layers
+    b = Kb * (sum(c["channels"] for c in layers) + sum(cfg.fc))
+    states = [c["h_out"] * c["w_out"] * c["channels"] for c in layers] + list(cfg.fc)
+    pre = [c["h_conv"] * c["w_conv"] * c["channels"] for c in layers] + list(cfg.fc)
+    S = sum(states)
+    Z = Kb * sum(pre) + (Ka * sum(states[:-1]) if dend else 0)
+    return W, b, S, Z
+
+
 def _weights(cfg: RunConfig) -> tuple[int, int]:
     """`(weights, biases)`: element counts of the kernels (dendritic: and of their masks,
     same shape) and of the bias vectors."""
+    if cfg.model in CONV_MODELS:
+        return _conv_counts(cfg)[:2]
     s, L = cfg.sizes, cfg.n_layers
     if cfg.model == "ep":
         return sum(s[l] * s[l + 1] for l in range(L)), sum(s[1:])
@@ -462,13 +683,16 @@ def memory_breakdown(cfg: RunConfig, members: int = 1) -> dict[str, int]:
     W, b = _weights(cfg)
     P = W + b                                            # parameter elements
     S = sum(cfg.sizes[1:])                               # state elements per example
-    if cfg.model == "dendritic":                         # branch pre-activations per example
+    if cfg.model in CONV_MODELS:                         # pooled maps; the maps before pooling
+        _, _, S, Z = _conv_counts(cfg)
+    elif cfg.model == "dendritic":                       # branch pre-activations per example
         Z = sum(cfg.basal_branches * n for n in cfg.sizes[1:]) + sum(cfg.apical_branches * n
                                                                      for n in cfg.sizes[1:-1])
     else:
         Z = S
-    residual = 2 * S + (Z // 4 if cfg.model == "dendritic" else 0)   # a BPTT step's saved values
-    # (states, inputs, the ReLU pattern of the branches; calibrated on XLA's memory analysis)
+    # a BPTT step's saved values (states, inputs, the ReLU pattern of the branches; calibrated
+    # on XLA's memory analysis; conv models: also the maps before pooling, for the pool's argmax)
+    residual = 2 * S + (Z // 4 if cfg.model == "dendritic" else Z if cfg.model in CONV_MODELS else 0)
 
     def relaxation(batch, stored_steps):
         # EP: the free, nudged (and anti-nudged) states and one step's temporaries;
@@ -478,7 +702,7 @@ def memory_breakdown(cfg: RunConfig, members: int = 1) -> dict[str, int]:
     stored = {"bptt": cfg.t_nudge, "bptt_full": cfg.t_free}.get(cfg.estimator, 0)
     n_examples = cfg.n_train() + cfg.n_test()
     parts = {
-        "parameters and masks": f * (P + (2 * W if cfg.model == "dendritic" else 0)),  # + masked kernels
+        "parameters and masks": f * (P + (2 * W if cfg.model in DENDRITIC_MODELS else 0)),  # + masked kernels
         "optimiser state": f * P * (2 if cfg.optimizer == "adam" else 1),
         "gradients and updates": f * 2 * P,
         "relaxation states": relaxation(cfg.batch_size, stored),
@@ -486,7 +710,8 @@ def memory_breakdown(cfg: RunConfig, members: int = 1) -> dict[str, int]:
         "alignment probe": (relaxation(cfg.align_batch, cfg.t_nudge) + f * 2 * P) if cfg.align_every else 0,
     }
     parts = {k: v * members for k, v in parts.items()}
-    parts["dataset"] = n_examples * (cfg.sizes[0] * f + 4) + (cfg.total_train() + cfg.total_test()) * cfg.sizes[0] * 4
+    n_in = cfg.n_inputs()
+    parts["dataset"] = n_examples * (n_in * f + 4) + (cfg.total_train() + cfg.total_test()) * n_in * 4
     return parts
 
 

@@ -29,6 +29,15 @@ import numpy as np
 from ep_jax.experiments.errors import Interrupted
 
 
+def _epoch_mean(parts, M: int) -> np.ndarray:
+    """Per member, the mean over the epoch's steps of a per-step metric `(steps, M)`,
+    ignoring NaN (steps where it does not exist); NaN where it never does."""
+    a = np.concatenate([np.asarray(p, np.float64).reshape(-1, M) for p in parts], axis=0)
+    ok = np.isfinite(a)
+    n = ok.sum(0)
+    return np.where(n > 0, np.where(ok, a, 0).sum(0) / np.maximum(n, 1), np.nan)
+
+
 class Chunk(NamedTuple):
     """What a hook sees after one chunk: epoch, chunk number, steps in the chunk, batch
     size, and the chunk's per-step `info` (device arrays: `correct`, `loss` of shape
@@ -177,6 +186,8 @@ class Loop:
             correct += c.sum(0)
             loss_sum += (np.asarray(info.loss) * B).sum(0)
             seen += c.shape[0] * B
+        residuals = {k: _epoch_mean([getattr(info, k) for info, _ in infos], M)
+                     for k in ("residual_free", "residual_nudge")}
         alive_now = np.asarray(state.alive)
         jax.block_until_ready(state)
         elapsed = time.perf_counter() - t0 - sum(h.excluded_time() for h in self.hooks)
@@ -200,6 +211,7 @@ class Loop:
             row = {"epoch": epoch, "train_acc": 100.0 * correct[i] / seen, "loss": loss_sum[i] / seen,
                    "test_acc": 100.0 * test_acc[i], "test_loss": float(test_loss[i]), "time_s": elapsed,
                    "steps": int(steps[i])}
+            row.update({k: float(v[i]) for k, v in residuals.items() if np.isfinite(v[i])})
             for h in self.hooks:
                 row.update(h.columns(self, i))
             rows[i] = row

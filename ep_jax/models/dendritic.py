@@ -115,6 +115,10 @@ class DendriticModel(LayeredModel):
             phi = phi + self.output_term(s[-1], target, beta)
         return phi / s[0].shape[0]
 
+    def non_holomorphic(self) -> list[str]:
+        """The dendritic branches pass through ReLU, which is not holomorphic."""
+        return super().non_holomorphic() + ["relu (the dendritic branches)"]
+
     def lr_tree(self, lr):
         # The apical map of hidden layer l uses the rate of synapse l+1 (the authors' code).
         return {

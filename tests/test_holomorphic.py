@@ -1,0 +1,258 @@
+"""Exact gradients at finite β: the holomorphic estimator, the implicit (equilibrium)
+gradient it converges to, and the convergence residuals of the phases.
+
+References are independent of the estimators' code: `jax.grad` through a relaxation
+written out here, and a dense linear solve of the adjoint system with numpy."""
+import dataclasses
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ep_jax
+from ep_jax import alignment, dynamics
+from ep_jax.estimators import estimate
+from conftest import rel_err, synthetic_problem
+
+SIZES = (6, 5, 3)
+
+
+def setup(activation="sigmoid", beta=0.3, dt=0.5, seed=0, sizes=SIZES, batch=4):
+    model = ep_jax.EPModel(sizes=sizes, activation=activation)
+    params, buffers = model.init(jax.random.PRNGKey(seed), jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, sizes[0]), jnp.float64)
+    y = jax.random.randint(jax.random.PRNGKey(seed + 2), (batch,), 0, sizes[-1])
+    rx = ep_jax.make_relaxation(model, beta=beta, dt=dt, dtype=jnp.float64)
+    return model, params, buffers, x, y, rx
+
+
+def est(kind, **kw):
+    return ep_jax.Estimator(kind, t_free=400, t_nudge=kw.pop("t_nudge", 400), **kw)
+
+
+def explicit_relaxation_loss(params, x, y1h, dt, steps, act):
+    """The batch-mean cost after `steps` updates s ← (1 − dt) s + dt σ(h) of a one-hidden-
+    layer network, h₁ = x W₁ + b₁ + s₂ W₂ᵀ and h₂ = s₁ W₂ + b₂, written from the equations."""
+    (l1, l2) = params
+    s1 = jnp.zeros((x.shape[0], l1["w"].shape[1]))
+    s2 = jnp.zeros((x.shape[0], l2["w"].shape[1]))
+    for _ in range(steps):
+        h1 = x @ l1["w"] + l1["b"] + s2 @ l2["w"].T
+        h2 = s1 @ l2["w"] + l2["b"]
+        s1, s2 = (1 - dt) * s1 + dt * act(h1), (1 - dt) * s2 + dt * act(h2)
+    return jnp.mean(0.5 * jnp.sum((s2 - y1h) ** 2, axis=-1))
+
+
+def test_implicit_equals_grad_through_a_long_converged_relaxation(x64):
+    model, params, buffers, x, y, rx = setup("tanh")
+    g_imp, aux = estimate(model, est("implicit", t_nudge=1), None, params, buffers, x, y, rx)
+    y1h = jax.nn.one_hot(y, SIZES[-1], dtype=jnp.float64)
+    ref = jax.grad(explicit_relaxation_loss)(params, x, y1h, 0.5, 400, jnp.tanh)
+    assert float(aux.residual_free) < 1e-12
+    assert rel_err(g_imp, ref) < 1e-9
+
+
+def test_implicit_equals_a_dense_adjoint_solve(x64):
+    """λ = (I − G_sᵀ)⁻¹ ∂ℓ/∂s by numpy's dense solve, then G_θᵀ λ: the same gradient as
+    the fixed-point iteration, per-neuron dt and a two-hidden-layer network included."""
+    sizes = (5, 4, 4, 3)
+    model, params, buffers, x, y, _ = setup("sigmoid", sizes=sizes, batch=3)
+    dt = [jnp.linspace(0.2, 0.9, 4), 0.6, jnp.array([0.3, 0.5, 1.0])]
+    rx = ep_jax.make_relaxation(model, beta=0.2, dt=dt, dtype=jnp.float64)
+    grads, s, info = ep_jax.estimators.implicit_grad(model, params, buffers, x, y, rx, 600)
+    assert bool(info.converged) and float(info.residual_adjoint) < 1e-12
+
+    def G(p, flat):
+        st = jax.flatten_util.ravel_pytree(s)[1](flat)
+        eff = model.prepare(p, buffers)
+        return jax.flatten_util.ravel_pytree(
+            dynamics.step(model, eff, model.input_drive(eff, x), st, None, 0.0, rx.dt))[0]
+
+    flat = jax.flatten_util.ravel_pytree(s)[0]
+    J = np.asarray(jax.jacobian(G, argnums=1)(params, flat))
+    y1h = jax.nn.one_hot(y, sizes[-1], dtype=jnp.float64)
+    g = np.asarray(jax.grad(lambda f: jnp.mean(model.cost(jax.flatten_util.ravel_pytree(s)[1](f)[-1], y1h)))(flat))
+    lam = np.linalg.solve(np.eye(J.shape[0]) - J.T, g)
+    ref = jax.vjp(lambda p: G(p, flat), params)[1](jnp.asarray(lam))[0]
+    assert rel_err(grads, ref) < 1e-10
+
+
+def test_holomorphic_two_points_is_the_symmetric_estimate(x64):
+    model, params, buffers, x, y, rx = setup("tanh", beta=0.2)
+    g_sym, _ = estimate(model, est("symmetric", t_nudge=30), None, params, buffers, x, y, rx)
+    g_h2, _ = estimate(model, est("holomorphic", n_points=2, t_nudge=30), None, params, buffers, x, y, rx)
+    assert rel_err(g_h2, g_sym) < 1e-12
+
+
+def test_holomorphic_is_exact_at_finite_beta_where_the_differences_are_biased(x64):
+    """|β| = 0.3: one-sided and symmetric estimates are off by percent; the holomorphic
+    one with N = 8 agrees with the equilibrium gradient to < 1e-6, and its error falls
+    with N (geometrically: N = 4 is orders of magnitude worse than N = 8)."""
+    model, params, buffers, x, y, rx = setup("sigmoid", beta=0.3)
+    exact, _ = estimate(model, est("implicit", t_nudge=1), None, params, buffers, x, y, rx)
+    err = {k: rel_err(estimate(model, est(k), None, params, buffers, x, y, rx)[0], exact)
+           for k in ("one_sided", "symmetric")}
+    for n in (4, 8):
+        err[n] = rel_err(estimate(model, est("holomorphic", n_points=n), None, params, buffers, x, y, rx)[0], exact)
+    print(err)
+    assert err["one_sided"] > 1e-2 and err["symmetric"] > 1e-3
+    assert err[8] < 1e-6
+    assert err[4] > 100 * err[8]
+
+
+def test_holomorphic_with_per_neuron_dt_and_vmapped_members(x64):
+    """The equilibrium does not depend on dt: per-neuron time steps give the same exact
+    gradient; vmapping over β gives each member's solo estimate."""
+    model, params, buffers, x, y, rx = setup("sigmoid", beta=0.25)
+    dt = [jnp.linspace(0.3, 1.0, SIZES[1]), jnp.array([0.5, 0.7, 0.9])]
+    rx_h = ep_jax.make_relaxation(model, beta=0.25, dt=dt, dtype=jnp.float64)
+    e = est("holomorphic", n_points=8)
+    exact, _ = estimate(model, est("implicit", t_nudge=1), None, params, buffers, x, y, rx)
+    g, aux = estimate(model, e, None, params, buffers, x, y, rx_h)
+    assert rel_err(g, exact) < 1e-6
+    betas = jnp.array([0.1, 0.25, 0.4])
+    batched = jax.vmap(lambda b: estimate(model, e, None, params, buffers, x, y, rx_h._replace(beta=b))[0])(betas)
+    for i, b in enumerate(betas):
+        solo = estimate(model, e, None, params, buffers, x, y, rx_h._replace(beta=b))[0]
+        assert rel_err(jax.tree.map(lambda a: a[i], batched), solo) < 1e-12
+
+
+def test_holomorphic_precision_follows_the_float_type():
+    model = ep_jax.EPModel(sizes=SIZES, activation="tanh")
+    params, buffers = model.init(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, SIZES[0]))
+    rx = ep_jax.make_relaxation(model, beta=0.2, dt=0.5)
+    e = ep_jax.Estimator("holomorphic", t_free=20, t_nudge=5, n_points=4)
+    eff = model.prepare(params, buffers)
+    ctx = model.input_drive(eff, x)
+    s = dynamics.free_phase(model, eff, ctx, rx.dt, 20)
+    states = ep_jax.estimators.ep_nudged_states(model, e, eff, ctx, s, model.one_hot(jnp.zeros(4, int)), rx)
+    assert len(states) == 4 and all(sl.dtype == jnp.complex64 for st in states for sl in st)
+    g, _ = estimate(model, e, None, params, buffers, x, jnp.zeros(4, int), rx)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(g))
+    with jax.enable_x64(True):
+        assert ep_jax.estimators.complex_dtype(jnp.float64) == jnp.complex128
+
+
+@pytest.mark.parametrize("build,what", [
+    (lambda: ep_jax.EPModel(sizes=SIZES), "hard_sigmoid"),
+    (lambda: ep_jax.EPModel(sizes=SIZES, activation="relu", output_activation="sigmoid"), "relu"),
+    (lambda: ep_jax.EPModel(sizes=SIZES, activation="leaky_relu", output_activation="sigmoid"), "leaky_relu"),
+    (lambda: ep_jax.EPModel(sizes=SIZES, activation="tanh", loss="ce"), "loss 'ce'"),
+    (lambda: ep_jax.DendriticModel(sizes=SIZES, activation="sigmoid"), "dendritic branches"),
+])
+def test_holomorphic_refuses_non_holomorphic_models(build, what):
+    model = build()
+    params, buffers = model.init(jax.random.PRNGKey(0))
+    x, y = jnp.ones((2, SIZES[0])), jnp.zeros(2, int)
+    rx = ep_jax.make_relaxation(model, beta=0.2)
+    with pytest.raises(ValueError, match="holomorphic") as e:
+        estimate(model, ep_jax.Estimator("holomorphic", 10, 5), None, params, buffers, x, y, rx)
+    msg = str(e.value)
+    assert what in msg and "tanh, sigmoid" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(kind="symmetric", n_points=4), "n_points is a setting of the 'holomorphic'"),
+    (dict(kind="holomorphic", n_points=1), "n_points must be an integer >= 2"),
+    (dict(kind="holomorphic", n_points=2.5), "n_points must be an integer >= 2"),
+    (dict(kind="bptt", tol=1e-3), "tol is a setting of the 'implicit'"),
+    (dict(kind="implicit", tol=0.0), "tol must be a positive number"),
+    (dict(kind="holomorphic", nudge="random_sign"), "random_sign"),
+])
+def test_estimator_settings_are_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ep_jax.Estimator(**kw)
+
+
+def test_implicit_refuses_an_unconverged_free_phase(x64):
+    model, params, buffers, x, y, rx = setup("tanh", dt=0.2)
+    short = ep_jax.Estimator("implicit", t_free=5, t_nudge=1)
+    with pytest.raises(ValueError, match=r"free phase has not converged: relative residual .* > tol=1e-05 after "
+                                         r"t_free=5 steps"):
+        estimate(model, short, None, params, buffers, x, y, rx)
+    # under jit the step is refused instead (non-finite gradients), the state unchanged
+    opt = ep_jax.optim.sgd(model, lr=[0.1, 0.1])
+    state = ep_jax.init_state(model, short, opt, jax.random.PRNGKey(0), dtype=jnp.float64)
+    new, info = ep_jax.train_step_jit(model, short, opt, None, state, x, y, rx)
+    assert not bool(info.finite) and int(new.step) == 0
+    assert float(info.residual_free) > 1e-5
+
+
+def test_residuals_in_step_info_match_the_trajectory(x64):
+    """StepInfo.residual_free is ‖s_T − s_{T−1}‖ / ‖s_T‖ over every layer, computed here
+    from the recorded free trajectory; it falls as t_free grows; the nudged residual is
+    reported for EP estimators and is NaN for BPTT."""
+    model, params, buffers, x, y, rx = setup("tanh", dt=0.3)
+    opt = ep_jax.optim.sgd(model, lr=[0.1, 0.1])
+    res = {}
+    for T in (10, 40):
+        e = ep_jax.Estimator("symmetric", t_free=T, t_nudge=5)
+        state = ep_jax.init_state(model, e, opt, jax.random.PRNGKey(0), dtype=jnp.float64)
+        state = state._replace(params=params)
+        _, info = ep_jax.train_step(model, e, opt, None, state, x, y, rx)
+        eff = model.prepare(params, buffers)
+        _, traj = dynamics.free_phase(model, eff, model.input_drive(eff, x), rx.dt, T, record=True)
+        last = np.concatenate([np.ravel(t[-1]) for t in traj])
+        prev = np.concatenate([np.ravel(t[-2]) for t in traj])
+        expected = np.linalg.norm(last - prev) / np.linalg.norm(last)
+        np.testing.assert_allclose(float(info.residual_free), expected, rtol=1e-10)
+        assert np.isfinite(float(info.residual_nudge)) and float(info.residual_nudge) > 0
+        res[T] = float(info.residual_free)
+    assert res[40] < res[10] / 10
+    _, info = ep_jax.train_step(model, ep_jax.Estimator("bptt", 10, 5), opt, None, state, x, y, rx)
+    assert np.isnan(float(info.residual_nudge)) and float(info.residual_free) > 0
+
+
+def test_residual_does_not_change_the_states(x64):
+    model, params, buffers, x, y, rx = setup("tanh", dt=0.3)
+    eff = model.prepare(params, buffers)
+    ctx = model.input_drive(eff, x)
+    a = dynamics.free_phase(model, eff, ctx, rx.dt, 17)
+    b, r = dynamics.free_phase(model, eff, ctx, rx.dt, 17, residual=True)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    y1h = model.one_hot(y, x.dtype)
+    for batched in (True, False):
+        plain = dynamics.nudged_phases(model, eff, ctx, a, y1h, (0.2, -0.2), rx.dt, 6, batched=batched)
+        with_r, r_n = dynamics.nudged_phases(model, eff, ctx, a, y1h, (0.2, -0.2), rx.dt, 6, batched=batched,
+                                             residual=True)
+        for p, q in zip(jax.tree.leaves(plain), jax.tree.leaves(with_r)):
+            np.testing.assert_array_equal(np.asarray(p), np.asarray(q))
+        if batched:
+            r_batched = float(r_n)
+        else:
+            np.testing.assert_allclose(float(r_n), r_batched, rtol=1e-12)
+
+
+def test_alignment_gains_the_implicit_reference(x64):
+    """`alignment.measure` compares with truncated BPTT; the implicit gradient is an
+    estimator kind, so the same measure applies to it against itself (cosine 1)."""
+    model, params, buffers, x, y, rx = setup("sigmoid")
+    m = alignment.measure(model, est("holomorphic", n_points=8), params, buffers, x, y, rx)
+    assert min(float(c) for c in m.cosine) > 0.999
+
+
+def test_a_short_training_run_with_the_holomorphic_estimator_learns():
+    (x, y), (xt, yt) = synthetic_problem(jax.random.PRNGKey(0), n_train=512, n_test=256)
+    model = ep_jax.EPModel(sizes=(16, 32, 4), activation="sigmoid")
+    e = ep_jax.Estimator("holomorphic", t_free=30, t_nudge=10, n_points=4)
+    opt = ep_jax.optim.sgd(model, lr=[2.0, 1.0], momentum=0.9)
+    state = ep_jax.init_state(model, e, opt, jax.random.PRNGKey(1))
+    rx = ep_jax.make_relaxation(model, beta=0.5, dt=0.5)
+    before = ep_jax.evaluate_jit(model, e, state.params, state.buffers, xt, yt, rx)
+    idx = jnp.arange(512).reshape(-1, 32)
+    for epoch in range(3):
+        state, info = ep_jax.train_steps_jit(model, e, opt, jax.random.PRNGKey(2), state, x, y,
+                                             jax.random.permutation(jax.random.PRNGKey(epoch), idx), rx)
+    after = ep_jax.evaluate_jit(model, e, state.params, state.buffers, xt, yt, rx)
+    assert bool(jnp.all(info.finite))
+    assert float(after.accuracy) > 0.8 > float(before.accuracy) + 0.2
+
+
+def test_estimator_replace_keeps_the_new_settings():
+    e = ep_jax.Estimator("holomorphic", 20, 5, n_points=6)
+    assert dataclasses.replace(e, nudge="fixed").points == 6
+    assert ep_jax.Estimator("implicit", 20, 5).residual_tol == 1e-5
