@@ -209,16 +209,26 @@ def leaf_names(params) -> list[str]:
     return _leaf_names(params)
 
 
-def measure(model, est: Estimator, params, buffers, x, y, rx: Relaxation) -> Alignment:
-    """The estimator's gradient against truncated BPTT over the same T2 (`bptt` with
-    `est.t_free`, `est.t_nudge`) on `(x, y)`. Pure and jittable (arrays only), so it can
-    be vmapped over sweep members. Random-sign nudging is measured with +β. Every
-    estimator can be measured: `bptt` against itself gives cosine 1 (a sanity line),
-    `bptt_full` shows what the truncation drops."""
-    from ep_jax.estimators import estimate
+REFERENCES = ("bptt", "bptt_full", "implicit")
+
+
+def measure(model, est: Estimator, params, buffers, x, y, rx: Relaxation, reference: str = "bptt") -> Alignment:
+    """The estimator's gradient against a reference on `(x, y)`: `reference="bptt"`,
+    BPTT truncated to the same T2 (`est.t_free`, `est.t_nudge`); `"bptt_full"`, BPTT
+    through all T1 free steps; `"implicit"`, the exact gradient at the free fixed point
+    (`ep_jax.estimators.implicit_grad`; NaN metrics when the free phase has not
+    converged to its default tolerance). Pure and jittable (arrays only), so it can be
+    vmapped over sweep members. Random-sign nudging is measured with +β. Every estimator
+    can be measured: `bptt` against itself gives cosine 1 (a sanity line)."""
+    from ep_jax.estimators import estimate, implicit_grad
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {list(REFERENCES)}, got {reference!r}")
     fixed = dataclasses.replace(est, nudge="fixed")
     g_ep, _ = estimate(model, fixed, None, params, buffers, x, y, rx)
-    g_bp, _ = estimate(model, Estimator("bptt", est.t_free, est.t_nudge), None, params, buffers, x, y, rx)
+    if reference == "implicit":
+        g_bp = implicit_grad(model, params, buffers, x, y, rx, est.t_free)[0]
+    else:
+        g_bp, _ = estimate(model, Estimator(reference, est.t_free, est.t_nudge), None, params, buffers, x, y, rx)
     cos, rr, sa = [], [], []
     dot = nu2 = nv2 = 0.0
     for u, v in zip(jax.tree.leaves(g_ep), jax.tree.leaves(g_bp)):

@@ -256,3 +256,61 @@ def test_estimator_replace_keeps_the_new_settings():
     e = ep_jax.Estimator("holomorphic", 20, 5, n_points=6)
     assert dataclasses.replace(e, nudge="fixed").points == 6
     assert ep_jax.Estimator("implicit", 20, 5).residual_tol == 1e-5
+
+
+# --- the experiment layer ---------------------------------------------------------------
+
+ENGINE = dict(dataset="synthetic", sizes=[12, 10, 4], synthetic_train=96, synthetic_test=48, t_free=40, t_nudge=10,
+              batch_size=16, epochs=1, chunk=3, lr=[0.2, 0.1], eval_batch=48, model="ep", activation="sigmoid")
+
+
+def _run(tmp_path, **kw):
+    import json
+    from experiments import engine
+    from experiments.config import RunConfig, validate
+    c = validate(RunConfig.from_dict({**ENGINE, **kw}))
+    engine.run([engine.Member(c, "m", tmp_path)], progress=False, print_fn=lambda *a: None)
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_engine_runs_the_holomorphic_estimator_and_logs_residuals(tmp_path):
+    rows = _run(tmp_path / "h", estimator="holomorphic", n_points=4, beta=0.5, align_every=3, align_batch=8,
+                align_reference="implicit", float64=True)
+    r = rows[0]
+    assert 0 < r["residual_free"] < 1e-2 and 0 < r["residual_nudge"] < 1e-2
+    # the alignment log against the implicit gradient: holomorphic EP is close to exact
+    assert min(r["alignment"][0]["cosine"].values()) > 0.999
+    rows = _run(tmp_path / "b", estimator="bptt")
+    assert "residual_free" in rows[0] and "residual_nudge" not in rows[0]   # no nudged phase: no column
+
+
+def test_config_refuses_holomorphic_for_non_holomorphic_models():
+    from experiments.config import ConfigError, RunConfig, validate
+    with pytest.raises(ConfigError, match=r"estimator: holomorphic needs holomorphic functions, and this model "
+                                          r"uses activation 'hard_sigmoid'"):
+        validate(RunConfig.from_dict({**ENGINE, "activation": "hard_sigmoid", "estimator": "holomorphic"}))
+    with pytest.raises(ConfigError, match="relu \\(the dendritic branches\\)"):
+        validate(RunConfig.from_dict({**ENGINE, "model": "dendritic", "estimator": "holomorphic"}))
+    with pytest.raises(ConfigError, match="n_points: is a setting of the holomorphic estimator"):
+        validate(RunConfig.from_dict({**ENGINE, "n_points": 8}))
+
+
+def test_fields_added_later_keep_the_digest_of_runs_saved_before_them():
+    """A checkpoint saved before a field existed carries the digest of the fields of its
+    day: every field added since (`later=True`) must leave it unchanged at its default,
+    and change it away from it."""
+    import hashlib
+    import json
+    from experiments.config import RunConfig
+    original = ['dataset', 'data_dir', 'subset', 'test_subset', 'subset_seed', 'synthetic_train', 'synthetic_test',
+                'synthetic_noise', 'model', 'sizes', 'activation', 'output_activation', 'loss', 'basal_branches',
+                'apical_branches', 'sparsity', 'apical_dense', 'alpha', 'gamma', 'estimator', 't_free', 't_nudge',
+                'nudge', 'beta', 'dt', 'dt_dist', 'dt_mean', 'dt_std', 'dt_min', 'dt_max', 'dt_out', 'optimizer',
+                'lr', 'momentum', 'batch_size', 'epochs', 'seed', 'eval_batch', 'chunk', 'max_state', 'float64',
+                'align_every', 'align_batch']
+    c = RunConfig.from_dict(ENGINE)
+    old = {k: v for k, v in c.to_json().items() if k in original and k != "epochs"}
+    assert c.digest() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert c.replace(align_reference="implicit").digest() != c.digest()
+    assert RunConfig.from_dict({**ENGINE, "estimator": "holomorphic", "n_points": 8}).digest() != \
+        RunConfig.from_dict({**ENGINE, "estimator": "holomorphic"}).digest()

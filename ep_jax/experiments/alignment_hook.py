@@ -1,5 +1,8 @@
 """EP-vs-BPTT alignment measured during training (`align_every`), as a loop hook.
 
+The reference is `align_reference`: BPTT truncated to T2 (default), BPTT through all T1
+free steps, or the implicit equilibrium gradient (`ep_jax.alignment.measure`).
+
 Every member is measured on one fixed probe batch (`align_batch` training examples, a
 seeded choice shared by the members: `subset_seed`) at step 0 of a fresh run and then
 whenever its step counter crosses a multiple of `align_every`. The records of an epoch
@@ -32,7 +35,8 @@ class AlignmentHook(Hook):
                                            min(cfg.align_batch, n))
         xp, yp = x[jnp.asarray(probe)], y[jnp.asarray(probe)]
         self.names = ep_jax.alignment.leaf_names(S.take(state.train.params, 0))
-        fn = lambda tr, r: ep_jax.alignment.measure(g.model, g.est, tr.params, tr.buffers, xp, yp, r)
+        fn = lambda tr, r: ep_jax.alignment.measure(g.model, g.est, tr.params, tr.buffers, xp, yp, r,
+                                                    reference=cfg.align_reference)
         self.fn = jax.jit(jax.vmap(fn))
         self.pending = [[] for _ in range(g.M)]
         self.spent = 0.0

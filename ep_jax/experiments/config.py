@@ -142,6 +142,9 @@ class RunConfig:
     align_every: int = _f(0, "every N steps log EP-vs-BPTT alignment on a probe batch (0: off)", lo=0,
                           hi=INT32_MAX)
     align_batch: int = _f(64, "probe batch size of the alignment log", lo=1, hi=INT32_MAX)
+    align_reference: str = _f("bptt", "what the alignment log compares with: bptt (truncated to t_nudge) | "
+                              "bptt_full | implicit (the equilibrium gradient)",
+                              choices=("bptt", "bptt_full", "implicit"), later=True)
     augment: bool = _f(False, "training images: random crop (4-pixel edge padding) and horizontal flip, on "
                               "the device, from the data key; never at evaluation", later=True)
 
