@@ -20,6 +20,8 @@ state).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -106,19 +108,72 @@ def _own_state(tx, name: str, model, hyperparams) -> optax.GradientTransformatio
     return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
-def sgd(model, lr=0.05, momentum: float = 0.9, dtype=None) -> optax.GradientTransformation:
+class CosineDecay(NamedTuple):
+    """PyTorch's `CosineAnnealingLR(T_max=epochs, eta_min=lr_min)` stepped once per epoch:
+    during epoch e (0-based) synapse l's rate is
+
+        lr_l(e) = lr_min + (lr_l − lr_min) · (1 + cos(π e / epochs)) / 2,
+
+    e = (updates applied so far) // steps_per_epoch (a count in the optimiser state, so
+    a resumed run continues the schedule exactly). Hashable: a static part of the step."""
+    steps_per_epoch: int
+    epochs: int
+    lr_min: float = 1e-5
+
+    def rates(self, lr, count):
+        """The rates `(L,)` after `count` updates."""
+        e = (count // self.steps_per_epoch).astype(lr.dtype)
+        c = 0.5 * (1 + jnp.cos(jnp.pi * e / self.epochs))
+        return self.lr_min + (lr - self.lr_min) * c
+
+
+class _CountState(NamedTuple):
+    count: jax.Array
+
+
+def scale_by_scheduled_tree(model, lr, schedule: CosineDecay) -> optax.GradientTransformation:
+    """Multiply each update leaf by −(its synapse's rate under `schedule`), counting updates."""
+    def init(params):
+        return _CountState(jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        rates = model.lr_tree(schedule.rates(lr, state.count))
+        return jax.tree.map(lambda u, r: -r * u, updates, rates), _CountState(state.count + 1)
+    return optax.GradientTransformation(init, update)
+
+
+def _rates_and_decay(model, lr, weight_decay: float, schedule):
+    """The chain's ends shared by sgd and adam: weight decay first (PyTorch's: added to the
+    gradient before momentum), the per-synapse (scheduled) rates last."""
+    if float(weight_decay) < 0 or not np.isfinite(float(weight_decay)):
+        raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay}")
+    if schedule is not None and not isinstance(schedule, CosineDecay):
+        raise ValueError(f"schedule must be an ep_jax.optim.CosineDecay or None, got {type(schedule).__name__}")
+    if schedule is not None and (schedule.steps_per_epoch < 1 or schedule.epochs < 1 or schedule.lr_min < 0):
+        raise ValueError(f"CosineDecay needs steps_per_epoch >= 1, epochs >= 1 and lr_min >= 0, got {schedule}")
+    first = (optax.add_decayed_weights(float(weight_decay)),) if weight_decay else ()
+    last = scale_by_scheduled_tree(model, lr, schedule) if schedule is not None else scale_by_tree(model.lr_tree(lr))
+    return first, last
+
+
+def sgd(model, lr=0.05, momentum: float = 0.9, dtype=None, weight_decay: float = 0.0,
+        schedule: "CosineDecay | None" = None) -> optax.GradientTransformation:
     """SGD with PyTorch momentum and one learning rate per synapse (module docstring).
 
     lr: one float >= 0 or one per synapse; momentum: μ in [0, 1). Both are arrays in
     the optimiser state (`optax.inject_hyperparams`); `update` refuses a state that
-    another optimiser made."""
+    another optimiser made. weight_decay: PyTorch's `g + weight_decay · θ` before the
+    momentum; schedule: `CosineDecay` of the rates per epoch (default: constant rates;
+    with both left out the optimiser and its state are exactly as before)."""
     dtype = dtype or default_float()
     rates = per_synapse_rates(model, lr, dtype)
     _check_momentum(momentum)
     mu = jnp.asarray(momentum, dtype)
+    _rates_and_decay(model, rates, weight_decay, schedule)   # checked eagerly
 
     def build(lr, momentum):
-        return optax.chain(optax.trace(decay=momentum), scale_by_tree(model.lr_tree(lr)))
+        first, last = _rates_and_decay(model, lr, weight_decay, schedule)
+        return optax.chain(*first, optax.trace(decay=momentum), last)
 
     return _own_state(optax.inject_hyperparams(build)(lr=rates, momentum=mu), "sgd", model, ("lr", "momentum"))
 
@@ -144,14 +199,18 @@ def with_hyperparams(opt_state, **values):
     return opt_state._replace(hyperparams=new)
 
 
-def adam(model, lr=1e-3, dtype=None, **adam_kwargs) -> optax.GradientTransformation:
+def adam(model, lr=1e-3, dtype=None, weight_decay: float = 0.0, schedule: "CosineDecay | None" = None,
+         **adam_kwargs) -> optax.GradientTransformation:
     """Adam (`optax.scale_by_adam`) with one learning rate per synapse (each >= 0), the
     rates an array in the state (`inject_hyperparams`) like `sgd`'s; `update` refuses a
-    state that another optimiser made."""
+    state that another optimiser made. weight_decay, schedule: as `sgd`'s (PyTorch's
+    Adam weight decay: added to the gradient)."""
     dtype = dtype or default_float()
     rates = per_synapse_rates(model, lr, dtype)
+    _rates_and_decay(model, rates, weight_decay, schedule)
 
     def build(lr):
-        return optax.chain(optax.scale_by_adam(**adam_kwargs), scale_by_tree(model.lr_tree(lr)))
+        first, last = _rates_and_decay(model, lr, weight_decay, schedule)
+        return optax.chain(*first, optax.scale_by_adam(**adam_kwargs), last)
 
     return _own_state(optax.inject_hyperparams(build)(lr=rates), "adam", model, ("lr",))

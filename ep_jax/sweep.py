@@ -129,24 +129,32 @@ def sweep_step(model, est: Estimator, opt, state: SweepState, x, y, rx: Relaxati
 
 
 def sweep_steps(model, est: Estimator, opt, state: SweepState, x_all, y_all, idx, rx: Relaxation,
-                max_state=None, axis_name: str | None = None):
+                max_state=None, axis_name: str | None = None, augment=None, aug_keys=None):
     """`idx.shape[0]` steps in one `lax.scan` with the dataset resident on the device.
 
     idx: `(T, M, B)` per-member batch indices into `(x_all, y_all)` (every member its own
     data order), or `(T, B)` shared. max_state, axis_name: see `member_step` (inside
-    `shard_map`, `idx` holds this device's members and rows). Returns `(state, StepInfo)`,
-    fields `(T, M)`."""
+    `shard_map`, `idx` holds this device's members and rows). augment: a static
+    `f(key, x, ix) -> x` applied to each training batch (`ep_jax.augment.CropFlip`), with
+    member i's key at its step t `fold_in(aug_keys[i], t)` (`aug_keys`: `(M, 2)`).
+    Returns `(state, StepInfo)`, fields `(T, M)`."""
     shared = idx.ndim == 2
+    if augment is not None and aug_keys is None:
+        raise ValueError("augment needs aug_keys: one key per member, shape (M, 2)")
+    keys = aug_keys if augment is not None else None   # None: an empty pytree, vmapped as nothing
 
     def body(st, ix):
-        step = lambda s, i, r: member_step(model, est, opt, s, x_all[i], y_all[i], r, axis_name=axis_name,
-                                           max_state=max_state)
-        return jax.vmap(step, in_axes=(0, None if shared else 0, 0))(st, ix, rx)
+        def step(s, i, r, k):
+            x = x_all[i]
+            if augment is not None:
+                x = augment(jax.random.fold_in(k, s.train.step), x, i)
+            return member_step(model, est, opt, s, x, y_all[i], r, axis_name=axis_name, max_state=max_state)
+        return jax.vmap(step, in_axes=(0, None if shared else 0, 0, 0))(st, ix, rx, keys)
     return jax.lax.scan(body, state, idx)
 
 
-sweep_steps_jit = jax.jit(sweep_steps, static_argnums=(0, 1, 2))
-sweep_steps_jit.__doc__ = "`sweep_steps` jitted with `(model, est, opt)` static."
+sweep_steps_jit = jax.jit(sweep_steps, static_argnums=(0, 1, 2), static_argnames=("augment",))
+sweep_steps_jit.__doc__ = "`sweep_steps` jitted with `(model, est, opt)` and `augment` static."
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

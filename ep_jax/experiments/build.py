@@ -72,11 +72,19 @@ def build_estimator(cfg: RunConfig) -> ep_jax.Estimator:
                             impl=cfg.relaxation_impl, n_points=cfg.n_points, tol=cfg.implicit_tol)
 
 
+def lr_schedule(cfg: RunConfig):
+    """`ep_jax.optim.CosineDecay` over the config's epochs (per epoch, to `lr_min`), or None."""
+    if cfg.lr_schedule != "cosine":
+        return None
+    return ep_jax.optim.CosineDecay(cfg.steps_per_epoch(), cfg.epochs, cfg.lr_min)
+
+
 def build_optimizer(cfg: RunConfig, model):
     """The optimiser (its rates are set per member, see `opt_hyperparams`)."""
+    extra = dict(weight_decay=cfg.weight_decay, schedule=lr_schedule(cfg))
     if cfg.optimizer == "adam":
-        return ep_jax.optim.adam(model, lr=cfg.lr)
-    return ep_jax.optim.sgd(model, lr=cfg.lr, momentum=cfg.momentum)
+        return ep_jax.optim.adam(model, lr=cfg.lr, **extra)
+    return ep_jax.optim.sgd(model, lr=cfg.lr, momentum=cfg.momentum, **extra)
 
 
 _OPTIMIZERS: dict = {}
@@ -87,10 +95,11 @@ def group_optimizer(cfg: RunConfig, model):
     placeholders, every member's own are set through `opt_hyperparams`. Reusing the object
     lets `jit` reuse the compiled step across runs, resumes and groups of one process."""
     from ep_jax.models.base import default_float
-    key = (model, cfg.optimizer, str(default_float()))
+    extra = dict(weight_decay=cfg.weight_decay, schedule=lr_schedule(cfg))
+    key = (model, cfg.optimizer, str(default_float()), cfg.weight_decay, extra["schedule"])
     if key not in _OPTIMIZERS:
-        _OPTIMIZERS[key] = (ep_jax.optim.adam(model, lr=0.0) if cfg.optimizer == "adam"
-                            else ep_jax.optim.sgd(model, lr=0.0, momentum=0.0))
+        _OPTIMIZERS[key] = (ep_jax.optim.adam(model, lr=0.0, **extra) if cfg.optimizer == "adam"
+                            else ep_jax.optim.sgd(model, lr=0.0, momentum=0.0, **extra))
     return _OPTIMIZERS[key]
 
 

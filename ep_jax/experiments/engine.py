@@ -47,9 +47,9 @@ from ep_jax import sweep as S
 from ep_jax.experiments import checkpoint as ckpt
 from ep_jax.experiments import config as configs, figures, files, runtime as runtimes
 from ep_jax.experiments.alignment_hook import AlignmentHook
-from ep_jax.experiments.build import (build_estimator, build_model, build_optimizer, build_relaxation,  # noqa: F401
-                                      epoch_batches, epoch_order, group_optimizer, keys, load_data,
-                                      model_settings, opt_hyperparams)
+from ep_jax.experiments.build import (augment_key, build_augment, build_estimator, build_model,  # noqa: F401
+                                      build_optimizer, build_relaxation, epoch_batches, epoch_order,
+                                      group_optimizer, keys, load_data, model_settings, opt_hyperparams)
 from ep_jax.experiments.config import RunConfig, warnings_for
 from ep_jax.experiments.errors import Interrupted, RunError
 from ep_jax.experiments.loggers import ConsoleLogger, JsonlLogger, ProgressBar, optional_loggers, plural
@@ -97,6 +97,10 @@ class Group:
         with _x64(first):  # the rates are arrays of the run's precision
             self.opt = group_optimizer(first, self.model)
         self.M = len(self.members)
+        # training augmentation (static) and each member's key for it (from its data key)
+        self.augment = build_augment(first)
+        self.aug_keys = (jnp.stack([augment_key(m.cfg) for m in self.members]) if self.augment is not None
+                         else None)
 
     def initial(self):
         """`(SweepState, stacked Relaxation)` from the members' configs and seeds."""

@@ -1,5 +1,7 @@
 """Named experiment presets: every cell of the dendritic-EP paper's Table 2, the
-heterogeneous-time-step paper's network, and the README's quick Fashion-MNIST run.
+heterogeneous-time-step paper's network, the README's quick Fashion-MNIST run, and the
+convolutional networks (Laborieux et al. 2021's CIFAR-10 setting, its dendritic
+counterpart, a small Fashion-MNIST conv net).
 
 A preset is a dict of `RunConfig` fields (`experiments.config`); any field can be
 overridden from the command line (`--set lr=0.5,0.2`). Table-2 names are
@@ -88,6 +90,40 @@ _T1 = {
 PUBLISHED_TABLE1 = {(ds, dist, dt): (row[2 * j], row[2 * j + 1])
                     for ds, rows in _T1.items() for dt, row in zip(HTS_DT_OUT, rows)
                     for j, dist in enumerate(HTS_DISTS)}
+
+
+# --- convolutional EP (Laborieux et al. 2021, "Scaling Equilibrium Propagation to Deep ConvNets") ---
+# Their CIFAR-10 network: four 3x3 conv layers of 128-256-512-512 channels, paddings 1 1 1 0,
+# each followed by 2x2 max pooling (32 -> 16 -> 8 -> 4 -> 2 -> 1), then fc 10; hard sigmoid;
+# T1 = 250 free steps, T2 = 25 nudged steps, beta = 0.5 with the symmetric (third-phase)
+# estimate; SGD with momentum 0.9, rates 0.25 0.15 0.1 0.08 0.05 with cosine decay to 1e-5,
+# weight decay 3e-4, batch 128, 120 epochs, random crops and flips. Published test error:
+# 11.68 % with the softmax readout (the last fc layer is the readout, outside the dynamics),
+# 12–13 % with MSE on the output layer. On one GPU: `ep-jax train --preset cifar10-conv-ep
+# --data-dir <folder with cifar-10-binary.tar.gz>` (benchmarks/README.md: what an epoch costs).
+PUBLISHED_CIFAR10_ERROR = {"cifar10-conv-ep": 11.68, "cifar10-conv-ep-mse": 12.5}
+_LABORIEUX = dict(model="conv", dataset="cifar10", channels=[128, 256, 512, 512], kernels=[3, 3, 3, 3],
+                  strides=[1, 1, 1, 1], paddings=[1, 1, 1, 0], pools=["max", "max", "max", "max"], fc=[10],
+                  activation="hard_sigmoid", estimator="symmetric", t_free=250, t_nudge=25, beta=0.5,
+                  optimizer="sgd", momentum=0.9, lr=[0.25, 0.15, 0.1, 0.08, 0.05], lr_schedule="cosine",
+                  lr_min=1e-5, weight_decay=3e-4, batch_size=128, epochs=120, augment=True, eval_batch=500,
+                  chunk=20)
+PRESETS["cifar10-conv-ep"] = dict(_LABORIEUX, readout="softmax", loss="ce")
+PRESETS["cifar10-conv-ep-mse"] = dict(_LABORIEUX, readout="none", loss="mse")
+# Its dendritic counterpart (no published number): every conv and fc synapse a dendritic map
+# with the dendritic MLP's paper defaults (8 basal, 2 apical branches, sparsity 0.5, alpha 0.2),
+# the EP network's rates (untuned).
+PRESETS["cifar10-conv-dep"] = dict(_LABORIEUX, model="dendritic_conv", readout="softmax", loss="ce",
+                                   basal_branches=8, apical_branches=2, sparsity=0.5, alpha=0.2)
+
+# A small conv network that learns Fashion-MNIST on 2 CPU cores in minutes (README results):
+# 5x5 conv of 8 channels (padding 2) and 3x3 conv of 16 (padding 1), each with 2x2 max
+# pooling (28 -> 14 -> 7), fc 10 with MSE; 4000 training and 1000 test examples.
+PRESETS["fmnist-conv-small"] = dict(model="conv", dataset="fashion_mnist", channels=[8, 16], kernels=[5, 3],
+                                    paddings=[2, 1], pools=["max", "max"], fc=[10], activation="hard_sigmoid",
+                                    estimator="symmetric", t_free=20, t_nudge=5, beta=0.5, lr=[0.2, 0.1, 0.05],
+                                    momentum=0.9, batch_size=64, subset=4000, test_subset=1000, epochs=3,
+                                    chunk=16)
 
 
 def preset_config(name: str):

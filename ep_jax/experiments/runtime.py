@@ -75,6 +75,9 @@ class _LocalRunner:
         from ep_jax import sweep as S
         g = self.g
         # looked up per call: tests replace it to simulate a failing device
+        if getattr(g, "augment", None) is not None:
+            return S.sweep_steps_jit(g.model, g.est, g.opt, state, x_all, y_all, idx, rx, max_state,
+                                     augment=g.augment, aug_keys=g.aug_keys)
         return S.sweep_steps_jit(g.model, g.est, g.opt, state, x_all, y_all, idx, rx, max_state)
 
     def evaluate(self, state, x, y, rx, batch: int):
@@ -172,7 +175,13 @@ class Distributed:
                               ) from None
 
     def check_layout(self, groups):
-        """Refuse (ConfigError) before anything is touched if a group does not divide."""
+        """Refuse (ConfigError) before anything is touched if a group does not divide, or
+        asks for what the mesh steps do not do (training augmentation)."""
+        from ep_jax.experiments.config import ConfigError
+        for g in groups:
+            if g.cfg.augment:
+                raise ConfigError("augment: not supported with --distributed yet (the sharded steps do not "
+                                  "augment); train on one device, or set augment=false")
         for gi, g in enumerate(groups):
             where = (f" (group {gi + 1}: {', '.join(m.name for m in g.members)})"
                      if len(groups) > 1 or g.M > 1 else "")
