@@ -24,6 +24,7 @@ COMMANDS = {
     "plot-dt-hist": ("plot_dt_hist", "histograms of the heterogeneous time steps"),
     "compare-custom-vjp": ("compare_custom_vjp", "EP as a custom-VJP layer against jax.grad"),
     "example-ep-head": ("example_ep_head", "an EP block as the head of a flax model"),
+    "import-lease": ("import_lease", "unpack what a GPU lease brought back into experiments/results"),
 }
 
 
