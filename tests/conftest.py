@@ -295,6 +295,7 @@ SLOW = {
     "test_kernels.py::test_free_and_nudged_states_match_xla[True-dendritic-2h]",
     "test_kernels.py::test_vmapped_members_equal_solo",
     "test_kernels.py::test_float64_matches_xla[dendritic]",
+    "test_lease.py::test_dry_run_then_import",
 }
 
 
