@@ -45,13 +45,16 @@ def make_ep_block(model, est: Estimator):
         eff = model.prepare(params, buffers)
         return dynamics.free_phase(model, eff, model.input_drive(eff, x), rx.dt, est.t_free)
 
+    def output(params, buffers, s):  # s_L, or the model's readout of it (`model.output`)
+        return model.output(model.prepare(params, buffers), s)
+
     @jax.custom_vjp
     def block(params, buffers, x, rx):
-        return free(params, buffers, x, rx)[-1]
+        return output(params, buffers, free(params, buffers, x, rx))
 
     def fwd(params, buffers, x, rx):
         s = free(params, buffers, x, rx)
-        return s[-1], (params, buffers, x, rx, s)
+        return output(params, buffers, s), (params, buffers, x, rx, s)
 
     def bwd(res, g):
         params, buffers, x, rx, s_free = res

@@ -226,7 +226,7 @@ def sharded_sweep_evaluate(model, est: Estimator, mesh: Mesh):
     `mask` False (padding) do not count."""
     def body(state, x, y, mask, rx):
         def one(tr, r):
-            out = predict(model, est, tr.params, tr.buffers, x, r)[-1]
+            out = model.output(model.prepare(tr.params, tr.buffers), predict(model, est, tr.params, tr.buffers, x, r))
             ok = (jnp.argmax(out, axis=-1) == y) & mask
             cost = model.cost(out, model.one_hot(y, out.dtype))
             return jnp.sum(ok), jnp.sum(jnp.where(mask, cost, 0))

@@ -1,10 +1,12 @@
-"""Models by name: `build_model("ep" | "dendritic", sizes=..., ...)`."""
+"""Models by name: `build_model("ep" | "dendritic", sizes=..., ...)`, `build_model("conv" |
+"dendritic_conv", input_shape=..., channels=..., fc=..., ...)` (ep_jax.models.conv)."""
 from ep_jax.models.base import LayeredModel, Model, OutputGrad
 from ep_jax.models.conv import ConvEPModel
 from ep_jax.models.dendritic import DendriticModel
+from ep_jax.models.dendritic_conv import DendriticConvModel
 from ep_jax.models.ep import EPModel
 
-MODELS = {"ep": EPModel, "dendritic": DendriticModel, "conv": ConvEPModel}
+MODELS = {"ep": EPModel, "dendritic": DendriticModel, "conv": ConvEPModel, "dendritic_conv": DendriticConvModel}
 
 
 def build_model(name: str, **config) -> LayeredModel:
@@ -20,5 +22,5 @@ def build_model(name: str, **config) -> LayeredModel:
         raise ValueError(f"bad option for the {name!r} model: {e}") from None
 
 
-__all__ = ["LayeredModel", "Model", "OutputGrad", "EPModel", "DendriticModel", "ConvEPModel", "MODELS",
-           "build_model"]
+__all__ = ["LayeredModel", "Model", "OutputGrad", "EPModel", "DendriticModel", "ConvEPModel", "DendriticConvModel",
+           "MODELS", "build_model"]

@@ -263,6 +263,13 @@ class ConvLayered(LayeredModel):
             return self.activation
         return super().out_activation_name
 
+    def non_holomorphic(self) -> list[str]:
+        """Parts that are not holomorphic (the holomorphic estimator refuses them): the
+        layered model's, and max pooling."""
+        parent = getattr(super(), "non_holomorphic", None)
+        bad = list(parent()) if parent is not None else []
+        return bad + (["max pooling"] if "max" in self.pools else [])
+
     def layer_activations(self):
         if self.readout != "none":
             return (activations.get_activation(self.activation),) * self.n_layers
@@ -358,8 +365,10 @@ class ConvEPModel(ConvLayered):
         return phi
 
     def drives(self, eff, ctx, s, target, beta):
-        """`h_l = ∂Φ/∂s_l` (batch-summed Φ: each example's own partial), by `jax.grad`."""
-        return tuple(jax.grad(lambda st: self._phi(eff, ctx, st, target, beta))(tuple(s)))
+        """`h_l = ∂Φ/∂s_l` (batch-summed Φ: each example's own partial), by `jax.grad`
+        (complex derivative for complex states: Φ is holomorphic in s without max pooling)."""
+        holo = jnp.iscomplexobj(s[0])
+        return tuple(jax.grad(lambda st: self._phi(eff, ctx, st, target, beta), holomorphic=holo)(tuple(s)))
 
     def primitive(self, eff, ctx, s, target, beta):
         return self._phi(eff, ctx, s, target, beta) / s[0].shape[0]
