@@ -45,11 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 
 #: (variant, XLA_FLAGS or None): run in this order until the speed budget is spent
-VARIANTS = [("xla", None), ("pallas", None),
+VARIANTS = [("xla", None), ("pallas", None), ("pallas16", None),
             ("cmdbuf", "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1"),
             ("unroll4", None), ("unroll8", None), ("unroll2", None), ("unrollfull", None)]
 #: variants the library can train with: (relaxation_impl, XLA_FLAGS)
-LIBRARY = {"xla": ("xla", None), "pallas": ("pallas", None), "cmdbuf": ("xla", VARIANTS[2][1])}
+LIBRARY = {"xla": ("xla", None), "pallas": ("pallas", None), "pallas16": ("pallas", None),
+           "cmdbuf": ("xla", VARIANTS[3][1])}
 BUDGETS = {"speed": 170, "table1": 230, "pack": 25}        # seconds; table2 gets the rest
 DRY_BUDGETS = {"speed": 60, "table1": 60, "pack": 10}
 DRY_VARIANTS = ["xla", "pallas", "unroll2"]                 # cmdbuf: a GPU flag the CPU build rejects
@@ -161,7 +162,7 @@ def speed(L: Lease) -> list[dict]:
     # variants without flags share a process (imports, data and init once); flags need their own
     plain = [v for v, f in variants if f is None]
     flagged = [(v, f) for v, f in variants if f is not None]
-    groups = [(plain[:2], None)] + [([v], f) for v, f in flagged] + [(plain[2:], None)]
+    groups = [(plain[:3], None)] + [([v], f) for v, f in flagged] + [(plain[3:], None)]
     if L.a.dry_run:   # one process: the dry run checks the path, not the numbers
         groups = [(plain, None)]
     for names, flags in groups:
@@ -181,17 +182,17 @@ def speed(L: Lease) -> list[dict]:
     return rows
 
 
-def fastest(rows: list[dict], workloads: list[str]) -> tuple[str, str | None, str]:
-    """`(relaxation_impl, XLA_FLAGS, why)`: the library option with the least time per
-    step on the first of `workloads` that every candidate measured (xla when none did)."""
+def fastest(rows: list[dict], workloads: list[str]) -> tuple[str, str | None, str, str]:
+    """`(relaxation_impl, XLA_FLAGS, why, variant)`: the library option with the least time
+    per step on the first of `workloads` that xla was measured on (xla when none was)."""
     ok = [r for r in rows if "error" not in r and "fallback" not in r and r["variant"] in LIBRARY]
     for w in workloads:
         cand = {r["variant"]: r["ms_per_step"] for r in ok if r["workload"] == w}
         if "xla" in cand:
             best = min(cand, key=cand.get)
             impl, flags = LIBRARY[best]
-            return impl, flags, f"{best} on {w}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(cand.items()))
-    return "xla", None, "no speed rows: the default"
+            return impl, flags, f"{best} on {w}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(cand.items())), best
+    return "xla", None, "no speed rows: the default", "xla"
 
 
 def speed_table(rows: list[dict]) -> str:
@@ -347,22 +348,31 @@ def main(argv=None) -> int:
     return 0
 
 
+def block_rows(variant: str):
+    """`pallasN` won: the table's subprocess runs the kernel with N rows per program."""
+    os.environ.pop("EP_JAX_PALLAS_BLOCK_B", None)
+    if variant.startswith("pallas") and variant[len("pallas"):]:
+        os.environ["EP_JAX_PALLAS_BLOCK_B"] = variant[len("pallas"):]
+
+
 def run_steps(L: Lease, skip: set) -> list[dict]:
     """Steps (a), (b), (c) in order; returns the speed rows."""
     rows = speed(L) if "speed" not in skip else []
-    impl1, flags1, why1 = fastest(rows, ["hts-25", "hts-1"])
-    impl2, flags2, why2 = fastest(rows, ["mnist-dep-128", "mnist-dep-1"])
+    impl1, flags1, why1, best1 = fastest(rows, ["hts-25", "hts-1"])
+    impl2, flags2, why2, best2 = fastest(rows, ["mnist-dep-128", "mnist-dep-1"])
     L.step("choice", table1=[impl1, flags1, why1], table2=[impl2, flags2, why2])
     print(f"lease: Table 1 trains with {impl1}{' + ' + flags1 if flags1 else ''} ({why1})", flush=True)
     if "table1" not in skip:
         n = seed_runs(L, "table1")
         impl1 = pinned_impl(L, "table1") or impl1
         L.step("table1", resumed_runs=n)
+        block_rows(best1)
         table(L, "table1", table1_cells(L), impl1, flags1, L.budgets["table1"])
     if "table2" not in skip:
         n = seed_runs(L, "table2")
         impl2 = pinned_impl(L, "table2") or impl2
         L.step("table2", resumed_runs=n)
+        block_rows(best2)
         table(L, "table2", table2_cells(L), impl2, flags2, L.left() - L.budgets["pack"])
     return rows
 

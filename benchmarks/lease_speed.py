@@ -9,7 +9,7 @@ synchronised). One JSON row per (variant, workload) is appended to `--rows` as s
 is measured, so a kill loses only the row in progress.
 
 Variants: `xla` (lax.scan, the default), `pallas` (`relaxation_impl="pallas"`, the fused
-kernel), `unrollK` / `unrollfull` (the XLA path with `lax.scan(..., unroll=K)`: a
+kernel; `pallasN`: N rows per program, `EP_JAX_PALLAS_BLOCK_B`), `unrollK` / `unrollfull` (the XLA path with `lax.scan(..., unroll=K)`: a
 benchmark-only substitution of `ep_jax.dynamics`' `lax` by a shim, this process only;
 the library has no unroll option), and any variant run under `XLA_FLAGS` (the caller
 sets the flags; the variant name says which, e.g. `cmdbuf`).
@@ -66,8 +66,11 @@ def measure(variant: str, work: tuple, dry: bool, data_dir: str | None) -> dict:
         from ep_jax.experiments.reproduce import available
         if not available(values["dataset"], data_dir):   # CI has Debian's Fashion-MNIST only
             values["dataset"] = "fashion_mnist"
-    if variant == "pallas":
+    os.environ.pop("EP_JAX_PALLAS_BLOCK_B", None)
+    if variant.startswith("pallas"):
         values["relaxation_impl"] = "pallas"
+        if variant[len("pallas"):]:          # pallasN: N rows per program
+            os.environ["EP_JAX_PALLAS_BLOCK_B"] = variant[len("pallas"):]
     dynamics.lax = jax.lax
     if variant.startswith("unroll"):
         k = variant[len("unroll"):]

@@ -201,3 +201,14 @@ def test_estimator_pallas_runs_both_phases_in_the_kernel():
     with kernels.interpret():
         assert jaxpr("pallas").count("pallas_call") == 2     # the free phase and the stacked ±β phases
     assert jaxpr("xla").count("pallas_call") == 0
+
+
+def test_block_rows_knob(monkeypatch):
+    model, _, _, eff, ctx, _, _, dt = setup("hts", batch=40)
+    assert K.plan_of(model, ctx, None, None, 3).tile == 64
+    monkeypatch.setenv("EP_JAX_PALLAS_BLOCK_B", "16")
+    plan = K.plan_of(model, ctx, None, None, 3)
+    assert plan.tile == 16 and plan.rows == 48
+    with kernels.interpret():
+        got = kernels.free_phase(model, eff, ctx, dt, 4)
+    assert rel_err(got, dynamics.free_phase(model, eff, ctx, dt, 4)) <= F32_TOL

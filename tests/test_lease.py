@@ -145,3 +145,16 @@ def test_import_one_line_errors(tmp_path):
     (tmp_path / "lease.tgz.00").write_bytes(b"not a tar")
     r = run_import(tmp_path)
     assert r.returncode == 2 and "not a complete lease archive" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_fastest_library_option_ignores_fallbacks_and_benchmark_only_variants():
+    rows = [{"variant": "xla", "workload": "hts-1", "ms_per_step": 1.0},
+            {"variant": "pallas", "workload": "hts-1", "ms_per_step": 0.4, "fallback": "did not lower"},
+            {"variant": "unroll8", "workload": "hts-1", "ms_per_step": 0.1},        # no library option
+            {"variant": "cmdbuf", "workload": "hts-1", "ms_per_step": 0.7},
+            {"variant": "pallas16", "workload": "hts-25", "error": "OOM"}]
+    impl, flags, why, best = lease.fastest(rows, ["hts-25", "hts-1"])
+    assert (impl, best) == ("xla", "cmdbuf") and "WHILE" in flags and "hts-1" in why
+    assert lease.fastest([], ["hts-1"])[:2] == ("xla", None)
+    table = lease.speed_table(rows)
+    assert "0.400 (xla fallback)" in table and "error" in table
