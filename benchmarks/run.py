@@ -15,6 +15,11 @@ For every preset architecture, in ONE process on ONE device:
   averages, two nudged scans, `jax.grad` of the primitive), jitted with `lax.scan`.
   Symmetric-EP presets only.
 
+Conv presets (`fmnist-conv-small`; with the full set also `cifar10-conv-ep`) get the library
+and the straightforward rows (`Unhoisted`: the first conv and its pooling recomputed in every
+relaxation step), their FLOPs counted by `conv_step_flops`, the dominant column a single
+`relu(conv(x, w))` of the costliest layer.
+
 Per path: ms per step, seconds per 60 000-example epoch (training steps only), the
 achieved FLOP/s (the step's matmul FLOPs counted from the architecture, `step_flops`,
 ÷ time) against a matmul
@@ -46,6 +51,7 @@ import ep_jax
 from ep_jax import sweep as S
 from ep_jax.reference import Unhoisted
 from ep_jax.experiments import engine
+from ep_jax.experiments.config import CONV_MODELS
 from ep_jax.experiments.presets import preset_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,6 +61,9 @@ EPOCH = 60000
 PRESETS_FULL = ["mnist-ep", "mnist-dep", "mnist-dbptt", "fmnist-ep", "fmnist-dep", "fmnist-dbptt",
                 "mnist-hts-lognormal"]
 PRESETS_QUICK = ["mnist-ep", "mnist-dep", "fmnist-dep"]
+# conv rows: the small Fashion-MNIST net everywhere, Laborieux et al.'s CIFAR-10 net where not --quick
+CONV_FULL = ["fmnist-conv-small", "cifar10-conv-ep"]
+CONV_QUICK = ["fmnist-conv-small"]
 SWEEP_PRESETS = ["mnist-dep", "fmnist-dep"]
 
 
@@ -122,13 +131,44 @@ def compiled_stats(jitted, *args) -> dict:
     return out
 
 
+def synapse_flops(cfg) -> list[float]:
+    """Conv models: the forward FLOPs per example of each synapse — a conv layer
+    2·H'·W'·k²·C_in·C_out (H'×W' its map before pooling), an fc layer (the readout
+    included) 2·n_in·n_out. Pooling is not counted (no multiply-adds)."""
+    out = [2.0 * c["h_conv"] * c["w_conv"] * c["kernel"] ** 2 * c["c_in"] * c["channels"]
+           for c in cfg.conv_layers()]
+    last = cfg.conv_layers()[-1]
+    widths = [last["h_out"] * last["w_out"] * last["channels"]] + list(cfg.fc)
+    return out + [2.0 * widths[i] * widths[i + 1] for i in range(len(cfg.fc))]
+
+
+def conv_step_flops(cfg) -> float:
+    """`step_flops` of a conv model, counted the same way: the first synapse's forward
+    (hoisted) and weight gradient once; per relaxation step every other synapse's forward
+    and its transposed path into the layer below (the drive by `jax.grad` of Φ: same
+    FLOPs as the forward), the ±β phases on a doubled batch; at each contrasted state the
+    forward and weight gradient of every other synapse (dendritic: every map K_b times,
+    apical maps K_a times more)."""
+    f = synapse_flops(cfg)
+    kb = cfg.basal_branches if cfg.model == "dendritic_conv" else 1
+    ka = cfg.apical_branches if cfg.model == "dendritic_conv" else 0
+    inp = cfg.batch_size * f[0] * kb
+    rec = cfg.batch_size * sum(f[1:]) * (2 * kb + 2 * ka)
+    steps = {"symmetric": cfg.t_free + 2 * cfg.t_nudge + 4, "one_sided": cfg.t_free + cfg.t_nudge + 4,
+             "chl": cfg.t_free + cfg.t_nudge + 4}.get(cfg.estimator, cfg.t_free + 2 * cfg.t_nudge)
+    return 2 * inp + steps * rec
+
+
 def step_flops(cfg) -> float:
     """The matmul FLOPs (2·m·n·k) the step's algorithm needs at least, counted from the
     architecture: the input map forward once and its weight gradient once (the phases'
     cotangents summed); every recurrent map (feedforward l >= 2, feedback / apical) once
     per relaxation step, the ±β phases on a doubled batch; for the EP estimators the
     recurrent maps' forward and weight gradient at each contrasted state (two phases);
-    for truncated BPTT the backward pass through the last T2 steps (twice the forward)."""
+    for truncated BPTT the backward pass through the last T2 steps (twice the forward).
+    Conv models: `conv_step_flops`."""
+    if cfg.model in CONV_MODELS:
+        return conv_step_flops(cfg)
     n, B, L = cfg.sizes, cfg.batch_size, len(cfg.sizes) - 1
     dend = cfg.model == "dendritic"
     kb, ka = (cfg.basal_branches, cfg.apical_branches) if dend else (1, 1)
@@ -158,8 +198,25 @@ def roofline(quick: bool) -> dict:
     return {"matmul_n": n, "gflops": 2 * n ** 3 / t / 1e9}
 
 
+def dominant_conv(cfg, model, min_time) -> float:
+    """GFLOP/s of `relu(conv(x, w))` for the conv model's costliest conv layer (one batch)."""
+    from ep_jax.models.conv import conv2d
+    f = synapse_flops(cfg)
+    layers = cfg.conv_layers()
+    i = int(np.argmax(f[:len(layers)]))
+    c = layers[i]
+    x = jax.random.uniform(jax.random.PRNGKey(0), (cfg.batch_size, c["h_in"], c["w_in"], c["c_in"]))
+    w = jax.random.uniform(jax.random.PRNGKey(1), (c["kernel"], c["kernel"], c["c_in"], c["channels"]))
+    g = jax.jit(lambda x, w: jax.nn.relu(conv2d(x, w, c["stride"], c["padding"])))
+    t = timed(lambda: g(x, w), min_time)
+    return cfg.batch_size * f[i] / t / 1e9
+
+
 def dominant_matmul(cfg, model, min_time) -> float:
-    """GFLOP/s of `relu(x @ w)` for the preset's largest per-batch matmul (the input map)."""
+    """GFLOP/s of `relu(x @ w)` for the preset's largest per-batch matmul (the input map;
+    conv models: `dominant_conv`)."""
+    if cfg.model in CONV_MODELS:
+        return dominant_conv(cfg, model, min_time)
     width = model.sizes[1] * (cfg.basal_branches if cfg.model == "dendritic" else 1)
     x = jax.random.uniform(jax.random.PRNGKey(0), (cfg.batch_size, model.sizes[0]))
     w = jax.random.uniform(jax.random.PRNGKey(1), (model.sizes[0], width))
@@ -261,8 +318,11 @@ def bench_preset(name: str, min_time: float, chunk: int) -> dict:
     x = rng.random((n, model.sizes[0]), dtype=np.float32)
     y = rng.integers(0, model.n_classes, n).astype(np.int32)
     key = jax.random.PRNGKey(0)
-    row = {"preset": name, "model": cfg.model, "estimator": cfg.estimator, "sizes": list(cfg.sizes),
-           "t_free": cfg.t_free, "t_nudge": cfg.t_nudge, "batch": B, "steps_per_epoch": -(-EPOCH // B)}
+    sizes = (list(cfg.sizes) if cfg.model not in CONV_MODELS
+             else [f"conv{c}" for c in cfg.channels] + [f"fc{n}" for n in cfg.fc])
+    row = {"preset": name, "model": cfg.model, "estimator": cfg.estimator, "sizes": sizes,
+           "t_free": cfg.t_free, "t_nudge": cfg.t_nudge, "batch": B,
+           "steps_per_epoch": -(-(cfg.total_train() if cfg.model in CONV_MODELS else EPOCH) // B)}
 
     # library: device-resident data, a scan over `chunk` steps
     xd, yd = jnp.asarray(x), jnp.asarray(y)
@@ -298,7 +358,8 @@ def bench_preset(name: str, min_time: float, chunk: int) -> dict:
     row["max_param_diff_straightforward"] = max(float(jnp.max(jnp.abs(u - v))) for u, v in
                                                 zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
 
-    if cfg.estimator == "symmetric" and cfg.dt == 1.0 and cfg.activation in ("hard_sigmoid", "tanh"):
+    if (cfg.estimator == "symmetric" and cfg.dt == 1.0 and cfg.activation in ("hard_sigmoid", "tanh")
+            and cfg.model not in CONV_MODELS):   # the naive step is written for the MLPs
         step = naive_step(cfg)
         p_ref = to_reference(cfg, state.params)
         b_ref = dict(state.buffers)
@@ -416,7 +477,8 @@ def main(argv=None):
     p.add_argument("--min-time", type=float, help="seconds of timing per measurement")
     p.add_argument("--out", help="folder for <device>.json/.md (default benchmarks/results)")
     a = p.parse_args(argv)
-    presets = a.presets.split(",") if a.presets else (PRESETS_QUICK if a.quick else PRESETS_FULL)
+    presets = a.presets.split(",") if a.presets else ((PRESETS_QUICK + CONV_QUICK) if a.quick
+                                                      else (PRESETS_FULL + CONV_FULL))
     members = [int(m) for m in (a.members or ("1,4,8" if a.quick else "1,8,32,128")).split(",")]
     min_time = a.min_time or (1.0 if a.quick else 2.0)
     chunk = 10 if a.quick else 50

@@ -247,3 +247,29 @@ def test_tfds_path_serves_hwc(tmp_path, no_defaults, monkeypatch):
     ds = D.load_dataset("cifar10", source="tfds", normalize=False)
     np.testing.assert_allclose(ds.x_train.reshape(-1, 32, 32, 3), x / 255.0, rtol=1e-6)
     np.testing.assert_array_equal(ds.y_test, yt)
+
+
+def test_engine_trains_a_conv_model_from_a_cifar_archive(tmp_path, no_defaults, monkeypatch):
+    """The whole path: --data-dir with the (verified) archive -> flat HWC rows -> a conv
+    model of input 32x32x3 in the engine, with augmentation; the test images are the
+    archive's, normalised."""
+    import hashlib
+    from ep_jax.experiments import build, engine
+    from ep_jax.experiments.config import RunConfig, validate
+    blobs, (x, y, xt, yt) = cifar10_blobs(n_per_batch=4)
+    arch = tmp_path / "data" / "cifar-10-binary.tar.gz"
+    write_tar(arch, blobs)
+    monkeypatch.setitem(D.CIFAR_MD5, "cifar-10-binary.tar.gz", hashlib.md5(arch.read_bytes()).hexdigest())
+    monkeypatch.setitem(D.CIFAR_SIZES, "train", 20)
+    monkeypatch.setitem(D.CIFAR_SIZES, "test", 3)
+    build._DATA_CACHE.clear()
+    cfg = validate(RunConfig.from_dict(dict(
+        model="conv", dataset="cifar10", data_dir=str(tmp_path / "data"), channels=[2], kernels=[3],
+        paddings=[1], fc=[10], lr=[0.05, 0.05], t_free=3, t_nudge=1, beta=0.5, batch_size=10, chunk=2,
+        eval_batch=3, epochs=1, augment=True)))
+    data = build.load_data(cfg)
+    np.testing.assert_allclose(data[2], normalised(xt, CIFAR10_STATS), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(data[1], y)
+    (s,) = engine.run([engine.Member(cfg, "c", tmp_path / "run")], "new", progress=False, print_fn=lambda *a: None)
+    assert s["status"] == "ok" and s["epochs_done"] == 1
+    build._DATA_CACHE.clear()
