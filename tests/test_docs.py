@@ -74,6 +74,7 @@ def commands(block: str):
         line = line.split("  #")[0].strip()
         for part in re.split(r"&&|\|\|", line):
             part = part.strip().strip("()").strip()
+            part = re.sub(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+", "", part)   # leading VAR=value assignments
             if part.startswith(("python -m", "bash ")):
                 out.append(shlex.split(part))
             elif part.startswith("ep-jax "):

@@ -20,6 +20,7 @@ COMMANDS = {
     "stability": ("stability", "heterogeneous-time-step runs in Table 1's layout, with stability"),
     "hidden-states": ("hidden_states", "EP against DEP hidden-state statistics over the free phase"),
     "gdu": ("gdu", "EP against BPTT per step k (gradient-descending updates)"),
+    "gradient-error": ("gradient_error", "EP estimates against the exact equilibrium gradient; phase residuals"),
     "alignment-report": ("alignment_report", "EP-vs-BPTT alignment logged during training"),
     "plot-dt-hist": ("plot_dt_hist", "histograms of the heterogeneous time steps"),
     "compare-custom-vjp": ("compare_custom_vjp", "EP as a custom-VJP layer against jax.grad"),
