@@ -212,3 +212,17 @@ def test_block_rows_knob(monkeypatch):
     with kernels.interpret():
         got = kernels.free_phase(model, eff, ctx, dt, 4)
     assert rel_err(got, dynamics.free_phase(model, eff, ctx, dt, 4)) <= F32_TOL
+
+
+def test_missing_triton_backend_warns_and_runs_xla(monkeypatch):
+    model, _, _, eff, ctx, _, _, dt = setup("ep")
+    K._lowers.cache_clear()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")      # as if on a GPU ...
+
+    def no_triton(interp):                                           # ... whose jax has no Triton backend
+        raise K.BackendUnavailable("jax X has no Pallas Triton backend (pallas.triton.CompilerParams): use impl='xla'")
+    monkeypatch.setattr(K, "_compiler_params", no_triton)
+    with pytest.warns(RuntimeWarning, match="no Pallas Triton backend"):
+        got = kernels.free_phase(model, eff, ctx, dt, 5)
+    assert rel_err(got, dynamics.free_phase(model, eff, ctx, dt, 5)) == 0
+    K._lowers.cache_clear()

@@ -38,10 +38,11 @@ the future path on Hopper, but it is a different programming model (explicit sha
 references, warpgroup matrix instructions, hand-written pipelining) whose API changed
 between jax 0.10 and 0.11; the Triton lowering takes the plain `jnp` kernel body written
 here (dots, elementwise maps, `fori_loop`) unchanged on both versions (deprecated in 0.11,
-still present). Where the Triton compiler parameters are missing the call refuses with
-`BackendUnavailable` (one line); where the kernel does not lower (no GPU and no interpret
-mode, a Triton error, a model without a kernel), `relax` warns once with one line and runs
-the XLA path.
+still present). Where the kernel cannot run — a jax without the Triton compiler parameters
+(`BackendUnavailable`), no GPU and no interpret mode, a Triton lowering or compile error, a
+model without a kernel — `relax` warns once with one line saying why and runs the XLA path.
+Only a block shape the wrapper was told to use and the backend would reject
+(`KernelShapeError`, e.g. `block_b=24`) is an error.
 
 Precision: the kernel's dots use jax's default matmul precision, as the XLA path does (on
 NVIDIA GPUs that is TF32 for float32, about 3e-4 relative per dot; `jax.default_matmul_
@@ -385,8 +386,10 @@ def _lowers(plan: Plan, interp: bool, backend: str) -> bool:
     else:
         try:
             jax.jit(_call(plan, interp)).lower(*_abstract_operands(plan)).compile()
-        except (KernelShapeError, BackendUnavailable):
+        except KernelShapeError:
             raise
+        except BackendUnavailable as e:
+            why = str(e)
         except Exception as e:  # noqa: BLE001 - any lowering failure: fall back to XLA
             first = (str(e).strip().splitlines() or [""])[0][:200]
             why = f"it does not lower ({type(e).__name__}: {first})"
