@@ -93,6 +93,29 @@ def free_phase(model: Model, eff, ctx, dt, steps: int, record: bool = False, res
     return relax(model, eff, ctx, s0, None, 0.0, dt, steps, record, residual)
 
 
+def free_phase_adaptive(model: Model, eff, ctx, dt, max_steps: int, tol):
+    """Free steps from the zero state until the last step's `relative_residual` is at
+    most `tol`, or `max_steps` steps: `(state, residual, steps)`. A `lax.while_loop`
+    (not reverse-differentiable; under `vmap` every member stops at its own step, the
+    loop runs until the slowest has). On GPUs each iteration's condition is read by the
+    host, which a fixed-step scan avoids."""
+    s0 = model.zero_state(ctx.shape[0], ctx.dtype)
+    dts = per_neuron(dt, s0)
+    rdtype = jnp.real(jnp.zeros((), ctx.dtype)).dtype
+
+    def cond(c):
+        _, k, r = c
+        return (k < max_steps) & (r > tol)
+
+    def body(c):
+        s, k, _ = c
+        new = step(model, eff, ctx, s, None, 0.0, dts)
+        return new, k + 1, relative_residual(new, s).astype(rdtype)
+
+    s, k, r = lax.while_loop(cond, body, (s0, jnp.zeros((), jnp.int32), jnp.asarray(jnp.inf, rdtype)))
+    return s, r, k
+
+
 def nudged_phases(model: Model, eff, ctx, s_free, target, betas, dt, steps: int,
                   batched: bool = True, record: bool = False, residual: bool = False):
     """Nudged phases from the free state, one per entry of `betas` (e.g. `(β, −β)`).

@@ -73,6 +73,10 @@ class Estimator:
     n_points: ``holomorphic`` only: the N points on the circle (>= 2; default 4).
     tol: ``implicit`` only: the largest relative residual of the free phase's last step
     accepted as converged (default 1e-5).
+    free_tol: stop the free phase early, once its last step's relative residual is at
+    most `free_tol` (`t_free` is then the most steps; `dynamics.free_phase_adaptive`).
+    None (default): exactly `t_free` steps. Not for the BPTT estimators (a while loop has
+    no reverse derivative) nor the pallas kernel.
     impl: how the free and nudged phases relax: ``"xla"`` (`lax.scan`, `ep_jax.dynamics`)
     or ``"pallas"`` (one fused kernel per phase, `ep_jax.kernels`; same states;
     symmetric, one_sided and chl only).
@@ -84,6 +88,7 @@ class Estimator:
     nudge: str = "fixed"
     n_points: int | None = None
     tol: float | None = None
+    free_tol: float | None = None
     impl: str = "xla"
 
     def __post_init__(self):
@@ -108,6 +113,14 @@ class Estimator:
                 raise ValueError(f"tol is a setting of the 'implicit' estimator, not of {self.kind!r}")
             if not 0 < self.tol < float("inf"):
                 raise ValueError(f"tol must be a positive number, got {self.tol!r}")
+        if self.free_tol is not None:
+            if not 0 < self.free_tol < float("inf"):
+                raise ValueError(f"free_tol must be a positive number, got {self.free_tol!r}")
+            if self.kind in ("bptt", "bptt_full"):
+                raise ValueError(f"free_tol (an early-stopping free phase) cannot be differentiated through: "
+                                 f"not for the {self.kind!r} estimator")
+            if self.impl != "xla":
+                raise ValueError(f"free_tol needs impl='xla', got impl={self.impl!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {list(IMPLS)}, got {self.impl!r}")
         if self.impl == "pallas" and self.kind not in PALLAS_KINDS:
@@ -225,6 +238,15 @@ def _phases(est):
     return dynamics
 
 
+def free_state(model, est, eff, ctx, dt):
+    """The free phase of the estimator and its last step's relative residual: `t_free`
+    steps, or fewer with `est.free_tol` (`dynamics.free_phase_adaptive`)."""
+    if est.free_tol is not None:
+        s, r, _ = dynamics.free_phase_adaptive(model, eff, ctx, dt, est.t_free, est.free_tol)
+        return s, r
+    return _phases(est).free_phase(model, eff, ctx, dt, est.t_free, residual=True)
+
+
 def complex_dtype(dtype):
     """complex64 for float32 (and narrower), complex128 for float64."""
     return jnp.result_type(dtype, jnp.complex64)
@@ -311,7 +333,7 @@ class ImplicitInfo(NamedTuple):
 
 
 def implicit_grad(model, params, buffers, x, y, rx: Relaxation, t_free: int, tol: float = DEFAULT_TOL,
-                  max_iter: int | None = None):
+                  max_iter: int | None = None, free_tol: float | None = None):
     """∂ℓ/∂θ at the free fixed point by implicit differentiation; `(grads, s_free, info)`.
 
     With G(s, θ) one relaxation step (β = 0), s* = G(s*, θ) the state after `t_free`
@@ -324,7 +346,10 @@ def implicit_grad(model, params, buffers, x, y, rx: Relaxation, t_free: int, tol
     """
     eff = model.prepare(params, buffers)
     ctx = model.input_drive(eff, x)
-    s, res = dynamics.free_phase(model, eff, ctx, rx.dt, t_free, residual=True)
+    if free_tol is None:
+        s, res = dynamics.free_phase(model, eff, ctx, rx.dt, t_free, residual=True)
+    else:   # at most t_free steps, fewer once the residual is at most free_tol
+        s, res, _ = dynamics.free_phase_adaptive(model, eff, ctx, rx.dt, t_free, free_tol)
     y1h = model.one_hot(y, x.dtype)
     g_s = jax.grad(lambda st: jnp.mean(model.cost(st[-1], y1h)))(s)
 
@@ -353,7 +378,8 @@ def implicit_grad(model, params, buffers, x, y, rx: Relaxation, t_free: int, tol
 
 
 def _implicit(model, est, params, buffers, x, y, y1h, rx):
-    grads, s, info = implicit_grad(model, params, buffers, x, y, rx, est.t_free, est.residual_tol)
+    grads, s, info = implicit_grad(model, params, buffers, x, y, rx, est.t_free, est.residual_tol,
+                                   free_tol=est.free_tol)
     r = concrete(info.residual_free)
     if r is not None and not r <= est.residual_tol:
         raise ValueError(f"the free phase has not converged: relative residual {float(r):.3g} > tol="
@@ -406,7 +432,7 @@ def estimate(model, est: Estimator, key, params, buffers, x, y, rx: Relaxation):
     rx = rx._replace(beta=signed_beta(est, key, rx.beta))
     eff = model.prepare(params, buffers)
     ctx = model.input_drive(eff, x)
-    s_free, r_free = _phases(est).free_phase(model, eff, ctx, rx.dt, est.t_free, residual=True)
+    s_free, r_free = free_state(model, est, eff, ctx, rx.dt)
     nudged, r_nudge = ep_nudged_states(model, est, eff, ctx, s_free, y1h, rx, residual=True)
     grads = ep_grad_from_states(model, est, params, buffers, x, y1h, rx.beta, s_free, nudged)
     return grads, _aux(model, s_free, y, y1h, rx.beta, r_free, r_nudge, out=model.output(eff, s_free))

@@ -15,6 +15,7 @@ import ep_jax
 from ep_jax import alignment, dynamics
 from ep_jax.estimators import estimate
 from conftest import rel_err, synthetic_problem
+from experiments.config import ConfigError, RunConfig, validate
 
 SIZES = (6, 5, 3)
 
@@ -285,7 +286,6 @@ def test_engine_runs_the_holomorphic_estimator_and_logs_residuals(tmp_path):
 
 
 def test_config_refuses_holomorphic_for_non_holomorphic_models():
-    from experiments.config import ConfigError, RunConfig, validate
     with pytest.raises(ConfigError, match=r"estimator: holomorphic needs holomorphic functions, and this model "
                                           r"uses activation 'hard_sigmoid'"):
         validate(RunConfig.from_dict({**ENGINE, "activation": "hard_sigmoid", "estimator": "holomorphic"}))
@@ -293,6 +293,34 @@ def test_config_refuses_holomorphic_for_non_holomorphic_models():
         validate(RunConfig.from_dict({**ENGINE, "model": "dendritic", "estimator": "holomorphic"}))
     with pytest.raises(ConfigError, match="n_points: is a setting of the holomorphic estimator"):
         validate(RunConfig.from_dict({**ENGINE, "n_points": 8}))
+    with pytest.raises(ConfigError, match="free_tol: an early-stopping free phase needs an EP or the implicit"):
+        validate(RunConfig.from_dict({**ENGINE, "estimator": "bptt", "free_tol": 1e-6}))
+    with pytest.raises(ConfigError, match="implicit_tol: is a setting of the implicit estimator"):
+        validate(RunConfig.from_dict({**ENGINE, "implicit_tol": 1e-6}))
+
+
+def test_gradient_error_command_writes_its_figure_and_numbers(tmp_path):
+    """The command on a synthetic batch and a small run folder: the table's errors are the
+    estimators' (symmetric = holomorphic N=2, N=4 far below symmetric at β = 0.1), and the
+    residual curve of the run ends at the value StepInfo-style residuals give."""
+    import json
+    from experiments import gradient_error
+    run = tmp_path / "run"
+    _run(run)
+    out = tmp_path / "ge"
+    gradient_error.main(["--out", str(out), "--dataset", "synthetic", "--sizes", "784", "8", "10",
+                         "--t-free", "100", "--betas", "0.1", "0.5", "--n-points", "2", "4",
+                         "--presets", str(run), "--horizon", "30", "--batch", "8"])
+    data = json.loads((out / "gradient_error.json").read_text())
+    assert (out / "gradient_error.png").is_file()
+    c = data["errors"]["curves"]
+    np.testing.assert_allclose(c["holomorphic N=2"], c["symmetric"], rtol=1e-8)
+    assert c["holomorphic N=4"][0] < 1e-2 * c["symmetric"][0] < c["one-sided"][0]
+    r = data["residuals"]["run"]
+    assert r["t_free"] == 40 and len(r["free"]) == 40 and r["at_t_free"] == r["free"][39]
+    with pytest.raises(ConfigError, match="neither a preset"):
+        gradient_error.main(["--out", str(out), "--dataset", "synthetic", "--sizes", "784", "8", "10",
+                             "--t-free", "20", "--betas", "0.1", "--presets", str(tmp_path / "missing")])
 
 
 def test_fields_added_later_keep_the_digest_of_runs_saved_before_them():
@@ -314,3 +342,54 @@ def test_fields_added_later_keep_the_digest_of_runs_saved_before_them():
     assert c.replace(align_reference="implicit").digest() != c.digest()
     assert RunConfig.from_dict({**ENGINE, "estimator": "holomorphic", "n_points": 8}).digest() != \
         RunConfig.from_dict({**ENGINE, "estimator": "holomorphic"}).digest()
+
+
+# --- the adaptive free phase --------------------------------------------------------------
+
+def test_adaptive_free_phase_stops_at_the_tolerance_with_the_fixed_phase_states(x64):
+    model, params, buffers, x, y, rx = setup("tanh", dt=0.5)
+    eff = model.prepare(params, buffers)
+    ctx = model.input_drive(eff, x)
+    s, r, k = dynamics.free_phase_adaptive(model, eff, ctx, rx.dt, 400, 1e-8)
+    k = int(k)
+    assert 1 < k < 400 and float(r) <= 1e-8
+    fixed, r_fixed = dynamics.free_phase(model, eff, ctx, rx.dt, k, residual=True)
+    np.testing.assert_allclose(float(r), float(r_fixed), rtol=1e-9)
+    for a, b in zip(s, fixed):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+    _, r_prev = dynamics.free_phase(model, eff, ctx, rx.dt, k - 1, residual=True)
+    assert float(r_prev) > 1e-8                      # it stopped at the first step below tol
+    # an unreachable tolerance: every step runs
+    s, r, k = dynamics.free_phase_adaptive(model, eff, ctx, rx.dt, 7, 1e-30)
+    assert int(k) == 7
+    for a, b in zip(s, dynamics.free_phase(model, eff, ctx, rx.dt, 7)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+
+
+def test_adaptive_free_phase_under_vmap_stops_each_member_at_its_own_step(x64):
+    model, params, buffers, x, y, _ = setup("tanh")
+    eff = model.prepare(params, buffers)
+    ctx = model.input_drive(eff, x)
+    dts = jnp.array([0.2, 0.5, 0.9])
+    run = lambda d: dynamics.free_phase_adaptive(model, eff, ctx, (d, d), 400, 1e-9)
+    s_v, r_v, k_v = jax.vmap(run)(dts)
+    assert len(set(np.asarray(k_v).tolist())) == 3
+    for i, d in enumerate(dts):
+        s, r, k = run(d)
+        assert int(k) == int(k_v[i])
+        for a, b in zip(s, s_v):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b[i]), rtol=1e-12, atol=1e-14)
+
+
+def test_estimators_with_an_adaptive_free_phase(x64):
+    model, params, buffers, x, y, rx = setup("sigmoid", beta=0.1)
+    for kind in ("symmetric", "implicit"):
+        fixed, _ = estimate(model, est(kind, t_nudge=20), None, params, buffers, x, y, rx)
+        early, aux = estimate(model, est(kind, t_nudge=20, free_tol=1e-10), None, params, buffers, x, y, rx)
+        assert float(aux.residual_free) <= 1e-10
+        assert rel_err(early, fixed) < 1e-7
+    for kw, match in [(dict(kind="bptt", free_tol=1e-6), "cannot be differentiated through"),
+                      (dict(kind="symmetric", free_tol=0.0), "free_tol must be a positive number"),
+                      (dict(kind="symmetric", free_tol=1e-6, impl="pallas"), "free_tol needs impl='xla'")]:
+        with pytest.raises(ValueError, match=match):
+            ep_jax.Estimator(**kw)

@@ -109,6 +109,8 @@ class RunConfig:
                               hi=4096, later=True)
     implicit_tol: float | None = _f(None, "implicit: largest free-phase relative residual accepted (default 1e-5)",
                                     lo=0.0, lo_open=True, later=True)
+    free_tol: float | None = _f(None, "stop the free phase once its relative residual is at most this (t_free: "
+                                "the most steps; EP and implicit estimators, xla)", lo=0.0, lo_open=True, later=True)
     relaxation_impl: str = _f("xla", "xla | pallas: how the free and nudged phases relax (pallas: the fused "
                               "kernel of ep_jax.kernels; symmetric, one_sided, chl)", choices=("xla", "pallas"),
                               later=True)
@@ -221,6 +223,18 @@ class RunConfig:
         if self.model in CONV_MODELS:
             return self.fc[-1] if self.fc else 0
         return self.sizes[-1]
+
+    def layer_summary(self) -> str:
+        """The widths in one word: `784-256-10`, conv models `28x28x1-c8-c16-10`
+        (`...-512-r10` when the last width is the softmax readout)."""
+        if self.model not in CONV_MODELS:
+            return "-".join(str(n) for n in self.sizes)
+        shape = self.image_shape()
+        parts = ["x".join(map(str, shape)) if shape else "?"] + [f"c{c}" for c in self.channels]
+        fc = [str(n) for n in self.fc]
+        if self.readout != "none" and fc:
+            fc[-1] = "r" + fc[-1]
+        return "-".join(parts + fc)
 
     def conv_layers(self) -> list[dict]:
         """Per conv layer: channels, kernel, stride, padding, pool (defaults filled: stride
@@ -375,7 +389,8 @@ def _coerce(f: dataclasses.Field, v, where: str = ""):
         if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
             raise bad("an integer")
         return int(v)
-    if isinstance(default, float) or name in ("dt_mean", "dt_std", "dt_min", "dt_max", "dt_out", "implicit_tol"):
+    if isinstance(default, float) or name in ("dt_mean", "dt_std", "dt_min", "dt_max", "dt_out", "implicit_tol",
+                                              "free_tol"):
         if not _is_number(v):
             raise bad("a number")
         return to_float(v)
@@ -456,6 +471,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         err("nudge", f"random_sign needs estimator one of {list(RANDOM_SIGN_KINDS)}, got {cfg.estimator!r}")
     if cfg.n_points is not None and cfg.estimator != "holomorphic":
         err("n_points", f"is a setting of the holomorphic estimator, not of {cfg.estimator!r}")
+    if cfg.free_tol is not None and (cfg.estimator in ("bptt", "bptt_full") or cfg.relaxation_impl != "xla"):
+        err("free_tol", f"an early-stopping free phase needs an EP or the implicit estimator with relaxation_impl "
+                        f"xla, got {cfg.estimator!r}, {cfg.relaxation_impl!r}")
     if cfg.implicit_tol is not None and cfg.estimator != "implicit":
         err("implicit_tol", f"is a setting of the implicit estimator, not of {cfg.estimator!r}")
     if cfg.estimator == "holomorphic":
