@@ -22,14 +22,17 @@ from ep_jax import sweep as S
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"ep-symmetric": ("ep", dict(kind="symmetric")),
          "dendritic-one_sided-random_sign": ("dendritic", dict(kind="one_sided", nudge="random_sign")),
-         "dendritic-bptt": ("dendritic", dict(kind="bptt"))}
+         "dendritic-bptt": ("dendritic", dict(kind="bptt")),
+         "ep-holomorphic": ("ep", dict(kind="holomorphic", n_points=4))}
+#: model options of a case beyond its sizes (the holomorphic estimator needs a holomorphic activation)
+MODEL_KW = {"ep-holomorphic": dict(activation="sigmoid")}
 STEPS, GLOBAL_BATCH = 3, 16
 
 
 def setup(case):
     """Model, estimator, optimiser, relaxation, initial state, data and step keys."""
     kind, est_kw = CASES[case]
-    model = ep_jax.build_model(kind, sizes=(10, 8, 4))
+    model = ep_jax.build_model(kind, sizes=(10, 8, 4), **MODEL_KW.get(case, {}))
     est = ep_jax.Estimator(t_free=12, t_nudge=4, **est_kw)
     opt = ep_jax.optim.sgd(model, lr=[0.2, 0.1], momentum=0.9)
     rx = ep_jax.make_relaxation(model, beta=0.2, dt=0.8)
