@@ -21,7 +21,7 @@ as constants:
                  (Laborieux & Zenke 2022). By Cauchy's formula this is −d/dβ ∂_θΦ at β = 0,
                  the loss gradient at the free equilibrium, up to an error that falls
                  geometrically with N at any |β| (for converged phases). N = 2 is the
-                 symmetric estimate. Needs holomorphic activations and cost (`check_holomorphic`).
+                 symmetric estimate. Needs holomorphic activations (`check_holomorphic`).
 - ``implicit``   the gradient of ℓ at the free fixed point s* = G(s*, θ) (G one
                  relaxation step) by implicit differentiation: the adjoint λ = G_sᵀλ + ∂ℓ/∂s
                  solved by fixed-point iteration (it converges as the relaxation does), then
@@ -290,7 +290,7 @@ def check_holomorphic(model):
     if bad:
         from ep_jax.activations import HOLOMORPHIC
         raise ValueError(f"the holomorphic estimator needs holomorphic functions, and this model uses "
-                         f"{', '.join(bad)}; holomorphic activations: {', '.join(HOLOMORPHIC)} (with the mse loss)")
+                         f"{', '.join(bad)}; holomorphic activations: {', '.join(HOLOMORPHIC)}")
 
 
 def ep_grad_from_states(model, est, params, buffers, x, y1h, beta, s_free, nudged):

@@ -480,7 +480,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         bad = _non_holomorphic(cfg)
         if bad:
             err("estimator", f"holomorphic needs holomorphic functions, and this model uses {', '.join(bad)}; "
-                             f"holomorphic activations: {', '.join(activations.HOLOMORPHIC)} (with loss mse)")
+                             f"holomorphic activations: {', '.join(activations.HOLOMORPHIC)}")
     lrs = cfg.lr if isinstance(cfg.lr, tuple) else (cfg.lr,)
     if isinstance(cfg.lr, tuple) and len(cfg.lr) != cfg.n_synapses():
         err("lr", f"give one rate or one per synapse ({cfg.n_synapses()} for "

@@ -169,14 +169,13 @@ class LayeredModel(abc.ABC):
     def non_holomorphic(self) -> list[str]:
         """The parts of this model that are not holomorphic functions (empty: the
         holomorphic estimator may run it at complex states): activations outside
-        `ep_jax.activations.HOLOMORPHIC`, and the cross-entropy cost (its log-softmax
-        shifts by a real maximum). Subclasses add their own parts."""
+        `ep_jax.activations.HOLOMORPHIC`. Both costs are holomorphic (the cross-entropy's
+        log-softmax shifts by a constant, which leaves it holomorphic). Subclasses add
+        their own parts."""
         bad = []
         for role, name in (("activation", self.activation), ("output activation", self.out_activation_name)):
             if name not in activations.HOLOMORPHIC and f"{role} {name!r}" not in bad:
                 bad.append(f"{role} {name!r}")
-        if self.loss != "mse":
-            bad.append(f"loss {self.loss!r}")
         return bad
 
     def layer_activations(self):
