@@ -126,7 +126,10 @@ class DendriticConvModel(ConvLayered):
         masks = buffers["masks"]
         return {
             "basal": tuple((dendrites.masked_kernel(p, m), p["c"]) for p, m in zip(params["basal"], masks["basal"])),
-            "apical": tuple(dendrites.masked_kernel(p, m) for p, m in zip(params["apical"], masks["apical"])),
+            # conv apical kernels in the forward conv's layout (k, k, K_a·C_l, C_{l+1}), for its transpose
+            "apical": tuple(jnp.swapaxes(dendrites.masked_kernel(p, m), 2, 3) if p["w"].ndim == 4
+                            else dendrites.masked_kernel(p, m)
+                            for p, m in zip(params["apical"], masks["apical"])),
             "alpha": buffers["alpha"],
             "readout": params.get("readout"),
         }
@@ -145,10 +148,10 @@ class DendriticConvModel(ConvLayered):
         Ka = self.apical_branches
         if isinstance(above, ConvSynapse):
             up = unpool2d(u, above.pool, above.conv_shape)
-            # the transposed convolution of synapse l+1's geometry, onto K_a·C_l branch channels
-            fwd_kernel = jnp.swapaxes(kernel, 2, 3)          # (k, k, K_a·C_l, C_{l+1})
-            below = jax.ShapeDtypeStruct((u.shape[0],) + tuple(shape[:2]) + (fwd_kernel.shape[2],), u.dtype)
-            z = jax.linear_transpose(lambda v: conv2d(v, fwd_kernel, above.stride, above.padding), below)(up)[0]
+            # the transposed convolution of synapse l+1's geometry onto K_a·C_l branch channels;
+            # `kernel` is in the forward conv's layout (k, k, K_a·C_l, C_{l+1}) (`prepare`)
+            below = jax.ShapeDtypeStruct((u.shape[0],) + tuple(shape[:2]) + (kernel.shape[2],), u.dtype)
+            z = jax.linear_transpose(lambda v: conv2d(v, kernel, above.stride, above.padding), below)(up)[0]
             return dendrites.soma(z, Ka)
         return dendrites.apply(kernel, None, u, Ka).reshape((u.shape[0],) + tuple(shape))
 
