@@ -169,16 +169,19 @@ def speed(L: Lease) -> list[dict]:
     groups = [(plain[:3], None)] + [([v], f) for v, f in flagged] + [(plain[3:], None)]
     if L.a.dry_run:   # one process: the dry run checks the path, not the numbers
         groups = [(plain, None)]
-    for names, flags in groups:
+    shares = [0.5, 0.25, 0.25][:len(groups)] if not L.a.dry_run else [1.0]
+    for i, (names, flags) in enumerate(groups):
         if not names or time.time() >= end - 5:
             continue
+        # each process its share of what is left (an unused share rolls over to the next)
+        stop = time.time() + (end - time.time()) * shares[i] / sum(shares[i:])
         argv = ["-m", "benchmarks.lease_speed", "--variants", ",".join(names), "--rows", str(rows_file),
-                "--deadline", str(end)]
+                "--deadline", str(stop)]
         if L.a.data_dir:
             argv += ["--data-dir", L.a.data_dir]
         if L.a.dry_run:
             argv += ["--dry-run", "--workloads", DRY_WORKLOADS]
-        L.sub(argv, end - time.time() + 20, flags)
+        L.sub(argv, stop - time.time() + 20, flags)
     rows = [json.loads(l) for l in rows_file.read_text().splitlines()] if rows_file.exists() else []
     (L.out / "speed.json").write_text(json.dumps(rows, indent=1))
     rows_file.unlink(missing_ok=True)
