@@ -376,16 +376,19 @@ def run_steps(L: Lease, skip: set) -> list[dict]:
         L.runs.mkdir(parents=True, exist_ok=True)
         choice.write_text(json.dumps([impl1, flags1, why1, best1, impl2, flags2, why2, best2]))
     L.step("choice", table1=[impl1, flags1, why1], table2=[impl2, flags2, why2])
-    print(f"lease: Table 1 trains with {impl1}{' + ' + flags1 if flags1 else ''} ({why1})", flush=True)
     if "table1" not in skip:
         n = seed_runs(L, "table1")
-        impl1 = pinned_impl(L, "table1") or impl1
+        pinned = pinned_impl(L, "table1")
+        if pinned and pinned != impl1:
+            why1, impl1 = f"{pinned}: the resumed runs' ({why1} would pick {impl1})", pinned
+        print(f"lease: Table 1 trains with {impl1}{' + ' + flags1 if flags1 else ''} ({why1})", flush=True)
         L.step("table1", resumed_runs=n)
         block_rows(best1)
         table(L, "table1", table1_cells(L), impl1, flags1, L.budgets["table1"])
     if "table2" not in skip:
         n = seed_runs(L, "table2")
         impl2 = pinned_impl(L, "table2") or impl2
+        print(f"lease: Table 2 trains with {impl2}{' + ' + flags2 if flags2 else ''} ({why2})", flush=True)
         L.step("table2", resumed_runs=n)
         block_rows(best2)
         table(L, "table2", table2_cells(L), impl2, flags2, L.left() - L.budgets["pack"])
