@@ -43,6 +43,13 @@ def test_dry_run_then_import(tmp_path):
     rows = json.loads((out / "speed.json").read_text())
     ok = {r["variant"] for r in rows if "error" not in r}
     assert {"xla", "pallas"} <= ok, rows
+    # the kernel ran (emulated), no fallback, and trained the same parameters as the XLA path
+    by = {(r["variant"], r["workload"]): r for r in rows if "error" not in r}
+    for (v, w), r in by.items():
+        if v == "pallas":
+            assert "fallback" not in r, r
+            ref = by[("xla", w)]["params_checksum"]
+            assert abs(r["params_checksum"] - ref) <= 1e-4 * max(1.0, abs(ref)), (r, ref)
     manifest = json.loads((out / "lease.json").read_text())
     assert manifest["dry_run"] and manifest["steps"]["pack"]["parts"] >= 1
     assert "| variant |" in p.stdout.splitlines()[-4] or "| variant |" in p.stdout   # the table last
