@@ -21,15 +21,16 @@ from ep_jax.train import (Evaluation, StepInfo, TrainState, evaluate, evaluate_j
 
 
 def __getattr__(name):
-    # imported only when asked for: nn pulls in flax, experiments the experiment layer
-    if name in ("nn", "experiments"):
+    # imported only when asked for: nn pulls in flax, experiments the experiment layer,
+    # kernels jax's Pallas
+    if name in ("nn", "experiments", "kernels"):
         import importlib
         return importlib.import_module(f"ep_jax.{name}")
     raise AttributeError(f"module 'ep_jax' has no attribute {name!r}")
 
 
 __all__ = [
-    "activations", "alignment", "data", "dendrites", "dynamics", "estimators", "experiments", "layer",
+    "activations", "alignment", "data", "dendrites", "dynamics", "estimators", "experiments", "kernels", "layer",
     "losses", "models", "nn", "optim", "parallel", "reference", "relaxation", "sweep", "synthetic", "timesteps", "train",
     "Aux", "Estimator", "estimate", "make_ep_block",
     "DendriticModel", "EPModel", "Model", "build_model",

@@ -14,7 +14,8 @@ import pytest
 
 import ep_jax
 
-PUBLIC_MODULES = ("activations", "alignment", "data", "dendrites", "dynamics", "estimators", "experiments", "layer",
+PUBLIC_MODULES = ("activations", "alignment", "data", "dendrites", "dynamics", "estimators", "experiments", "kernels",
+                  "layer",
                   "losses",
                   "models", "nn", "optim", "parallel", "reference", "relaxation", "sweep", "synthetic",
                   "timesteps", "train")
