@@ -197,6 +197,7 @@ def test_conv_layers_shapes_of_the_laborieux_network():
     shapes = [(c["h_conv"], c["h_out"], c["channels"]) for c in cfg.conv_layers()]
     assert shapes == [(32, 16, 128), (16, 8, 256), (8, 4, 512), (2, 1, 512)]
     assert cfg.n_layers == 4 and cfg.n_synapses() == 5 and cfg.n_inputs() == 3072 and cfg.n_classes() == 10
+    assert cfg.layer_summary() == "32x32x3-c128-c256-c512-c512-r10"      # the --list column
     model = build.build_model(cfg)        # the model's own geometry agrees with the config's
     assert model.state_shapes == ((16, 16, 128), (8, 8, 256), (4, 4, 512), (1, 1, 512))
     assert model.n_synapses == 5 and model.n_layers == cfg.n_layers

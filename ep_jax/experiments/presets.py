@@ -118,11 +118,11 @@ PRESETS["cifar10-conv-dep"] = dict(_LABORIEUX, model="dendritic_conv", readout="
 
 # A small conv network that learns Fashion-MNIST on 2 CPU cores in minutes (README results):
 # 5x5 conv of 8 channels (padding 2) and 3x3 conv of 16 (padding 1), each with 2x2 max
-# pooling (28 -> 14 -> 7), fc 10 with MSE; 4000 training and 1000 test examples.
+# pooling (28 -> 14 -> 7), fc 10 with MSE; 16 000 training and 2000 test examples, 2 epochs.
 PRESETS["fmnist-conv-small"] = dict(model="conv", dataset="fashion_mnist", channels=[8, 16], kernels=[5, 3],
                                     paddings=[2, 1], pools=["max", "max"], fc=[10], activation="hard_sigmoid",
                                     estimator="symmetric", t_free=20, t_nudge=5, beta=0.5, lr=[0.2, 0.1, 0.05],
-                                    momentum=0.9, batch_size=64, subset=4000, test_subset=1000, epochs=3,
+                                    momentum=0.9, batch_size=64, subset=16000, test_subset=2000, epochs=2,
                                     chunk=16)
 
 

@@ -70,7 +70,7 @@ def preset_table() -> str:
         where = (f"dEP Table 2 ({t2[0]}, {t2[1]})" if t2 else
                  f"HTS Table 1 ({t1[1]}, dt_out {t1[2]:g})" if t1 else "-")
         rows.append((name, where, cfg.model, cfg.estimator, cfg.dataset,
-                     "-".join(str(n) for n in cfg.sizes), str(cfg.epochs)))
+                     cfg.layer_summary(), str(cfg.epochs)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
