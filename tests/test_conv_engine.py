@@ -207,6 +207,11 @@ def test_conv_layers_shapes_of_the_laborieux_network():
         c = presets.preset_config(name)
         params = jax.eval_shape(lambda k: build.build_model(c).init(k)[0], jax.random.PRNGKey(0))
         assert sum(math.prod(a.shape) for a in jax.tree.leaves(params)) == sum(C._weights(c)), name
+    # the dendritic counterpart: K_b basal and K_a apical copies (the estimate counts the plain
+    # readout as dendritic too: within 1 %)
+    c = presets.preset_config("cifar10-conv-dep")
+    params = jax.eval_shape(lambda k: build.build_model(c).init(k)[0], jax.random.PRNGKey(0))
+    assert sum(math.prod(a.shape) for a in jax.tree.leaves(params)) == pytest.approx(sum(C._weights(c)), rel=0.01)
 
 
 def test_new_fields_keep_old_digests_and_round_trip():
