@@ -290,7 +290,7 @@ def test_alignment_hook_measures_without_files(tmp_path, monkeypatch):
 PKG = ROOT / "ep_jax"
 COMMANDS = {"train", "sweep", "reproduce", "aggregate", "stability", "hidden_states", "gdu", "plot_dt_hist",
             "alignment_report", "compare_custom_vjp", "example_ep_head", "cli", "distributed", "commands",
-            "import_lease", "__main__"}
+            "import_lease", "gradient_error", "__main__"}
 
 
 def imports_of(path: Path) -> set[str]:

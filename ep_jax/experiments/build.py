@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ep_jax
-from ep_jax.experiments.config import CONV_MODELS, DENDRITIC_MODELS, RunConfig
+from ep_jax.experiments.config import DENDRITIC_MODELS, RunConfig
 
 
 def keys(cfg: RunConfig) -> dict:
@@ -30,25 +30,8 @@ def keys(cfg: RunConfig) -> dict:
 
 
 def build_model(cfg: RunConfig):
-    """The model of a config (`ep_jax.build_model`); conv models get the layers with the
-    defaults filled (stride 1, padding 0, max pooling) and the image shape."""
-    if cfg.model in CONV_MODELS:
-        layers = cfg.conv_layers()
-        kw = dict(input_shape=tuple(cfg.image_shape()), channels=tuple(cfg.channels),
-                  kernels=tuple(cfg.kernels), strides=tuple(c["stride"] for c in layers),
-                  paddings=tuple(c["padding"] for c in layers), pools=tuple(c["pool"] for c in layers),
-                  fc=tuple(cfg.fc), activation=cfg.activation, output_activation=cfg.output_activation,
-                  loss=cfg.loss, readout=cfg.readout)
-        if cfg.model == "dendritic_conv":
-            kw.update(basal_branches=cfg.basal_branches, apical_branches=cfg.apical_branches,
-                      sparsity=cfg.sparsity, apical_dense=cfg.apical_dense)
-        return ep_jax.build_model(cfg.model, **kw)
-    kw = dict(sizes=tuple(cfg.sizes), activation=cfg.activation, output_activation=cfg.output_activation,
-              loss=cfg.loss)
-    if cfg.model == "dendritic":
-        kw.update(basal_branches=cfg.basal_branches, apical_branches=cfg.apical_branches,
-                  sparsity=cfg.sparsity, apical_dense=cfg.apical_dense)
-    return ep_jax.build_model(cfg.model, **kw)
+    """The model of a config: `ep_jax.build_model(cfg.model, **cfg.model_options())`."""
+    return ep_jax.build_model(cfg.model, **cfg.model_options())
 
 
 def build_augment(cfg: RunConfig):

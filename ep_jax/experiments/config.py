@@ -178,6 +178,25 @@ class RunConfig:
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
+    def model_options(self) -> dict:
+        """The keyword arguments of `ep_jax.build_model(self.model, ...)`; conv models get
+        the layers with the defaults filled (stride 1, padding 0, max pooling) and the
+        image shape."""
+        if self.model in CONV_MODELS:
+            layers = self.conv_layers()
+            kw = dict(input_shape=tuple(self.image_shape()), channels=tuple(self.channels),
+                      kernels=tuple(self.kernels), strides=tuple(c["stride"] for c in layers),
+                      paddings=tuple(c["padding"] for c in layers), pools=tuple(c["pool"] for c in layers),
+                      fc=tuple(self.fc), activation=self.activation, output_activation=self.output_activation,
+                      loss=self.loss, readout=self.readout)
+        else:
+            kw = dict(sizes=tuple(self.sizes), activation=self.activation,
+                      output_activation=self.output_activation, loss=self.loss)
+        if self.model in ("dendritic", "dendritic_conv"):
+            kw.update(basal_branches=self.basal_branches, apical_branches=self.apical_branches,
+                      sparsity=self.sparsity, apical_dense=self.apical_dense)
+        return kw
+
     def digest(self, exclude=("epochs",)) -> str:
         """Short hash of the config without `exclude` (what a checkpoint must match).
 
@@ -333,9 +352,9 @@ def short(v) -> str:
 
 def _non_holomorphic(cfg) -> list[str]:
     """What the holomorphic estimator cannot run in `cfg`'s model (the model's own list)."""
-    from ep_jax.experiments.build import build_model
+    from ep_jax.models import build_model
     try:
-        model = build_model(cfg)
+        model = build_model(cfg.model, **cfg.model_options())
     except Exception:   # noqa: BLE001 — a bad model is reported by its own field's check
         return []
     parts = getattr(model, "non_holomorphic", None)
@@ -715,12 +734,17 @@ def memory_breakdown(cfg: RunConfig, members: int = 1) -> dict[str, int]:
     # on XLA's memory analysis; conv models: also the maps before pooling, for the pool's argmax)
     residual = 2 * S + (Z // 4 if cfg.model == "dendritic" else Z if cfg.model in CONV_MODELS else 0)
 
-    def relaxation(batch, stored_steps):
-        # EP: the free, nudged (and anti-nudged) states and one step's temporaries;
-        # BPTT: every differentiated step's residuals, plus one step's temporaries
-        return batch * f * (4 * S + 2 * Z + stored_steps * residual)
+    # states alive at once, in layer-state units: EP the free, nudged and anti-nudged ones and a
+    # step's temporaries; holomorphic the free one and N complex ones (two floats each)
+    n_states = 2 + 2 * (cfg.n_points or 4) if cfg.estimator == "holomorphic" else 4
 
-    stored = {"bptt": cfg.t_nudge, "bptt_full": cfg.t_free}.get(cfg.estimator, 0)
+    def relaxation(batch, stored_steps):
+        # EP: the states above and one step's temporaries;
+        # BPTT: every differentiated step's residuals, plus one step's temporaries
+        return batch * f * (n_states * S + 2 * Z + stored_steps * residual)
+
+    # implicit: the adjoint's VJP holds one step's residuals
+    stored = {"bptt": cfg.t_nudge, "bptt_full": cfg.t_free, "implicit": 1}.get(cfg.estimator, 0)
     n_examples = cfg.n_train() + cfg.n_test()
     parts = {
         "parameters and masks": f * (P + (2 * W if cfg.model in DENDRITIC_MODELS else 0)),  # + masked kernels

@@ -38,6 +38,11 @@ ESTIMATORS = {
     "bptt": "backprop through time, truncated: t_free - t_nudge free steps without gradient, then jax.grad "
             "through the last t_nudge steps (DBPTT for the dendritic model; beta is not used)",
     "bptt_full": "backprop through time through all t_free free steps (t_nudge and beta are not used)",
+    "holomorphic": "EP nudged at n_points complex betas |beta| e^(2 pi i k/N) from the free state: the first "
+                   "Fourier coefficient of dPhi, exact at finite beta as N grows; N = 2 is symmetric "
+                   "(holomorphic activations: tanh, sigmoid, identity)",
+    "implicit": "the exact gradient at the free fixed point by implicit differentiation (adjoint fixed-point "
+                "iteration); refused when the free phase's residual exceeds implicit_tol (beta not used)",
 }
 
 
