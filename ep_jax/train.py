@@ -183,7 +183,8 @@ def evaluate(model, est: Estimator, params, buffers, x, y, rx: Relaxation) -> Ev
     raise a ValueError where `y` is concrete (eager calls); under jit they cannot, and
     the returned loss is NaN instead (the accuracy counts them as wrong)."""
     check_batch(model, x, y)
-    out = model.output(model.prepare(params, buffers), predict(model, est, params, buffers, x, rx))
+    s = predict(model, est, params, buffers, x, rx)   # checks params/buffers before prepare reads them
+    out = model.output(model.prepare(params, buffers), s)
     correct = jnp.sum(jnp.argmax(out, axis=-1) == y)
     loss = jnp.where(labels_in_range(model, y), jnp.mean(model.cost(out, model.one_hot(y, out.dtype))),
                      jnp.nan)
