@@ -351,7 +351,10 @@ def implicit_grad(model, params, buffers, x, y, rx: Relaxation, t_free: int, tol
     else:   # at most t_free steps, fewer once the residual is at most free_tol
         s, res, _ = dynamics.free_phase_adaptive(model, eff, ctx, rx.dt, t_free, free_tol)
     y1h = model.one_hot(y, x.dtype)
-    g_s = jax.grad(lambda st: jnp.mean(model.cost(st[-1], y1h)))(s)
+    # the cost reads the model's output (`model.output`); a readout's own parameter gradient
+    # is added to the adjoint's (zero when the output is s_L itself)
+    g_s, g_out = jax.grad(lambda st, p: jnp.mean(model.cost(model.output(model.prepare(p, buffers), st), y1h)),
+                          argnums=(0, 1))(s, params)
 
     def G(p, st):
         e = model.prepare(p, buffers)
@@ -371,7 +374,7 @@ def implicit_grad(model, params, buffers, x, y, rx: Relaxation, t_free: int, tol
         return new, k + 1, dynamics.relative_residual(new, lam)
 
     lam, k, change = jax.lax.while_loop(cond, body, (g_s, jnp.zeros((), jnp.int32), jnp.asarray(jnp.inf, x.dtype)))
-    grads = vjp(lam)[0]
+    grads = jax.tree.map(jnp.add, vjp(lam)[0], g_out)
     ok = res <= tol
     grads = jax.tree.map(lambda a: jnp.where(ok, a, jnp.nan), grads)
     return grads, s, ImplicitInfo(res, change, k, ok)
@@ -384,7 +387,8 @@ def _implicit(model, est, params, buffers, x, y, y1h, rx):
     if r is not None and not r <= est.residual_tol:
         raise ValueError(f"the free phase has not converged: relative residual {float(r):.3g} > tol="
                          f"{est.residual_tol:g} after t_free={est.t_free} steps (raise t_free, or tol)")
-    return grads, _aux(model, s, y, y1h, rx.beta, info.residual_free, info.residual_adjoint)
+    return grads, _aux(model, s, y, y1h, rx.beta, info.residual_free, info.residual_adjoint,
+                       out=model.output(model.prepare(params, buffers), s))
 
 
 def signed_beta(est: Estimator, key, beta):

@@ -3,7 +3,9 @@
     block = ep_jax.make_ep_block(model, ep_jax.Estimator("symmetric", t_free=60, t_nudge=12))
     s_L = block(params, buffers, x, rx)            # (batch, n_L): the free equilibrium
 
-Forward: `est.t_free` free steps from zero; the output layer's state is returned.
+Forward: `est.t_free` free steps from zero; the output layer's state is returned (the
+model's `output`: for the conv models' softmax readout, its logits, and `g` below is then
+the cotangent of those, the nudge acting through the readout).
 Backward (`jax.custom_vjp`): for the incoming cotangent `g = ∂C/∂s_L` of whatever the
 user computes downstream, run the ±β nudged phases from the free state with the
 output force `−β·B·g` (the linear cost ⟨B g, s_L⟩, B the batch size, so that the usual

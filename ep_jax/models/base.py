@@ -6,7 +6,8 @@ its pure methods take and return. `Model` states the contract; `dynamics`, the
 estimators and the training step are written against it and nothing else.
 
 Shapes: `B` batch, `n_0` input width, `n_l` width of state layer `l = 1..L`. A state `s`
-is a tuple of `L` arrays `(B, n_l)`. The six methods:
+is a tuple of `L` arrays `(B, n_l)` — `(B, *state_shapes[l])` in general: the conv models keep
+image-shaped `(B, H, W, C)` layers, with `n_l = H·W·C` their flat size. The six methods:
 
 - `init(key, dtype=None, **settings) -> (params, buffers)`: the trainable pytree, and the
   fixed arrays of one network: masks, and the model's numeric settings (α for the

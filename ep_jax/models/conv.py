@@ -308,7 +308,7 @@ class ConvLayered(LayeredModel):
         """The nudge −β ∂ℓ(o(s_L))/∂s_L, through the readout when there is one."""
         if self.readout == "none":
             return self.nudge(s_top, target, beta)
-        return jax.grad(lambda u: self._output_term(eff, u, target, beta))(s_top)
+        return jax.grad(lambda u: self._output_term(eff, u, target, beta), holomorphic=jnp.iscomplexobj(s_top))(s_top)
 
 
 # --- the standard convolutional network ------------------------------------------------
