@@ -738,10 +738,16 @@ def memory_breakdown(cfg: RunConfig, members: int = 1) -> dict[str, int]:
     # step's temporaries; holomorphic the free one and N complex ones (two floats each)
     n_states = 2 + 2 * (cfg.n_points or 4) if cfg.estimator == "holomorphic" else 4
 
+    # one relaxation step's temporaries per pre-activation: conv models hold the patches of
+    # their convolutions and the pooling's argmax besides the maps (calibrated on XLA's memory
+    # analysis of the compiled CPU step: fmnist-conv-small 28.9 MB, cifar10-conv-ep 1641 MB,
+    # cifar10-conv-dep 3947 MB, whose K_b branch maps share one convolution's patches)
+    zt = {"conv": 12, "dendritic_conv": 3}.get(cfg.model, 2)
+
     def relaxation(batch, stored_steps):
         # EP: the states above and one step's temporaries;
         # BPTT: every differentiated step's residuals, plus one step's temporaries
-        return batch * f * (n_states * S + 2 * Z + stored_steps * residual)
+        return batch * f * (n_states * S + zt * Z + stored_steps * residual)
 
     # implicit: the adjoint's VJP holds one step's residuals
     stored = {"bptt": cfg.t_nudge, "bptt_full": cfg.t_free, "implicit": 1}.get(cfg.estimator, 0)
@@ -751,7 +757,7 @@ def memory_breakdown(cfg: RunConfig, members: int = 1) -> dict[str, int]:
         "optimiser state": f * P * (2 if cfg.optimizer == "adam" else 1),
         "gradients and updates": f * 2 * P,
         "relaxation states": relaxation(cfg.batch_size, stored),
-        "evaluation": cfg.eval_batch * f * (2 * S + 2 * Z),
+        "evaluation": cfg.eval_batch * f * (2 * S + zt * Z),
         "alignment probe": (relaxation(cfg.align_batch, cfg.t_nudge) + f * 2 * P) if cfg.align_every else 0,
     }
     parts = {k: v * members for k, v in parts.items()}
