@@ -14,7 +14,7 @@ import pytest
 
 import ep_jax
 
-PUBLIC_MODULES = ("activations", "alignment", "data", "dendrites", "dynamics", "estimators", "experiments", "kernels",
+PUBLIC_MODULES = ("activations", "alignment", "augment", "data", "dendrites", "dynamics", "estimators", "experiments", "kernels",
                   "layer",
                   "losses",
                   "models", "nn", "optim", "parallel", "reference", "relaxation", "sweep", "synthetic",
