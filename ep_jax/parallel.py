@@ -201,7 +201,7 @@ def sweep_layout(n_devices: int, members: int, batches, member_shards: int | Non
 
 
 @functools.lru_cache(maxsize=32)
-def sharded_sweep_steps(model, est: Estimator, opt, mesh: Mesh):
+def sharded_sweep_steps(model, est: Estimator, opt, mesh: Mesh, augment=None):
     """`ep_jax.sweep.sweep_steps` over a `sweep_mesh`: a jitted
     `f(state, x_all, y_all, idx, rx, max_state) -> (state, StepInfo)`.
 
@@ -209,13 +209,22 @@ def sharded_sweep_steps(model, est: Estimator, opt, mesh: Mesh):
     indices `idx: (T, M, B)`) are split over "members", every batch over "data"; the
     dataset `(x_all, y_all)` is replicated. M must divide by the member shards, B by the
     data shards. The returned state and info (fields `(T, M)`) are replicated on every
-    device (what process 0 writes to disk); `put` places host inputs."""
-    def body(state, x_all, y_all, idx, rx, max_state):
-        return sweep_steps(model, est, opt, state, x_all, y_all, idx, rx, max_state, axis_name=DATA)
+    device (what process 0 writes to disk); `put` places host inputs. With `augment`
+    (`ep_jax.augment.CropFlip`) the function takes the members' augmentation keys
+    `(M, 2)` last: an example's draw depends on (member, step, example index) only, so
+    every layout augments as one device does."""
+    if augment is None:
+        def body(state, x_all, y_all, idx, rx, max_state):
+            return sweep_steps(model, est, opt, state, x_all, y_all, idx, rx, max_state, axis_name=DATA)
+        specs = (P(MEMBERS), P(), P(), P(None, MEMBERS, DATA), P(MEMBERS), P())
+    else:
+        def body(state, x_all, y_all, idx, rx, max_state, aug_keys):
+            return sweep_steps(model, est, opt, state, x_all, y_all, idx, rx, max_state, axis_name=DATA,
+                               augment=augment, aug_keys=aug_keys)
+        specs = (P(MEMBERS), P(), P(), P(None, MEMBERS, DATA), P(MEMBERS), P(), P(MEMBERS))
 
     # check_vma=False: see data_parallel_step
-    sm = jax.shard_map(body, mesh=mesh, in_specs=(P(MEMBERS), P(), P(), P(None, MEMBERS, DATA), P(MEMBERS), P()),
-                       out_specs=(P(MEMBERS), P(None, MEMBERS)), check_vma=False)
+    sm = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(P(MEMBERS), P(None, MEMBERS)), check_vma=False)
     return jax.jit(sm, out_shardings=NamedSharding(mesh, P()))
 
 

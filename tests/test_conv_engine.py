@@ -311,3 +311,79 @@ def test_conv_step_memory_estimate_within_2x_of_xla():
     est = sum(b[k] for k in ("parameters and masks", "optimiser state", "gradients and updates",
                              "relaxation states"))
     assert xla / 2 < est < 2 * xla, (est, xla)
+
+
+AUG_CHILD = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, os.environ["TEST_DIR"])
+from test_conv_engine import aug_sweep_setup
+from ep_jax import parallel
+model, est, opt, state, rx, x, y, idx, keys, aug = aug_sweep_setup()
+mesh = parallel.sweep_mesh(2)                  # 2 member shards x 2 data shards
+f = parallel.sharded_sweep_steps(model, est, opt, mesh, augment=aug)
+put = lambda t, spec=jax.sharding.PartitionSpec(): parallel.put(t, mesh, spec)
+st, info = f(put(state), put(x), put(y), put(idx), put(rx), put(jnp.asarray(1e4, jnp.float32)), put(keys))
+np.savez(sys.argv[1], *[np.asarray(a) for a in jax.tree.leaves(st.train.params)], loss=np.asarray(info.loss))
+"""
+
+
+def aug_sweep_setup():
+    """Two members of a small MLP on 4x4x1 images, their batches of 8, crops with 1 pixel."""
+    import ep_jax
+    from ep_jax import sweep as S
+    model = ep_jax.build_model("ep", sizes=(16, 8, 4))
+    est = ep_jax.Estimator("symmetric", t_free=6, t_nudge=2)
+    opt = ep_jax.optim.sgd(model, lr=0.2, momentum=0.5)
+    state = S.init_sweep(model, est, opt, [jax.random.PRNGKey(0), jax.random.PRNGKey(1)],
+                         [jax.random.PRNGKey(2), jax.random.PRNGKey(3)])
+    rx = S.stack_relaxations(model, [ep_jax.make_relaxation(model, beta=0.3)] * 2)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(size=(40, 16)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 4, 40).astype(np.int32))
+    idx = jnp.asarray(rng.permutation(np.tile(np.arange(40), 2))[:48].reshape(3, 2, 8).astype(np.int32))
+    keys = jnp.stack([jax.random.PRNGKey(10), jax.random.PRNGKey(11)])
+    return model, est, opt, state, rx, x, y, idx, keys, CropFlip((4, 4, 1), pad=1)
+
+
+def test_augmented_sweep_steps_on_a_mesh_equal_one_device(tmp_path):
+    """Oracle: the same steps on one device (`sweep_steps`); the draws depend on (member,
+    step, example) only, so 2 member shards x 2 data shards augment the same images."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from ep_jax import sweep as S
+    out = tmp_path / "mesh.npz"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TEST_DIR=str(Path(__file__).parent),
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", AUG_CHILD, str(out)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(out)
+    model, est, opt, state, rx, x, y, idx, keys, aug = aug_sweep_setup()
+    st, info = S.sweep_steps_jit(model, est, opt, state, x, y, idx, rx, jnp.asarray(1e4, jnp.float32),
+                                 augment=aug, aug_keys=keys)
+    plain, _ = S.sweep_steps_jit(model, est, opt, state, x, y, idx, rx, jnp.asarray(1e4, jnp.float32))
+    for i, leaf in enumerate(jax.tree.leaves(st.train.params)):
+        np.testing.assert_allclose(got[f"arr_{i}"], leaf, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(st.train.params),
+                                                      jax.tree.leaves(plain.train.params)))
+    np.testing.assert_allclose(got["loss"], info.loss, rtol=1e-5)
+
+
+def test_engine_mesh_runtime_augments_as_the_local_one(tmp_path):
+    """The engine's `Distributed` runtime (one process, one device: the mesh code path)
+    trains an augmented run to the local runtime's numbers."""
+    from ep_jax.experiments import runtime
+    data = fake_images()
+    cfg = validate(RunConfig.from_dict({**AUG_MLP, "augment": True, "epochs": 1}))
+    runs = {}
+    for name, rt in (("local", runtime.Local()), ("mesh", runtime.Distributed())):
+        engine.run([engine.Member(cfg, name, tmp_path / name)], "new", progress=False, print_fn=lambda *a: None,
+                   data=data, runtime=rt)
+        runs[name] = jax.tree.leaves(engine.load_run(tmp_path / name)[3])
+    for a, b in zip(runs["mesh"], runs["local"]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -175,13 +175,7 @@ class Distributed:
                               ) from None
 
     def check_layout(self, groups):
-        """Refuse (ConfigError) before anything is touched if a group does not divide, or
-        asks for what the mesh steps do not do (training augmentation)."""
-        from ep_jax.experiments.config import ConfigError
-        for g in groups:
-            if g.cfg.augment:
-                raise ConfigError("augment: not supported with --distributed yet (the sharded steps do not "
-                                  "augment); train on one device, or set augment=false")
+        """Refuse (ConfigError) before anything is touched if a group does not divide."""
         for gi, g in enumerate(groups):
             where = (f" (group {gi + 1}: {', '.join(m.name for m in g.members)})"
                      if len(groups) > 1 or g.M > 1 else "")
@@ -207,7 +201,9 @@ class _MeshRunner:
         from ep_jax import parallel
         self.m, self.d = rt.layout(g.M, g.cfg.batch_size, n)
         self.mesh = parallel.sweep_mesh(self.m)
-        self.steps_fn = parallel.sharded_sweep_steps(g.model, g.est, g.opt, self.mesh)
+        self.augment = getattr(g, "augment", None)
+        self.aug_keys = getattr(g, "aug_keys", None)
+        self.steps_fn = parallel.sharded_sweep_steps(g.model, g.est, g.opt, self.mesh, augment=self.augment)
         self.ev = parallel.sharded_sweep_evaluate(g.model, g.est, self.mesh)
         self._cache = {}
 
@@ -229,8 +225,9 @@ class _MeshRunner:
         # shape; the step takes each device's members itself)
         state, rx = parallel.put((state, rx), mesh)
         idx = parallel.put(np.asarray(idx), mesh, P(None, parallel.MEMBERS, parallel.DATA))
+        extra = (parallel.put(self.aug_keys, mesh),) if self.augment is not None else ()
         return self.steps_fn(state, self._resident(x_all), self._resident(y_all), idx, rx,
-                             parallel.put(max_state, mesh))
+                             parallel.put(max_state, mesh), *extra)
 
     def evaluate(self, state, x, y, rx, batch: int):
         """Per-member accuracy (fraction) and mean loss on `(x, y)`, batches split over "data"."""
