@@ -459,6 +459,13 @@ def test_one_device_data_parallel_and_checkpoint_roundtrip(tmp_path):
     for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
     assert int(ia.correct) == int(ib.correct)
+    # evaluation reads the readout: argmax and cross-entropy of o = flat(s_L) W_o + b_o
+    ev = ep_jax.evaluate_jit(model, est, b.params, b.buffers, x, y, rx)
+    s = ep_jax.predict(model, est, b.params, b.buffers, x, rx)
+    o = np.asarray(s[-1]).reshape(4, -1) @ np.asarray(b.params[-1]["w"]) + np.asarray(b.params[-1]["b"])
+    logp = o - np.log(np.exp(o).sum(-1, keepdims=True))
+    assert int(ev.correct) == int(np.sum(o.argmax(-1) == np.asarray(y)))
+    np.testing.assert_allclose(ev.loss, -np.mean(logp[np.arange(4), np.asarray(y)]), rtol=1e-5)
     ckpt.save(tmp_path / "c.msgpack", b, {"note": "conv"})
     _, back = ckpt.load(tmp_path / "c.msgpack", state, check=False)
     jax.tree.map(np.testing.assert_array_equal, back, b)
