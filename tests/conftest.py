@@ -295,6 +295,8 @@ SLOW = {
     "test_conv_models.py::test_sweep_members_equal_solo_steps",
     "test_conv_models.py::test_symmetric_ep_equals_grad_through_relaxation[softmax]",
     "test_conv_models.py::test_every_estimator_gives_finite_grads_with_the_params_structure[dendritic_conv-softmax]",
+    "test_conv_models.py::test_every_estimator_gives_finite_grads_with_the_params_structure[dendritic_conv]",
+    "test_conv_models.py::test_every_estimator_gives_finite_grads_with_the_params_structure[conv-softmax]",
     "test_kernels.py::test_free_and_nudged_states_match_xla[False-dendritic-2h]",
     "test_kernels.py::test_free_and_nudged_states_match_xla[True-dendritic-2h]",
     "test_kernels.py::test_vmapped_members_equal_solo",
