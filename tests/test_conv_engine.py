@@ -218,7 +218,7 @@ def test_new_fields_keep_old_digests_and_round_trip():
     old = RunConfig.from_dict({"dataset": "fashion_mnist", "sizes": [784, 256, 10], "lr": [0.4, 0.02]})
     d = old.to_json()
     for k in ("input_shape", "channels", "kernels", "strides", "paddings", "pools", "fc", "readout",
-              "augment", "lr_schedule", "lr_min", "weight_decay"):
+              "augment", "lr_schedule", "lr_min", "lr_epochs", "weight_decay"):
         assert C.FIELDS[k].metadata.get("later"), k
         d.pop(k)                      # a config.json written before the fields existed
     assert RunConfig.from_dict(d).digest() == old.digest()
@@ -249,6 +249,24 @@ def test_cosine_and_weight_decay_config_rules():
         validate(RunConfig.from_dict({**AUG_MLP, "weight_decay": -1.0}))
     with pytest.raises(ConfigError, match="lr_schedule: must be one of"):
         validate(RunConfig.from_dict({**AUG_MLP, "lr_schedule": "step"}))
+    with pytest.raises(ConfigError, match="lr_epochs: is used only with lr_schedule = 'cosine'"):
+        validate(RunConfig.from_dict({**AUG_MLP, "lr_epochs": 10}))
+    with pytest.raises(ConfigError, match="lr_epochs: must be >= 1"):
+        validate(RunConfig.from_dict({**AUG_MLP, "lr_schedule": "cosine", "lr_epochs": 0}))
+
+
+def test_laborieux_schedule_period_100_of_120_epochs():
+    """Oracle: PyTorch's CosineAnnealingLR closed form, T_max = 100, eta_min = 1e-5, past
+    T_max the rate rises again (the authors' code trains 120 epochs on a 100-epoch period)."""
+    cfg = presets.preset_config("cifar10-conv-ep")
+    sched = build.lr_schedule(cfg)
+    assert sched == __import__("ep_jax").optim.CosineDecay(391, 100, 1e-5)
+    for e in (0, 37, 99, 100, 119):
+        want = 1e-5 + (0.25 - 1e-5) * (1 + math.cos(math.pi * e / 100)) / 2
+        got = float(sched.rates(jnp.asarray([0.25], jnp.float32), jnp.asarray(e * 391 + 390))[0])
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-8), e   # float32 rates
+    plain = validate(RunConfig.from_dict({**AUG_MLP, "lr_schedule": "cosine"}))
+    assert build.lr_schedule(plain).epochs == plain.epochs          # default period: the epochs
 
 
 def test_sgd_cosine_schedule_and_weight_decay_against_a_numpy_loop():

@@ -57,10 +57,11 @@ def build_estimator(cfg: RunConfig) -> ep_jax.Estimator:
 
 
 def lr_schedule(cfg: RunConfig):
-    """`ep_jax.optim.CosineDecay` over the config's epochs (per epoch, to `lr_min`), or None."""
+    """`ep_jax.optim.CosineDecay` with period `lr_epochs` (default: the config's epochs; per
+    epoch, to `lr_min`), or None."""
     if cfg.lr_schedule != "cosine":
         return None
-    return ep_jax.optim.CosineDecay(cfg.steps_per_epoch(), cfg.epochs, cfg.lr_min)
+    return ep_jax.optim.CosineDecay(cfg.steps_per_epoch(), cfg.lr_epochs or cfg.epochs, cfg.lr_min)
 
 
 def build_optimizer(cfg: RunConfig, model):

@@ -131,6 +131,9 @@ class RunConfig:
     lr_schedule: str = _f("constant", "constant | cosine (per epoch, from lr to lr_min over the epochs)",
                           choices=LR_SCHEDULES, later=True)
     lr_min: float = _f(1e-5, "cosine schedule: the rate of the last epoch's end", lo=0.0, later=True)
+    lr_epochs: int | None = _f(None, "cosine schedule: its period T_max in epochs (default: epochs; past it "
+                                     "the rates rise again, as PyTorch's CosineAnnealingLR)", lo=1,
+                               hi=INT32_MAX, later=True)
     weight_decay: float = _f(0.0, "added to the gradient: g + weight_decay * theta (PyTorch's)", lo=0.0,
                              later=True)
     # loop
@@ -404,7 +407,7 @@ def _coerce(f: dataclasses.Field, v, where: str = ""):
         if isinstance(v, bool):
             return v
         raise bad("true or false")
-    if isinstance(default, int) or name in ("subset", "test_subset", "n_points"):
+    if isinstance(default, int) or name in ("subset", "test_subset", "n_points", "lr_epochs"):
         if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
             raise bad("an integer")
         return int(v)
@@ -536,6 +539,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                      + ("; its apical scale is alpha)" if cfg.model in DENDRITIC_MODELS else ")"))
     if cfg.lr_schedule != "cosine" and cfg.lr_min != FIELDS["lr_min"].default:
         err("lr_min", "is used only with lr_schedule = 'cosine'")
+    if cfg.lr_schedule != "cosine" and cfg.lr_epochs is not None:
+        err("lr_epochs", "is used only with lr_schedule = 'cosine'")
     if cfg.augment and cfg.image_shape() is None:
         err("augment", "needs images (the synthetic dataset has none; give input_shape with a conv model)")
     if cfg.align_every and cfg.t_nudge > cfg.t_free:
