@@ -68,6 +68,7 @@ class ConvSynapse(NamedTuple):
 
     @property
     def fan_in(self) -> int:
+        """Inputs of one output unit: k·k·C_in (PyTorch's init bound is 1/√fan_in)."""
         return self.kernel * self.kernel * self.in_shape[2]
 
 
@@ -78,10 +79,12 @@ class DenseSynapse(NamedTuple):
 
     @property
     def fan_in(self) -> int:
+        """Inputs of one output unit: the flattened input layer."""
         return math.prod(self.in_shape)
 
     @property
     def out_shape(self) -> tuple:
+        """The state shape it drives, `(n_out,)`."""
         return (self.n_out,)
 
 
