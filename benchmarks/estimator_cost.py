@@ -22,7 +22,7 @@ below it): the free phase converges in ~25 of its 60 steps here, so expect about
 (25 + 24) / 84 ≈ 0.6× symmetric, less the cost of a residual per step.
 
 `--table2` times the same rows for the Table-2 MNIST network instead (hard sigmoid, dt = 1,
-β = 0.1; holomorphic and implicit rows left out: the hard sigmoid is not holomorphic).
+β = 0.1; the holomorphic rows left out, as the hard sigmoid is not holomorphic, and implicit).
 """
 from __future__ import annotations
 

@@ -311,3 +311,15 @@ def pytest_collection_modifyitems(config, items):
         base = file.split("[")[0]
         if file in SLOW or base in SLOW:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop jax's compiled programs and traces: the default run
+    compiles thousands of programs in one process, and holding them all made XLA:CPU's
+    compiler crash (a segfault in backend_compile) late in a full run on 2 cores. Modules
+    rarely share a program, so this costs few recompilations."""
+    yield
+    import gc
+    jax.clear_caches()
+    gc.collect()

@@ -71,7 +71,7 @@ BAD = [
     ("unknown dataset", ["--set", "dataset=cifar"], "dataset: must be one of"),
     ("random sign with bptt", ["--set", "estimator=bptt", "--set", "nudge=random_sign"], "nudge: random_sign needs"),
     ("bool as 1", ["--set", "float64=1"], "float64: expected true or false"),
-    ("alpha on ep", ["--set", "model=ep", "--set", "alpha=0.3"], "alpha: applies to the dendritic model only"),
+    ("alpha on ep", ["--set", "model=ep", "--set", "alpha=0.3"], "alpha: applies to the dendritic models only (model = 'ep')"),
     ("momentum 1", ["--set", "momentum=1"], "momentum: must be < 1.0"),
     ("dt_mean alone", ["--set", "dt_mean=0.3"], "dt_mean: is used only with dt_dist"),
     ("chunk 0", ["--set", "chunk=0"], "chunk: must be >= 1"),
