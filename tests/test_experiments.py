@@ -217,7 +217,9 @@ def test_finished_run_folder_layout(finished):
                                                    "metrics.jsonl", "summary.json"]
     rows = metrics(d)
     assert [r["epoch"] for r in rows] == [1, 2] and [r["steps"] for r in rows] == [SPE, 2 * SPE]
-    assert set(rows[0]) == {"epoch", "train_acc", "loss", "test_acc", "test_loss", "time_s", "steps"}
+    assert set(rows[0]) == {"epoch", "train_acc", "loss", "test_acc", "test_loss", "time_s", "steps",
+                            "residual_free", "residual_nudge"}
+    assert all(0 <= r["residual_free"] < 1 and 0 <= r["residual_nudge"] < 1 for r in rows)
     s = summary(d)
     assert s["status"] == "ok" and s["epochs_done"] == 2 and s["final_test_acc"] == rows[-1]["test_acc"]
     assert s["best_test_acc"] == max(r["test_acc"] for r in rows)
