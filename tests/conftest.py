@@ -302,6 +302,19 @@ SLOW = {
     "test_kernels.py::test_vmapped_members_equal_solo",
     "test_kernels.py::test_float64_matches_xla[dendritic]",
     "test_lease.py::test_dry_run_then_import",
+    # > 12 s each on 2 cores (2026-12-02), their paths also covered by faster tests
+    "test_parallel.py::test_eight_devices_equal_one_device",
+    "test_parallel.py::test_eight_devices_sweep_equals_one_device_sweep",
+    "test_experiments.py::test_train_sweep_member_and_plain_loop_agree[float32]",
+    "test_distributed.py::test_two_processes_form_one_job",
+    "test_conv_engine.py::test_augment_changes_training_not_evaluation_and_resumes_bit_exact",
+    "test_conv_engine.py::test_augmented_sweep_steps_on_a_mesh_equal_one_device",
+    "test_conv_engine.py::test_engine_mesh_runtime_augments_as_the_local_one",
+    "test_holomorphic.py::test_gradient_error_command_writes_its_figure_and_numbers",
+    "test_holomorphic.py::test_engine_runs_the_holomorphic_estimator_and_logs_residuals",
+    "test_alignment_tracking.py::test_measure_equals_an_independent_comparison",
+    "test_estimators.py::JitVariantsTest::test_train_step_against_independent_expectation__without_jit",
+    "test_estimators.py::JitVariantsTest::test_train_step_against_independent_expectation__with_jit",
 }
 
 
