@@ -128,9 +128,9 @@ def nudged_phases(model: Model, eff, ctx, s_free, target, betas, dt, steps: int,
     """
     if not batched or len(betas) == 1:
         outs = [_scan(model, eff, ctx, s_free, target, b, dt, steps, record, residual) for b in betas]
-        finals = [o[0] for o in outs]
-        prevs = [o[2] for o in outs]
-        phases = [(f, t) for f, t, _ in outs] if record else finals
+        phases = [(f, t) for f, t, _ in outs] if record else [f for f, _, _ in outs]
+        if residual:   # over every phase together: their layers side by side
+            r = relative_residual(sum((f for f, _, _ in outs), ()), sum((p for _, _, p in outs), ()))
     else:
         n, B = len(betas), ctx.shape[0]
         tile = lambda a: jnp.concatenate([a] * n, axis=0)
@@ -139,8 +139,7 @@ def nudged_phases(model: Model, eff, ctx, s_free, target, betas, dt, steps: int,
                                   jax.tree.map(tile, target), beta_col, dt, steps, record, residual)
         split = lambda a, i, axis: lax.slice_in_dim(a, i * B, (i + 1) * B, axis=axis)
         finals = [tuple(split(sl, i, 0) for sl in final) for i in range(n)]
-        prevs = [tuple(split(sl, i, 0) for sl in prev) for i in range(n)] if residual else None
         phases = ([(finals[i], tuple(split(t, i, 1) for t in traj)) for i in range(n)] if record else finals)
-    if not residual:
-        return phases
-    return phases, relative_residual(sum(map(tuple, finals), ()), sum(map(tuple, prevs), ()))
+        if residual:   # the stacked batch holds every phase: no need to split it
+            r = relative_residual(final, prev)
+    return (phases, r) if residual else phases

@@ -86,7 +86,8 @@ def network(source: str, a):
 
 
 def residual_curves(a, sources) -> dict:
-    """`{label: {"t_free", "t_nudge", "steps", "free", "per_layer", "nudge_end"}}` of the right panel."""
+    """`{label: {"t_free", "t_nudge", "free", "at_t_free", "per_layer_at_t_free", "nudge_at_t_nudge", "dt"}}`
+    of the right panel: "free" the residual after every free step t = 1..T."""
     out = {}
     for src in sources:
         label, cfg, model, est, params, buffers, rx = network(src, a)
@@ -95,11 +96,10 @@ def residual_curves(a, sources) -> dict:
         ctx = model.input_drive(eff, x)
         T = max(a.horizon, est.t_free)
         _, traj = dynamics.free_phase(model, eff, ctx, rx.dt, T, record=True)
-        zero = tuple(jnp.zeros_like(t[0]) for t in traj)
-        prev = [zero] + [tuple(t[i] for t in traj) for i in range(T - 1)]
-        now = [tuple(t[i] for t in traj) for i in range(T)]
-        free = [float(dynamics.relative_residual(n, p)) for n, p in zip(now, prev)]
-        at_t1 = now[est.t_free - 1], prev[est.t_free - 1]
+        # the state before each step: zero, then the trajectory shifted by one
+        prev = tuple(jnp.concatenate([jnp.zeros_like(t[:1]), t[:-1]]) for t in traj)
+        free = [float(r) for r in jax.vmap(dynamics.relative_residual)(traj, prev)]
+        at_t1 = tuple(t[est.t_free - 1] for t in traj), tuple(p[est.t_free - 1] for p in prev)
         per_layer = [float(r) for r in dynamics.layer_residuals(*at_t1)]
         nudge = None
         if est.is_ep and est.kind != "holomorphic":
