@@ -10,8 +10,9 @@ the relaxation settings `rx`. `train_step` is a pure function of arrays given th
 parts: jit it with those static (`train_step_jit`), vmap it over `state`/`rx` for sweeps
 (`ep_jax.sweep`), `shard_map` it over a batch axis (`ep_jax.parallel`).
 
-A step whose gradients or free state are not finite is not applied: the returned state
-is the input state and `info.finite` is False, so a driver can stop cleanly.
+A step whose free state, gradients or updated state (parameters, optimiser state) are not
+finite is not applied: the returned state is the input state and `info.finite` is False,
+so a driver can stop cleanly (and never keeps an overflowed parameter).
 
 Checks: params and buffers against the model's leaves and shapes, the batch's shapes
 (at least one example) and the relaxation's shapes are checked at trace time (free under
@@ -132,14 +133,13 @@ def train_step(model, est: Estimator, opt: optax.GradientTransformation, key, st
         correct, n = jax.lax.psum((correct, n), axis_name)
         finite = jax.lax.psum(jnp.logical_not(finite).astype(jnp.int32), axis_name) == 0
     finite = finite & _all_finite(grads)
-
-    def apply(_):
-        updates, opt_state = opt.update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), state.buffers, opt_state, state.step + 1)
-
-    # a branch, not a select over the whole state: 12 % of an MNIST DEP step on the CPU
-    # (under vmap it becomes a select, as before)
-    new = jax.lax.cond(finite, apply, lambda _: state, None)
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
+    candidate = TrainState(optax.apply_updates(state.params, updates), state.buffers, opt_state, state.step + 1)
+    # judged on the new state too: an update can overflow the parameters (or the optimiser's
+    # moments) while the loss and gradients are finite; such a step is refused like any other
+    finite = finite & _all_finite((candidate.params, candidate.opt_state))
+    # a branch, not a select over the whole state (under vmap it becomes a select)
+    new = jax.lax.cond(finite, lambda _: candidate, lambda _: state, None)
     info = StepInfo(loss=loss, correct=correct, accuracy=correct / n, grad_norm=optax.tree.norm(grads),
                     state_absmax=absmax, finite=finite, beta=aux.beta, residual_free=res[0],
                     residual_nudge=res[1])

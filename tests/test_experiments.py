@@ -426,6 +426,42 @@ def test_diverging_member_frozen_others_continue(tmp_path):
     assert "diverged (not in the mean)" in table
 
 
+def test_implicit_gradient_that_does_not_converge_is_named_so(tmp_path):
+    """An implicit estimator whose free phase is far from its fixed point (2 steps of
+    dt 0.1) refuses the very first step: the run stops as diverged, and the message names
+    the residual against implicit_tol and what to raise, not a non-finite state."""
+    spec = toml_spec(tmp_path / "i.toml", dict(TINY, estimator="implicit", t_free=2, t_nudge=1, dt=0.1))
+    rc, out, err = run_cli(sweep.main, [spec, "--out", tmp_path / "sw", "--no-progress"])
+    assert rc == 0, err
+    (run,) = [d for d in (tmp_path / "sw").iterdir() if d.is_dir()]
+    s = summary(run)
+    assert s["status"] == "diverged" and s["diverged_step"] == 0, s
+    assert "did not converge" in s["message"] and "implicit_tol=1e-05" in s["message"], s["message"]
+    assert "raise t_free" in s["message"] and "non-finite" not in s["message"]
+
+
+def test_divergence_cause_names_each_reason():
+    """The loop's diagnosis reads the first refused step of the member (member 1 here;
+    member 0 is fine), one reason per field of StepInfo that can refuse a step."""
+    from ep_jax.experiments.loop import divergence_cause
+    cfg = tiny(max_state=10.0)
+    base = dict(loss=1.0, correct=0, accuracy=0.0, grad_norm=1.0, state_absmax=1.0, finite=True, beta=0.2,
+                residual_free=1e-7, residual_nudge=1e-7)
+
+    def chunk(**bad):
+        rows = [dict(base), {**base, "finite": False, **bad}]
+        return [ep_jax.StepInfo(**{k: np.array([[base[k], r[k]] for r in rows]) for k in base})]
+    assert "free state or the loss is not finite" in divergence_cause(cfg, chunk(state_absmax=np.inf), 1)
+    assert "above max_state=10" in divergence_cause(cfg, chunk(state_absmax=11.0), 1)
+    assert "non-finite gradient" in divergence_cause(cfg, chunk(grad_norm=np.nan), 1)
+    assert "learning rate too large" in divergence_cause(cfg, chunk(), 1)
+    icfg = tiny(estimator="implicit", implicit_tol=1e-6)
+    assert "relative residual 0.001 > implicit_tol=1e-06" in divergence_cause(icfg, chunk(residual_free=1e-3,
+                                                                                          grad_norm=np.nan), 1)
+    # the first refused step counts, in a later chunk too
+    assert "above max_state" in divergence_cause(cfg, chunk(finite=True) + chunk(state_absmax=50.0), 1)
+
+
 def test_time_budget_interrupts_with_summary_then_resume(tmp_path):
     d = tmp_path / "r"
     m = engine.Member(tiny(epochs=3), "r", d)

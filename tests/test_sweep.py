@@ -348,3 +348,33 @@ def test_sweep_folders_resume_and_refusals(tmp_path):
         assert summary(part / n)["status"] == "ok" and summary(part / n)["epochs_done"] == 2
         assert strip_time(metrics(part / n)) == strip_time(metrics(full / n))
         assert_same_arrays(checkpoint_arrays(part / n)[1], checkpoint_arrays(full / n)[1])
+
+
+def test_member_whose_update_overflows_dies_at_that_step():
+    """Member 1's first update overflows its parameters (loss and gradients finite): it is
+    dead at step 0, keeps its initial state, and the others train as alone."""
+    from test_train import overflowing
+    model = ep_jax.build_model("ep", sizes=SIZES)
+    est = ep_jax.Estimator("symmetric", t_free=12, t_nudge=4)
+    opt = overflowing(1.0)
+    keys = [jax.random.PRNGKey(10 + i) for i in range(3)]
+    skeys = [jax.random.PRNGKey(100 + i) for i in range(3)]
+    factors = np.array([1.0, 1e30, 1.0], np.float32)
+    state = S.init_sweep(model, est, opt, keys, skeys, opt_hyperparams={"factor": factors})
+    init = state
+    rx = S.stack_relaxations(model, [ep_jax.make_relaxation(model, beta=0.2, dt=0.7)] * 3)
+    data = batches(3)
+    for x, y in data:
+        state, info = S.sweep_step(model, est, opt, state, x, y, rx)
+        assert np.asarray(info.finite).tolist() == [True, False, True]
+        assert np.isfinite(np.asarray(info.loss)).all()
+    assert np.asarray(state.alive).tolist() == [True, False, True]
+    assert np.asarray(state.diverged_step).tolist() == [-1, 0, -1]
+    for u, v in zip(jax.tree.leaves(S.take(state.train, 1)), jax.tree.leaves(S.take(init.train, 1)), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    for i in (0, 2):
+        solo = ep_jax.init_state(model, est, opt, keys[i])
+        for x, y in data:
+            solo, _ = ep_jax.train_step_jit(model, est, opt, ep_jax.step_key(skeys[i], solo.step), solo, x, y, rx=
+                                            ep_jax.make_relaxation(model, beta=0.2, dt=0.7))
+        close(S.take(state.train.params, i), solo.params)

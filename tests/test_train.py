@@ -168,3 +168,75 @@ def test_train_steps_equals_loop_of_train_step_with_step_key():
     np.testing.assert_array_equal(infos.beta, betas)
     assert set(np.sign(betas)) == {-1.0, 1.0}  # both signs drawn over the six steps
     assert int(scanned.step) == 3 + 6 and infos.loss.shape == (6,)
+
+
+# --- divergence is judged on the new state ------------------------------------------------
+
+def overflowing(factor):
+    """SGD whose update is multiplied by `factor` twice (an injected hyperparameter, so
+    sweep members differ): with factor 1e30 every nonzero update is ±inf in float32 at the
+    very first step, while the loss and the gradients stay finite."""
+    def make(lr, factor):
+        return optax.chain(optax.sgd(lr), optax.scale(factor), optax.scale(factor))
+    return optax.inject_hyperparams(make)(lr=0.1, factor=factor)
+
+
+def moment_overflow():
+    """Updates of zero, but an optimiser state that accumulates the gradient times 1e60:
+    the parameters stay finite, the optimiser state overflows at the first step."""
+    def init(params):
+        return jax.tree.map(jnp.zeros_like, params)
+
+    def update(updates, state, params=None):
+        state = jax.tree.map(lambda s, g: s + g * 1e30 * 1e30, state, updates)
+        return jax.tree.map(jnp.zeros_like, updates), state
+    return optax.GradientTransformation(init, update)
+
+
+def _tiny(kind="ep"):
+    (xtr, ytr), _ = synthetic_problem(jax.random.PRNGKey(3), n_train=64, n_test=8)
+    model = ep_jax.build_model(kind, sizes=(16, 12, 4))
+    est = ep_jax.Estimator("symmetric", t_free=10, t_nudge=3)
+    rx = ep_jax.make_relaxation(model, beta=0.2, dt=0.5)
+    return model, est, rx, xtr[:16], ytr[:16]
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+@pytest.mark.parametrize("make_opt,where", [(lambda: overflowing(1e30), "params"),
+                                            (moment_overflow, "opt_state")])
+@pytest.mark.parametrize("jit", [False, True])
+def test_step_that_overflows_the_new_state_is_refused(make_opt, where, jit):
+    """Loss and gradients finite, the updated parameters (or optimiser state) not: the
+    step is refused at once (`info.finite` False) and the input state is returned."""
+    model, est, rx, x, y = _tiny()
+    opt = make_opt()
+    state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(0))
+    step = ep_jax.train_step_jit if jit else ep_jax.train_step
+    new, info = step(model, est, opt, jax.random.PRNGKey(1), state, x, y, rx)
+    assert np.isfinite(float(info.loss)) and np.isfinite(float(info.grad_norm)) and float(info.grad_norm) > 0
+    # the update itself, computed here from the same gradients, is not finite
+    grads, _ = ep_jax.estimate(model, est, jax.random.PRNGKey(1), state.params, state.buffers, x, y, rx)
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
+    bad = optax.apply_updates(state.params, updates) if where == "params" else opt_state
+    assert not all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree.leaves(bad))
+    assert not bool(info.finite)
+    assert _leaves_equal(new, state)
+
+
+def test_data_parallel_step_refuses_an_overflowing_update():
+    model, est, rx, x, y = _tiny()
+    opt = overflowing(1e30)
+    state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(0))
+    step = ep_jax.parallel.data_parallel_step(model, est, opt)
+    new, info = step(jax.random.PRNGKey(1), state, x, y, rx)
+    assert np.isfinite(float(info.loss)) and not bool(info.finite)
+    assert _leaves_equal(new, state)
+    # the same step with a sane factor is applied
+    ok = overflowing(1.0)
+    s1 = ep_jax.init_state(model, est, ok, jax.random.PRNGKey(0))
+    n1, i1 = ep_jax.parallel.data_parallel_step(model, est, ok)(jax.random.PRNGKey(1), s1, x, y, rx)
+    assert bool(i1.finite) and int(n1.step) == 1 and not _leaves_equal(n1.params, s1.params)

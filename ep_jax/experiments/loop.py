@@ -10,9 +10,10 @@ once, at the end of the epoch (a hook that shows a running accuracy reads them i
 
 Per member the loop keeps `status` (running | diverged | interrupted | ok), `start` (the
 last epoch whose record a hook made safe, see `EpochEnd.done`), `history` (those epochs'
-rows), `message` and `diverged_step`. A member whose state or gradient turns non-finite
-(or exceeds `max_state`) is frozen at its last good step by the compiled step itself; the
-loop marks it diverged and the others go on. A member already past an epoch (resumed from
+rows), `message` and `diverged_step`. A member whose state, gradient or updated
+parameters turn non-finite (or whose state exceeds `max_state`) is frozen at its last good
+step by the compiled step itself; the loop marks it diverged, names the cause
+(`divergence_cause`) and the others go on. A member already past an epoch (resumed from
 a later checkpoint) sits that epoch out.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ep_jax.estimators import DEFAULT_TOL
 from ep_jax.experiments.errors import Interrupted
 
 
@@ -36,6 +38,35 @@ def _epoch_mean(parts, M: int) -> np.ndarray:
     ok = np.isfinite(a)
     n = ok.sum(0)
     return np.where(n > 0, np.where(ok, a, 0).sum(0) / np.maximum(n, 1), np.nan)
+
+
+def divergence_cause(cfg, infos, i: int) -> str:
+    """Why member i's first refused step of the epoch was refused, from that step's
+    `StepInfo` (`infos`: the epoch's chunks, fields `(steps, M)`): the first of a
+    non-finite free state, a state above `max_state`, an implicit gradient whose free
+    phase did not converge, a non-finite gradient, an update that overflowed."""
+    first = None
+    for info in infos:
+        bad = np.flatnonzero(~np.asarray(info.finite)[:, i])
+        if bad.size:
+            first = jax.tree.map(lambda a: np.asarray(a)[bad[0], i], info)
+            break
+    if first is None:
+        return "a refused step"
+    if not np.isfinite(first.state_absmax) or not np.isfinite(first.loss):
+        return "the free state or the loss is not finite"
+    if first.state_absmax > cfg.max_state:
+        return f"a free state of magnitude {float(first.state_absmax):.3g} above max_state={cfg.max_state:g}"
+    if cfg.estimator == "implicit":
+        tol = DEFAULT_TOL if cfg.implicit_tol is None else cfg.implicit_tol
+        r = float(first.residual_free)
+        if not r <= tol:
+            return (f"the free phase did not converge for the implicit gradient: relative residual {r:.3g} > "
+                    f"implicit_tol={tol:g} after t_free={cfg.t_free} steps; raise t_free (or implicit_tol), or "
+                    f"lower dt")
+    if not np.isfinite(first.grad_norm):
+        return "a non-finite gradient"
+    return "the update made the parameters or the optimiser state non-finite: a learning rate too large?"
 
 
 class Chunk(NamedTuple):
@@ -203,8 +234,8 @@ class Loop:
             if not alive_now[i]:
                 self.status[i] = "diverged"
                 self.diverged_step[i] = int(dsteps[i])
-                self.message[i] = (f"diverged at epoch {epoch}, step {int(dsteps[i]) + 1} (non-finite state or "
-                                   f"gradient, or a state above max_state={cfg.max_state:g}); the checkpoint of "
+                self.message[i] = (f"diverged at epoch {epoch}, step {int(dsteps[i]) + 1} "
+                                   f"({divergence_cause(cfg, [info for info, _ in infos], i)}); the checkpoint of "
                                    f"epoch {self.start[i]} is kept")
                 diverged.append(i)
                 continue
