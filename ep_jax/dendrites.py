@@ -29,6 +29,20 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ep_jax._checks import real_number, whole_number
+
+
+def check_fields(model) -> None:
+    """The dendritic fields of a model (dense or conv), in place: `basal_branches`,
+    `apical_branches` whole numbers >= 1, `sparsity` a number in (0, 1], `apical_dense`
+    a bool; one-line ValueErrors."""
+    for name in ("basal_branches", "apical_branches"):
+        object.__setattr__(model, name, whole_number(name, getattr(model, name), lo=1))
+    object.__setattr__(model, "sparsity", real_number("sparsity", model.sparsity))
+    n_kept(1, model.sparsity)   # the range
+    if not isinstance(model.apical_dense, bool):
+        raise ValueError(f"apical_dense must be True or False, got {model.apical_dense!r}")
+
 
 def n_kept(m: int, sparsity: float) -> int:
     """Number of inputs each branch sees: round(p·m), at least one."""

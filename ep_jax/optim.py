@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ep_jax._checks import numeric
 from ep_jax.models.base import default_float
 from ep_jax.relaxation import concrete
 
@@ -43,6 +44,7 @@ def per_synapse_rates(model, lr, dtype=None) -> jax.Array:
     rates must be finite and >= 0 (a one-line ValueError)."""
     dtype = dtype or default_float()
     L = model.n_synapses
+    numeric("lr", lr)
     arr = np.asarray(lr, dtype=np.float64) if not isinstance(lr, jax.Array) else lr
     _check_rates(arr)
     if jnp.ndim(arr) == 0:
@@ -60,6 +62,7 @@ def _fmt(v) -> str:
 
 
 def _check_rates(lr):
+    numeric("lr", lr)
     v = concrete(lr)
     if v is not None and not np.all(np.isfinite(v)):
         raise ValueError(f"lr must be finite, got {_fmt(v)}")
@@ -68,6 +71,7 @@ def _check_rates(lr):
 
 
 def _check_momentum(momentum):
+    numeric("momentum", momentum)
     m = concrete(momentum)
     if m is not None and not np.all(np.isfinite(m)):
         raise ValueError(f"momentum must be finite, got {_fmt(m)}")
@@ -145,6 +149,7 @@ def scale_by_scheduled_tree(model, lr, schedule: CosineDecay) -> optax.GradientT
 def _rates_and_decay(model, lr, weight_decay: float, schedule):
     """The chain's ends shared by sgd and adam: weight decay first (PyTorch's: added to the
     gradient before momentum), the per-synapse (scheduled) rates last."""
+    numeric("weight_decay", weight_decay)
     if float(weight_decay) < 0 or not np.isfinite(float(weight_decay)):
         raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay}")
     if schedule is not None and not isinstance(schedule, CosineDecay):
@@ -191,6 +196,7 @@ def with_hyperparams(opt_state, **values):
         raise ValueError(f"unknown hyperparameter(s) {unknown}; this optimiser has {sorted(hp)}")
     new = dict(hp)
     for k, v in values.items():
+        numeric(k, v)
         v = jnp.asarray(v, jnp.result_type(hp[k]))
         if v.shape != jnp.shape(hp[k]):
             raise ValueError(f"hyperparameter {k} must have shape {jnp.shape(hp[k])}, got {v.shape}")

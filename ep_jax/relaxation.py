@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ep_jax._checks import numeric
 from ep_jax.models.base import default_float
 
 
@@ -46,6 +47,8 @@ def make_relaxation(model, *, beta: float = 0.1, dt=1.0, dtype=None, est=None) -
     if est is not None and not hasattr(est, "is_ep"):
         raise TypeError(f"est must be an ep_jax.Estimator (or None), got {type(est).__name__}")
     L = model.n_layers
+    numeric("beta", beta)
+    numeric("dt", dt)
     if isinstance(dt, (list, tuple)):
         if len(dt) != L:
             raise ValueError(f"dt must be a float or a sequence of {L} entries (one per state layer), "

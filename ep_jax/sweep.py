@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from ep_jax.estimators import Estimator
 from ep_jax.optim import check_hyperparams, with_hyperparams
 from ep_jax.relaxation import Relaxation
-from ep_jax.train import TrainState, evaluate, init_state, step_key, train_step
+from ep_jax.train import TrainState, check_indices, evaluate, gather, init_state, step_key, train_step
 
 
 class SweepState(NamedTuple):
@@ -137,7 +137,9 @@ def sweep_steps(model, est: Estimator, opt, state: SweepState, x_all, y_all, idx
     `shard_map`, `idx` holds this device's members and rows). augment: a static
     `f(key, x, ix) -> x` applied to each training batch (`ep_jax.augment.CropFlip`), with
     member i's key at its step t `fold_in(aug_keys[i], t)` (`aug_keys`: `(M, 2)`).
-    Returns `(state, StepInfo)`, fields `(T, M)`."""
+    Indices outside [0, N) are refused (`ep_jax.train.check_indices`; under jit the step
+    is refused). Returns `(state, StepInfo)`, fields `(T, M)`."""
+    check_indices(x_all, y_all, idx)
     shared = idx.ndim == 2
     if augment is not None and aug_keys is None:
         raise ValueError("augment needs aug_keys: one key per member, shape (M, 2)")
@@ -145,16 +147,26 @@ def sweep_steps(model, est: Estimator, opt, state: SweepState, x_all, y_all, idx
 
     def body(st, ix):
         def step(s, i, r, k):
-            x = x_all[i]
+            x, y = gather(x_all, y_all, i)
             if augment is not None:
                 x = augment(jax.random.fold_in(k, s.train.step), x, i)
-            return member_step(model, est, opt, s, x, y_all[i], r, axis_name=axis_name, max_state=max_state)
+            return member_step(model, est, opt, s, x, y, r, axis_name=axis_name, max_state=max_state)
         return jax.vmap(step, in_axes=(0, None if shared else 0, 0, 0))(st, ix, rx, keys)
     return jax.lax.scan(body, state, idx)
 
 
-sweep_steps_jit = jax.jit(sweep_steps, static_argnums=(0, 1, 2), static_argnames=("augment",))
-sweep_steps_jit.__doc__ = "`sweep_steps` jitted with `(model, est, opt)` and `augment` static."
+_sweep_steps_jit = jax.jit(sweep_steps, static_argnums=(0, 1, 2), static_argnames=("augment",))
+
+
+def sweep_steps_jit(model, est: Estimator, opt, state: SweepState, x_all, y_all, idx, rx: Relaxation, *args,
+                    **kwargs):
+    """`sweep_steps` jitted with `(model, est, opt)` and `augment` static; concrete indices
+    are checked first (`ep_jax.train.check_indices`)."""
+    check_indices(x_all, y_all, idx)
+    return _sweep_steps_jit(model, est, opt, state, x_all, y_all, idx, rx, *args, **kwargs)
+
+
+sweep_steps_jit.lower = _sweep_steps_jit.lower
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -150,18 +150,59 @@ train_step_jit = jax.jit(train_step, static_argnums=(0, 1, 2), static_argnames=(
 train_step_jit.__doc__ = "`train_step` jitted with `(model, est, opt)` static."
 
 
+def check_indices(x_all, y_all, idx):
+    """Batch indices into a resident dataset: `x_all` and `y_all` of one length N (checked
+    at trace time), and, where `idx` is concrete, every index in [0, N) (a one-line
+    ValueError; JAX would otherwise clamp an index past the end to the last example)."""
+    n = jnp.shape(x_all)[0]
+    if jnp.shape(y_all)[:1] != (n,):
+        raise ValueError(f"x_all and y_all must hold the same number of examples, got {n} and "
+                         f"{jnp.shape(y_all)[0] if jnp.ndim(y_all) else 'a scalar'}")
+    try:
+        ix = concrete(idx)
+    except RuntimeError:    # a global array of several processes: its owner checks its part
+        ix = None
+    if ix is not None and ix.size:
+        lo, hi = int(ix.min()), int(ix.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"batch indices must lie in [0, {n}) (the examples of x_all), got indices from "
+                             f"{lo} to {hi}")
+
+
+def gather(x_all, y_all, ix):
+    """The batch `(x_all[ix], y_all[ix])`; an index outside [0, N) under jit (where it
+    cannot be refused) gives a NaN input and label -1, so the step is refused (never a
+    silently repeated last example)."""
+    fill = jnp.nan if jnp.issubdtype(jnp.result_type(x_all), jnp.inexact) else 0
+    x = x_all.at[ix].get(mode="fill", fill_value=fill)
+    y = y_all.at[ix].get(mode="fill", fill_value=-1)
+    return x, y
+
+
 def train_steps(model, est: Estimator, opt, key, state: TrainState, x_all, y_all, idx, rx: Relaxation):
     """`idx.shape[0]` training steps in one `lax.scan`; step i uses the batch
     `(x_all[idx[i]], y_all[idx[i]])` and the key `step_key(key, state.step)`. With the
     dataset resident on the device this runs a chunk of an epoch without returning to
-    Python. Returns `(state, StepInfo)` with every field stacked along the step axis."""
+    Python. Returns `(state, StepInfo)` with every field stacked along the step axis.
+    Indices outside [0, N) are refused (`check_indices`; under jit the step is refused)."""
+    check_indices(x_all, y_all, idx)
+
     def body(st, ix):
-        return train_step(model, est, opt, step_key(key, st.step), st, x_all[ix], y_all[ix], rx)
+        return train_step(model, est, opt, step_key(key, st.step), st, *gather(x_all, y_all, ix), rx)
     return jax.lax.scan(body, state, idx)
 
 
-train_steps_jit = jax.jit(train_steps, static_argnums=(0, 1, 2))
-train_steps_jit.__doc__ = "`train_steps` jitted with `(model, est, opt)` static."
+_train_steps_jit = jax.jit(train_steps, static_argnums=(0, 1, 2))
+
+
+def train_steps_jit(model, est: Estimator, opt, key, state: TrainState, x_all, y_all, idx, rx: Relaxation):
+    """`train_steps` jitted with `(model, est, opt)` static; concrete indices are checked
+    first (`check_indices`)."""
+    check_indices(x_all, y_all, idx)
+    return _train_steps_jit(model, est, opt, key, state, x_all, y_all, idx, rx)
+
+
+train_steps_jit.lower = _train_steps_jit.lower
 
 
 def predict(model, est: Estimator, params, buffers, x, rx: Relaxation):

@@ -277,3 +277,62 @@ def test_beta_zero_is_said_once_where_it_is_known():
         assert float(rx.beta) == 0.0
         ep_jax.make_relaxation(model, beta=0.1)
         ep_jax.make_relaxation(model, beta=0.1, est=ep_jax.Estimator("symmetric", 6, 2))
+
+
+CONV = dict(input_shape=(12, 12, 1), channels=(4,), kernels=(3,), strides=(1,), paddings=(0,), pools=("max",),
+            fc=(3,))
+
+
+@pytest.mark.parametrize("kind,kw,needle", [
+    ("ep", dict(sizes=(16, 12.5, 4)), "sizes must hold whole numbers"),
+    ("ep", dict(sizes=(16, True, 4)), "sizes must hold whole numbers"),
+    ("ep", dict(sizes=(16, "12", 4)), "sizes must hold whole numbers"),
+    ("dendritic", dict(sizes=(16, 12, 4), basal_branches=2.5), "basal_branches must be a whole number"),
+    ("dendritic", dict(sizes=(16, 12, 4), apical_branches=True), "apical_branches must be a whole number"),
+    ("dendritic", dict(sizes=(16, 12, 4), basal_branches=0), "basal_branches must be >= 1"),
+    ("dendritic", dict(sizes=(16, 12, 4), sparsity="0.5"), "sparsity must be a number"),
+    ("dendritic", dict(sizes=(16, 12, 4), apical_dense=1), "apical_dense must be True or False"),
+    ("conv", dict(CONV, channels=(True,)), "channels must hold whole numbers"),
+    ("conv", dict(CONV, kernels=(3.5,)), "kernels must hold whole numbers"),
+    ("dendritic_conv", dict(CONV, basal_branches=1.5), "basal_branches must be a whole number"),
+])
+def test_model_fields_are_never_silently_coerced(kind, kw, needle):
+    with pytest.raises(ValueError) as e:
+        ep_jax.build_model(kind, **kw)
+    one_line(e, needle)
+
+
+def test_integral_numbers_of_any_type_are_accepted():
+    """The control: numpy integers and integral floats (from a config file) build the same model."""
+    a = ep_jax.build_model("ep", sizes=(16, np.int64(12), 4.0))
+    assert a.sizes == (16, 12, 4) and all(type(n) is int for n in a.sizes)
+    assert a == ep_jax.build_model("ep", sizes=(16, 12, 4))
+    d = ep_jax.build_model("dendritic", sizes=(16, 12, 4), basal_branches=np.int32(3), apical_branches=2.0)
+    assert (d.basal_branches, d.apical_branches) == (3, 2) and type(d.basal_branches) is int
+    c = ep_jax.build_model("conv", **dict(CONV, channels=(np.int64(4),), kernels=(3.0,)))
+    assert c.channels == (4,) and c.kernels == (3,)
+
+
+@pytest.mark.parametrize("call,needle", [
+    (lambda m: ep_jax.make_relaxation(m, beta="0.1"), "beta must be a number, got '0.1'"),
+    (lambda m: ep_jax.make_relaxation(m, beta=True), "beta must be a number, got True"),
+    (lambda m: ep_jax.make_relaxation(m, beta=0.1, dt="0.5"), "dt must be a number"),
+    (lambda m: ep_jax.make_relaxation(m, beta=0.1, dt=[np.ones(6, bool), 0.5]),
+     "dt must be a number, got a bool array of shape (6,)"),
+    (lambda m: ep_jax.optim.sgd(m, lr="0.1"), "lr must be a number"),
+    (lambda m: ep_jax.optim.sgd(m, lr=[0.1, True]), "lr must be a number, got True"),
+    (lambda m: ep_jax.optim.adam(m, lr="1e-3"), "lr must be a number"),
+    (lambda m: ep_jax.optim.sgd(m, lr=0.1, weight_decay="0"), "weight_decay must be a number"),
+    (lambda m: ep_jax.init_state(m, ep_jax.Estimator("symmetric"), ep_jax.optim.sgd(m, lr=0.1),
+                                 jax.random.PRNGKey(0), gamma=True), "setting gamma must be a number"),
+    (lambda m: sweep.init_sweep(m, ep_jax.Estimator("symmetric"), ep_jax.optim.sgd(m, lr=0.1), [jax.random.PRNGKey(0)],
+                                [jax.random.PRNGKey(1)], opt_hyperparams={"lr": np.ones((1, 2), bool)}),
+     "lr must be a number"),
+])
+def test_text_or_bool_for_a_number_is_refused(call, needle):
+    """Strings and bools were read as numbers ("0.1" -> 0.1, True -> 1.0); the same calls
+    with numbers are the controls of the tests above."""
+    model = ep_jax.build_model("ep", sizes=SIZES)
+    with pytest.raises(ValueError) as e:
+        call(model)
+    one_line(e, needle)

@@ -240,3 +240,31 @@ def test_data_parallel_step_refuses_an_overflowing_update():
     s1 = ep_jax.init_state(model, est, ok, jax.random.PRNGKey(0))
     n1, i1 = ep_jax.parallel.data_parallel_step(model, est, ok)(jax.random.PRNGKey(1), s1, x, y, rx)
     assert bool(i1.finite) and int(n1.step) == 1 and not _leaves_equal(n1.params, s1.params)
+
+
+# --- batch indices into a resident dataset ------------------------------------------------
+
+def test_indices_past_the_data_are_refused_not_clamped():
+    model, est, rx, x, y = _tiny()
+    opt = ep_jax.optim.sgd(model, lr=0.1)
+    state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(0))
+    good = jnp.arange(8).reshape(2, 4)
+    for bad in (jnp.array([[0, 1, 2, 3], [14, 15, 16, 17]]), np.array([[-1, 0, 1, 2]])):
+        with pytest.raises(ValueError, match=r"batch indices must lie in \[0, 16\).*got indices from"):
+            ep_jax.train_steps_jit(model, est, opt, jax.random.PRNGKey(1), state, x, y, bad, rx)
+        with pytest.raises(ValueError, match=r"batch indices must lie in \[0, 16\)"):
+            ep_jax.train_steps(model, est, opt, jax.random.PRNGKey(1), state, x, y, bad, rx)
+    with pytest.raises(ValueError, match="same number of examples, got 16 and 15"):
+        ep_jax.train_steps_jit(model, est, opt, jax.random.PRNGKey(1), state, x, y[:15], good, rx)
+    # under an outer jit the indices are not known: the step with an index past the end is
+    # refused (the state is kept), the other applied exactly as with valid indices alone
+    run = jax.jit(lambda st, ix: ep_jax.train_steps(model, est, opt, jax.random.PRNGKey(1), st, x, y, ix, rx))
+    st_bad, info = run(state, jnp.array([[0, 1, 2, 3], [4, 5, 6, 16]]))
+    assert np.asarray(info.finite).tolist() == [True, False]
+    st_one, _ = run(state, jnp.array([[0, 1, 2, 3]]))
+    assert _leaves_equal(st_bad, st_one)
+    from ep_jax import sweep as S
+    sw = S.init_sweep(model, est, opt, [jax.random.PRNGKey(0)], [jax.random.PRNGKey(1)])
+    srx = S.stack_relaxations(model, [rx])
+    with pytest.raises(ValueError, match=r"batch indices must lie in \[0, 16\)"):
+        S.sweep_steps_jit(model, est, opt, sw, x, y, jnp.array([[16, 0, 1, 2]]), srx)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from ep_jax import activations, losses
+from ep_jax._checks import numeric, whole_numbers
 
 State = tuple  # L arrays (B, n_l)
 
@@ -125,7 +126,7 @@ class LayeredModel(abc.ABC):
     name: ClassVar[str] = "layered"
 
     def __post_init__(self):
-        object.__setattr__(self, "sizes", tuple(int(n) for n in self.sizes))
+        object.__setattr__(self, "sizes", whole_numbers("sizes", self.sizes))
         if len(self.sizes) < 2 or any(n < 1 for n in self.sizes):
             raise ValueError(
                 f"sizes must list >= 2 positive widths (input, ..., output), got {self.sizes}"
@@ -209,7 +210,7 @@ class LayeredModel(abc.ABC):
         dtype = dtype or default_float()
         out = {}
         for k, default in self.SETTINGS.items():
-            v = given.get(k, default)
+            v = numeric(f"setting {k}", given.get(k, default))
             if jnp.ndim(v) != 0:
                 raise ValueError(f"setting {k} must be a scalar, got shape {jnp.shape(v)}")
             try:

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ep_jax import activations
+from ep_jax._checks import whole_numbers
 from ep_jax.models.base import LayeredModel, default_float
 
 POOLS = ("max", "avg", "none")
@@ -86,16 +87,6 @@ class DenseSynapse(NamedTuple):
     def out_shape(self) -> tuple:
         """The state shape it drives, `(n_out,)`."""
         return (self.n_out,)
-
-
-def _ints(name, v):
-    try:
-        out = tuple(int(a) for a in (v if isinstance(v, (list, tuple)) else (v,)))
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a sequence of integers, got {v!r}") from None
-    if any(float(a) != int(a) for a in (v if isinstance(v, (list, tuple)) else (v,))):
-        raise ValueError(f"{name} must hold integers, got {v!r}")
-    return out
 
 
 def conv_geometry(input_shape, channels, kernels, strides, paddings, pools, fc, readout):
@@ -213,13 +204,13 @@ class ConvLayered(LayeredModel):
 
     def __post_init__(self):
         for name in ("input_shape", "channels", "kernels", "strides", "paddings", "fc"):
-            object.__setattr__(self, name, _ints(name, getattr(self, name)))
+            object.__setattr__(self, name, whole_numbers(name, getattr(self, name)))
         pools = self.pools if isinstance(self.pools, (list, tuple)) else (self.pools,)
         object.__setattr__(self, "pools", tuple(str(p) for p in pools))
         synapses, shapes = conv_geometry(self.input_shape, self.channels, self.kernels, self.strides,
                                          self.paddings, self.pools, self.fc, self.readout)
         derived = (math.prod(self.input_shape),) + tuple(math.prod(s) for s in shapes)
-        if self.sizes and tuple(int(n) for n in self.sizes) != derived:
+        if self.sizes and whole_numbers("sizes", self.sizes) != derived:
             raise ValueError(f"sizes {tuple(self.sizes)} disagree with the conv geometry, which gives {derived} "
                              "(leave sizes out: it is derived)")
         object.__setattr__(self, "sizes", derived)

@@ -48,9 +48,7 @@ class DendriticModel(LayeredModel):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.basal_branches < 1 or self.apical_branches < 1:
-            raise ValueError("basal_branches and apical_branches must be >= 1")
-        dendrites.n_kept(1, self.sparsity)  # validates the range
+        dendrites.check_fields(self)
 
     def init(self, key, dtype=None, **settings):
         """Basal and apical maps (`dendrites.init`), masks drawn once; settings: α."""

@@ -69,9 +69,7 @@ class DendriticConvModel(ConvLayered):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.basal_branches < 1 or self.apical_branches < 1:
-            raise ValueError("basal_branches and apical_branches must be >= 1")
-        dendrites.n_kept(1, self.sparsity)  # validates the range
+        dendrites.check_fields(self)
 
     # --- init ------------------------------------------------------------------------
     def _branch_map(self, key, m, n, K, *, bias, dense, dtype):
