@@ -108,6 +108,27 @@ def on_page_markdown(markdown, page, config, files):
     return "".join(p if i % 2 else LINK.sub(relink, p) for i, p in enumerate(parts))
 
 
+def on_page_content(html, page, config, files):
+    """A notebook's Markdown links (`api.md`, right on GitHub and in Jupyter) reach the
+    site as HTML that mkdocs does not rewrite: point them at the pages' URLs here, and
+    report one whose page does not exist."""
+    if not page.file.src_uri.endswith(".ipynb"):
+        return html
+    from mkdocs.utils import get_relative_url
+
+    def fix(m):
+        path, anchor = m.group(1), m.group(2) or ""
+        target = files.get_file_from_path(
+            posixpath.normpath(posixpath.join(posixpath.dirname(page.file.src_uri), path))
+        )
+        if target is None:
+            log.warning("Doc file '%s' contains a link '%s', but the target is not found", page.file.src_uri, path)
+            return m.group(0)
+        return f'href="{get_relative_url(target.url, page.url)}{anchor}"'
+
+    return re.sub(r'href="([^":#?]+\.md)(#[^"]*)?"', fix, html)
+
+
 def on_post_build(config):
     """Every public name of ep_jax is in the API reference and has a docstring."""
     import griffe
