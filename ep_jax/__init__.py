@@ -19,6 +19,10 @@ from ep_jax.relaxation import Relaxation, make_relaxation
 from ep_jax.train import (Evaluation, StepInfo, TrainState, evaluate, evaluate_jit, init_state, predict,
                           step_key, train_step, train_step_jit, train_steps, train_steps_jit)
 
+# the package's version, its one source (pyproject.toml reads it statically; CHANGELOG.md and
+# CITATION.cff name it, tests/test_packaging.py checks all three)
+__version__ = "0.2.0"
+
 
 def __getattr__(name):
     # imported only when asked for: nn pulls in flax, experiments the experiment layer,
