@@ -6,7 +6,9 @@ names the file (and, for `metrics.jsonl`, the line) in a one-line error: a missi
 where one is needed, bytes that are not UTF-8, text that is not JSON, JSON nested too deep
 to read (`json.loads` of 100 000 `[` raises RecursionError), a list where a table is
 expected, a missing key, a value of the wrong type or out of range. Damaged files raise
-`RunError` (`ConfigError` for a config); nothing here writes.
+`RunError` (`ConfigError` for a config); nothing here writes. Only regular files are read,
+of at most `MAX_JSON_BYTES` (`ep_jax.safe_read`): a named pipe or a device in a file's place
+is refused in one line, never waited on.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from ep_jax.experiments.config import FIELDS, ConfigError, RunConfig, short, validate
 from ep_jax.experiments.errors import RunError
+from ep_jax.safe_read import MIB, read_regular
 
 #: the statuses `summary.json` may hold (`engine.summarize`)
 STATUSES = ("ok", "diverged", "interrupted", "failed", "not started", "running")
@@ -25,6 +28,9 @@ SUMMARY_KEYS = ("status", "message", "epochs_done", "final_test_acc", "best_test
 #: the columns every `metrics.jsonl` row has (alignment runs add `align_time_s`, `alignment`)
 METRIC_KEYS = ("epoch", "train_acc", "loss", "test_acc", "test_loss", "time_s", "steps")
 KINDS = {"table": dict, "list": list, "any": object}
+#: the largest JSON file of a run or sweep folder read (a metrics.jsonl of thousands of
+#: epochs with alignment records is a few MiB)
+MAX_JSON_BYTES = 64 * MIB
 
 
 def _name(kind: str) -> str:
@@ -54,17 +60,17 @@ def parse_json(text: str, source: str, kind: str = "any"):
     return value
 
 
-def read_text(path: Path, required: bool = False) -> str | None:
-    """The UTF-8 text of `path`; None when it does not exist (unless `required`)."""
+def read_text(path: Path, required: bool = False, limit: int = MAX_JSON_BYTES) -> str | None:
+    """The UTF-8 text of the regular file `path` of at most `limit` bytes
+    (`ep_jax.safe_read.read_regular`: a pipe or device in its place is refused, never
+    waited on); None when it does not exist (unless `required`)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular(path, limit, RunError, "file")
     except FileNotFoundError:
         if required:
             raise RunError(f"{path}: missing") from None
         return None
-    except IsADirectoryError:
-        raise RunError(f"{path}: is a folder, not a file") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
