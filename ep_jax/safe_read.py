@@ -104,7 +104,7 @@ def decompress(data: bytes, limit: int, source, error=OSError, what: str = "file
     `source`; a truncated or corrupt stream (bad CRC or length included) is `error` too."""
     kind, make = _decompressor(data)
     if kind is None:
-        raise error(f"{source}: not gzip, bzip2 or xz data")
+        raise error(f"{source}: corrupt or truncated compressed file (not gzip, bzip2 or xz data)")
     out, n, rest = [], 0, data
     try:
         while rest:
@@ -125,12 +125,12 @@ def decompress(data: bytes, limit: int, source, error=OSError, what: str = "file
                         break
                     chunk = d.decompress(b"", max_length=limit + 1 - n)
             if not d.eof:
-                raise error(f"{source}: truncated {kind} data (the stream ends before its end marker)")
+                raise error(f"{source}: corrupt or truncated {kind} file (the stream ends before its end marker)")
             rest = d.unused_data
             if kind == "gzip" and rest and rest[:2] != b"\x1f\x8b" and not rest.strip(b"\x00"):
                 break          # zero padding after the last member (tar.gz written in blocks)
     except (zlib.error, OSError, EOFError, lzma.LZMAError) as e:
         if isinstance(e, error):
             raise
-        raise error(f"{source}: corrupt {kind} data ({type(e).__name__}: {e})") from None
+        raise error(f"{source}: corrupt or truncated {kind} file ({type(e).__name__}: {e})") from None
     return b"".join(out)
