@@ -282,6 +282,23 @@ def check_summary_matches_metrics(summary: dict | None, rows: list[dict], run_di
                            f"{short(v)}; the summary was edited or belongs to another run")
 
 
+def check_config_digest(run_dir, cfg: RunConfig, meta: dict, saved: dict | None = None) -> None:
+    """RunError naming the run folder's `config.json` unless the checkpoint metadata
+    `meta` was written for `cfg` (its config digest, as `engine.same_run`: all but epochs,
+    with `data_dir` as `saved`, the config.json's table, has it)."""
+    digest = meta.get("digest") if isinstance(meta, dict) else None
+    ok = digest == cfg.digest()
+    if not ok and isinstance(saved, dict) and isinstance(saved.get("data_dir"), (str, type(None))):
+        try:
+            ok = digest == cfg.replace(data_dir=saved["data_dir"]).digest()
+        except Exception:   # noqa: BLE001 — a config that does not take the value: not the same run
+            ok = False
+    if not ok:
+        raise RunError(f"{Path(run_dir) / 'config.json'}: does not match the run's checkpoint (config digest "
+                       f"{cfg.digest()}, the checkpoint's {short(digest)}); the config was edited after the run or "
+                       "belongs to another one")
+
+
 def check_checkpoint_record(run_dir, cfg: RunConfig, saved: dict | None, rows: list[dict],
                             status: str | None) -> dict | None:
     """When the run folder holds a checkpoint: its metadata (`checkpoint.read_meta`,
@@ -296,17 +313,7 @@ def check_checkpoint_record(run_dir, cfg: RunConfig, saved: dict | None, rows: l
     if not os.path.lexists(path):
         return None
     meta = checkpoint.read_meta(path)
-    digest = meta["digest"]
-    ok = digest == cfg.digest()
-    if not ok and isinstance(saved, dict) and isinstance(saved.get("data_dir"), (str, type(None))):
-        try:
-            ok = digest == cfg.replace(data_dir=saved["data_dir"]).digest()
-        except Exception:   # noqa: BLE001 — a config that does not take the value: not the same run
-            ok = False
-    if not ok:
-        raise RunError(f"{Path(run_dir) / 'config.json'}: does not match the run's checkpoint (config digest "
-                       f"{cfg.digest()}, the checkpoint's {short(digest)}); the config was edited after the run or "
-                       "belongs to another one")
+    check_config_digest(run_dir, cfg, meta, saved)
     history = meta["history"]
     if len(history) > len(rows) or (status == "ok" and len(history) != len(rows)):
         raise RunError(f"{Path(run_dir) / 'metrics.jsonl'}: {len(rows)} epoch(s), the run's checkpoint has "
