@@ -98,9 +98,10 @@ def read_manifest(folder: Path | None) -> dict | None:
     if folder is None:
         return None
     path = folder / MANIFEST
-    lease = files.read_json(path, "table")
-    if lease is None:
+    text = files.read_text(path, limit=MAX_MANIFEST)
+    if text is None:
         return None
+    lease = files.parse_json(text, str(path), "table")
     pack = (lease.get("steps") or {}).get("pack") if isinstance(lease.get("steps"), dict) else None
     m = pack.get("archive") if isinstance(pack, dict) else None
     if m is None:
