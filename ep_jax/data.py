@@ -50,7 +50,7 @@ match) and the official sizes. Any problem raises `DatasetError` naming the file
 nothing is returned half-loaded.
 
 Nothing is read or allocated beyond what the formats of the known datasets allow
-(`ep_jax.safe_read`): only regular files are read (a named pipe or a device in a file's
+(`ep_jax._safe_read`): only regular files are read (a named pipe or a device in a file's
 place is refused, never waited on); an IDX file, compressed or not, and what a `.gz`
 inflates to, is at most `IDX_MAX_BYTES` (60 000 images of 28x28; decompression stops
 there, before any checksum, so a gzip bomb costs 47 MB, not all memory); IDX dimensions
@@ -75,7 +75,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from ep_jax.safe_read import MIB, compression, decompress, read_regular
+from ep_jax._safe_read import MIB, compression, decompress, read_regular
 
 DATASETS = ("mnist", "kmnist", "fashion_mnist", "cifar10", "cifar100")
 CIFAR = ("cifar10", "cifar100")
@@ -177,7 +177,7 @@ NPZ_SLACK = 64 << 10
 
 
 def _read_file(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of the regular file `path`, at most `limit` of them (`safe_read`);
+    """The bytes of the regular file `path`, at most `limit` of them (`ep_jax._safe_read`);
     DatasetError naming it otherwise."""
     try:
         return read_regular(path, limit, DatasetError, what)

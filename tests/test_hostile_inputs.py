@@ -24,13 +24,13 @@ sys.path.insert(0, str(ROOT))
 
 import ep_jax.data as D  # noqa: E402
 from benchmarks import lease  # noqa: E402
-from ep_jax import safe_read  # noqa: E402
+from ep_jax import _safe_read as safe_read  # noqa: E402
 from ep_jax.experiments import checkpoint as ckpt  # noqa: E402
-from ep_jax.experiments import aggregate, engine, files, import_lease, stability, sweep, train  # noqa: E402
+from ep_jax.experiments import aggregate, engine, import_lease, stability, sweep, train  # noqa: E402
 from ep_jax.experiments.config import RunConfig  # noqa: E402
 from ep_jax.experiments.errors import RunError  # noqa: E402
 from ep_jax.experiments.presets import PRESETS  # noqa: E402
-from exp_helpers import TINY, run_cli, tiny_args  # noqa: E402
+from exp_helpers import TINY, run_cli  # noqa: E402
 from test_lease import fake_run, run_import  # noqa: E402
 
 

@@ -68,7 +68,7 @@ import msgpack
 import numpy as np
 from flax import serialization
 
-from ep_jax.safe_read import GIB, MIB, read_regular
+from ep_jax._safe_read import GIB, MIB, read_regular
 
 FORMAT, VERSION = "ep_jax-checkpoint", 2
 READABLE_VERSIONS = (1, 2)
@@ -479,7 +479,7 @@ def max_bytes(template=None) -> int:
 
 def _read(path: Path, limit: int = None) -> bytes:
     """The checkpoint file's bytes: a regular file of at most `limit` bytes
-    (`ep_jax.safe_read.read_regular`; a pipe or a device is refused, never waited on)."""
+    (`ep_jax._safe_read.read_regular`; a pipe or a device is refused, never waited on)."""
     try:
         return read_regular(path, MAX_BYTES if limit is None else limit, CheckpointError, "checkpoint")
     except FileNotFoundError:

@@ -7,7 +7,7 @@ where one is needed, bytes that are not UTF-8, text that is not JSON, JSON neste
 to read (`json.loads` of 100 000 `[` raises RecursionError), a list where a table is
 expected, a missing key, a value of the wrong type or out of range. Damaged files raise
 `RunError` (`ConfigError` for a config); nothing here writes. Only regular files are read,
-of at most `MAX_JSON_BYTES` (`ep_jax.safe_read`): a named pipe or a device in a file's place
+of at most `MAX_JSON_BYTES` (`ep_jax._safe_read`): a named pipe or a device in a file's place
 is refused in one line, never waited on.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ep_jax.experiments.config import FIELDS, ConfigError, RunConfig, short, validate
 from ep_jax.experiments.errors import RunError
-from ep_jax.safe_read import MIB, read_regular
+from ep_jax._safe_read import MIB, read_regular
 
 #: the statuses `summary.json` may hold (`engine.summarize`)
 STATUSES = ("ok", "diverged", "interrupted", "failed", "not started", "running")
@@ -63,7 +63,7 @@ def parse_json(text: str, source: str, kind: str = "any"):
 
 def read_text(path: Path, required: bool = False, limit: int = MAX_JSON_BYTES) -> str | None:
     """The UTF-8 text of the regular file `path` of at most `limit` bytes
-    (`ep_jax.safe_read.read_regular`: a pipe or device in its place is refused, never
+    (`ep_jax._safe_read.read_regular`: a pipe or device in its place is refused, never
     waited on); None when it does not exist (unless `required`)."""
     path = Path(path)
     try:

@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 
 from ep_jax.experiments import cli, files
 from ep_jax.experiments.errors import RunError
-from ep_jax.safe_read import MIB, decompress, read_regular
+from ep_jax._safe_read import MIB, decompress, read_regular
 
 DEST = Path("experiments/results/gpu-lease")
 RESUME = Path(".lease/resume")
@@ -67,6 +67,7 @@ _UNSAFE = re.compile(r"[\\:\x00-\x1f\x7f]")
 
 
 def sha256(data: bytes) -> str:
+    """The hex SHA-256 of `data`."""
     return hashlib.sha256(data).hexdigest()
 
 

@@ -62,7 +62,7 @@ from ep_jax.experiments.presets import PRESETS
 from ep_jax.experiments.train import check_int_flags, check_int_values
 from ep_jax.experiments.engine import NOT_IDENTITY
 from ep_jax.experiments.runfolder import FolderLock
-from ep_jax.safe_read import read_regular
+from ep_jax._safe_read import read_regular
 
 SPEC_KEYS = {"name", "description", "preset", "out", "base", "grid", "members"}
 #: the most members a spec may expand to (a bigger grid is refused before it is expanded):
