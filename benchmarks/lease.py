@@ -152,10 +152,12 @@ def seed_runs(L: Lease, table: str) -> int:
 def pinned_impl(L: Lease, table: str) -> str | None:
     """The relaxation_impl of the resumed runs of `table` (a checkpoint resumes only under
     the config it was saved with)."""
+    from ep_jax.experiments import files
+    from ep_jax.experiments.errors import RunError
     for cfg in sorted((L.runs / table).rglob("config.json")):
-        try:
-            return json.loads(cfg.read_text()).get("relaxation_impl", "xla")
-        except (OSError, ValueError):
+        try:   # a regular file of bounded size (files.read_json), as every reader of run files
+            return (files.read_json(cfg, "table") or {}).get("relaxation_impl", "xla")
+        except (OSError, RunError):
             continue
     return None
 
@@ -277,10 +279,12 @@ def pack(L: Lease, resume_bytes: int, part_bytes: int = 15 * MIB, max_parts: int
 
     def progress(cell):
         eps = []
+        from ep_jax.experiments import files
+        from ep_jax.experiments.errors import RunError
         for ck in ckpts[cell]:
             try:
-                eps.append(len((ck.parent / "metrics.jsonl").read_text().splitlines()))
-            except OSError:
+                eps.append(len((files.read_text(ck.parent / "metrics.jsonl") or "").splitlines()))
+            except (OSError, RunError):
                 eps.append(0)
         return min(eps)
 
