@@ -26,7 +26,10 @@ steps, their times and choices), `speed.json`, and the run folders packed as one
 tar in parts of at most 15 MiB (`lease.tgz.00` ...): every file except checkpoints, then
 the checkpoints of unfinished cells (all seeds of a cell or none, most advanced first)
 while they fit under `--resume-mb` (16 MiB: the next call carries them beside the 41 MB of
-data, 64 MiB in all). An HTS cell's five checkpoints are 33 MB and a Fashion-MNIST DEP
+data, 64 MiB in all). `lease.json`'s step `pack` holds the archive's manifest (format
+`ep_jax-lease` version 2: every part's name, size and SHA-256, the whole archive's, and
+every packed file's), written after the parts; `experiments.import_lease` checks all of it
+before writing anything. An HTS cell's five checkpoints are 33 MB and a Fashion-MNIST DEP
 cell's 88 MB, so those cells resume across calls only on the same, still-warm machine: a
 second call within its 30 s keeps `runs/lease` (git-ignored build outputs stay) and
 continues there, e.g. `bash benchmarks/lease.sh $OUT --skip speed --budget 4`, with the
@@ -35,6 +38,7 @@ first call's choice of implementation (`runs/lease/choice.json`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -148,10 +152,12 @@ def seed_runs(L: Lease, table: str) -> int:
 def pinned_impl(L: Lease, table: str) -> str | None:
     """The relaxation_impl of the resumed runs of `table` (a checkpoint resumes only under
     the config it was saved with)."""
+    from ep_jax.experiments import files
+    from ep_jax.experiments.errors import RunError
     for cfg in sorted((L.runs / table).rglob("config.json")):
-        try:
-            return json.loads(cfg.read_text()).get("relaxation_impl", "xla")
-        except (OSError, ValueError):
+        try:   # a regular file of bounded size (files.read_json), as every reader of run files
+            return (files.read_json(cfg, "table") or {}).get("relaxation_impl", "xla")
+        except (OSError, RunError):
             continue
     return None
 
@@ -273,10 +279,12 @@ def pack(L: Lease, resume_bytes: int, part_bytes: int = 15 * MIB, max_parts: int
 
     def progress(cell):
         eps = []
+        from ep_jax.experiments import files
+        from ep_jax.experiments.errors import RunError
         for ck in ckpts[cell]:
             try:
-                eps.append(len((ck.parent / "metrics.jsonl").read_text().splitlines()))
-            except OSError:
+                eps.append(len((files.read_text(ck.parent / "metrics.jsonl") or "").splitlines()))
+            except (OSError, RunError):
                 eps.append(0)
         return min(eps)
 
@@ -290,27 +298,44 @@ def pack(L: Lease, resume_bytes: int, part_bytes: int = 15 * MIB, max_parts: int
     extra = [L.out / "speed.json", L.out / "lease.json"]
 
     def build(with_ckpts):
-        buf = io.BytesIO()
+        """`(archive bytes, {name: {"bytes", "sha256"}} of what went in)`: each file read
+        once, so its digest is that of the bytes packed."""
+        buf, digests = io.BytesIO(), {}
         with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tf:
-            for f in files + (with_ckpts or []):
-                tf.add(f, arcname=str(f.relative_to(L.runs)), recursive=False)
-            for f in extra:
-                if f.exists():
-                    tf.add(f, arcname=f.name, recursive=False)
-        return buf.getvalue()
+            for f, name in [(f, str(f.relative_to(L.runs))) for f in files + (with_ckpts or [])] + \
+                           [(f, f.name) for f in extra if f.exists()]:
+                data = f.read_bytes()
+                ti = tf.gettarinfo(f, arcname=name)
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+                digests[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return buf.getvalue(), digests
 
-    blob = build(chosen)
+    blob, digests = build(chosen)
     if len(blob) > part_bytes * max_parts:       # checkpoints compress little: drop them
         left_out += sorted({str(c.parent.parent.relative_to(L.runs)) for c in chosen})
-        chosen, blob = [], build([])
+        chosen = []
+        blob, digests = build([])
+    too_big = len(blob) > part_bytes * max_parts
+    if too_big:       # never a cut archive (the importer refuses one): lease.json and lease.log say why
+        print(f"lease: the run files alone take {len(blob) / MIB:.1f} MiB, more than {max_parts} parts: "
+              "nothing packed", flush=True)
+        blob, digests = b"", {}
     for old in L.out.glob("lease.tgz.*"):
         old.unlink()
-    parts = [blob[i:i + part_bytes] for i in range(0, len(blob), part_bytes)][:max_parts]
+    parts = [blob[i:i + part_bytes] for i in range(0, len(blob), part_bytes)]
     for i, p in enumerate(parts):
         (L.out / f"lease.tgz.{i:02d}").write_bytes(p)
+    # the manifest experiments.import_lease checks every part and file against
+    archive = {"format": "ep_jax-lease", "version": 2, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+               "parts": [{"name": f"lease.tgz.{i:02d}", "bytes": len(p), "sha256": hashlib.sha256(p).hexdigest()}
+                         for i, p in enumerate(parts)],
+               "files": digests}
     info = {"files": len(files), "checkpoints": len(chosen), "bytes": len(blob), "parts": len(parts),
             "cells_without_checkpoint": left_out}
-    L.step("pack", **info)
+    if too_big:
+        info["error"] = "the run files alone exceed the parts' room: nothing packed"
+    L.step("pack", **info, archive=archive if parts else None)
     return info
 
 

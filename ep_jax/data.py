@@ -48,11 +48,22 @@ image) and, with `verify=True`, against the official md5 sums (of the file, or o
 decompressed IDX payload: Debian recompressed Fashion-MNIST, so only its payloads
 match) and the official sizes. Any problem raises `DatasetError` naming the file;
 nothing is returned half-loaded.
+
+Nothing is read or allocated beyond what the formats of the known datasets allow
+(`ep_jax._safe_read`): only regular files are read (a named pipe or a device in a file's
+place is refused, never waited on); an IDX file, compressed or not, and what a `.gz`
+inflates to, is at most `IDX_MAX_BYTES` (60 000 images of 28x28; decompression stops
+there, before any checksum, so a gzip bomb costs 47 MB, not all memory); IDX dimensions
+are multiplied in exact integers; an npz file holds exactly `arr_0.npy`, whose zip size,
+inflated size and npy header (a plain dtype, a shape needing exactly the bytes present)
+are checked before the array is made; a CIFAR archive is at most `CIFAR_TAR_BYTES`, read
+and inflated to at most that, and its batches' declared sizes are checked before they are
+read.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
+import math
 import os
 import queue
 import threading
@@ -63,6 +74,8 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+
+from ep_jax._safe_read import MIB, compression, decompress, read_regular
 
 DATASETS = ("mnist", "kmnist", "fashion_mnist", "cifar10", "cifar100")
 CIFAR = ("cifar10", "cifar100")
@@ -154,19 +167,38 @@ def canonical_name(name: str) -> str:
 
 # --- file readers -------------------------------------------------------------------------
 
-def _read_bytes(path: Path) -> tuple[bytes, bytes]:
-    """(file bytes, payload bytes): the payload is decompressed for `.gz` files."""
-    raw = path.read_bytes()
+#: the most examples one split of a known dataset has (MNIST-family and CIFAR train: 60 000 /
+#: 50 000): no IDX, npz or CIFAR file of a known dataset declares more
+MAX_EXAMPLES = max(SIZES["train"], CIFAR_SIZES["train"])
+#: the largest IDX payload of a known dataset, by its kind: magic + dims + data
+IDX_MAX_BYTES = {"images": 4 + 4 * 3 + MAX_EXAMPLES * 28 * 28, "labels": 4 + 4 + MAX_EXAMPLES}
+#: room for an npz file's zip and npy headers around the array
+NPZ_SLACK = 64 << 10
+
+
+def _read_file(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of the regular file `path`, at most `limit` of them (`ep_jax._safe_read`);
+    DatasetError naming it otherwise."""
+    try:
+        return read_regular(path, limit, DatasetError, what)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: missing") from None
+
+
+def _read_bytes(path: Path, limit: int = max(IDX_MAX_BYTES.values())) -> tuple[bytes, bytes]:
+    """(file bytes, payload bytes): the payload is decompressed for `.gz` files. Neither
+    may exceed `limit` bytes (the largest IDX file of a known dataset): a bigger file, or
+    a gzip stream that would inflate beyond it, is refused as soon as that is known."""
+    raw = _read_file(path, limit, "IDX file")
     if path.suffix != ".gz":
         return raw, raw
-    try:
-        return raw, gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise DatasetError(f"{path}: corrupt or truncated gzip file ({e})") from None
+    return raw, decompress(raw, limit, path, DatasetError, "IDX file")
 
 
 def parse_idx(payload: bytes, source="<bytes>") -> np.ndarray:
-    """Decode an IDX file (uint8 data) into an array, checking its header and length."""
+    """Decode an IDX file (uint8 data) into an array, checking its header and length
+    (the dimensions' product in exact integers: a header declaring 65536^4 entries does
+    not wrap around)."""
     if len(payload) < 4 or payload[0] != 0 or payload[1] != 0:
         raise DatasetError(f"{source}: not an IDX file (bad magic number)")
     if payload[2] != 0x08:
@@ -174,25 +206,62 @@ def parse_idx(payload: bytes, source="<bytes>") -> np.ndarray:
     ndim = payload[3]
     if ndim < 1 or len(payload) < 4 + 4 * ndim:
         raise DatasetError(f"{source}: truncated IDX header")
-    dims = tuple(int(d) for d in np.frombuffer(payload, ">u4", count=ndim, offset=4))
-    expected = 4 + 4 * ndim + int(np.prod(dims))
+    dims = tuple(int.from_bytes(payload[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    expected = 4 + 4 * ndim + math.prod(dims)
     if len(payload) != expected:
         raise DatasetError(f"{source}: IDX payload has {len(payload)} bytes, its header {dims} needs {expected} "
                            "(truncated or corrupt file)")
     return np.frombuffer(payload, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def read_idx(path) -> np.ndarray:
-    """Read an IDX file, gzipped or not."""
+def read_idx(path, limit: int = max(IDX_MAX_BYTES.values())) -> np.ndarray:
+    """Read an IDX file, gzipped or not, of at most `limit` bytes (decompressed)."""
     path = Path(path)
-    return parse_idx(_read_bytes(path)[1], path)
+    return parse_idx(_read_bytes(path, limit)[1], path)
 
 
-def _read_npz(path: Path) -> np.ndarray:
+def _npz_array(raw: bytes, path: Path, limit: int) -> np.ndarray:
+    """The array `arr_0` of the npz file bytes `raw`, checked before anything is
+    allocated: one member `arr_0.npy` of at most `limit` bytes (its declared size, and
+    what it inflates to), an npy header of a plain dtype whose shape needs exactly the
+    bytes that follow. Never unpickles."""
+    import io
+    import zipfile
+    with zipfile.ZipFile(io.BytesIO(raw)) as z:
+        infos = z.infolist()
+        if [i.filename for i in infos] != ["arr_0.npy"]:
+            raise DatasetError(f"{path}: holds {[i.filename for i in infos][:5]}, expected the one array arr_0.npy")
+        if infos[0].file_size > limit:
+            raise DatasetError(f"{path}: arr_0.npy declares {infos[0].file_size} bytes, more than a {path.name} "
+                               f"can hold ({limit})")
+        with z.open(infos[0]) as f:
+            data = f.read(limit + 1)
+    if len(data) > limit:
+        raise DatasetError(f"{path}: arr_0.npy inflates to more than {limit} bytes (a decompression bomb?)")
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if header is None:
+        raise DatasetError(f"{path}: arr_0.npy is npy format version {version}, expected 1.0 or 2.0")
+    shape, fortran, dtype = header(f)
+    if dtype.hasobject:
+        raise DatasetError(f"{path}: arr_0 has dtype {dtype} (Python objects); ep_jax never unpickles data")
+    count = math.prod(shape)
+    if len(data) - f.tell() != count * dtype.itemsize:
+        raise DatasetError(f"{path}: arr_0 declares shape {shape} of {dtype} ({count * dtype.itemsize} bytes), "
+                           f"the file holds {len(data) - f.tell()}")
+    a = np.frombuffer(data, dtype, count, f.tell())
+    return a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
+
+
+def _read_npz(path: Path, kind: str = "images", raw: bytes | None = None) -> np.ndarray:
+    limit = IDX_MAX_BYTES[kind] + NPZ_SLACK
+    raw = _read_file(path, limit, "npz file") if raw is None else raw
     try:
-        with np.load(path) as z:
-            return np.asarray(z["arr_0"])
-    except Exception as e:  # zipfile.BadZipFile, KeyError, ValueError, EOFError ...
+        return _npz_array(raw, path, limit)
+    except DatasetError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, ValueError of a bad npy header, EOFError ...
         raise DatasetError(f"{path}: cannot read the .npz file ({type(e).__name__}: {e})") from None
 
 
@@ -242,12 +311,12 @@ def load_files(folder, name: str, verify: bool = True, expect_sizes: bool | None
     arrays = {}
     for key, path in files.items():
         if path.suffix == ".npz":
+            raw = _read_file(path, IDX_MAX_BYTES[key[1]] + NPZ_SLACK, "npz file")
             if verify:
-                raw = path.read_bytes()
                 _verify(name, path, raw, raw)
-            arrays[key] = _read_npz(path)
+            arrays[key] = _read_npz(path, key[1], raw)
         else:
-            file_bytes, payload = _read_bytes(path)
+            file_bytes, payload = _read_bytes(path, IDX_MAX_BYTES[key[1]])
             if verify:
                 _verify(name, path, file_bytes, payload)
             arrays[key] = parse_idx(payload, path)
@@ -297,6 +366,9 @@ CIFAR_MD5 = {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530",
              "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d", "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d",
              "train.bin": "6172c7755cfe09b2fe270c85cebc1b15", "test.bin": "4499cfba6c016c1be1438163640a0898"}
 CIFAR_ARCHIVE_BYTES = {"cifar-10-binary.tar.gz": 170052171, "cifar-100-binary.tar.gz": 168513733}
+#: the most an archive may take, compressed or not: the binary batches (184 MB, either
+#: dataset) plus the tar headers and the small text files beside them
+CIFAR_TAR_BYTES = 192 * MIB
 
 
 def _use_binary(name: str) -> str:
@@ -305,9 +377,17 @@ def _use_binary(name: str) -> str:
 
 
 def _is_pickle(path: Path) -> bool:
+    """Whether the regular file `path` starts with pickle's magic byte (a pipe or a device
+    is not opened)."""
+    import stat
     try:
-        with open(path, "rb") as f:
-            return f.read(1) == bytes([PICKLE_MAGIC])
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            return os.read(fd, 1) == bytes([PICKLE_MAGIC])
+        finally:
+            os.close(fd)
     except OSError:
         return False
 
@@ -380,23 +460,30 @@ def parse_cifar_records(raw: bytes, name: str, source="<bytes>") -> tuple[np.nda
 
 
 def _read_cifar_archive(path: Path, name: str, verify: bool) -> dict:
-    """`{member file name: bytes}` of the binary batches inside the archive (in memory)."""
+    """`{member file name: bytes}` of the binary batches inside the archive (in memory).
+    The archive is read (at most `CIFAR_TAR_BYTES`) and decompressed (to at most as much)
+    before tar looks at it, and every wanted member's declared size is checked against the
+    most records a batch holds before it is read."""
     import io
     import tarfile
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    raw = _read_file(path, CIFAR_TAR_BYTES, "CIFAR archive")
     if verify:
         _check_cifar_sum(path, CIFAR_ARCHIVES[name], raw)
     wanted = {f for fs in CIFAR_BINS[name].values() for f in fs}
+    most = CIFAR_SIZES["train"] * (len(CIFAR_LABEL_BYTES[name]) + CIFAR_PIXELS)
     out, names = {}, []
     try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
+        if compression(raw) is not None or path.name.endswith((".gz", ".tgz")):
+            raw = _decompress_archive(raw, path)
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
             for m in tar:
                 names.append(m.name)
                 base = m.name.rsplit("/", 1)[-1]
                 if m.isfile() and base in wanted:
+                    if m.size > most or m.offset_data + m.size > len(raw):
+                        raise DatasetError(f"{path}: member {m.name} declares {m.size} bytes, more than "
+                                           + (f"a {name} batch holds ({most})" if m.size > most else
+                                              "the archive holds (truncated or corrupt archive)"))
                     out[base] = tar.extractfile(m).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         first = (str(e).strip().splitlines() or [""])[0].rstrip(":")
@@ -409,6 +496,16 @@ def _read_cifar_archive(path: Path, name: str, verify: bool) -> dict:
         raise DatasetError(f"{path}: the archive lacks {', '.join(missing)} (not the {CIFAR_ARCHIVES[name]} "
                            "archive, or truncated)")
     return out
+
+
+def _decompress_archive(raw: bytes, path: Path) -> bytes:
+    try:
+        return decompress(raw, CIFAR_TAR_BYTES, path, DatasetError, "CIFAR archive")
+    except DatasetError as e:
+        if "corrupt or truncated" in str(e):    # the message the archive's other damage gives
+            raise DatasetError(str(e).replace("truncated gzip file", "truncated archive", 1)
+                               .replace("compressed file", "archive", 1)) from None
+        raise
 
 
 def load_cifar_files(folder, name: str, verify: bool = True, expect_sizes: bool | None = None):
@@ -434,11 +531,9 @@ def load_cifar_files(folder, name: str, verify: bool = True, expect_sizes: bool 
         sources = {f: f"{path}:{f}" for f in blobs}
     else:
         blobs, sources = {}, {}
+        most = CIFAR_SIZES["train"] * (len(CIFAR_LABEL_BYTES[name]) + CIFAR_PIXELS)
         for p in (p for ps in files["bins"].values() for p in ps):
-            try:
-                blobs[p.name] = p.read_bytes()
-            except OSError as e:
-                raise DatasetError(f"{p}: cannot read ({e.strerror or e})") from None
+            blobs[p.name] = _read_file(p, most, "CIFAR batch")
             sources[p.name] = str(p)
             if verify and blobs[p.name][:1] != bytes([PICKLE_MAGIC]):
                 _check_cifar_sum(p, p.name, blobs[p.name])

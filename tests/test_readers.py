@@ -504,3 +504,16 @@ def test_hidden_states_docstring_names_the_folders_train_creates():
     doc = hidden_states.__doc__
     for preset in ("mnist-ep", "mnist-dep"):
         assert f"train --preset {preset}" in doc and f"runs/{preset}-seed0" in doc
+
+
+@pytest.mark.slow   # trains nothing, but restores real checkpoints
+def test_hidden_states_refuses_a_config_edited_after_the_run(runs, tmp_path):
+    """A setting that the checkpoint's arrays do not show (the evaluation batch) edited in
+    config.json: the checkpoint's config digest still tells (issue 29)."""
+    ep, dep = runs
+    cfg = json.loads((dep / "config.json").read_text())
+    cfg["eval_batch"] = cfg["eval_batch"] // 2
+    (dep / "config.json").write_text(json.dumps(cfg))
+    rc, out, err = hs(ep, dep, tmp_path / "o", "--examples", "8")
+    assert_one_line_error(rc, err, f"{dep}/config.json", "does not match the run's checkpoint")
+    assert not (tmp_path / "o").exists()

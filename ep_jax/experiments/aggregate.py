@@ -15,6 +15,11 @@ deviations. A run of a cell's dataset, model and estimator with other settings (
 run, another learning rate) shows the paper's number in parentheses, without a distance. Repeated seeds are reported and counted once (the run with more
 epochs); diverged runs are counted and left out of the mean; runs that did not finish
 (interrupted, failed, running) are listed, not used.
+
+A run folder's files are checked against each other before it counts (docs/experiments.md,
+"What is trusted"): a finished run's `summary.json` must say what its `metrics.jsonl` says,
+and where a checkpoint is present, `config.json` must be the config it was written for and
+`metrics.jsonl` must hold its history; anything else is one error naming the file.
 """
 from __future__ import annotations
 
@@ -47,9 +52,15 @@ def find_runs(paths) -> list[Path]:
 
 def load_run(path: Path) -> dict:
     """`{"dir", "config", "summary", "metrics"}` of a run folder (summary may be None),
-    every file checked (`files`): a damaged file is an error naming it, never a cell."""
-    return {"dir": str(path), "config": files.read_config(path), "summary": files.read_summary(path),
-            "metrics": files.read_metrics(path)}
+    every file checked (`files`): a damaged file is an error naming it, never a cell. The
+    files are checked against each other too (docs/experiments.md, "What is trusted"): a
+    finished run's summary against its metrics, and where the run has a checkpoint, its
+    config digest against config.json and its history against metrics.jsonl."""
+    cfg, summary, rows = files.read_config(path), files.read_summary(path), files.read_metrics(path)
+    files.check_summary_matches_metrics(summary, rows, path)
+    files.check_checkpoint_record(path, cfg, files.read_json(Path(path) / "config.json", "table"), rows,
+                                  summary["status"] if summary else None)
+    return {"dir": str(path), "config": cfg, "summary": summary, "metrics": rows}
 
 
 def cell_key(cfg: RunConfig) -> str:

@@ -46,6 +46,11 @@ is refused (no writer made one). Newer versions are refused.
 Dendritic masks (0/1 arrays) are stored as packed bits (1/32 of float32) and checked to
 unpack to exactly 0/1.
 
+Only a regular file is read (a named pipe or a device such as `/dev/zero` in its place is
+refused in one line, never waited on), and only up to what it can hold: `MAX_BYTES` (4 GiB
+of state, the most one msgpack `bin 32` holds, plus the metadata), or with a template its
+arrays' bytes twice over plus `META_BYTES`; a larger file is refused before any of it is read.
+
 Writes go to a fresh temporary file in the run folder (`mkstemp`, so nothing planted at a
 predictable name can redirect them), are fsynced, then renamed over the old file.
 """
@@ -63,6 +68,8 @@ import msgpack
 import numpy as np
 from flax import serialization
 
+from ep_jax._safe_read import GIB, MIB, read_regular
+
 FORMAT, VERSION = "ep_jax-checkpoint", 2
 READABLE_VERSIONS = (1, 2)
 ULPS = 4
@@ -72,6 +79,11 @@ MASK_KEY = "masks"
 _ENTRIES = {1: {"format", "version", "meta", "state"}, 2: {"format", "version", "meta", "state", "sha256"}}
 META_FIELDS = ("epoch", "digest", "name", "history")
 ROW_NUMBERS = ("train_acc", "loss", "test_acc", "test_loss", "time_s")
+#: the largest checkpoint file read at all: the state is one msgpack `bin 32` (at most
+#: 4 GiB by the format), plus the metadata
+MAX_BYTES = 4 * GIB + 64 * MIB
+#: room for the layout and the metadata (the history grows ~200 bytes an epoch)
+META_BYTES = 64 * MIB
 
 
 class CheckpointError(RuntimeError):
@@ -454,13 +466,24 @@ def save(path: Path, state, meta: dict):
     atomic_write(path, encode(state, meta))
 
 
-def _read(path: Path) -> bytes:
+def max_bytes(template=None) -> int:
+    """The largest checkpoint file read: what the format allows (`MAX_BYTES`), and with a
+    `template` what its arrays can take (their bytes, plus `META_BYTES` for the layout and
+    the metadata)."""
+    if template is None:
+        return MAX_BYTES
+    leaves = jax.tree.leaves(serialization.to_state_dict(template))
+    arrays = sum(int(v.nbytes) if hasattr(v, "nbytes") else np.asarray(v).nbytes for v in leaves)
+    return min(MAX_BYTES, 2 * arrays + META_BYTES)
+
+
+def _read(path: Path, limit: int = None) -> bytes:
+    """The checkpoint file's bytes: a regular file of at most `limit` bytes
+    (`ep_jax._safe_read.read_regular`; a pipe or a device is refused, never waited on)."""
     try:
-        return path.read_bytes()
+        return read_regular(path, MAX_BYTES if limit is None else limit, CheckpointError, "checkpoint")
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no checkpoint") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint") from None
 
 
 def load(path: Path, template, *, check: bool = True) -> tuple[dict, object]:
@@ -474,7 +497,7 @@ def load(path: Path, template, *, check: bool = True) -> tuple[dict, object]:
     read a checkpoint the engine would refuse."""
     path = Path(path)
     source = str(path)
-    outer = _unpack(_read(path), source)
+    outer = _unpack(_read(path, max_bytes(template)), source)
     if check:
         check_meta(outer.meta, source)
     sd = _fit(template, _decode_state(outer, source), source)

@@ -6,16 +6,20 @@ names the file (and, for `metrics.jsonl`, the line) in a one-line error: a missi
 where one is needed, bytes that are not UTF-8, text that is not JSON, JSON nested too deep
 to read (`json.loads` of 100 000 `[` raises RecursionError), a list where a table is
 expected, a missing key, a value of the wrong type or out of range. Damaged files raise
-`RunError` (`ConfigError` for a config); nothing here writes.
+`RunError` (`ConfigError` for a config); nothing here writes. Only regular files are read,
+of at most `MAX_JSON_BYTES` (`ep_jax._safe_read`): a named pipe or a device in a file's place
+is refused in one line, never waited on.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from ep_jax.experiments.config import FIELDS, ConfigError, RunConfig, short, validate
 from ep_jax.experiments.errors import RunError
+from ep_jax._safe_read import MIB, read_regular
 
 #: the statuses `summary.json` may hold (`engine.summarize`)
 STATUSES = ("ok", "diverged", "interrupted", "failed", "not started", "running")
@@ -25,6 +29,9 @@ SUMMARY_KEYS = ("status", "message", "epochs_done", "final_test_acc", "best_test
 #: the columns every `metrics.jsonl` row has (alignment runs add `align_time_s`, `alignment`)
 METRIC_KEYS = ("epoch", "train_acc", "loss", "test_acc", "test_loss", "time_s", "steps")
 KINDS = {"table": dict, "list": list, "any": object}
+#: the largest JSON file of a run or sweep folder read (a metrics.jsonl of thousands of
+#: epochs with alignment records is a few MiB)
+MAX_JSON_BYTES = 64 * MIB
 
 
 def _name(kind: str) -> str:
@@ -54,17 +61,17 @@ def parse_json(text: str, source: str, kind: str = "any"):
     return value
 
 
-def read_text(path: Path, required: bool = False) -> str | None:
-    """The UTF-8 text of `path`; None when it does not exist (unless `required`)."""
+def read_text(path: Path, required: bool = False, limit: int = MAX_JSON_BYTES) -> str | None:
+    """The UTF-8 text of the regular file `path` of at most `limit` bytes
+    (`ep_jax._safe_read.read_regular`: a pipe or device in its place is refused, never
+    waited on); None when it does not exist (unless `required`)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular(path, limit, RunError, "file")
     except FileNotFoundError:
         if required:
             raise RunError(f"{path}: missing") from None
         return None
-    except IsADirectoryError:
-        raise RunError(f"{path}: is a folder, not a file") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -247,3 +254,74 @@ def checkpoint_epoch(meta, source) -> int:
         raise CheckpointError(f"{source}: damaged checkpoint metadata (epoch {short(epoch)}, expected an "
                               "integer >= 0)")
     return epoch
+
+
+# --- a run folder's files checked against each other ----------------------------------------
+
+def _same(a, b) -> bool:
+    """Equal as written (NaN equals NaN: a loss may be logged as NaN)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def check_summary_matches_metrics(summary: dict | None, rows: list[dict], run_dir) -> None:
+    """RunError unless a finished run's (`ok`, `diverged`) `summary.json` says what its
+    `metrics.jsonl` says: epochs done, final and best test accuracy, the best epoch, final
+    train accuracy (`engine.summarize` of the rows). A summary edited by hand, or copied
+    from another run, is refused, naming the file and the first value that differs."""
+    if summary is None or summary["status"] not in ("ok", "diverged"):
+        return
+    best = max(rows, key=lambda r: r["test_acc"]) if rows else None
+    want = {"epochs_done": len(rows),
+            "final_test_acc": rows[-1]["test_acc"] if rows else None,
+            "best_test_acc": best["test_acc"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "final_train_acc": rows[-1]["train_acc"] if rows else None}
+    for k, v in want.items():
+        if not _same(summary[k], v):
+            raise RunError(f"{Path(run_dir) / 'summary.json'}: {k} is {short(summary[k])}, its metrics.jsonl says "
+                           f"{short(v)}; the summary was edited or belongs to another run")
+
+
+def check_config_digest(run_dir, cfg: RunConfig, meta: dict, saved: dict | None = None) -> None:
+    """RunError naming the run folder's `config.json` unless the checkpoint metadata
+    `meta` was written for `cfg` (its config digest, as `engine.same_run`: all but epochs,
+    with `data_dir` as `saved`, the config.json's table, has it)."""
+    digest = meta.get("digest") if isinstance(meta, dict) else None
+    ok = digest == cfg.digest()
+    if not ok and isinstance(saved, dict) and isinstance(saved.get("data_dir"), (str, type(None))):
+        try:
+            ok = digest == cfg.replace(data_dir=saved["data_dir"]).digest()
+        except Exception:   # noqa: BLE001 — a config that does not take the value: not the same run
+            ok = False
+    if not ok:
+        raise RunError(f"{Path(run_dir) / 'config.json'}: does not match the run's checkpoint (config digest "
+                       f"{cfg.digest()}, the checkpoint's {short(digest)}); the config was edited after the run or "
+                       "belongs to another one")
+
+
+def check_checkpoint_record(run_dir, cfg: RunConfig, saved: dict | None, rows: list[dict],
+                            status: str | None) -> dict | None:
+    """When the run folder holds a checkpoint: its metadata (`checkpoint.read_meta`,
+    digest checked), after checking that the checkpoint was written for this
+    `config.json` (its config digest, as `engine.same_run`: only epochs and the data
+    folder may differ) and that `metrics.jsonl` holds its history (the history is the
+    metrics' first rows; all of them for a run that finished `ok`). None without a
+    checkpoint. RunError naming the file otherwise: a config edited after the run (it
+    would move the run into another cell) or metrics that are not the run's."""
+    from ep_jax.experiments import checkpoint
+    path = Path(run_dir) / "checkpoint.msgpack"
+    if not os.path.lexists(path):
+        return None
+    meta = checkpoint.read_meta(path)
+    check_config_digest(run_dir, cfg, meta, saved)
+    history = meta["history"]
+    if len(history) > len(rows) or (status == "ok" and len(history) != len(rows)):
+        raise RunError(f"{Path(run_dir) / 'metrics.jsonl'}: {len(rows)} epoch(s), the run's checkpoint has "
+                       f"{len(history)}; the metrics were edited or belong to another run")
+    for h, r in zip(history, rows):
+        for k in ("epoch", "steps") + checkpoint.ROW_NUMBERS:
+            if not _same(h.get(k), r.get(k)):
+                raise RunError(f"{Path(run_dir) / 'metrics.jsonl'}: epoch {h['epoch']}: {k} is {short(r.get(k))}, "
+                               f"the run's checkpoint says {short(h.get(k))}; the metrics were edited or belong "
+                               "to another run")
+    return meta

@@ -3,7 +3,9 @@
     python -m experiments.stability runs/reproduce-table1 --out table1.md
 
 Reads run folders like `experiments.aggregate` (single runs and sweep members alike;
-cells = same config except the seed, never pooled across settings). For every cell that
+cells = same config except the seed, never pooled across settings), with the same checks:
+a run whose config.json is not the one its checkpoint was written for (edited after the
+run, which would move it into another cell) is refused in one line. For every cell that
 is a Table 1 cell (dataset, hidden dt distribution, output dt):
 - final test accuracy, mean ± std over seeds (sample std), against the paper;
 - fluctuation: the standard deviation of the epoch-to-epoch changes of test accuracy

@@ -31,7 +31,9 @@ name (no `/` or `\\`, not `.` or `..`, not empty, no control characters, not sta
 with `-`) and every member's name, given or derived from the grid (`seed=0_beta=0.1`;
 letters, digits and `. _ = + -` only, the same rules). A spec's `out` must be a relative
 path without `..`; `--out` may point anywhere. A spec holds at most 10 000 members
-(`MAX_MEMBERS`; the grid's size is computed before anything is expanded).
+(`MAX_MEMBERS`; the grid's size is computed before anything is expanded). The spec file
+must be a regular file of at most 16 MiB in UTF-8 (a pipe is refused, never waited on);
+nesting too deep to parse is one error line.
 
 Everything is checked before anything is written: the spec, every member's config and
 that every member's dataset can be read (`--dry-run` checks the spec and finds the data,
@@ -60,11 +62,14 @@ from ep_jax.experiments.presets import PRESETS
 from ep_jax.experiments.train import check_int_flags, check_int_values
 from ep_jax.experiments.engine import NOT_IDENTITY
 from ep_jax.experiments.runfolder import FolderLock
+from ep_jax._safe_read import read_regular
 
 SPEC_KEYS = {"name", "description", "preset", "out", "base", "grid", "members"}
 #: the most members a spec may expand to (a bigger grid is refused before it is expanded):
 #: checking 10 000 members' configs takes seconds, and each member is a run folder
 MAX_MEMBERS = 10_000
+#: the largest spec file read (10 000 explicit members of a few settings each fit in 4 MiB)
+MAX_SPEC_BYTES = 16 << 20
 #: config fields that may differ from the saved sweep on --resume
 RESUME_FREE = NOT_IDENTITY   # the fields a resume may change, as for a single run
 
@@ -72,20 +77,31 @@ RESUME_FREE = NOT_IDENTITY   # the fields a resume may change, as for a single r
 def load_spec(path) -> dict:
     """Read a TOML/JSON spec; errors name the file (and line for TOML syntax)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SpecError(f"spec file {str(path)!r} does not exist")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".json"):
+        raise SpecError(f"{path}: a spec must be a .toml or .json file")
+    try:
+        data = read_regular(path, MAX_SPEC_BYTES, SpecError, "sweep spec")
+    except FileNotFoundError:
+        raise SpecError(f"spec file {str(path)!r} does not exist") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         if path.suffix == ".toml":
             spec = tomllib.loads(text)
-        elif path.suffix == ".json":
-            spec = json.loads(text)
         else:
-            raise SpecError(f"{path}: a spec must be a .toml or .json file")
+            spec = json.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: TOML syntax error: {e}") from None
     except json.JSONDecodeError as e:
         raise SpecError(f"{path}: JSON syntax error at line {e.lineno}: {e.msg}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deep to read (a spec is a few tables deep)") from None
+    except ValueError as e:      # e.g. an integer of more than 4300 digits
+        raise SpecError(f"{path}: not a readable spec ({e})") from None
     if not isinstance(spec, dict):
         raise SpecError(f"{path}: a spec must be a table of settings")
     unknown = sorted(set(spec) - SPEC_KEYS - set(FIELDS))
