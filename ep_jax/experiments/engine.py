@@ -35,6 +35,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Sequence
@@ -54,7 +55,7 @@ from ep_jax.experiments.build import (augment_key, build_augment, build_estimato
 from ep_jax.experiments.config import RunConfig, warnings_for
 from ep_jax.experiments.errors import Interrupted, RunError
 from ep_jax.experiments.loggers import ConsoleLogger, JsonlLogger, ProgressBar, optional_loggers, plural
-from ep_jax.experiments.loop import Hook, Loop
+from ep_jax.experiments.loop import Hook, Loop, Ticker
 from ep_jax.experiments.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, RunFolder
 
 STATUSES = files.STATUSES
@@ -556,6 +557,85 @@ class _Record(Hook):
                 _figures(m, loop.history[i], self.rt)
 
 
+# --- compile notice ------------------------------------------------------------------------
+#
+# XLA's compile time of a group's training program grows faster than linearly with the
+# network's depth: measured on 2 CPU cores shared with other jobs (dendritic 16-12xL-4,
+# T1=8, T2=3, batch 32, chunk 3; tracing + compiling `sweep_steps_jit`): L = 2, 5, 10, 20
+# hidden layers took 7, 11, 19, 108 s; on the machine of issue 29 20 layers took 86 s and
+# 100 layers 24 minutes. COMPILE_FIT is a fit
+# a + b * L ** p through those points (seconds), rough by design: it decides whether to
+# say "this will take a while" before a compile, not a promise.
+COMPILE_FIT = (4.0, 0.45, 1.75)
+#: print the estimate line when a compile is expected to take this long (EP_JAX_COMPILE_NOTICE)
+COMPILE_NOTICE_S = 60.0
+#: with progress output, a line every this many seconds while the compile runs (EP_JAX_COMPILE_TICK)
+COMPILE_TICK_S = 15.0
+
+
+def expected_compile_s(cfg: RunConfig) -> float:
+    """A rough estimate of the seconds XLA takes to compile a group's training program
+    (`COMPILE_FIT`, from the number of hidden layers)."""
+    a, b, p = COMPILE_FIT
+    return a + b * _hidden(cfg) ** p
+
+
+def _hidden(cfg: RunConfig) -> int:
+    """Hidden (state) layers, the output layer not counted."""
+    return max(1, cfg.n_layers - 1)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    v = os.environ.get(name, "")
+    try:
+        return float(v) if v.strip() else default
+    except ValueError:
+        raise configs.ConfigError(f"{name}={v!r} is not a number of seconds") from None
+
+
+class _CompileNotice(Hook):
+    """Says what is being compiled before the first chunk: one line with the expected time
+    when the compile is expected to take long (`COMPILE_NOTICE_S`), and, with progress
+    output, a line every `COMPILE_TICK_S` s while it runs (`loop.Ticker`, stopped when the
+    first chunk was dispatched, or when the loop ends)."""
+
+    def __init__(self, what: str, cfg: RunConfig, ticks: bool, print_line: bool):
+        self.what, self.cfg, self.ticks, self.print_line = what, cfg, ticks, print_line
+        self.notice_s = _env_seconds("EP_JAX_COMPILE_NOTICE", COMPILE_NOTICE_S)
+        self.tick_s = _env_seconds("EP_JAX_COMPILE_TICK", COMPILE_TICK_S)
+        self.ticker = None
+
+    def start(self, loop, state, rx):
+        """Before the first epoch: the estimate, and the ticker."""
+        if loop.first_epoch() > self.cfg.epochs:
+            return
+        if self.print_line:
+            est = expected_compile_s(self.cfg)
+            if est >= self.notice_s:
+                print(f"compiling the training program of {self.what} ({plural(_hidden(self.cfg), 'hidden layer')}): expected to take "
+                      f"about {_duration(est)} (a rough estimate from the depth); the first epoch starts after "
+                      "that", file=sys.stderr, flush=True)
+        if self.ticks and self.tick_s > 0:
+            self.ticker = Ticker(f"still compiling the training program of {self.what}", self.tick_s)
+
+    def after_chunk(self, loop, state, rx, chunk):
+        """The first chunk was dispatched: its program is compiled."""
+        self._stop()
+
+    def stop(self, loop, reason):
+        """The loop ended (also by an error or an interrupt)."""
+        self._stop()
+
+    def _stop(self):
+        if self.ticker is not None:
+            self.ticker.stop()
+            self.ticker = None
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} minutes"
+
+
 def _figures(m: Member, history: list, rt):
     if rt.is_main:
         figures.learning_curve(m.dir, history, _title(m))
@@ -575,7 +655,9 @@ def _train_group(g: Group, ctx: _Context, label: str) -> dict:
     hooks: list[Hook] = []
     if g.cfg.align_every:
         hooks.append(AlignmentHook(g, data[0], data[1], state, ctx.runtime))
-    hooks += [_StopAtChunks(ctx.signals), _Record(g, ctx), JsonlLogger(folders, ctx.runtime.is_main),
+    what = (label + " " if label else "") + (repr(names[0]) if g.M == 1 else f"{g.M} members")
+    hooks += [_CompileNotice(what, g.cfg, ctx.progress, ctx.runtime.is_main), _StopAtChunks(ctx.signals),
+              _Record(g, ctx), JsonlLogger(folders, ctx.runtime.is_main),
               ConsoleLogger(names, label or g.members[0].dir.parent.name, ctx.print_fn),
               ProgressBar((label + " " if label else "") + (names[0] if g.M == 1 else f"{g.M} members"),
                           ctx.progress)]
