@@ -376,6 +376,8 @@ class _Context:
     data: tuple | None
     loggers: tuple
     live: dict = dataclasses.field(default_factory=dict)
+    reported: set = dataclasses.field(default_factory=set)
+    said_stopped: bool = False
 
 
 def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, print_fn: Callable = print,
@@ -420,29 +422,38 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
         ctx = _Context(mode, metas, folders, rt, sig, progress and rt.is_main, print_fn, deadline, data,
                        tuple(loggers))
         live: dict = {}   # the loop of the group in flight, for a stop from the signal watcher
+        ctx.live = live
 
-        def abort():
-            """The signal watcher stops the process while the main thread is in native code."""
+        def stopped_summaries():
+            """The `interrupted` summaries that the group in flight did not write itself
+            (a stop before its loop ran, or from the signal watcher), and those of the
+            groups that never started."""
             for m in members:
-                if m.name in summaries or not (m.dir / CONFIG).is_file():
+                if m.name in summaries or m.name in ctx.reported or not (m.dir / CONFIG).is_file():
                     continue
                 loop, i = live.get(m.name, (None, None))
                 if loop is not None:
                     status = "interrupted" if loop.status[i] == "running" else loop.status[i]
                     message = (f"interrupted; checkpoint of epoch {loop.start[i]} kept, continue with --resume"
                                if status == "interrupted" else loop.message[i])
-                    _write_summary(m, loop.history[i], status, message, loop.diverged_step[i], rt.is_main)
+                    summaries[m.name] = _write_summary(m, loop.history[i], status, message, loop.diverged_step[i],
+                                                       rt.is_main)
                 else:
-                    _write_summary(m, read_metrics(m.dir / METRICS), "interrupted",
-                                   "stopped before this member's group finished; continue with --resume",
-                                   is_main=rt.is_main)
-            print_fn("stopped (interrupted); continue with --resume")
+                    summaries[m.name] = _write_summary(m, read_metrics(m.dir / METRICS), "interrupted",
+                                                       "stopped before this member's group finished; "
+                                                       "continue with --resume", is_main=rt.is_main)
+            if not ctx.said_stopped:
+                ctx.said_stopped = True
+                print_fn("stopped (interrupted); continue with --resume")
+
+        def abort():
+            """The signal watcher stops the process while the main thread is in native code."""
+            stopped_summaries()
             if rt.is_main:
                 for f in folders.values():
                     f.lock.release()
                     f.lock.undo_created()
         sig.on_abort.append(abort)
-        ctx.live = live
         try:
             for gi, g in enumerate(groups):
                 sig.check()
@@ -452,12 +463,8 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
                     summaries.update(_train_group(g, ctx, label))
         except (Interrupted, KeyboardInterrupt):
             sig.stopping()
-            # the group in flight wrote its own summaries; later groups never started
-            for m in members:
-                if m.name not in started and (m.dir / CONFIG).is_file():
-                    summaries[m.name] = _write_summary(m, read_metrics(m.dir / METRICS), "interrupted",
-                                                       "stopped before this member's group finished; "
-                                                       "continue with --resume", is_main=rt.is_main)
+            # the group in flight wrote its own summaries if its loop ran; later groups never started
+            stopped_summaries()
             raise
     return [summaries[m.name] for m in members]
 
@@ -678,7 +685,9 @@ def _train_group(g: Group, ctx: _Context, label: str) -> dict:
                 loop.status[i] = "interrupted"
                 loop.message[i] = f"{why}; checkpoint of epoch {loop.start[i]} kept, continue with --resume"
             _write_summary(m, loop.history[i], loop.status[i], loop.message[i], loop.diverged_step[i], is_main)
+            ctx.reported.add(m.name)
         ctx.print_fn(f"stopped ({why}); continue with --resume")
+        ctx.said_stopped = True
         raise
     except BaseException as e:
         for i, m in enumerate(g.members):
