@@ -10,6 +10,11 @@ job; docs/distributed.md shows how to launch one (one host, several hosts, SLURM
   `--process-id`, else `JAX_COORDINATOR_ADDRESS`/`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID`,
   else what JAX detects (SLURM, Open MPI). With one process nothing is started: the run
   just uses every local device.
+  The start is bounded by `--start-timeout` (`EP_JAX_START_TIMEOUT`, default 300 s):
+  processes other than 0 first wait for the coordinator's port to accept connections,
+  then every process waits in JAX's barrier under our own deadline (`_Deadline`), which
+  ends the process with one `error:` line and exit status 2 before JAX's own timeout
+  would abort it with a C++ stack trace; after 5 s a line says what it waits for.
 - `setup` returns the runtime (`experiments.runtime.Distributed`, or `Local` when not
   asked) that the commands hand to the engine. Every group of members trains on a
   `("members", "data")` mesh over all devices (`ep_jax.parallel.sharded_sweep_steps`): members split over "members" (they never

@@ -25,8 +25,10 @@ the same config except `epochs` (which may grow) and `data_dir` (where the data 
 not part of a run's identity) — and continues bit for bit. A diverging member (non-finite
 state or gradient, or a state above `max_state`) is frozen at its last good step; its
 last checkpoint (previous epoch) is kept; the others go on. Ctrl-C, SIGTERM and the time
-budget stop at a safe point (a second signal while an epoch is being recorded waits for
-the record to be complete).
+budget stop at a safe point (a signal while an epoch is being recorded waits for the
+record to be complete); a process busy in native code (XLA compiling) is stopped by a
+watcher thread about a second after the signal (`_Signals`). Before a long compile the
+run says what it compiles and how long that should take (`_CompileNotice`).
 """
 from __future__ import annotations
 
