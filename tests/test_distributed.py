@@ -519,3 +519,25 @@ def test_start_timeout_must_be_positive(tmp_path):
                         "--distributed", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1",
                         "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: --start-timeout must be at least 1 second, got 0", r.stderr
+
+
+def test_ctrl_c_while_waiting_for_the_other_processes_stops_at_once(tmp_path):
+    """JAX's start-up barrier runs no Python handler: the signal wake-up ends the wait."""
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "experiments.train", *_sets(A), "--out", str(tmp_path / "run"), "--distributed",
+           "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "0",
+           "--start-timeout", "100", "--no-progress"]
+    with processes([cmd], [log], child_env(1)) as (proc,):
+        end = time.monotonic() + 90
+        while "waiting for all 2 processes" not in tail(log) and time.monotonic() < end:
+            assert proc.poll() is None, tail(log)
+            time.sleep(0.1)
+        assert "waiting for all 2 processes" in tail(log)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        (code,) = wait_all([proc], 30)
+        took = time.monotonic() - t0
+    assert code == 130, (code, tail(log))
+    assert Path(log).read_text().strip().splitlines()[-1] == "interrupted"
+    assert took < 10 and "Check failure" not in tail(log)
+    assert not (tmp_path / "run").exists()

@@ -215,33 +215,72 @@ def _wait_for_coordinator(coordinator: str, pid: int, seconds: int):
 class _Deadline:
     """A bounded wait around a native call that cannot be interrupted (JAX's start-up
     barrier): after `WAIT_NOTICE_S` s one line says what it waits for; when `seconds`
-    pass, one `error:` line and exit status 2 (`os._exit`: the call is still blocking)."""
+    pass, one `error:` line and exit status 2 (`os._exit`: the call is still blocking).
+    Ctrl-C or SIGTERM meanwhile (no Python handler runs until the call returns) ends the
+    process at once with `interrupted` and exit status 130 (a signal wake-up pipe)."""
 
     def __init__(self, seconds: float, waiting: str, error: str):
         import threading
         self.seconds, self.waiting, self.error = seconds, waiting, error
-        self.done = threading.Event()
+        self.done = False
+        self.pipe = None
+        self.old_fd = None
         self.thread = threading.Thread(target=self._watch, name="ep_jax-start-deadline", daemon=True)
 
     def _watch(self):
-        if not self.done.wait(min(WAIT_NOTICE_S, self.seconds)):
-            if self.seconds > WAIT_NOTICE_S:
-                print(f"{self.waiting} (up to {self.seconds} s)...", file=sys.stderr, flush=True)
-            if not self.done.wait(max(0.0, self.seconds - WAIT_NOTICE_S)):
-                try:
-                    sys.stdout.flush()
-                except Exception:   # noqa: BLE001
-                    pass
-                print(f"error: {self.error}", file=sys.stderr, flush=True)
-                os._exit(2)
+        import select
+        import signal
+        import time
+        from ep_jax.experiments import cli
+        t0 = time.monotonic()
+        said = self.seconds <= WAIT_NOTICE_S
+        while not self.done:
+            until = t0 + (self.seconds if said else WAIT_NOTICE_S)
+            left = until - time.monotonic()
+            if left <= 0:
+                if not said:
+                    said = True
+                    print(f"{self.waiting} (up to {self.seconds} s)...", file=sys.stderr, flush=True)
+                    continue
+                cli.hard_exit(2, f"error: {self.error}")
+            if self.pipe is None:
+                time.sleep(min(left, 0.1))
+                continue
+            ready, _, _ = select.select([self.pipe[0]], [], [], left)
+            if ready:
+                got = os.read(self.pipe[0], 64)
+                if not self.done and any(b in (int(signal.SIGINT), int(signal.SIGTERM)) for b in got):
+                    cli.hard_exit(cli.INTERRUPTED, "interrupted")
 
     def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            try:
+                self.old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+                self.pipe = (r, w)
+            except ValueError:
+                os.close(r)
+                os.close(w)
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
-        self.done.set()
+        import signal
+        self.done = True
+        if self.pipe is not None:
+            try:
+                signal.set_wakeup_fd(self.old_fd if self.old_fd is not None else -1)
+                os.write(self.pipe[1], b"\0")
+            except (OSError, ValueError):
+                pass
         self.thread.join()
+        if self.pipe is not None:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
 
 
 def active() -> bool:
