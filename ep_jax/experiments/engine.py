@@ -450,6 +450,10 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
 
         def abort():
             """The signal watcher stops the process while the main thread is in native code."""
+            for loop, _ in {id(v[0]): v for v in live.values()}.values():
+                for h in loop.hooks:   # the progress bar leaves its line, so `interrupted` has its own
+                    if isinstance(h, ProgressBar):
+                        h.stop(loop, "interrupted")
             stopped_summaries()
             if rt.is_main:
                 for f in folders.values():
