@@ -207,3 +207,31 @@ def test_signal_during_compilation_is_one_line_and_resumable(tmp_path):
         assert not (d / ".ep_jax-holder.json").exists()
         print(f"try {k}: {signal.Signals(sig).name} {delay} s after the folder was prepared: exit 130 {took:.1f} s "
               f"after the signal, epochs done {s['epochs_done']}")
+
+
+NATIVE = """
+import signal, sys, time
+from ep_jax.experiments import cli
+
+def main(argv):
+    # the main thread stops seeing the signals, as while XLA compiles: no Python handler runs
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    print("ready", flush=True)
+    time.sleep(60)
+    print("not reached", flush=True)
+
+sys.exit(cli.main_wrapper(main))
+"""
+
+
+def test_a_command_in_native_code_outside_a_run_stops_within_seconds(tmp_path):
+    """Any command (reproduce's estimate, gdu, ... compile outside the engine): the
+    command line's own watcher ends it when the KeyboardInterrupt cannot come."""
+    proc = subprocess.Popen([sys.executable, "-c", NATIVE], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready", proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines() == ["interrupted"], (proc.returncode, err)
+    assert "not reached" not in rest and time.monotonic() - t0 < 30

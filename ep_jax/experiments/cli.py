@@ -84,6 +84,34 @@ def _start_up_signal(signum, frame):
     raise KeyboardInterrupt
 
 
+#: seconds a command line waits after a signal for Python to stop it (KeyboardInterrupt)
+#: before the watcher ends it: no Python handler runs while XLA compiles
+GRACE = 2.0
+
+
+def _watch_signals():
+    """A command line's fallback (`main_wrapper`): a signal whose KeyboardInterrupt did not
+    end the process within `GRACE` s (the main thread is in native code, e.g. XLA
+    compiling outside a training run) ends it with `interrupted` and 130. The engine and
+    the distributed start-up take the wake-up fd over while they run, and give it back."""
+    try:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except (OSError, ValueError):
+        return
+
+    def watch():
+        import time
+        while True:
+            got = os.read(r, 64)
+            if any(b in (int(signal.SIGINT), int(signal.SIGTERM)) for b in got):
+                time.sleep(GRACE)
+                hard_exit(INTERRUPTED, "interrupted")
+
+    threading.Thread(target=watch, name="ep_jax-command-signals", daemon=True).start()
+
+
 #: how the commands are invoked, for their usage lines: set to "ep-jax <command>" by the
 #: `ep-jax` entry point; otherwise the module form that works from a checkout
 PROG = None
@@ -126,6 +154,7 @@ def main_wrapper(main, argv=None) -> int:
         COMMAND_LINE = True
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, _start_up_signal)
+        _watch_signals()
     try:
         return main(argv) or 0
     except KeyboardInterrupt:
