@@ -8,7 +8,10 @@ Ctrl-C and SIGTERM end a command with the line `interrupted` on stderr and exit 
 130 (the training commands first write what they finished; see `experiments.engine`).
 Run from the command line, the process then ends with `os._exit` once its files are
 written and its streams flushed: the interpreter's own shutdown would tear JAX's
-runtime down while XLA's threads may still compile or run a program.
+runtime down while XLA's threads may still compile or run a program. No Python signal
+handler runs while XLA compiles (possibly minutes): a command line also watches the
+signals from a thread (`signal.set_wakeup_fd`) and ends a command that is still running
+`GRACE` s after one, the same way (the engine does this itself during a run).
 """
 from __future__ import annotations
 
