@@ -467,3 +467,77 @@ def test_processes_started_with_other_process_counts_stop(tmp_path):
     (line,) = _error_lines(logs[0])
     assert "process 1 refused: --num-processes 3 but the job has 2 processes" in line
     assert not run.exists()
+
+
+# --- start-up that cannot complete: one line and exit 2, never JAX's 300 s wait and C++ abort ---
+
+def _start_alone(tmp_path, port, pid, start_timeout=3):
+    t0 = time.monotonic()
+    r = _cli(["-m", "experiments.train", *_sets(A), "--out", str(tmp_path / "run"), "--distributed",
+              "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid),
+              "--start-timeout", str(start_timeout), "--no-progress"], devices=1, timeout=120)
+    return r, time.monotonic() - t0
+
+
+def _one_error_line(r):
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --distributed: "), r.stderr[-3000:]
+    assert "Check failure" not in r.stderr and "Traceback" not in r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["unreachable coordinator", "process 0 alone", "peer of a port in use"])
+def test_start_up_that_cannot_complete_ends_with_one_line_within_the_start_timeout(tmp_path, case):
+    """Nobody serves the coordinator's port (process 1 started alone); process 0 started
+    alone; process 1 of a job whose port is held by something else (its process 0 was
+    refused with "port in use"): each stops after --start-timeout (3 s) with one line and
+    exit status 2, and writes nothing."""
+    if case == "peer of a port in use":
+        with socket.socket() as s:   # something else listens there and never answers
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            r, took = _start_alone(tmp_path, s.getsockname()[1], pid=1)
+        line = _one_error_line(r)
+        assert "not every process joined within 3 s (process 1" in line and "--start-timeout" in line
+    elif case == "process 0 alone":
+        r, took = _start_alone(tmp_path, free_port(), pid=0)
+        line = _one_error_line(r)
+        assert "not every process joined within 3 s (process 0" in line
+    else:
+        port = free_port()
+        r, took = _start_alone(tmp_path, port, pid=1)
+        line = _one_error_line(r)
+        assert f"the coordinator at 127.0.0.1:{port} could not be reached within 3 s" in line
+    assert took < 90, f"{case}: took {took:.0f} s"
+    assert not (tmp_path / "run").exists()
+
+
+def test_start_timeout_must_be_positive(tmp_path):
+    env = dict(child_env(1), EP_JAX_START_TIMEOUT="0")
+    r = subprocess.run([sys.executable, "-m", "experiments.train", *_sets(A), "--out", str(tmp_path / "run"),
+                        "--distributed", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1",
+                        "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --start-timeout must be at least 1 second, got 0", r.stderr
+
+
+def test_ctrl_c_while_waiting_for_the_other_processes_stops_at_once(tmp_path):
+    """JAX's start-up barrier runs no Python handler: the signal wake-up ends the wait."""
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "experiments.train", *_sets(A), "--out", str(tmp_path / "run"), "--distributed",
+           "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "0",
+           "--start-timeout", "100", "--no-progress"]
+    with processes([cmd], [log], child_env(1)) as (proc,):
+        end = time.monotonic() + 90
+        while "waiting for all 2 processes" not in tail(log) and time.monotonic() < end:
+            assert proc.poll() is None, tail(log)
+            time.sleep(0.1)
+        assert "waiting for all 2 processes" in tail(log)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        (code,) = wait_all([proc], 30)
+        took = time.monotonic() - t0
+    assert code == 130, (code, tail(log))
+    assert Path(log).read_text().strip().splitlines()[-1] == "interrupted"
+    assert took < 10 and "Check failure" not in tail(log)
+    assert not (tmp_path / "run").exists()

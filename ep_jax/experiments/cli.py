@@ -3,12 +3,23 @@
 Expected failures — a bad config or spec, missing or damaged data, a run folder that
 cannot be used as asked, a bad checkpoint, disk full, no permission — end with one line
 `error: ...` on stderr and exit status 2. `--debug` shows the traceback instead.
+
+Ctrl-C and SIGTERM end a command with the line `interrupted` on stderr and exit status
+130 (the training commands first write what they finished; see `experiments.engine`).
+Run from the command line, the process then ends with `os._exit` once its files are
+written and its streams flushed: the interpreter's own shutdown would tear JAX's
+runtime down while XLA's threads may still compile or run a program. No Python signal
+handler runs while XLA compiles (possibly minutes): a command line also watches the
+signals from a thread (`signal.set_wakeup_fd`) and ends a command that is still running
+`GRACE` s after one, the same way (the engine does this itself during a run).
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
+import threading
 import sys
 import tomllib
 
@@ -42,6 +53,66 @@ def describe(e: BaseException) -> str:
     for l in lines[1:]:
         text += (" " if text.endswith(":") else "; ") + l.removeprefix("- ")
     return text
+
+
+#: the command runs as the process's command line (set by the `ep-jax` entry point, and by
+#: `main_wrapper` for the `python -m` forms, which pass argv None): an interrupt then ends
+#: the process (`hard_exit`), and the engine's signal watcher may end it (`engine._Signals`)
+COMMAND_LINE = False
+#: exit status of an interrupted command (Ctrl-C, SIGTERM)
+INTERRUPTED = 130
+#: a signal that arrived while no handler of the engine was installed (start-up), for the
+#: engine to act on if the KeyboardInterrupt itself was swallowed (raised in a gc callback)
+PENDING = {"signal": False}
+
+
+def hard_exit(code: int, line: str | None = None):
+    """Print `line` to stderr, flush both streams, and end the process at once (no
+    interpreter shutdown: XLA's threads may still be compiling or running)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:   # noqa: BLE001 — a closed stream: nothing more to say
+            pass
+    if line is not None:
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except Exception:   # noqa: BLE001
+            pass
+    os._exit(code)
+
+
+def _start_up_signal(signum, frame):
+    PENDING["signal"] = True
+    raise KeyboardInterrupt
+
+
+#: seconds a command line waits after a signal for Python to stop it (KeyboardInterrupt)
+#: before the watcher ends it: no Python handler runs while XLA compiles
+GRACE = 2.0
+
+
+def _watch_signals():
+    """A command line's fallback (`main_wrapper`): a signal whose KeyboardInterrupt did not
+    end the process within `GRACE` s (the main thread is in native code, e.g. XLA
+    compiling outside a training run) ends it with `interrupted` and 130. The engine and
+    the distributed start-up take the wake-up fd over while they run, and give it back."""
+    try:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except (OSError, ValueError):
+        return
+
+    def watch():
+        import time
+        while True:
+            got = os.read(r, 64)
+            if any(b in (int(signal.SIGINT), int(signal.SIGTERM)) for b in got):
+                time.sleep(GRACE)
+                hard_exit(INTERRUPTED, "interrupted")
+
+    threading.Thread(target=watch, name="ep_jax-command-signals", daemon=True).start()
 
 
 #: how the commands are invoked, for their usage lines: set to "ep-jax <command>" by the
@@ -79,14 +150,23 @@ def add_run_modes(p: argparse.ArgumentParser):
 
 def main_wrapper(main, argv=None) -> int:
     """Run `main(argv)`; turn expected errors into `error: ...` and exit status 2."""
+    global COMMAND_LINE
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    command_line = (argv is None or COMMAND_LINE) and threading.current_thread() is threading.main_thread()
+    if command_line:   # SIGTERM at start-up stops like Ctrl-C (not a death by signal)
+        COMMAND_LINE = True
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _start_up_signal)
+        _watch_signals()
     try:
         return main(argv) or 0
     except KeyboardInterrupt:
-        if argv is None:   # a command line: a second Ctrl-C would only cut the interpreter's exit handlers
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if command_line:   # a second signal would only cut the line below
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, signal.SIG_IGN)
+            hard_exit(INTERRUPTED, "interrupted")
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except expected_errors() as e:
         if debug:
             raise

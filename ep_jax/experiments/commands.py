@@ -40,6 +40,7 @@ def usage() -> str:
 def main(argv=None) -> int:
     """Dispatch `argv` (default `sys.argv[1:]`) to a command; its exit status."""
     from ep_jax.experiments import cli, distributed
+    cli.COMMAND_LINE = argv is None   # the process's own command line: an interrupt ends it (cli)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

@@ -10,6 +10,11 @@ job; docs/distributed.md shows how to launch one (one host, several hosts, SLURM
   `--process-id`, else `JAX_COORDINATOR_ADDRESS`/`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID`,
   else what JAX detects (SLURM, Open MPI). With one process nothing is started: the run
   just uses every local device.
+  The start is bounded by `--start-timeout` (`EP_JAX_START_TIMEOUT`, default 300 s):
+  processes other than 0 first wait for the coordinator's port to accept connections,
+  then every process waits in JAX's barrier under our own deadline (`_Deadline`), which
+  ends the process with one `error:` line and exit status 2 before JAX's own timeout
+  would abort it with a C++ stack trace; after 5 s a line says what it waits for.
 - `setup` returns the runtime (`experiments.runtime.Distributed`, or `Local` when not
   asked) that the commands hand to the engine. Every group of members trains on a
   `("members", "data")` mesh over all devices (`ep_jax.parallel.sharded_sweep_steps`): members split over "members" (they never
@@ -46,6 +51,9 @@ from ep_jax.experiments.runtime import _STATE, first_line as _first_line
 
 ENV_FLAG = "EP_JAX_DISTRIBUTED"
 DEFAULT_PEER_TIMEOUT = 100   # JAX's heartbeat timeout
+DEFAULT_START_TIMEOUT = 300  # how long the processes wait for each other at start (JAX's default)
+#: seconds of waiting at start before the command says what it waits for
+WAIT_NOTICE_S = 5
 
 
 def add_flags(p):
@@ -64,6 +72,9 @@ def add_flags(p):
     g.add_argument("--peer-timeout", type=int, metavar="SECONDS",
                    help=f"a process silent this long counts as dead and the run stops (default "
                         f"{DEFAULT_PEER_TIMEOUT}; EP_JAX_PEER_TIMEOUT)")
+    g.add_argument("--start-timeout", type=int, metavar="SECONDS",
+                   help=f"how long the processes wait for each other (and for the coordinator) at start before "
+                        f"the command stops with an error (default {DEFAULT_START_TIMEOUT}; EP_JAX_START_TIMEOUT)")
 
 
 def _env_int(name):
@@ -101,6 +112,9 @@ def setup(a):
     shards = a.member_shards if a.member_shards is not None else _env_int("EP_JAX_MEMBER_SHARDS")
     timeout = a.peer_timeout if a.peer_timeout is not None else _env_int("EP_JAX_PEER_TIMEOUT")
     timeout = DEFAULT_PEER_TIMEOUT if timeout is None else timeout
+    start = getattr(a, "start_timeout", None)
+    start = start if start is not None else _env_int("EP_JAX_START_TIMEOUT")
+    start = DEFAULT_START_TIMEOUT if start is None else start
     if num is not None and num < 1:
         raise ConfigError(f"--num-processes must be at least 1, got {num}")
     if pid is not None and (pid < 0 or (num is not None and pid >= num)):
@@ -109,24 +123,36 @@ def setup(a):
         raise ConfigError(f"--member-shards must be at least 1, got {shards}")
     if timeout < 1:
         raise ConfigError(f"--peer-timeout must be at least 1 second, got {timeout}")
+    if start < 1:
+        raise ConfigError(f"--start-timeout must be at least 1 second, got {start}")
     if coordinator is not None and not re.fullmatch(r"\S+:\d+", coordinator):
         raise ConfigError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
     if num != 1 or pid not in (None, 0):
         if pid in (None, 0) and coordinator is not None:
             _check_port_free(coordinator)
-        if pid not in (None, 0):
-            print(f"process {pid}: joining the coordinator at {coordinator or 'the cluster'} (waiting up to "
-                  f"{max(300, timeout)} s for every process)...", file=sys.stderr, flush=True)
-        try:
-            parallel.initialize(coordinator, num, pid, initialization_timeout=max(300, timeout),
-                                heartbeat_timeout_seconds=timeout)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"--distributed: {_first_line(e).rstrip('.')}: give --coordinator HOST:PORT "
-                              "--num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
-                              "JAX_PROCESS_ID), or run under SLURM") from None
-        except Exception as e:  # connection refused, timed out, ...
-            raise RunError(f"--distributed: could not join the other processes via {coordinator or 'the cluster'} "
-                           f"({_first_line(e)})") from None
+        if pid not in (None, 0) and coordinator is not None:
+            start_left = max(1, start - _wait_for_coordinator(coordinator, pid, start))
+        else:
+            start_left = start
+        waiting = (f"process {pid if pid is not None else '?'}: waiting for all {num or '?'} processes to join via "
+                   f"{coordinator or 'the cluster'}")
+        # JAX aborts the process (a C++ check failure) when its own wait runs out: ours ends
+        # first, with one line
+        with _Deadline(start_left, waiting,
+                       f"--distributed: not every process joined within {start} s (process "
+                       f"{pid if pid is not None else '?'}, coordinator {coordinator or 'from the cluster'}): start "
+                       f"all {num or ''} processes with the same --coordinator and --num-processes, check that "
+                       "the coordinator's port is served by process 0 of this job, or raise --start-timeout"):
+            try:
+                parallel.initialize(coordinator, num, pid, initialization_timeout=start + 60,
+                                    heartbeat_timeout_seconds=timeout)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"--distributed: {_first_line(e).rstrip('.')}: give --coordinator HOST:PORT "
+                                  "--num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                                  "JAX_PROCESS_ID), or run under SLURM") from None
+            except Exception as e:  # connection refused, timed out, ...
+                raise RunError(f"--distributed: could not join the other processes via "
+                               f"{coordinator or 'the cluster'} ({_first_line(e)})") from None
     _STATE.update(on=True, member_shards=shards)
     rt = runtime.current()
 
@@ -153,6 +179,108 @@ def _check_port_free(coordinator: str):
         except OSError:
             raise RunError(f"--coordinator {coordinator}: port {port} is already in use on this host; "
                            "choose a free port for process 0") from None
+
+
+def _wait_for_coordinator(coordinator: str, pid: int, seconds: int):
+    """Before JAX's own wait (which ends in a C++ abort): is anything listening at the
+    coordinator's address? Retried until `seconds` pass (process 0 may start later); a
+    line says what it waits for after `WAIT_NOTICE_S` s; RunError when the time is up.
+    Returns the seconds it waited."""
+    import socket
+    import time
+    host, port = coordinator.rsplit(":", 1)
+    host = host.strip("[]")
+    t0 = time.monotonic()
+    said = False
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, seconds)):
+                return int(time.monotonic() - t0)
+        except socket.gaierror as e:
+            raise RunError(f"--coordinator {coordinator}: unknown host {host!r} ({e.strerror or e})") from None
+        except OSError:
+            pass
+        waited = time.monotonic() - t0
+        if waited >= seconds:
+            raise RunError(f"--distributed: the coordinator at {coordinator} could not be reached within {seconds} s "
+                           "(is process 0 of this job running, with this --coordinator?); start it, or raise "
+                           "--start-timeout") from None
+        if not said and waited >= WAIT_NOTICE_S:
+            said = True
+            print(f"process {pid}: waiting for the coordinator at {coordinator} (process 0) to accept connections, "
+                  f"up to {seconds} s...", file=sys.stderr, flush=True)
+        time.sleep(min(0.5, max(0.05, seconds - waited)))
+
+
+class _Deadline:
+    """A bounded wait around a native call that cannot be interrupted (JAX's start-up
+    barrier): after `WAIT_NOTICE_S` s one line says what it waits for; when `seconds`
+    pass, one `error:` line and exit status 2 (`os._exit`: the call is still blocking).
+    Ctrl-C or SIGTERM meanwhile (no Python handler runs until the call returns) ends the
+    process at once with `interrupted` and exit status 130 (a signal wake-up pipe)."""
+
+    def __init__(self, seconds: float, waiting: str, error: str):
+        import threading
+        self.seconds, self.waiting, self.error = seconds, waiting, error
+        self.done = False
+        self.pipe = None
+        self.old_fd = None
+        self.thread = threading.Thread(target=self._watch, name="ep_jax-start-deadline", daemon=True)
+
+    def _watch(self):
+        import select
+        import signal
+        import time
+        from ep_jax.experiments import cli
+        t0 = time.monotonic()
+        said = self.seconds <= WAIT_NOTICE_S
+        while not self.done:
+            until = t0 + (self.seconds if said else WAIT_NOTICE_S)
+            left = until - time.monotonic()
+            if left <= 0:
+                if not said:
+                    said = True
+                    print(f"{self.waiting} (up to {self.seconds} s)...", file=sys.stderr, flush=True)
+                    continue
+                cli.hard_exit(2, f"error: {self.error}")
+            if self.pipe is None:
+                time.sleep(min(left, 0.1))
+                continue
+            ready, _, _ = select.select([self.pipe[0]], [], [], left)
+            if ready:
+                got = os.read(self.pipe[0], 64)
+                if not self.done and any(b in (int(signal.SIGINT), int(signal.SIGTERM)) for b in got):
+                    cli.hard_exit(cli.INTERRUPTED, "interrupted")
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            try:
+                self.old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+                self.pipe = (r, w)
+            except ValueError:
+                os.close(r)
+                os.close(w)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        self.done = True
+        if self.pipe is not None:
+            try:
+                signal.set_wakeup_fd(self.old_fd if self.old_fd is not None else -1)
+                os.write(self.pipe[1], b"\0")
+            except (OSError, ValueError):
+                pass
+        self.thread.join()
+        if self.pipe is not None:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
 
 
 def active() -> bool:

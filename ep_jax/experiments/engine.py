@@ -25,15 +25,19 @@ the same config except `epochs` (which may grow) and `data_dir` (where the data 
 not part of a run's identity) — and continues bit for bit. A diverging member (non-finite
 state or gradient, or a state above `max_state`) is frozen at its last good step; its
 last checkpoint (previous epoch) is kept; the others go on. Ctrl-C, SIGTERM and the time
-budget stop at a safe point (a second signal while an epoch is being recorded waits for
-the record to be complete).
+budget stop at a safe point (a signal while an epoch is being recorded waits for the
+record to be complete); a process busy in native code (XLA compiling) is stopped by a
+watcher thread about a second after the signal (`_Signals`). Before a long compile the
+run says what it compiles and how long that should take (`_CompileNotice`).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Sequence
@@ -53,7 +57,7 @@ from ep_jax.experiments.build import (augment_key, build_augment, build_estimato
 from ep_jax.experiments.config import RunConfig, warnings_for
 from ep_jax.experiments.errors import Interrupted, RunError
 from ep_jax.experiments.loggers import ConsoleLogger, JsonlLogger, ProgressBar, optional_loggers, plural
-from ep_jax.experiments.loop import Hook, Loop
+from ep_jax.experiments.loop import Hook, Loop, Ticker
 from ep_jax.experiments.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, RunFolder
 
 STATUSES = files.STATUSES
@@ -217,48 +221,146 @@ def check_folders(members: Sequence[Member], mode: str) -> dict:
 # --- signals ------------------------------------------------------------------------------
 
 class _Signals:
-    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while training —
-    except inside `recording()` (an epoch's checkpoint and metrics line), where the stop
-    waits for the record to be complete, and after the first stop (`stopping()`), when
-    further signals are ignored so that the summaries are written whole."""
+    """SIGINT and SIGTERM stop the training at a safe point: the handler only records the
+    signal, and the engine stops (KeyboardInterrupt in the main thread) after a chunk was
+    dispatched, after an epoch was recorded, or between groups. A KeyboardInterrupt
+    raised by the handler itself could land anywhere — inside JAX's gc callback, where
+    Python swallows it (the run went on to the end, exit 0), or inside JAX's Python code
+    between two native calls. Inside `recording()` (an epoch's checkpoint and metrics
+    line) the stop waits for the record to be complete; after the first stop
+    (`stopping()`) further signals are ignored so that the summaries are written whole.
+
+    A process stuck in native code (XLA compiling a program, or running the first chunk)
+    runs no Python handler until that returns, possibly minutes later. Run from the
+    command line (`cli.COMMAND_LINE`, `python -m ...`), a watcher thread woken by the
+    signal (`signal.set_wakeup_fd`) then stops the run itself if the main thread reached
+    no safe point within `GRACE` seconds: it waits for any record in progress, runs
+    `on_abort` (the engine writes the `interrupted` summaries; the last finished epoch's
+    checkpoint is kept) and ends the process with the line `interrupted` and exit status
+    130 (`cli.hard_exit`)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    GRACE = 1.0
+
+    def __init__(self, watch: bool | None = None):
+        self.watch = watch
 
     def __enter__(self):
-        self.old, self.depth, self.pending, self.stopped = {}, 0, False, False
+        from ep_jax.experiments import cli
+        self.old, self.depth, self.pending, self.stopped = {}, 0, bool(cli.PENDING["signal"]), False
+        self.lock = threading.RLock()
+        self.on_abort: list[Callable] = []
+        self._pipe, self._thread, self._closing, self._old_fd = None, None, False, None
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self.old[s] = signal.signal(s, self._handle)
+            if self.watch if self.watch is not None else cli.COMMAND_LINE:
+                self._start_watcher()
         return self
 
     def _handle(self, signum, frame):
-        if self.stopped:
-            return
-        if self.depth:
+        if not self.stopped:
             self.pending = True
-            return
-        self.stopped = True
-        raise KeyboardInterrupt
+
+    def check(self):
+        """A safe point: stop here (KeyboardInterrupt) if a signal arrived."""
+        if self.pending and not self.stopped and not self.depth:
+            with self.lock:   # the watcher may be stopping the run: then wait for its exit
+                if self.stopped:
+                    return
+                self.stopped = True
+            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def recording(self):
-        """A section that a signal does not cut (module docstring)."""
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if not self.depth and self.pending and not self.stopped:
-            self.pending, self.stopped = False, True
-            raise KeyboardInterrupt
+        """A section that a signal does not cut (class docstring)."""
+        with self.lock:
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+        self.check()
 
     def stopping(self):
         """From now on signals are ignored (the stop is under way)."""
         self.stopped = True
 
+    def _start_watcher(self):
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(r)
+            os.close(w)
+            return
+        self._pipe = (r, w)
+        self._thread = threading.Thread(target=self._watch, name="ep_jax-signals", daemon=True)
+        self._thread.start()
+
+    def _watch(self):
+        import time
+        r = self._pipe[0]
+        while True:
+            try:
+                got = os.read(r, 64)
+            except OSError:
+                return
+            if self._closing or not got:
+                return
+            if self.stopped or not any(b in (int(s) for s in self.SIGNALS) for b in got):
+                continue
+            self.pending = True
+            until = time.monotonic() + self.GRACE
+            while time.monotonic() < until and not (self.stopped or self._closing):
+                time.sleep(0.02)
+            if self.stopped or self._closing:
+                continue
+            with self.lock:   # a record in progress is finished first
+                if self.stopped or self._closing:
+                    continue
+                self.stopped = True
+                for fn in self.on_abort:
+                    try:
+                        fn()
+                    except Exception:   # noqa: BLE001 — the checkpoint of the last epoch is what counts
+                        pass
+                from ep_jax.experiments import cli
+                cli.hard_exit(cli.INTERRUPTED, "interrupted")
+
     def __exit__(self, *exc):
+        if self._pipe is not None:
+            self._closing = True
+            try:
+                signal.set_wakeup_fd(self._old_fd if self._old_fd is not None else -1)
+                os.write(self._pipe[1], b"\0")
+            except (OSError, ValueError):
+                pass
+            self._thread.join(timeout=5)
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
         for s, h in self.old.items():
             signal.signal(s, h)
+        # a signal that came after the last safe point: the command stops now
+        if exc[0] is None and self.pending and not self.stopped:
+            raise KeyboardInterrupt
+
+
+class _StopAtChunks(Hook):
+    """The loop's safe points: after each chunk was dispatched (and at its start)."""
+
+    def __init__(self, sig: _Signals):
+        self.sig = sig
+
+    def start(self, loop, state, rx):
+        """Before the first epoch."""
+        self.sig.check()
+
+    def after_chunk(self, loop, state, rx, chunk):
+        """A chunk was handed to the device."""
+        self.sig.check()
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -275,6 +377,9 @@ class _Context:
     deadline: float | None
     data: tuple | None
     loggers: tuple
+    live: dict = dataclasses.field(default_factory=dict)
+    reported: set = dataclasses.field(default_factory=set)
+    said_stopped: bool = False
 
 
 def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, print_fn: Callable = print,
@@ -318,20 +423,54 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
                 print_fn(f"warning ({m.name}): {w}")
         ctx = _Context(mode, metas, folders, rt, sig, progress and rt.is_main, print_fn, deadline, data,
                        tuple(loggers))
+        live: dict = {}   # the loop of the group in flight, for a stop from the signal watcher
+        ctx.live = live
+
+        def stopped_summaries():
+            """The `interrupted` summaries that the group in flight did not write itself
+            (a stop before its loop ran, or from the signal watcher), and those of the
+            groups that never started."""
+            for m in members:
+                if m.name in summaries or m.name in ctx.reported or not (m.dir / CONFIG).is_file():
+                    continue
+                loop, i = live.get(m.name, (None, None))
+                if loop is not None:
+                    status = "interrupted" if loop.status[i] == "running" else loop.status[i]
+                    message = (f"interrupted; checkpoint of epoch {loop.start[i]} kept, continue with --resume"
+                               if status == "interrupted" else loop.message[i])
+                    summaries[m.name] = _write_summary(m, loop.history[i], status, message, loop.diverged_step[i],
+                                                       rt.is_main)
+                else:
+                    summaries[m.name] = _write_summary(m, read_metrics(m.dir / METRICS), "interrupted",
+                                                       "stopped before this member's group finished; "
+                                                       "continue with --resume", is_main=rt.is_main)
+            if not ctx.said_stopped:
+                ctx.said_stopped = True
+                print_fn("stopped (interrupted); continue with --resume")
+
+        def abort():
+            """The signal watcher stops the process while the main thread is in native code."""
+            for loop, _ in {id(v[0]): v for v in live.values()}.values():
+                for h in loop.hooks:   # the progress bar leaves its line, so `interrupted` has its own
+                    if isinstance(h, ProgressBar):
+                        h.stop(loop, "interrupted")
+            stopped_summaries()
+            if rt.is_main:
+                for f in folders.values():
+                    f.lock.release()
+                    f.lock.undo_created()
+        sig.on_abort.append(abort)
         try:
             for gi, g in enumerate(groups):
+                sig.check()
                 started.update(m.name for m in g.members)
                 label = f"group {gi + 1}/{len(groups)}" if len(groups) > 1 else ""
                 with _x64(g.cfg):
                     summaries.update(_train_group(g, ctx, label))
         except (Interrupted, KeyboardInterrupt):
             sig.stopping()
-            # the group in flight wrote its own summaries; later groups never started
-            for m in members:
-                if m.name not in started and (m.dir / CONFIG).is_file():
-                    summaries[m.name] = _write_summary(m, read_metrics(m.dir / METRICS), "interrupted",
-                                                       "stopped before this member's group finished; "
-                                                       "continue with --resume", is_main=rt.is_main)
+            # the group in flight wrote its own summaries if its loop ran; later groups never started
+            stopped_summaries()
             raise
     return [summaries[m.name] for m in members]
 
@@ -431,6 +570,85 @@ class _Record(Hook):
                 _figures(m, loop.history[i], self.rt)
 
 
+# --- compile notice ------------------------------------------------------------------------
+#
+# XLA's compile time of a group's training program grows faster than linearly with the
+# network's depth: measured on 2 CPU cores shared with other jobs (dendritic 16-12xL-4,
+# T1=8, T2=3, batch 32, chunk 3; tracing + compiling `sweep_steps_jit`): L = 2, 5, 10, 20
+# hidden layers took 7, 11, 19, 108 s; on the machine of issue 29 20 layers took 86 s and
+# 100 layers 24 minutes. COMPILE_FIT is a fit
+# a + b * L ** p through those points (seconds), rough by design: it decides whether to
+# say "this will take a while" before a compile, not a promise.
+COMPILE_FIT = (4.0, 0.45, 1.75)
+#: print the estimate line when a compile is expected to take this long (EP_JAX_COMPILE_NOTICE)
+COMPILE_NOTICE_S = 60.0
+#: with progress output, a line every this many seconds while the compile runs (EP_JAX_COMPILE_TICK)
+COMPILE_TICK_S = 15.0
+
+
+def expected_compile_s(cfg: RunConfig) -> float:
+    """A rough estimate of the seconds XLA takes to compile a group's training program
+    (`COMPILE_FIT`, from the number of hidden layers)."""
+    a, b, p = COMPILE_FIT
+    return a + b * _hidden(cfg) ** p
+
+
+def _hidden(cfg: RunConfig) -> int:
+    """Hidden (state) layers, the output layer not counted."""
+    return max(1, cfg.n_layers - 1)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    v = os.environ.get(name, "")
+    try:
+        return float(v) if v.strip() else default
+    except ValueError:
+        raise configs.ConfigError(f"{name}={v!r} is not a number of seconds") from None
+
+
+class _CompileNotice(Hook):
+    """Says what is being compiled before the first chunk: one line with the expected time
+    when the compile is expected to take long (`COMPILE_NOTICE_S`), and, with progress
+    output, a line every `COMPILE_TICK_S` s while it runs (`loop.Ticker`, stopped when the
+    first chunk was dispatched, or when the loop ends)."""
+
+    def __init__(self, what: str, cfg: RunConfig, ticks: bool, print_line: bool):
+        self.what, self.cfg, self.ticks, self.print_line = what, cfg, ticks, print_line
+        self.notice_s = _env_seconds("EP_JAX_COMPILE_NOTICE", COMPILE_NOTICE_S)
+        self.tick_s = _env_seconds("EP_JAX_COMPILE_TICK", COMPILE_TICK_S)
+        self.ticker = None
+
+    def start(self, loop, state, rx):
+        """Before the first epoch: the estimate, and the ticker."""
+        if loop.first_epoch() > self.cfg.epochs:
+            return
+        if self.print_line:
+            est = expected_compile_s(self.cfg)
+            if est >= self.notice_s:
+                print(f"compiling the training program of {self.what} ({plural(_hidden(self.cfg), 'hidden layer')}): expected to take "
+                      f"about {_duration(est)} (a rough estimate from the depth); the first epoch starts after "
+                      "that", file=sys.stderr, flush=True)
+        if self.ticks and self.tick_s > 0:
+            self.ticker = Ticker(f"still compiling the training program of {self.what}", self.tick_s)
+
+    def after_chunk(self, loop, state, rx, chunk):
+        """The first chunk was dispatched: its program is compiled."""
+        self._stop()
+
+    def stop(self, loop, reason):
+        """The loop ended (also by an error or an interrupt)."""
+        self._stop()
+
+    def _stop(self):
+        if self.ticker is not None:
+            self.ticker.stop()
+            self.ticker = None
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} minutes"
+
+
 def _figures(m: Member, history: list, rt):
     if rt.is_main:
         figures.learning_curve(m.dir, history, _title(m))
@@ -443,13 +661,16 @@ def _train_group(g: Group, ctx: _Context, label: str) -> dict:
     runner = ctx.runtime.runner(g, int(data[1].shape[0]))
     state, rx, start, histories = _restore(g, ctx.metas)       # still nothing on disk changed
     if ctx.runtime.is_main:
-        _prepare(g, ctx, state, rx, histories)
+        with ctx.signals.recording():                          # a signal waits for the folders to be whole
+            _prepare(g, ctx, state, rx, histories)
     folders = [ctx.folders[m.name] for m in g.members]
     names = [m.name for m in g.members]
     hooks: list[Hook] = []
     if g.cfg.align_every:
         hooks.append(AlignmentHook(g, data[0], data[1], state, ctx.runtime))
-    hooks += [_Record(g, ctx), JsonlLogger(folders, ctx.runtime.is_main),
+    what = (label + " " if label else "") + (repr(names[0]) if g.M == 1 else f"{g.M} members")
+    hooks += [_CompileNotice(what, g.cfg, ctx.progress, ctx.runtime.is_main), _StopAtChunks(ctx.signals),
+              _Record(g, ctx), JsonlLogger(folders, ctx.runtime.is_main),
               ConsoleLogger(names, label or g.members[0].dir.parent.name, ctx.print_fn),
               ProgressBar((label + " " if label else "") + (names[0] if g.M == 1 else f"{g.M} members"),
                           ctx.progress)]
@@ -457,6 +678,8 @@ def _train_group(g: Group, ctx: _Context, label: str) -> dict:
         hooks += optional_loggers(ctx.loggers, folders, names, [m.cfg for m in g.members])
     batches = lambda i, epoch, n: epoch_batches(g.members[i].cfg, epoch, n)
     loop = Loop(g, runner, data, batches, start, histories, hooks, ctx.deadline, guard=ctx.signals.recording)
+    ctx.live.clear()
+    ctx.live.update({m.name: (loop, i) for i, m in enumerate(g.members)})
     is_main = ctx.runtime.is_main
     try:
         loop.run(state, rx)
@@ -468,7 +691,9 @@ def _train_group(g: Group, ctx: _Context, label: str) -> dict:
                 loop.status[i] = "interrupted"
                 loop.message[i] = f"{why}; checkpoint of epoch {loop.start[i]} kept, continue with --resume"
             _write_summary(m, loop.history[i], loop.status[i], loop.message[i], loop.diverged_step[i], is_main)
+            ctx.reported.add(m.name)
         ctx.print_fn(f"stopped ({why}); continue with --resume")
+        ctx.said_stopped = True
         raise
     except BaseException as e:
         for i, m in enumerate(g.members):

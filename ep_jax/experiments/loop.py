@@ -15,11 +15,16 @@ parameters turn non-finite (or whose state exceeds `max_state`) is frozen at its
 step by the compiled step itself; the loop marks it diverged, names the cause
 (`divergence_cause`) and the others go on. A member already past an epoch (resumed from
 a later checkpoint) sits that epoch out.
+
+`Ticker` is the progress output of a wait in native code (XLA compiling the first chunk):
+a line on stderr every few seconds saying what it waits for and for how long.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
+import threading
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -256,3 +261,41 @@ class Loop:
         """Member i's epoch `row["epoch"]` is recorded (called by the hook that saves it)."""
         self.history[i].append(row)
         self.start[i] = row["epoch"]
+
+
+class Ticker:
+    """While the main thread waits in native code (XLA compiling a program), a background
+    thread prints `"<what>: <n> s so far..."` to stderr every `every` seconds (the first
+    after `every` seconds: a short wait prints nothing). `stop()` ends it (idempotent, also
+    when the wait ended with an error or an interrupt); a daemon thread, so it never holds
+    the process."""
+
+    def __init__(self, what: str, every: float = 15.0, stream=None):
+        self.what, self.every, self.stream = what, float(every), stream
+        self.t0 = time.perf_counter()
+        self.lines = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ep_jax-ticker", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._done.wait(self.every):
+            stream = self.stream or sys.stderr
+            line = f"{self.what}: {time.perf_counter() - self.t0:.0f} s so far..."
+            try:
+                try:   # above a progress bar, if one is drawn
+                    from tqdm import tqdm
+                    tqdm.write(line, file=stream)
+                    stream.flush()
+                except ImportError:
+                    print(line, file=stream, flush=True)
+            except Exception:   # noqa: BLE001 — a closed stream: nothing more to say
+                return
+            self.lines += 1
+
+    def stop(self):
+        """End the lines; returns the seconds waited."""
+        self._done.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        return time.perf_counter() - self.t0
