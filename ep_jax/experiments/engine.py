@@ -52,7 +52,8 @@ from ep_jax.experiments.build import (augment_key, build_augment, build_estimato
                                       group_optimizer, keys, load_data, model_settings, opt_hyperparams)
 from ep_jax.experiments.config import RunConfig, warnings_for
 from ep_jax.experiments.errors import Interrupted, RunError
-from ep_jax.experiments.loggers import ConsoleLogger, JsonlLogger, ProgressBar, optional_loggers, plural
+from ep_jax.experiments.loggers import (ConsoleLogger, JsonlLogger, ProgressBar, check_loggers, optional_loggers,
+                                        plural)
 from ep_jax.experiments.loop import Hook, Loop
 from ep_jax.experiments.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, RunFolder
 
@@ -75,6 +76,8 @@ def same_run(meta: dict, cfg: RunConfig, saved: dict | None) -> bool:
     saved it — where the data lives is not part of a run's identity."""
     if meta.get("digest") == cfg.digest():
         return True
+    if isinstance(meta.get("run_digest"), str) and meta["run_digest"] == cfg.digest(exclude=NOT_IDENTITY):
+        return True   # written since checkpoints carry it: data_dir is not part of the run
     if isinstance(saved, dict) and "data_dir" in saved:
         try:
             return meta.get("digest") == cfg.replace(data_dir=saved["data_dir"]).digest()
@@ -186,8 +189,8 @@ def check_folders(members: Sequence[Member], mode: str) -> dict:
         d = m.dir
         if d.exists() and not d.is_dir():
             raise RunError(f"{d} exists and is not a folder")
-        if mode == "new" and f.busy():
-            raise RunError(f"{d} already holds a run: pass --resume to continue it or --overwrite to replace it")
+        if mode == "new":
+            f.check_new()
         if mode == "overwrite":
             f.check_replaceable()
         if mode != "resume":
@@ -207,7 +210,10 @@ def check_folders(members: Sequence[Member], mode: str) -> dict:
                 diff = sorted(k for k, v in m.cfg.to_json().items() if k not in NOT_IDENTITY and saved.get(k) != v)
                 detail = f" (differs in {diff})" if diff else ""
             raise RunError(f"{d}: the checkpoint belongs to another config{detail}; only epochs (and data_dir) "
-                           "may change on --resume")
+                           "may change on --resume" if detail else
+                           f"{d}: the checkpoint does not match config.json, which differs from the config it was "
+                           "saved with only where the data lives (was data_dir edited in config.json?); put "
+                           "config.json back and pass --data-dir (or EP_JAX_DATA_DIR) to say where the data is now")
         if meta["epoch"] > m.cfg.epochs:
             raise RunError(f"{d}: already trained {meta['epoch']} epochs, more than epochs={m.cfg.epochs}")
         metas[m.name] = meta
@@ -288,6 +294,7 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
     `runtime.Distributed(...)`; default `runtime.current()`). loggers: optional writers
     ("tensorboard", "wandb")."""
     rt = runtime if runtime is not None else runtimes.current()
+    check_loggers(loggers)                                # an optional writer missing: refused before any folder
     members = list(members)
     if mode not in ("new", "resume", "overwrite"):
         raise ValueError(f"mode must be new, resume or overwrite, got {mode!r}")
@@ -392,10 +399,7 @@ def _prepare(g: Group, ctx: _Context, state, rx, histories):
     """From here on the folders change (on the writing process only)."""
     for i, m in enumerate(g.members):
         f = ctx.folders[m.name]
-        if ctx.mode == "overwrite" and f.path.is_dir():
-            f.clear()
-        f.path.mkdir(parents=True, exist_ok=True)
-        f.lock.write_holder()
+        f.prepare(ctx.mode, ("tensorboard",) if "tensorboard" in ctx.loggers else ())
         f.write_json(CONFIG, m.cfg.to_json())
         f.write_metrics(histories[i])
         if m.name not in ctx.metas:  # a fresh member: epoch 0 is a good state to come back to
@@ -488,7 +492,8 @@ def _train_group(g: Group, ctx: _Context, label: str) -> dict:
 
 def _save(m: Member, state, rx, i: int, epoch: int, history: list):
     """Member i's checkpoint of `epoch` (host copies of the state)."""
-    meta = {"epoch": epoch, "digest": m.cfg.digest(), "name": m.name, "history": history,
+    meta = {"epoch": epoch, "digest": m.cfg.digest(), "run_digest": m.cfg.digest(exclude=NOT_IDENTITY),
+            "name": m.name, "history": history,
             "ep_jax": "0.2.0", "backend": jax.default_backend()}
     ckpt.save(m.dir / CHECKPOINT, _member_tree(state, rx, i), meta)
 
