@@ -19,8 +19,9 @@ The engine is a composition of parts, each in its own file:
 - `checkpoint` the state files (msgpack, no pickle), `figures` the PNGs.
 
 Modes: "new" refuses an existing, non-empty folder; "overwrite" replaces a run folder
-(only after the config, the data and the checkpoints were read without error, and only a
-folder that ep_jax made as a run folder); "resume" needs a checkpoint of the same run —
+(only after the config, the data and the checkpoints were read without error, only a
+folder that ep_jax made as a run folder, and in it only what its manifest names:
+`runfolder`); "resume" needs a checkpoint of the same run —
 the same config except `epochs` (which may grow) and `data_dir` (where the data lives is
 not part of a run's identity) — and continues bit for bit. A diverging member (non-finite
 state or gradient, or a state above `max_state`) is frozen at its last good step; its
@@ -73,7 +74,8 @@ class Member:
 def same_run(meta: dict, cfg: RunConfig, saved: dict | None) -> bool:
     """Whether a checkpoint's meta belongs to `cfg`'s run: its digest is the config's
     (`RunConfig.digest`, all but epochs), with `data_dir` as the run folder's config.json
-    saved it — where the data lives is not part of a run's identity."""
+    saved it — where the data lives is not part of a run's identity — or its `run_digest`
+    (all but `NOT_IDENTITY`; checkpoints written since it exists) is the config's."""
     if meta.get("digest") == cfg.digest():
         return True
     if isinstance(meta.get("run_digest"), str) and meta["run_digest"] == cfg.digest(exclude=NOT_IDENTITY):

@@ -6,7 +6,9 @@ One folder per run (a single run, or one member of a sweep):
 - `metrics.jsonl`      one line per finished epoch; always equal to the checkpoint's history;
 - `checkpoint.msgpack` the state after the last finished epoch (`experiments.checkpoint`);
 - `summary.json`       status, message, final/best accuracy — written on every exit path;
-- `learning_curve.png`, `alignment.png` (with alignment tracking).
+- `learning_curve.png`, `alignment.png` (with alignment tracking);
+- `tensorboard/`       event files (`--log tensorboard`);
+- `.ep_jax-files.json` the manifest: what ep_jax writes here (below).
 
 Every write is atomic (a fresh temporary file in the folder, fsynced, renamed over the
 old one), so an interruption leaves the previous version of a file, never half of one.
@@ -99,7 +101,13 @@ def record(folder: Path, files=(), folders=()):
     """Add `files` and `folders` (names inside `folder`) to its manifest (written
     atomically, only when something is new). Call it before writing them."""
     folder = Path(folder)
-    have = read_manifest(folder) or {"files": set(), "folders": set()}
+    have = read_manifest(folder)
+    if have is None:   # a folder made before manifests: what it counted as ours stays ours
+        have = {"files": set(), "folders": set()}
+        if (folder / CONFIG).is_file():
+            have = {"files": set(RUN_FILES), "folders": {TENSORBOARD}}
+        elif _is_sweep_record(folder / "sweep.json"):
+            have["files"] = set(SWEEP_FILES)
     files, folders = set(files) - have["files"], set(folders) - have["folders"]
     if not files and not folders and (folder / MANIFEST).is_file():
         return
@@ -108,6 +116,15 @@ def record(folder: Path, files=(), folders=()):
     ckpt.atomic_write_text(folder / MANIFEST, json.dumps(
         {"ep_jax": "manifest", "version": 1, "files": sorted(have["files"]),
          "folders": sorted(have["folders"])}, indent=1) + "\n")
+
+
+def _is_sweep_record(path: Path) -> bool:
+    """Whether `path` is a sweep's `sweep.json` (a table with a list of members)."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("members"), list)
 
 
 def _is_temp(name: str, files) -> bool:
@@ -153,11 +170,9 @@ def run_manifest(path: Path) -> dict:
     return m if m is not None else {"files": set(RUN_FILES), "folders": {TENSORBOARD}}
 
 
-def claim_outputs(folder: Path, names, what: str = "") -> Path:
-    """Make `folder` (and its parents) if needed, refuse (RunError, one line) when one of
-    `names` exists there and ep_jax did not write it (its manifest does not list it, or it
-    is a link or a folder), then record `names` in the manifest; returns `folder`. Every
-    command that writes fixed-name outputs calls it before writing them."""
+def check_outputs(folder: Path, names, what: str = ""):
+    """The check of `claim_outputs`, writing nothing: RunError (one line) when one of
+    `names` exists in `folder` and ep_jax did not write it."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunError(f"{folder} exists and is not a folder")
@@ -167,7 +182,24 @@ def claim_outputs(folder: Path, names, what: str = "") -> Path:
         p = folder / n
         if p.is_symlink() or (p.exists() and (not p.is_file() or n not in mine)):
             raise RunError(f"{p} exists and ep_jax did not write it; {what or 'this command'} never writes over "
-                           "a file it did not write: move it away or choose another output folder")
+                           "a file it did not write: move it away or choose another output path")
+
+
+def check_output_file(path, what: str):
+    """`check_outputs` of a single output file given by its path."""
+    path = Path(path)
+    if not path.name or path.name in (".", ".."):
+        raise RunError(f"{what}: {str(path)!r} is not a file name")
+    check_outputs(path.parent, [path.name], what)
+
+
+def claim_outputs(folder: Path, names, what: str = "") -> Path:
+    """Make `folder` (and its parents) if needed, refuse (RunError, one line) when one of
+    `names` exists there and ep_jax did not write it (its manifest does not list it, or it
+    is a link or a folder), then record `names` in the manifest; returns `folder`. Every
+    command that writes fixed-name outputs calls it before writing them."""
+    folder = Path(folder)
+    check_outputs(folder, names, what)
     folder.mkdir(parents=True, exist_ok=True)
     record(folder, files=names)
     return folder
@@ -176,8 +208,7 @@ def claim_outputs(folder: Path, names, what: str = "") -> Path:
 def claim_output_file(path, what: str) -> Path:
     """`claim_outputs` of a single output file given by its path (`--out table.md`)."""
     path = Path(path)
-    if not path.name or path.name in (".", ".."):
-        raise RunError(f"{what}: {str(path)!r} is not a file name")
+    check_output_file(path, what)
     claim_outputs(path.parent, [path.name], what)
     return path
 

@@ -36,6 +36,10 @@ path without `..`; `--out` may point anywhere. A spec holds at most 10 000 membe
 Everything is checked before anything is written: the spec, every member's config and
 that every member's dataset can be read (`--dry-run` checks the spec and finds the data,
 writes and trains nothing).
+`--overwrite` replaces the members' run folders (each only as far as its manifest names
+what ep_jax wrote, `experiments.runfolder`) and refuses a sweep folder holding anything but
+its `sweep.json`, `results.md`, manifest and member folders; `sweep.json` and `results.md`
+are never written over a file ep_jax did not write.
 `--resume` continues the sweep in `<out>` only with the same spec: every member's config
 must equal the one saved in `<out>/sweep.json` except `epochs` (which may grow) and
 `data_dir` (where the data lives is not part of a run).
