@@ -321,10 +321,12 @@ def test_resume_extends_equal_to_uninterrupted(run_copy, tmp_path):
 
 
 def test_overwrite_replaces(run_copy):
-    (run_copy / "stray.txt").write_text("from an older run")
+    # a file an older run wrote (its alignment figure; the new run draws none) goes; a user's
+    # file would be refused (tests/test_hostile_outputs.py)
+    (run_copy / "alignment.png").write_text("from an older run")
     rc, _, err = run_cli(train.main, tiny_args(seed=5, epochs=1) + ["--overwrite", "--out", run_copy])
     assert rc == 0, err
-    assert not (run_copy / "stray.txt").exists()
+    assert not (run_copy / "alignment.png").exists()
     assert json.loads((run_copy / "config.json").read_text())["seed"] == 5
     assert [r["epoch"] for r in metrics(run_copy)] == [1]
     assert checkpoint_arrays(run_copy)[0]["epoch"] == 1

@@ -132,6 +132,12 @@ def test_overwrite_of_a_real_run_removes_exactly_what_it_wrote(tmp_path):
     (d / "notes.txt").unlink()
     engine.run([engine.Member(tiny(epochs=1, seed=3), "run", d)], "overwrite", **QUIET)
     assert json.loads((d / "config.json").read_text())["seed"] == 3
+    # a run folder from before manifests (none in it) still resumes, a user's file kept
+    (d / runfolder.MANIFEST).unlink()
+    (d / "notes.txt").write_text("mine")
+    (s,) = engine.run([engine.Member(tiny(epochs=2, seed=3), "run", d)], "resume", **QUIET)
+    assert s["status"] == "ok" and s["epochs_done"] == 2 and (d / "notes.txt").read_text() == "mine"
+    assert "config.json" in json.loads((d / runfolder.MANIFEST).read_text())["files"]
 
 
 # --- 2. output files never replace a user's --------------------------------------------------------
@@ -324,8 +330,8 @@ def test_data_dir_edited_in_config_json(tmp_path):
     (tmp_path / "b" / "config.json").write_text(json.dumps(moved.to_json()))
     with pytest.raises(RunError) as e:
         engine.check_folders([engine.Member(moved, "b", tmp_path / "b")], "resume")
-    assert "data_dir edited in config.json" in str(e.value) and "--data-dir" in str(e.value)
-    assert "may change" not in str(e.value)
+    assert "config.json edited after the run" in str(e.value) and "counts data_dir too" in str(e.value)
+    assert "--data-dir" in str(e.value) and "(and data_dir) may change" not in str(e.value)
 
 
 @pytest.mark.parametrize("chunk, t", [(100, 5001), (1000, 1000), (7, 200_000)])

@@ -211,11 +211,15 @@ def check_folders(members: Sequence[Member], mode: str) -> dict:
             if isinstance(saved, dict):
                 diff = sorted(k for k, v in m.cfg.to_json().items() if k not in NOT_IDENTITY and saved.get(k) != v)
                 detail = f" (differs in {diff})" if diff else ""
-            raise RunError(f"{d}: the checkpoint belongs to another config{detail}; only epochs (and data_dir) "
-                           "may change on --resume" if detail else
-                           f"{d}: the checkpoint does not match config.json, which differs from the config it was "
-                           "saved with only where the data lives (was data_dir edited in config.json?); put "
-                           "config.json back and pass --data-dir (or EP_JAX_DATA_DIR) to say where the data is now")
+            if detail:
+                raise RunError(f"{d}: the checkpoint belongs to another config{detail}; only epochs (and data_dir) "
+                               "may change on --resume")
+            why = ("only epochs may change on --resume, and where the data lives (--data-dir)"
+                   if isinstance(meta.get("run_digest"), str) else
+                   "a checkpoint this old cannot tell which field, and counts data_dir too: restore config.json "
+                   "and give --data-dir (or EP_JAX_DATA_DIR) for data that moved")
+            raise RunError(f"{d}: the checkpoint belongs to another config than config.json's (another run's "
+                           f"checkpoint, or config.json edited after the run); {why}")
         if meta["epoch"] > m.cfg.epochs:
             raise RunError(f"{d}: already trained {meta['epoch']} epochs, more than epochs={m.cfg.epochs}")
         metas[m.name] = meta

@@ -336,8 +336,8 @@ class RunFolder:
         return self.path / name
 
     def busy(self) -> bool:
-        """Holds anything (other than a stale holder note)."""
-        return self.path.is_dir() and any(p.name != HOLDER for p in self.path.iterdir())
+        """Holds anything (other than a stale holder note or a manifest alone)."""
+        return self.path.is_dir() and any(p.name not in (HOLDER, MANIFEST) for p in self.path.iterdir())
 
     def check_new(self):
         """Refuse (RunError) a folder that holds anything, saying what it holds."""
@@ -346,7 +346,7 @@ class RunFolder:
         if (self.path / CONFIG).exists() or (self.path / CHECKPOINT).exists():
             raise RunError(f"{self.path} already holds a run: pass --resume to continue it or --overwrite to "
                            "replace it")
-        first = next(iter(sorted(p.name for p in self.path.iterdir() if p.name != HOLDER)))
+        first = next(iter(sorted(p.name for p in self.path.iterdir() if p.name not in (HOLDER, MANIFEST))))
         raise RunError(f"{self.path} is not empty (it holds {first!r}) and holds no run; a new run needs a new "
                        "or empty folder: choose another --out")
 
