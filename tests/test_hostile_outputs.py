@@ -214,6 +214,9 @@ def test_reproduce_does_not_wipe_a_run_folder_whose_checkpoint_is_gone(tmp_path,
     rc, _, err = run_cli(reproduce.main, rep("--out", out))
     assert_one_line_error(rc, err, str(d), "no checkpoint", "--overwrite")
     assert snapshot(tmp_path) == before and reproducing == []
+    rc, _, err = run_cli(reproduce.main, rep("--out", out, "--overwrite"))   # asked: still not the user's file
+    assert_one_line_error(rc, err, str(d), "'notes.txt'", "did not write")
+    assert snapshot(tmp_path) == before and reproducing == []
 
 
 def test_reproduce_starts_fresh_cells_as_new_runs(tmp_path, reproducing):

@@ -278,11 +278,10 @@ def check_sweep_folder(out: Path, members, mode: str):
     there (`sweep_outputs`), naming it; "resume" needs `<out>/sweep.json` with the same
     members, each of the same config (only `RESUME_FREE` fields may differ). No mode writes
     `sweep.json` or `results.md` over a file ep_jax did not write."""
-    from ep_jax.experiments import engine
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} exists and is not a folder")
     if mode == "new" and out.is_dir():
-        entries = sorted(p.name for p in out.iterdir() if p.name != runfolder.HOLDER)
+        entries = sorted(p.name for p in out.iterdir() if p.name not in (runfolder.HOLDER, runfolder.MANIFEST))
         if (out / "sweep.json").exists():
             raise RunError(f"{out} already holds a sweep: pass --resume to continue it or --overwrite to "
                            "replace it")
