@@ -271,6 +271,11 @@ def test_a_damaged_manifest_is_one_line_and_not_trusted(tmp_path):
     (d / runfolder.MANIFEST).write_text('{"ep_jax": "manifest", "files": ["../../x"]}')
     with pytest.raises(RunError, match="not an ep_jax manifest"):
         runfolder.claim_outputs(d, ["a.md"])
+    before = snapshot(tmp_path)
+    for mode in ("new", "overwrite", "resume"):   # refused before any data is read or file written
+        with pytest.raises(RunError, match="not an ep_jax manifest"):
+            engine.check_folders([engine.Member(tiny(), "o", d)], mode)
+    assert snapshot(tmp_path) == before
 
 
 # --- 3. an optional logger without its library: refused before any folder -----------------------------

@@ -195,6 +195,7 @@ def check_folders(members: Sequence[Member], mode: str) -> dict:
             f.check_new()
         if mode == "overwrite":
             f.check_replaceable()
+        f.check_manifest()   # a damaged manifest is refused here, before anything changes
         if mode != "resume":
             continue
         path = d / CHECKPOINT

@@ -338,6 +338,11 @@ class RunFolder:
         """Holds anything (other than a stale holder note or a manifest alone)."""
         return self.path.is_dir() and any(p.name not in (HOLDER, MANIFEST) for p in self.path.iterdir())
 
+    def check_manifest(self):
+        """Refuse (RunError) a damaged manifest (`read_manifest`) before the run writes."""
+        if self.path.is_dir():
+            read_manifest(self.path)
+
     def check_new(self):
         """Refuse (RunError) a folder that holds anything, saying what it holds."""
         if not self.busy():
