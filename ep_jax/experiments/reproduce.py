@@ -20,7 +20,7 @@ folder without any checkpoint). A run folder that holds files but no checkpoint 
 refused (it cannot continue); `--overwrite` retrains the chosen cells from scratch,
 removing only what ep_jax wrote in their run folders (only folders of a reproduce run:
 the engine refuses others, and a folder holding anything else). `results.md` is never
-written over a file ep_jax did not write (`runfolder.claim_outputs`).
+written over a file ep_jax did not write (`check_outputs`; the folder's manifest).
 Before training, every group's time per epoch is estimated, one line per group as it
 goes: a chunk of `ESTIMATE_STEPS` steps of its own step function is compiled, run once,
 then timed on a throwaway copy of the initial state (an extra compilation of seconds,

@@ -36,10 +36,13 @@ without following symbolic links. A folder holding anything else (a user's `note
 `analysis/`, a symbolic link, even one named like a run file) is refused in one line
 naming the first such entry, and nothing is removed.
 
-**Output files beside a user's.** `claim_outputs(folder, names)` is how every command
-that writes fixed-name outputs (`results.md`, `sweep.json`, figures, `--out` tables)
-takes a name: it refuses, naming it, a file that exists and that the folder's manifest
-does not list (ep_jax did not write it), and records the names before they are written.
+**Output files beside a user's.** `claim_outputs(folder, names)` is how the commands that
+write fixed-name outputs (`aggregate --out/--plot`, `stability --out`, the analysis
+commands' figures and JSON) take a name: it refuses, naming it, a file that exists and
+that the folder's manifest does not list (ep_jax did not write it), and records the names
+before they are written. `sweep` and `reproduce` check their `sweep.json`/`results.md` the
+same way (accepting, in folders made before manifests, what they wrote then) and `record`
+them.
 """
 from __future__ import annotations
 
