@@ -300,7 +300,7 @@ def test_reproduce_smoke_has_its_own_default_folder(tmp_path, monkeypatch, fake_
     rc, out, err = run_cli(reproduce.main, rep("--smoke"))
     assert rc == 0, err
     assert no_training == [([Path("runs/reproduce-table2-smoke/mnist-ep/seed0"),
-                             Path("runs/reproduce-table2-smoke/mnist-ep/seed1")], "overwrite")]
+                             Path("runs/reproduce-table2-smoke/mnist-ep/seed1")], "new")]
     assert "-> runs/reproduce-table2-smoke" in out
     assert (tmp_path / "runs/reproduce-table2-smoke/results.md").read_text().startswith("# table2 (smoke)")
     rc, out, err = run_cli(reproduce.main, rep())
@@ -379,7 +379,7 @@ def test_reproduce_results_written_atomically(tmp_path, monkeypatch, fake_cells,
     monkeypatch.setattr(ckpt, "atomic_write_text", lambda p, t: (written.append(Path(p).name), real(p, t)))
     rc, _, err = run_cli(reproduce.main, rep("--out", tmp_path / "o"))
     assert rc == 0, err
-    assert written == ["results.md"]
+    assert written == [".ep_jax-files.json", "results.md"]   # the manifest (what ep_jax writes), then the table
     assert (tmp_path / "o" / "results.md").read_text() == "# table2\n\n| the table |\n"
 
 

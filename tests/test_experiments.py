@@ -213,8 +213,8 @@ def run_copy(finished, tmp_path):
 
 def test_finished_run_folder_layout(finished):
     d = finished / "seed0"
-    assert sorted(p.name for p in d.iterdir()) == ["checkpoint.msgpack", "config.json", "learning_curve.png",
-                                                   "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in d.iterdir()) == [".ep_jax-files.json", "checkpoint.msgpack", "config.json",
+                                                   "learning_curve.png", "metrics.jsonl", "summary.json"]
     rows = metrics(d)
     assert [r["epoch"] for r in rows] == [1, 2] and [r["steps"] for r in rows] == [SPE, 2 * SPE]
     assert set(rows[0]) == {"epoch", "train_acc", "loss", "test_acc", "test_loss", "time_s", "steps",
@@ -321,10 +321,12 @@ def test_resume_extends_equal_to_uninterrupted(run_copy, tmp_path):
 
 
 def test_overwrite_replaces(run_copy):
-    (run_copy / "stray.txt").write_text("from an older run")
+    # a file an older run wrote (its alignment figure; the new run draws none) goes; a user's
+    # file would be refused (tests/test_hostile_outputs.py)
+    (run_copy / "alignment.png").write_text("from an older run")
     rc, _, err = run_cli(train.main, tiny_args(seed=5, epochs=1) + ["--overwrite", "--out", run_copy])
     assert rc == 0, err
-    assert not (run_copy / "stray.txt").exists()
+    assert not (run_copy / "alignment.png").exists()
     assert json.loads((run_copy / "config.json").read_text())["seed"] == 5
     assert [r["epoch"] for r in metrics(run_copy)] == [1]
     assert checkpoint_arrays(run_copy)[0]["epoch"] == 1
@@ -521,7 +523,8 @@ def test_hidden_states_writes_under_runs_by_default(tmp_path, monkeypatch):
     before = snapshot(source)
     rc, out, err = run_cli(hidden_states.main, ["--ep", ep, "--dep", dep, "--examples", "16"])
     assert rc == 0, err
-    assert sorted(p.name for p in (cwd / "runs" / "hidden_states").iterdir()) == ["hidden_states.json",
+    assert sorted(p.name for p in (cwd / "runs" / "hidden_states").iterdir()) == [".ep_jax-files.json",
+                                                                                   "hidden_states.json",
                                                                                    "hidden_states.png"]
     res = json.loads((cwd / "runs" / "hidden_states" / "hidden_states.json").read_text())
     assert set(res) == {"EP", "DEP"} and len(res["EP"]["layers"]) == 2 and len(res["EP"]["layers"][0]["mean_abs"]) == 8
@@ -538,7 +541,8 @@ def test_plot_dt_hist_writes_under_runs_by_default(tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)
     rc, out, err = run_cli(plot_dt_hist.main, ["--n", "64"])
     assert rc == 0, err
-    assert sorted(p.name for p in (cwd / "runs" / "hts").iterdir()) == ["dt_hist.json", "dt_hist.png"]
+    assert sorted(p.name for p in (cwd / "runs" / "hts").iterdir()) == [".ep_jax-files.json", "dt_hist.json",
+                                                                        "dt_hist.png"]
     assert sorted(p.name for p in cwd.iterdir()) == ["runs"]
     summary_ = json.loads((cwd / "runs" / "hts" / "dt_hist.json").read_text())
     assert set(summary_) == set(ep_jax.timesteps.DISTRIBUTIONS)

@@ -278,7 +278,7 @@ def test_aggregate_outputs_are_whole_and_leave_no_temporary_files(tmp_path):
     out = tmp_path / "out"
     rc, text, err = run_cli(aggregate.main, [tmp_path / "runs", "--out", out / "t.md", "--plot", out / "t.png"])
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["t.md", "t.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".ep_jax-files.json", "t.md", "t.png"]
     assert (out / "t.md").read_text().strip() in text and "60.00 ± 7.07" in text
     assert (out / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -497,7 +497,8 @@ def test_hidden_states_good_runs_finite_statistics(runs, tmp_path):
     assert res["EP"]["epoch"] == 0 and res["EP"]["model"] == "ep" and res["DEP"]["model"] == "dendritic"
     assert all(np.isfinite(v).all() for r in res.values() for st in r["layers"] for v in st.values())
     assert "nan" not in out.lower()
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["hidden_states.json", "hidden_states.png"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".ep_jax-files.json", "hidden_states.json",
+                                                                  "hidden_states.png"]
 
 
 def test_hidden_states_docstring_names_the_folders_train_creates():

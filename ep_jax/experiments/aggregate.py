@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ep_jax.experiments import checkpoint, cli, figures, files
+from ep_jax.experiments import checkpoint, cli, figures, files, runfolder
 from ep_jax.experiments.config import ConfigError, RunConfig
 from ep_jax.experiments.errors import RunError
 from ep_jax.experiments.presets import PUBLISHED_TABLE2, published, table1_cell, table2_cell, table2_position
@@ -252,10 +252,14 @@ def main(argv=None):
         fig = plot_figure(cells(runs))
         if fig is None:
             raise RunError("--plot: no run has a finished epoch to draw")
-    # every input read and checked: now the outputs, each written whole or not at all
-    for target in (a.out, a.plot):
+    # every input read and checked: now the outputs, each written whole or not at all, and
+    # never over a file ep_jax did not write (runfolder.claim_output_file; both checked first)
+    for target, flag in ((a.out, "--out"), (a.plot, "--plot")):
         if target:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            runfolder.check_output_file(target, f"aggregate {flag}")
+    for target, flag in ((a.out, "--out"), (a.plot, "--plot")):
+        if target:
+            runfolder.claim_output_file(target, f"aggregate {flag}")
     if fig is not None:
         figures.save(fig, a.plot, dpi=110)
     print(text)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ep_jax.experiments import aggregate, checkpoint, cli, figures
+from ep_jax.experiments import aggregate, checkpoint, cli, figures, runfolder
 from ep_jax.experiments.config import ConfigError
 from ep_jax.experiments.errors import RunError
 
@@ -77,7 +77,8 @@ def report(paths, out: Path | None) -> str:
     text = "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in costs) + "\n"
     if out is not None:
         fig = plot_figure(cs)
-        out.mkdir(parents=True, exist_ok=True)
+        runfolder.claim_outputs(out, ["alignment_over_training.png", "alignment_over_training.md"],
+                                "alignment_report")   # never over a file ep_jax did not write
         figures.save(fig, out / "alignment_over_training.png", dpi=110)
         checkpoint.atomic_write_text(out / "alignment_over_training.md", text)
     return text

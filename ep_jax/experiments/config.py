@@ -636,11 +636,17 @@ def warnings_for(cfg: RunConfig) -> list[str]:
         out.append(f"a time step of {d:g} < 1e-4: the relaxation barely moves (t_free x dt = {cfg.t_free * d:.2g} "
                    "of the ~1 time constant it needs), the states stay near their start and training stays at "
                    "chance")
-    per_chunk = cfg.chunk * (cfg.t_free + 3 * cfg.t_nudge)
+    per_step = cfg.t_free + 3 * cfg.t_nudge
+    per_chunk = cfg.chunk * per_step
     if per_chunk > 2_000_000:
-        out.append(f"a chunk of {cfg.chunk} steps is about {per_chunk:.2g} relaxation steps: the progress bar moves, "
-                   "and Ctrl-C/SIGTERM take effect, only between chunks (after minutes or more); set a smaller "
-                   f"chunk (--set chunk={max(1, 2_000_000 // (cfg.t_free + 3 * cfg.t_nudge))})")
+        # a round chunk well below the limit (a tenth of it), never the limit's edge (99 for 100)
+        fit = max(1, 200_000 // per_step)
+        nice = max(m * 10 ** k for k in range(10) for m in (1, 2, 5) if m * 10 ** k <= fit)
+        how = (f"set a smaller chunk (--set chunk={nice})" if nice < cfg.chunk else
+               "one training step alone is that long; fewer relaxation steps (t_free, t_nudge) shorten it")
+        out.append(f"a chunk of {cfg.chunk} step{'s' * (cfg.chunk != 1)} is about {per_chunk:.2g} relaxation "
+                   "steps: the progress bar moves, and Ctrl-C/SIGTERM take effect, only between chunks (after "
+                   f"minutes or more); {how}")
     return out
 
 

@@ -19,8 +19,9 @@ The engine is a composition of parts, each in its own file:
 - `checkpoint` the state files (msgpack, no pickle), `figures` the PNGs.
 
 Modes: "new" refuses an existing, non-empty folder; "overwrite" replaces a run folder
-(only after the config, the data and the checkpoints were read without error, and only a
-folder that ep_jax made as a run folder); "resume" needs a checkpoint of the same run —
+(only after the config, the data and the checkpoints were read without error, only a
+folder that ep_jax made as a run folder, and in it only what its manifest names:
+`runfolder`); "resume" needs a checkpoint of the same run —
 the same config except `epochs` (which may grow) and `data_dir` (where the data lives is
 not part of a run's identity) — and continues bit for bit. A diverging member (non-finite
 state or gradient, or a state above `max_state`) is frozen at its last good step; its
@@ -56,7 +57,8 @@ from ep_jax.experiments.build import (augment_key, build_augment, build_estimato
                                       group_optimizer, keys, load_data, model_settings, opt_hyperparams)
 from ep_jax.experiments.config import RunConfig, warnings_for
 from ep_jax.experiments.errors import Interrupted, RunError
-from ep_jax.experiments.loggers import ConsoleLogger, JsonlLogger, ProgressBar, optional_loggers, plural
+from ep_jax.experiments.loggers import (ConsoleLogger, JsonlLogger, ProgressBar, check_loggers, optional_loggers,
+                                        plural)
 from ep_jax.experiments.loop import Hook, Loop, Ticker
 from ep_jax.experiments.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, RunFolder
 
@@ -76,9 +78,12 @@ class Member:
 def same_run(meta: dict, cfg: RunConfig, saved: dict | None) -> bool:
     """Whether a checkpoint's meta belongs to `cfg`'s run: its digest is the config's
     (`RunConfig.digest`, all but epochs), with `data_dir` as the run folder's config.json
-    saved it — where the data lives is not part of a run's identity."""
+    saved it — where the data lives is not part of a run's identity — or its `run_digest`
+    (all but `NOT_IDENTITY`; checkpoints written since it exists) is the config's."""
     if meta.get("digest") == cfg.digest():
         return True
+    if isinstance(meta.get("run_digest"), str) and meta["run_digest"] == cfg.digest(exclude=NOT_IDENTITY):
+        return True   # written since checkpoints carry it: data_dir is not part of the run
     if isinstance(saved, dict) and "data_dir" in saved:
         try:
             return meta.get("digest") == cfg.replace(data_dir=saved["data_dir"]).digest()
@@ -190,10 +195,11 @@ def check_folders(members: Sequence[Member], mode: str) -> dict:
         d = m.dir
         if d.exists() and not d.is_dir():
             raise RunError(f"{d} exists and is not a folder")
-        if mode == "new" and f.busy():
-            raise RunError(f"{d} already holds a run: pass --resume to continue it or --overwrite to replace it")
+        if mode == "new":
+            f.check_new()
         if mode == "overwrite":
             f.check_replaceable()
+        f.check_manifest()   # a damaged manifest is refused here, before anything changes
         if mode != "resume":
             continue
         path = d / CHECKPOINT
@@ -210,8 +216,15 @@ def check_folders(members: Sequence[Member], mode: str) -> dict:
             if isinstance(saved, dict):
                 diff = sorted(k for k, v in m.cfg.to_json().items() if k not in NOT_IDENTITY and saved.get(k) != v)
                 detail = f" (differs in {diff})" if diff else ""
-            raise RunError(f"{d}: the checkpoint belongs to another config{detail}; only epochs (and data_dir) "
-                           "may change on --resume")
+            if detail:
+                raise RunError(f"{d}: the checkpoint belongs to another config{detail}; only epochs (and data_dir) "
+                               "may change on --resume")
+            why = ("only epochs may change on --resume, and where the data lives (--data-dir)"
+                   if isinstance(meta.get("run_digest"), str) else
+                   "a checkpoint this old cannot tell which field, and counts data_dir too: restore config.json "
+                   "and give --data-dir (or EP_JAX_DATA_DIR) for data that moved")
+            raise RunError(f"{d}: the checkpoint belongs to another config than config.json's (another run's "
+                           f"checkpoint, or config.json edited after the run); {why}")
         if meta["epoch"] > m.cfg.epochs:
             raise RunError(f"{d}: already trained {meta['epoch']} epochs, more than epochs={m.cfg.epochs}")
         metas[m.name] = meta
@@ -393,6 +406,7 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
     `runtime.Distributed(...)`; default `runtime.current()`). loggers: optional writers
     ("tensorboard", "wandb")."""
     rt = runtime if runtime is not None else runtimes.current()
+    check_loggers(loggers)                                # an optional writer missing: refused before any folder
     members = list(members)
     if mode not in ("new", "resume", "overwrite"):
         raise ValueError(f"mode must be new, resume or overwrite, got {mode!r}")
@@ -531,10 +545,7 @@ def _prepare(g: Group, ctx: _Context, state, rx, histories):
     """From here on the folders change (on the writing process only)."""
     for i, m in enumerate(g.members):
         f = ctx.folders[m.name]
-        if ctx.mode == "overwrite" and f.path.is_dir():
-            f.clear()
-        f.path.mkdir(parents=True, exist_ok=True)
-        f.lock.write_holder()
+        f.prepare(ctx.mode, ("tensorboard",) if "tensorboard" in ctx.loggers else ())
         f.write_json(CONFIG, m.cfg.to_json())
         f.write_metrics(histories[i])
         if m.name not in ctx.metas:  # a fresh member: epoch 0 is a good state to come back to
@@ -713,7 +724,8 @@ def _train_group(g: Group, ctx: _Context, label: str) -> dict:
 
 def _save(m: Member, state, rx, i: int, epoch: int, history: list):
     """Member i's checkpoint of `epoch` (host copies of the state)."""
-    meta = {"epoch": epoch, "digest": m.cfg.digest(), "name": m.name, "history": history,
+    meta = {"epoch": epoch, "digest": m.cfg.digest(), "run_digest": m.cfg.digest(exclude=NOT_IDENTITY),
+            "name": m.name, "history": history,
             "ep_jax": "0.2.0", "backend": jax.default_backend()}
     ckpt.save(m.dir / CHECKPOINT, _member_tree(state, rx, i), meta)
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ep_jax
-from ep_jax.experiments import checkpoint, cli, engine, figures, files
+from ep_jax.experiments import checkpoint, cli, engine, figures, files, runfolder
 from ep_jax.experiments.config import ConfigError, parse_sets, validate, RunConfig
 from ep_jax.experiments.presets import PRESETS
 
@@ -134,7 +134,7 @@ def main(argv=None):
         table = ep_jax.alignment.gdu_table(res)
         refs = references(model, est, params, buffers, x, y, rx, res)
     out = Path(a.out or f"runs/gdu-{Path(a.run).name if a.run else a.preset}")
-    out.mkdir(parents=True, exist_ok=True)
+    runfolder.claim_outputs(out, ["gdu.png", "gdu.json"], "gdu")   # never over a file ep_jax did not write
     title = f"GDU: {where}, {est.kind}, β={float(rx.beta):g}, T1={est.t_free}, T2={est.t_nudge}, batch {a.batch}"
     plot(res, res.names, table, title, out / "gdu.png")
     checkpoint.atomic_write_text(out / "gdu.json", json.dumps({"title": title, "per_k": table, "references": refs},

@@ -28,7 +28,7 @@ import numpy as np
 
 import ep_jax
 from ep_jax import dynamics
-from ep_jax.experiments import checkpoint, cli, engine, figures
+from ep_jax.experiments import checkpoint, cli, engine, figures, runfolder
 from ep_jax.experiments.config import ConfigError, RunConfig, validate
 from ep_jax.experiments.presets import PRESETS
 
@@ -172,7 +172,7 @@ def main(argv=None):
     with jax.enable_x64(False):
         residuals = residual_curves(a, a.presets)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    runfolder.claim_outputs(out, ["gradient_error.png", "gradient_error.json"], "gradient-error")   # not over a user's
     figures.save(figure(errors, residuals), out / "gradient_error.png", dpi=110)
     summary = {"errors": errors, "residuals": residuals}
     checkpoint.atomic_write_text(out / "gradient_error.json", json.dumps(summary, indent=1) + "\n")

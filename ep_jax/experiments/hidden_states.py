@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ep_jax
-from ep_jax.experiments import checkpoint, cli, engine, figures, files
+from ep_jax.experiments import checkpoint, cli, engine, figures, files, runfolder
 from ep_jax.experiments.checkpoint import CheckpointError
 from ep_jax.experiments.config import ConfigError
 
@@ -143,7 +143,7 @@ def main(argv=None):
         check_run(run_dir, role, a.examples)
     results = {role: analyse_run(d, a.examples, a.threshold, role) for role, d in runs.items()}
     fig = plot_figure(results)
-    out.mkdir(parents=True, exist_ok=True)
+    runfolder.claim_outputs(out, ["hidden_states.json", "hidden_states.png"], "hidden-states")   # not over a user's
     checkpoint.atomic_write_text(out / "hidden_states.json", json.dumps(results, indent=1) + "\n")
     figures.save(fig, out / "hidden_states.png", dpi=120)
     for name, r in results.items():

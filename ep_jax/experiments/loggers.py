@@ -14,7 +14,10 @@
 - `WandbLogger` (`--log wandb`, extra `ep_jax[wandb]`): one Weights & Biases run per
   member (project `ep_jax`, named after the member), the config as its config.
 Both optional writers are off by default and refuse with one line when their library is
-not installed.
+not installed — `check_loggers`, called by `engine.run` before any folder is made or
+locked, so a refusal leaves nothing behind (no run folder stuck at "running"). They open
+their event files / W&B runs in `start`, inside the training loop, so a failure there
+ends the run as "failed", with its summary written.
 """
 from __future__ import annotations
 
@@ -119,11 +122,16 @@ class TensorBoardLogger(Hook):
     """Scalars of every row (and the alignment angle) per member, step = training step."""
 
     def __init__(self, folders, names):
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            raise RunError("--log tensorboard needs tensorboardX: pip install 'ep_jax[tensorboard]'") from None
-        self.writers = [SummaryWriter(logdir=str(f.path / "tensorboard")) for f in folders]
+        check_loggers(["tensorboard"])
+        self.folders, self.writers = folders, []
+
+    def start(self, loop, state, rx):
+        """Open one event-file writer per member, in `<run folder>/tensorboard/`."""
+        from tensorboardX import SummaryWriter
+        from ep_jax.experiments.runfolder import TENSORBOARD, record
+        for f in self.folders:
+            record(f.path, folders=[TENSORBOARD])
+            self.writers.append(SummaryWriter(logdir=str(f.path / TENSORBOARD)))
 
     def after_epoch(self, loop, state, rx, end):
         """One scalar per numeric column."""
@@ -147,13 +155,14 @@ class WandbLogger(Hook):
     """One W&B run per member (module docstring)."""
 
     def __init__(self, names, configs):
-        try:
-            import wandb
-        except ImportError:
-            raise RunError("--log wandb needs wandb: pip install 'ep_jax[wandb]'") from None
-        self.wandb = wandb
+        check_loggers(["wandb"])
+        self.names, self.configs, self.runs = list(names), list(configs), []
+
+    def start(self, loop, state, rx):
+        """Start one W&B run per member."""
+        import wandb
         self.runs = [wandb.init(project="ep_jax", name=n, config=c.to_json(), reinit="create_new")
-                     for n, c in zip(names, configs)]
+                     for n, c in zip(self.names, self.configs)]
 
     def after_epoch(self, loop, state, rx, end):
         """Log every numeric column."""
@@ -165,6 +174,24 @@ class WandbLogger(Hook):
         """Finish the W&B runs."""
         for r in self.runs:
             r.finish(exit_code=0 if reason == "ok" else 1)
+
+
+#: the library each optional writer imports, and how to install it
+NEEDS = {"tensorboard": ("tensorboardX", "tensorboardX: pip install 'ep_jax[tensorboard]'"),
+         "wandb": ("wandb", "wandb: pip install 'ep_jax[wandb]'")}
+
+
+def check_loggers(kinds):
+    """Refuse (RunError, one line) an unknown optional writer or one whose library is not
+    installed — before anything is written (module docstring)."""
+    for k in kinds:
+        if k not in NEEDS:
+            raise RunError(f"--log: unknown logger {k!r}; choose from {', '.join(OPTIONAL)}")
+        module, how = NEEDS[k]
+        try:
+            __import__(module)
+        except ImportError:
+            raise RunError(f"--log {k} needs {how}") from None
 
 
 def optional_loggers(kinds, folders, names, configs) -> list[Hook]:

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from ep_jax import timesteps
-from ep_jax.experiments import checkpoint, cli, figures
+from ep_jax.experiments import checkpoint, cli, figures, runfolder
 
 
 def sample(n: int, seed: int, given: dict) -> dict:
@@ -77,7 +77,7 @@ def main(argv=None):
                for dist, (spec, dt) in samples.items()}
     fig = figure(samples, a.n)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    runfolder.claim_outputs(out, ["dt_hist.png", "dt_hist.json"], "plot-dt-hist")   # never over a user's file
     figures.save(fig, out / "dt_hist.png", dpi=120)
     checkpoint.atomic_write_text(out / "dt_hist.json", json.dumps(summary, indent=2) + "\n")
     for d, s in summary.items():

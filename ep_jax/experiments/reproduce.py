@@ -16,8 +16,11 @@ cell and seed under `--out` (default `runs/reproduce-<table>`, with `--smoke`
 
 Re-running the same command continues from the checkpoints (finished cells stay as they
 are; `--epochs` may grow); `--resume` says the same explicitly (and refuses an output
-folder without any checkpoint). `--overwrite` retrains the chosen cells from scratch,
-replacing their run folders (only folders of a reproduce run: the engine refuses others).
+folder without any checkpoint). A run folder that holds files but no checkpoint is
+refused (it cannot continue); `--overwrite` retrains the chosen cells from scratch,
+removing only what ep_jax wrote in their run folders (only folders of a reproduce run:
+the engine refuses others, and a folder holding anything else). `results.md` is never
+written over a file ep_jax did not write (`check_outputs`; the folder's manifest).
 Before training, every group's time per epoch is estimated, one line per group as it
 goes: a chunk of `ESTIMATE_STEPS` steps of its own step function is compiled, run once,
 then timed on a throwaway copy of the initial state (an extra compilation of seconds,
@@ -40,7 +43,7 @@ from ep_jax.experiments import cli, runtime
 from ep_jax.experiments.config import ConfigError, RunConfig, validate
 from ep_jax.experiments.errors import Interrupted, RunError
 from ep_jax.experiments.presets import HTS_DISTS, HTS_DT_OUT, PRESETS
-from ep_jax.experiments.train import check_int_flags
+from ep_jax.experiments.train import check_data_dir, check_int_flags
 
 TABLE2_CELLS = [f"{d}-{m}" for d in ("mnist", "kmnist", "fmnist") for m in ("ep", "dep", "dbptt")]
 TABLE1_DATASETS = ("mnist", "kmnist", "fmnist")
@@ -111,22 +114,57 @@ def members(a) -> tuple[list, list[str]]:
     return out, skipped
 
 
+def _cell_folder_ok(p: Path, known) -> bool:
+    return p.name in known and p.is_dir() and not p.is_symlink() and all(
+        re.fullmatch(r"seed\d+", q.name) and q.is_dir() and not q.is_symlink() for q in p.iterdir())
+
+
+def results_is_ours(out: Path, table: str) -> bool:
+    """Whether ep_jax wrote `<out>/results.md` (or may write it: there is none): the
+    folder's manifest lists it, or — an output folder made before manifests existed — the
+    folder holds only it and cell folders of `table`, at least one."""
+    from ep_jax.experiments import runfolder
+    p = out / "results.md"
+    if not p.exists() and not p.is_symlink():
+        return True
+    if p.is_symlink() or not p.is_file():
+        return False
+    m = runfolder.read_manifest(out)
+    if m is not None:
+        return "results.md" in m["files"]
+    known = {c for c, _ in cells(table)}
+    others = [q for q in out.iterdir() if q.name != "results.md"]
+    return bool(others) and all(_cell_folder_ok(q, known) for q in others)
+
+
+def check_outputs(out: Path, table: str):
+    """Refuse (RunError) an output folder whose `results.md` ep_jax did not write: the
+    table is written there at the end, and never over a user's file."""
+    if out.is_dir() and not results_is_ours(out, table):
+        raise RunError(f"{out / 'results.md'} exists and ep_jax did not write it; reproduce writes its table "
+                       "there: move it away or choose another --out")
+
+
 def check_overwrite(out: Path, table: str):
     """Refuse (RunError) `--overwrite` on a folder that is not a reproduce run's output:
-    it may hold only `results.md` and cell folders of `table` holding `seed<N>` folders."""
+    it may hold only `results.md` (written by ep_jax), its manifest and cell folders of
+    `table` holding `seed<N>` folders (each checked by the engine)."""
+    from ep_jax.experiments import runfolder
     if not out.exists():
         return
     if not out.is_dir():
         raise RunError(f"{out} exists and is not a folder")
     known = {c for c, _ in cells(table)}
-    for p in out.iterdir():
-        if p.name == "results.md" and p.is_file():
+    for p in sorted(out.iterdir(), key=lambda q: q.name):
+        if p.name == "results.md" and p.is_file() and not p.is_symlink():
             continue
-        if p.name in known and p.is_dir() and not p.is_symlink() and all(
-                re.fullmatch(r"seed\d+", q.name) and q.is_dir() and not q.is_symlink() for q in p.iterdir()):
+        if p.name == runfolder.MANIFEST and p.is_file() and not p.is_symlink():
+            continue
+        if _cell_folder_ok(p, known):
             continue
         raise RunError(f"--overwrite replaces only the runs of a reproduce output folder; {out} holds {p.name!r}, "
                        f"which is not one of {table}'s cells (choose another --out)")
+    check_outputs(out, table)
 
 
 def estimate(groups, data_for, report=None, steps: int = ESTIMATE_STEPS) -> list[float]:
@@ -199,7 +237,7 @@ def parser():
 def main(argv=None):
     """`python -m experiments.reproduce`: train what is left of a table, then write its
     `results.md`; returns the exit status."""
-    from ep_jax.experiments import aggregate, engine, stability
+    from ep_jax.experiments import aggregate, engine, runfolder, stability
     from ep_jax.experiments import checkpoint as ckpt
     a = parser().parse_args(argv)
     t_start = time.time()
@@ -208,6 +246,7 @@ def main(argv=None):
         raise ConfigError(f"--seeds must be >= 1 and <= {MAX_SEEDS}, got {a.seeds}")
     if a.budget is not None and not (math.isfinite(a.budget) and a.budget > 0):
         raise ConfigError(f"--budget must be > 0 minutes (and finite), got {a.budget}")
+    check_data_dir(a.data_dir)
     ms, skipped = members(a)
     for s in skipped:
         print(f"skipped: {s}")
@@ -218,6 +257,7 @@ def main(argv=None):
         raise RunError(f"{out} exists and is not a folder")
     if a.overwrite:
         check_overwrite(out, a.table)
+    check_outputs(out, a.table)
     if a.resume and not any((m.dir / engine.CHECKPOINT).exists() for m in ms):
         raise RunError(f"{out}: no run to resume (no checkpoint of the chosen cells); run the command without "
                        "--resume to start")
@@ -230,13 +270,22 @@ def main(argv=None):
         if meta is not None and not engine.same_run(meta, m.cfg, engine.read_json(m.dir / "config.json")):
             raise RunError(f"{m.dir} holds a run of another config; choose another --out, or pass --overwrite "
                            "to replace it")
+        if meta is None and not a.overwrite and runfolder.RunFolder(m.dir).busy():
+            if not (m.dir / engine.CONFIG).exists():
+                runfolder.RunFolder(m.dir).check_new()   # not a run: refused, naming what it holds
+            raise RunError(f"{m.dir} holds files but no checkpoint ({engine.CHECKPOINT} is missing), so it cannot "
+                           "continue; pass --overwrite to retrain the chosen cells (it removes only what ep_jax "
+                           "wrote there)")
         summary = (engine.read_json(m.dir / "summary.json") or {}) if meta is not None else {}
         if meta is not None and (meta["epoch"] >= m.cfg.epochs or summary.get("status") == "diverged"):
             continue  # finished (or diverged: a rerun would diverge again, bit for bit)
         metas[m.name] = meta
         todo.append(m)
     groups = engine.group_members(todo)
-    modes = ["resume" if any(metas[m.name] is not None for m in g.members) else "overwrite" for g in groups]
+    # a group with a checkpoint continues; the others start in new (empty) folders, or with
+    # --overwrite replace them (the engine removes only what ep_jax wrote there)
+    modes = ["resume" if any(metas[m.name] is not None for m in g.members) else
+             "overwrite" if a.overwrite else "new" for g in groups]
     for g, mode in zip(groups, modes):   # every group's folders, read-only, before any is changed
         engine.check_folders(g.members, mode)
     print(f"{a.table}: {len(ms)} runs in {len({m.dir.parent for m in ms})} cells, {len(todo)} to train "
@@ -256,6 +305,8 @@ def main(argv=None):
         estimate(groups, engine.load_data, report)
         print(f"estimated time: ~{total / 60:.1f} min" + (f" (budget {a.budget:g} min)" if a.budget else ""),
               flush=True)
+    out.mkdir(parents=True, exist_ok=True)   # what it writes here, recorded before it is written
+    runfolder.record(out, ["results.md"], sorted({m.dir.parent.name for m in ms if m.dir.parent.parent == out}))
     deadline = t_start + 60 * a.budget if a.budget else None
     stopped = False
     try:

@@ -6,7 +6,9 @@ One folder per run (a single run, or one member of a sweep):
 - `metrics.jsonl`      one line per finished epoch; always equal to the checkpoint's history;
 - `checkpoint.msgpack` the state after the last finished epoch (`experiments.checkpoint`);
 - `summary.json`       status, message, final/best accuracy — written on every exit path;
-- `learning_curve.png`, `alignment.png` (with alignment tracking).
+- `learning_curve.png`, `alignment.png` (with alignment tracking);
+- `tensorboard/`       event files (`--log tensorboard`);
+- `.ep_jax-files.json` the manifest: what ep_jax writes here (below).
 
 Every write is atomic (a fresh temporary file in the folder, fsynced, renamed over the
 old one), so an interruption leaves the previous version of a file, never half of one.
@@ -18,17 +20,35 @@ is held, a second command refuses with one line naming the folder and the holder
 host, start time, from `.ep_jax-holder.json`, written once the holder starts writing and
 removed when it lets go).
 
-**What `--overwrite` may remove.** Only a folder this project made as a run folder: its
-`config.json` reads as a run config and it has a `summary.json` or a checkpoint. Never
-the working directory or a folder above it, never a folder holding anything else
-(a `thesis.tex` beside no config: refused, naming what is there).
+**What the project wrote: the manifest.** A run folder (and a sweep or reproduce output
+folder) records, in `.ep_jax-files.json`, the names of the files and sub-folders ep_jax
+writes there — recorded *before* the first write, so the record is never short of what is
+on disk: `{"ep_jax": "manifest", "version": 1, "files": [...], "folders": [...]}` (names,
+one path component each, sorted). A folder made before manifests existed counts as having
+written only the project's known names (`RUN_FILES`; a sweep: `sweep.json` and
+`results.md` beside a readable `sweep.json`).
+
+**What `--overwrite` may remove.** Only a folder this project made as a run folder (its
+`config.json` reads as a run config and it has a `summary.json` or a checkpoint), never
+the working directory or a folder above it — and in it only the entries the manifest
+names (a `tensorboard/` folder only while it holds nothing but event files), by name,
+without following symbolic links. A folder holding anything else (a user's `notes.txt`,
+`analysis/`, a symbolic link, even one named like a run file) is refused in one line
+naming the first such entry, and nothing is removed.
+
+**Output files beside a user's.** `claim_outputs(folder, names)` is how the commands that
+write fixed-name outputs (`aggregate --out/--plot`, `stability --out`, the analysis
+commands' figures and JSON) take a name: it refuses, naming it, a file that exists and
+that the folder's manifest does not list (ep_jax did not write it), and records the names
+before they are written. `sweep` and `reproduce` check their `sweep.json`/`results.md` the
+same way (accepting, in folders made before manifests, what they wrote then) and `record`
+them.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -39,6 +59,160 @@ from ep_jax.experiments.errors import RunError
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.msgpack"
 CURVE, ALIGNMENT = "learning_curve.png", "alignment.png"
 HOLDER = ".ep_jax-holder.json"
+MANIFEST = ".ep_jax-files.json"
+TENSORBOARD = "tensorboard"
+#: the files a run folder made before manifests existed may hold (besides the holder note)
+RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT, CURVE, ALIGNMENT)
+#: what a sweep folder made before manifests existed may hold (with a readable sweep.json)
+SWEEP_FILES = ("sweep.json", "results.md")
+#: the names tensorboardX gives its event files
+EVENTS_PREFIX = "events.out.tfevents."
+
+
+# --- the manifest: what ep_jax wrote in a folder ------------------------------------------
+
+def read_manifest(folder: Path) -> dict | None:
+    """`{"files": set, "folders": set}` recorded in `folder` (module docstring); None when
+    there is no manifest; RunError naming it when it is damaged."""
+    path = Path(folder) / MANIFEST
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise RunError(f"{path}: not a file ep_jax wrote (a link or a folder); move it away")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, OSError) as e:
+        raise RunError(f"{path}: unreadable ({e}); move it away or restore it") from None
+    try:
+        d = json.loads(text)
+        ok = (isinstance(d, dict) and d.get("ep_jax") == "manifest"
+              and all(isinstance(d.get(k, []), list) and all(isinstance(n, str) and _plain_name(n)
+                                                            for n in d.get(k, [])) for k in ("files", "folders")))
+    except (ValueError, RecursionError):
+        ok = False
+    if not ok:
+        raise RunError(f"{path}: not an ep_jax manifest (damaged or edited); restore it or move it away")
+    return {"files": set(d.get("files", [])), "folders": set(d.get("folders", []))}
+
+
+def _plain_name(n: str) -> bool:
+    return bool(n) and n not in (".", "..") and "/" not in n and "\\" not in n and "\0" not in n
+
+
+def record(folder: Path, files=(), folders=()):
+    """Add `files` and `folders` (names inside `folder`) to its manifest (written
+    atomically, only when something is new). Call it before writing them."""
+    folder = Path(folder)
+    have = read_manifest(folder)
+    if have is None:   # a folder made before manifests: what it counted as ours stays ours
+        have = {"files": set(), "folders": set()}
+        if (folder / CONFIG).is_file():
+            have = {"files": set(RUN_FILES), "folders": {TENSORBOARD}}
+        elif _is_sweep_record(folder / "sweep.json"):
+            have["files"] = set(SWEEP_FILES)
+    files, folders = set(files) - have["files"], set(folders) - have["folders"]
+    if not files and not folders and (folder / MANIFEST).is_file():
+        return
+    have["files"] |= files
+    have["folders"] |= folders
+    ckpt.atomic_write_text(folder / MANIFEST, json.dumps(
+        {"ep_jax": "manifest", "version": 1, "files": sorted(have["files"]),
+         "folders": sorted(have["folders"])}, indent=1) + "\n")
+
+
+def _is_sweep_record(path: Path) -> bool:
+    """Whether `path` is a sweep's `sweep.json` (a table with a list of members)."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("members"), list)
+
+
+def _is_temp(name: str, files) -> bool:
+    """A temporary file an interrupted atomic write of one of `files` left (`.NAME.xxxx.tmp`)."""
+    return name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in files)
+
+
+def first_foreign(folder: Path, files, folders=(), folder_ok=None) -> str | None:
+    """The first entry of `folder` (sorted) that ep_jax did not write there: not one of
+    `files` (plain files, not links), not one of `folders` (real folders, checked with
+    `folder_ok(path) -> foreign entry or None` when given), not the holder note, the
+    manifest or a temporary file of an interrupted write. None when there is none."""
+    files, folders = set(files) | {HOLDER, MANIFEST}, set(folders)
+    for p in sorted(Path(folder).iterdir(), key=lambda q: q.name):
+        n = p.name
+        if p.is_symlink():
+            return n
+        if n in files or _is_temp(n, files):
+            if p.is_file():
+                continue
+            return n
+        if n in folders and p.is_dir():
+            inner = folder_ok(p) if folder_ok is not None else None
+            if inner is None:
+                continue
+            return f"{n}/{inner}"
+        return n
+    return None
+
+
+def _events_only(path: Path) -> str | None:
+    """The first entry of a `tensorboard/` folder that is not an event file (None: all are)."""
+    for q in sorted(path.iterdir(), key=lambda q: q.name):
+        if q.is_symlink() or not q.is_file() or not q.name.startswith(EVENTS_PREFIX):
+            return q.name
+    return None
+
+
+def run_manifest(path: Path) -> dict:
+    """What ep_jax wrote in a run folder: its manifest, or for a folder made before
+    manifests existed the known run files and `tensorboard/`."""
+    m = read_manifest(path)
+    return m if m is not None else {"files": set(RUN_FILES), "folders": {TENSORBOARD}}
+
+
+def check_outputs(folder: Path, names, what: str = ""):
+    """The check of `claim_outputs`, writing nothing: RunError (one line) when one of
+    `names` exists in `folder` and ep_jax did not write it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"{folder} exists and is not a folder")
+    m = read_manifest(folder) if folder.is_dir() else None
+    mine = m["files"] if m is not None else set()
+    for n in names:
+        p = folder / n
+        if p.is_symlink() or (p.exists() and (not p.is_file() or n not in mine)):
+            raise RunError(f"{p} exists and ep_jax did not write it; {what or 'this command'} never writes over "
+                           "a file it did not write: move it away or choose another output path")
+
+
+def check_output_file(path, what: str):
+    """`check_outputs` of a single output file given by its path."""
+    path = Path(path)
+    if not path.name or path.name in (".", ".."):
+        raise RunError(f"{what}: {str(path)!r} is not a file name")
+    check_outputs(path.parent, [path.name], what)
+
+
+def claim_outputs(folder: Path, names, what: str = "") -> Path:
+    """Make `folder` (and its parents) if needed, refuse (RunError, one line) when one of
+    `names` exists there and ep_jax did not write it (its manifest does not list it, or it
+    is a link or a folder), then record `names` in the manifest; returns `folder`. Every
+    command that writes fixed-name outputs calls it before writing them."""
+    folder = Path(folder)
+    check_outputs(folder, names, what)
+    folder.mkdir(parents=True, exist_ok=True)
+    record(folder, files=names)
+    return folder
+
+
+def claim_output_file(path, what: str) -> Path:
+    """`claim_outputs` of a single output file given by its path (`--out table.md`)."""
+    path = Path(path)
+    check_output_file(path, what)
+    claim_outputs(path.parent, [path.name], what)
+    return path
 
 
 def guard_removal(path: Path, what: str = "--overwrite"):
@@ -60,6 +234,11 @@ def is_run_folder(path: Path) -> bool:
     except Exception:   # noqa: BLE001 — any failure means "not recognisably ours"
         return False
     return True
+
+
+def _folder_check(m: dict):
+    """How a run folder's sub-folders are checked: `tensorboard/` holds only event files."""
+    return lambda p: _events_only(p) if p.name == TENSORBOARD else first_foreign(p, ())
 
 
 class FolderLock:
@@ -159,8 +338,24 @@ class RunFolder:
         return self.path / name
 
     def busy(self) -> bool:
-        """Holds anything (other than a stale holder note)."""
-        return self.path.is_dir() and any(p.name != HOLDER for p in self.path.iterdir())
+        """Holds anything (other than a stale holder note or a manifest alone)."""
+        return self.path.is_dir() and any(p.name not in (HOLDER, MANIFEST) for p in self.path.iterdir())
+
+    def check_manifest(self):
+        """Refuse (RunError) a damaged manifest (`read_manifest`) before the run writes."""
+        if self.path.is_dir():
+            read_manifest(self.path)
+
+    def check_new(self):
+        """Refuse (RunError) a folder that holds anything, saying what it holds."""
+        if not self.busy():
+            return
+        if (self.path / CONFIG).exists() or (self.path / CHECKPOINT).exists():
+            raise RunError(f"{self.path} already holds a run: pass --resume to continue it or --overwrite to "
+                           "replace it")
+        first = next(iter(sorted(p.name for p in self.path.iterdir() if p.name not in (HOLDER, MANIFEST))))
+        raise RunError(f"{self.path} is not empty (it holds {first!r}) and holds no run; a new run needs a new "
+                       "or empty folder: choose another --out")
 
     def check_replaceable(self):
         """Refuse (RunError) unless `--overwrite` may remove this folder (module docstring)."""
@@ -172,14 +367,40 @@ class RunFolder:
             shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
             raise RunError(f"{self.path} is not a run folder (it holds {shown}); --overwrite replaces only "
                            "run folders made by ep_jax: choose another --out")
+        m = run_manifest(self.path)
+        foreign = first_foreign(self.path, m["files"], m["folders"], _folder_check(m))
+        if foreign is not None:
+            raise RunError(f"{self.path} holds {foreign!r}, which ep_jax did not write; --overwrite removes only "
+                           "the files a run wrote: move it away, or choose another --out")
 
     def clear(self):
-        """Remove every file of the folder, keeping the folder (and its lock)."""
-        for p in self.path.iterdir():
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
+        """Remove exactly what ep_jax wrote here (the manifest's entries, by name, never
+        following a link), keeping the folder (and its lock); refuses (RunError, nothing
+        removed) when the folder holds anything else."""
+        self.check_replaceable()
+        if not self.path.is_dir():
+            return
+        m = run_manifest(self.path)
+        files = m["files"] | {HOLDER}
+        for p in sorted(self.path.iterdir(), key=lambda q: q.name):
+            if p.name == MANIFEST:
+                continue
+            if p.name in m["folders"] and p.is_dir() and not p.is_symlink():
+                for q in p.iterdir():
+                    q.unlink()
+                p.rmdir()
+            elif p.name in files or _is_temp(p.name, files):
                 p.unlink()
+        (self.path / MANIFEST).unlink(missing_ok=True)
+
+    def prepare(self, mode: str, folders=()):
+        """Before a run writes: clear the folder ("overwrite"), make it, record the run's
+        files (and `folders`, e.g. `tensorboard`) in its manifest, write the holder note."""
+        if mode == "overwrite" and self.path.is_dir():
+            self.clear()
+        self.path.mkdir(parents=True, exist_ok=True)
+        record(self.path, RUN_FILES, folders)
+        self.lock.write_holder()
 
     def write_json(self, name: str, value):
         """`name` as indented JSON, atomically."""

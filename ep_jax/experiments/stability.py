@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ep_jax.experiments import aggregate, checkpoint, cli
+from ep_jax.experiments import aggregate, checkpoint, cli, runfolder
 from ep_jax.experiments.config import ConfigError
 from ep_jax.experiments.presets import HTS_DISTS, HTS_DT_OUT, PUBLISHED_TABLE1, table1_cell, table1_position
 
@@ -103,7 +103,7 @@ def main(argv=None):
     text = report(a.runs, a.last)
     print(text)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        runfolder.claim_output_file(a.out, "stability --out")   # never over a file ep_jax did not write
         checkpoint.atomic_write_text(Path(a.out), text)
 
 

@@ -38,6 +38,10 @@ nesting too deep to parse is one error line.
 Everything is checked before anything is written: the spec, every member's config and
 that every member's dataset can be read (`--dry-run` checks the spec and finds the data,
 writes and trains nothing).
+`--overwrite` replaces the members' run folders (each only as far as its manifest names
+what ep_jax wrote, `experiments.runfolder`) and refuses a sweep folder holding anything but
+its `sweep.json`, `results.md`, manifest and member folders; `sweep.json` and `results.md`
+are never written over a file ep_jax did not write.
 `--resume` continues the sweep in `<out>` only with the same spec: every member's config
 must equal the one saved in `<out>/sweep.json` except `epochs` (which may grow) and
 `data_dir` (where the data lives is not part of a run).
@@ -59,8 +63,9 @@ from ep_jax.experiments.config import FIELDS, ConfigError, RunConfig, validate
 from ep_jax.experiments.errors import RunError, SpecError
 from ep_jax.experiments.names import relative_inside, safe_component
 from ep_jax.experiments.presets import PRESETS
-from ep_jax.experiments.train import check_int_flags, check_int_values
+from ep_jax.experiments.train import check_data_dir, check_int_flags, check_int_values
 from ep_jax.experiments.engine import NOT_IDENTITY
+from ep_jax.experiments import runfolder
 from ep_jax.experiments.runfolder import FolderLock
 from ep_jax._safe_read import read_regular
 
@@ -129,9 +134,14 @@ def load_spec(path) -> dict:
 
 
 def _label(v) -> str:
+    """A grid value in a member's name: `:g` (0.1, 1e-05), or every digit where `:g`
+    would round the value (0.1000001), so distinct values give distinct names."""
     if isinstance(v, (list, tuple)):
         return "-".join(_label(u) for u in v)
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        short = f"{v:g}"
+        return short if not math.isfinite(v) or float(short) == v else repr(v)
+    return str(v)
 
 
 def size(spec: dict) -> int:
@@ -192,7 +202,11 @@ def expand(spec: dict) -> list[tuple[str, RunConfig]]:
     dup = duplicates(n for n, _ in configs)
     if dup:
         shown = dup[:10] + (["..."] if len(dup) > 10 else [])
-        raise SpecError(f"{where}: member names must be unique, repeated: {shown}")
+        same = [k for k, alts in grid.items() if len({json.dumps(a, sort_keys=True) for a in alts}) < len(alts)
+                or len({_label(a) for a in alts}) < len(alts)]
+        hint = (f" (grid.{same[0]} lists the same value twice, or values that name alike: "
+                f"{grid[same[0]]!r})" if same else "")
+        raise SpecError(f"{where}: member names must be unique, repeated: {shown}{hint}")
     return configs
 
 
@@ -233,6 +247,7 @@ def check_data(members, load: bool = True):
         c = m.cfg
         if c.dataset == "synthetic":
             continue
+        check_data_dir(c.data_dir, f"member {m.name}: data_dir")
         key = (c.dataset, c.data_dir)   # the subsets of a readable dataset are valid (validate)
         if key in seen:
             continue
@@ -254,42 +269,86 @@ def _members_of_saved(out: Path, saved) -> list[dict]:
     return members
 
 
+def sweep_outputs(out: Path, members) -> tuple[set, set]:
+    """`(files, folders)` that ep_jax wrote (or writes) in the sweep folder `out`: its
+    manifest's (`runfolder.read_manifest`) — for a sweep made before manifests existed,
+    `sweep.json` and `results.md` when `sweep.json` reads as a sweep's record — and the
+    members' folders (each checked by the engine)."""
+    from ep_jax.experiments import engine
+    m = runfolder.read_manifest(out) if out.is_dir() else None
+    if m is not None:
+        files, folders = set(m["files"]), set(m["folders"])
+    else:
+        files, folders = set(), set()
+        try:
+            _members_of_saved(out, engine.read_json(out / "sweep.json"))
+            files = set(runfolder.SWEEP_FILES)
+        except RunError:
+            pass
+    return files, folders | {m.name for m in members if m.dir.parent == out}
+
+
 def check_sweep_folder(out: Path, members, mode: str):
     """The sweep-level checks (the engine checks each member's folder): "new" refuses a
-    folder that holds anything; "resume" needs `<out>/sweep.json` with the same members,
-    each of the same config (only `RESUME_FREE` fields may differ)."""
-    from ep_jax.experiments import engine
+    folder that holds anything; "overwrite" a folder holding anything ep_jax did not write
+    there (`sweep_outputs`), naming it; "resume" needs `<out>/sweep.json` with the same
+    members, each of the same config (only `RESUME_FREE` fields may differ). No mode writes
+    `sweep.json` or `results.md` over a file ep_jax did not write."""
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} exists and is not a folder")
-    if mode == "new" and out.is_dir() and any(out.iterdir()):
-        raise RunError(f"{out} already holds a sweep: pass --resume to continue it or --overwrite to "
-                       "replace it")
+    if mode == "new" and out.is_dir():
+        entries = sorted(p.name for p in out.iterdir() if p.name not in (runfolder.HOLDER, runfolder.MANIFEST))
+        if (out / "sweep.json").exists():
+            raise RunError(f"{out} already holds a sweep: pass --resume to continue it or --overwrite to "
+                           "replace it")
+        if entries:
+            raise RunError(f"{out} is not empty (it holds {entries[0]!r}) and holds no sweep; a new sweep needs a "
+                           "new or empty folder: choose another --out")
     if mode == "resume":
-        saved = engine.read_json(out / "sweep.json")
-        if saved is None:
-            raise RunError(f"{out}: no sweep to resume (sweep.json is missing)")
-        saved_members = _members_of_saved(out, saved)
-        before, now = [m["name"] for m in saved_members], [m.name for m in members]
-        if before != now:
-            gone = [n for n in before if n not in set(now)]
-            new = [n for n in now if n not in set(before)]
-            detail = "; ".join(x for x in (f"not in the spec: {gone[:5]}" if gone else "",
-                                           f"not in the saved sweep: {new[:5]}" if new else "") if x) \
-                or "the order differs"
-            raise RunError(f"{out}: the spec's members differ from the saved sweep's ({detail}); resume needs "
-                           "the same spec (only epochs may change)")
-        for m, s in zip(members, saved_members):
-            mine = m.cfg.to_json()
-            try:
-                theirs = RunConfig.from_dict(s["config"]).to_json()
-            except ConfigError as e:
-                raise RunError(f"{out / 'sweep.json'}: member {m.name}: {e}") from None
-            diff = sorted(k for k in mine if k not in RESUME_FREE and mine[k] != theirs[k])
-            if diff:
-                shown = ", ".join(f"{k}={theirs[k]!r} -> {mine[k]!r}" for k in diff[:4]) + (", ..." * (len(diff) > 4))
-                raise RunError(f"{out}: member {m.name} belongs to another config than the saved sweep's "
-                               f"(differs in {diff}: {shown}); resume needs the same spec (only epochs may "
-                               "change)")
+        check_resume(out, members)
+    if out.is_dir():
+        files, folders = sweep_outputs(out, members)
+        for name in runfolder.SWEEP_FILES:
+            p = out / name
+            if p.is_symlink() or (p.exists() and (name not in files or not p.is_file())):
+                raise RunError(f"{p} exists and ep_jax did not write it; a sweep never writes over a file it did "
+                               "not write: move it away or choose another --out")
+        if mode == "overwrite":
+            foreign = runfolder.first_foreign(out, files, folders)
+            if foreign is not None:
+                raise RunError(f"{out} holds {foreign!r}, which ep_jax did not write; --overwrite replaces only a "
+                               "sweep's own files and run folders: move it away or choose another --out")
+
+
+def check_resume(out: Path, members):
+    """`--resume`: `<out>/sweep.json` with the same members, each of the same config (only
+    `RESUME_FREE` fields may differ)."""
+    from ep_jax.experiments import engine
+    saved = engine.read_json(out / "sweep.json")
+    if saved is None:
+        raise RunError(f"{out}: no sweep to resume (sweep.json is missing)")
+    saved_members = _members_of_saved(out, saved)
+    before, now = [m["name"] for m in saved_members], [m.name for m in members]
+    if before != now:
+        gone = [n for n in before if n not in set(now)]
+        new = [n for n in now if n not in set(before)]
+        detail = "; ".join(x for x in (f"not in the spec: {gone[:5]}" if gone else "",
+                                       f"not in the saved sweep: {new[:5]}" if new else "") if x) \
+            or "the order differs"
+        raise RunError(f"{out}: the spec's members differ from the saved sweep's ({detail}); resume needs "
+                       "the same spec (only epochs may change)")
+    for m, s in zip(members, saved_members):
+        mine = m.cfg.to_json()
+        try:
+            theirs = RunConfig.from_dict(s["config"]).to_json()
+        except ConfigError as e:
+            raise RunError(f"{out / 'sweep.json'}: member {m.name}: {e}") from None
+        diff = sorted(k for k in mine if k not in RESUME_FREE and mine[k] != theirs[k])
+        if diff:
+            shown = ", ".join(f"{k}={theirs[k]!r} -> {mine[k]!r}" for k in diff[:4]) + (", ..." * (len(diff) > 4))
+            raise RunError(f"{out}: member {m.name} belongs to another config than the saved sweep's "
+                           f"(differs in {diff}: {shown}); resume needs the same spec (only epochs may "
+                           "change)")
 
 
 def write_sweep_json(out: Path, spec: dict, members):
@@ -345,10 +404,13 @@ def main(argv=None):
 
     try:
         rt.together(checks)
+        if rt.is_main:   # what the sweep writes here, recorded before it is written (runfolder.record)
+            out.mkdir(parents=True, exist_ok=True)
+            runfolder.record(out, runfolder.SWEEP_FILES, [m.name for m in members if m.dir.parent == out])
         if mode == "overwrite" and out.exists() and rt.is_main:
-            # member folders are replaced by the engine; stale files of an older sweep go too
-            for stale in ("sweep.json", "results.md"):
-                (out / stale).unlink(missing_ok=True)
+            # member folders are replaced by the engine; the stale table of an older sweep goes
+            # (ep_jax wrote it: check_sweep_folder refused anything else)
+            (out / "results.md").unlink(missing_ok=True)
         if rt.is_main:
             write_sweep_json(out, spec, members)
         try:

@@ -65,6 +65,13 @@ def check_int_values(values: dict, where: str = ""):
                                   f"of {len(str(abs(u)))} digits")
 
 
+def check_data_dir(value, what: str = "--data-dir"):
+    """Refuse (ConfigError, one line) a data folder that exists but is not a folder (a
+    file such as /etc/passwd), before the data layer reports it as "does not exist"."""
+    if value and Path(value).exists() and not Path(value).is_dir():
+        raise ConfigError(f"{what} {value}: is a file, not a folder; give the folder that holds the dataset's files")
+
+
 def preset_table() -> str:
     """The presets as a table: name, paper table cell, model, estimator, dataset, sizes, epochs."""
     from ep_jax.experiments import presets
@@ -128,7 +135,9 @@ def resolve(a) -> RunConfig:
                         ("test_subset", a.test_subset), ("data_dir", a.data_dir)):
         if value is not None:
             values[name] = value
-    return validate(RunConfig.from_dict(values))
+    cfg = validate(RunConfig.from_dict(values))
+    check_data_dir(cfg.data_dir, "--data-dir" if a.data_dir else "data_dir")
+    return cfg
 
 
 def main(argv=None):
@@ -165,6 +174,7 @@ def main(argv=None):
         # where the data lives is not part of the run (the files' checksums are): a new
         # --data-dir, or EP_JAX_DATA_DIR in place of a saved folder, finds data that moved
         if a.data_dir:
+            check_data_dir(a.data_dir)
             cfg = validate(cfg.replace(data_dir=a.data_dir))
         elif cfg.data_dir and os.environ.get("EP_JAX_DATA_DIR"):
             cfg = validate(cfg.replace(data_dir=None))
