@@ -30,7 +30,7 @@ from ep_jax.experiments import aggregate, engine, import_lease, stability, sweep
 from ep_jax.experiments.config import RunConfig  # noqa: E402
 from ep_jax.experiments.errors import RunError  # noqa: E402
 from ep_jax.experiments.presets import PRESETS  # noqa: E402
-from exp_helpers import TINY, run_cli  # noqa: E402
+from exp_helpers import TINY, run_cli, tiny_args  # noqa: E402
 from test_lease import fake_run, run_import  # noqa: E402
 
 
@@ -611,3 +611,80 @@ def test_lease_part_that_is_a_pipe_is_not_waited_on(tmp_path):
         free_fifo(out / "lease.tgz.01")
     one_line(r.returncode, r.stderr, "lease.tgz.01", "named pipe")
     assert nothing_written(tmp_path)
+
+
+# --- siblings across the run-folder and lease code ------------------------------------------------
+
+def test_run_folder_notes_that_are_pipes_are_not_waited_on(tmp_path):
+    """The lock holder's note, a run folder's config and its manifest read as regular
+    files only: a pipe in their place is refused (or counted as no note), never waited on."""
+    from ep_jax.experiments import runfolder
+    d = tmp_path / "r"
+    d.mkdir()
+    for name in (runfolder.HOLDER, runfolder.CONFIG, runfolder.MANIFEST):
+        os.mkfifo(d / name)
+    try:
+        (d / runfolder.SUMMARY).write_text("{}")
+        assert within(10, runfolder.holder_text, d) == "another process"
+        assert within(10, runfolder.is_run_folder, d) is False
+        with pytest.raises(RunError, match="not a regular file"):
+            within(10, runfolder.read_manifest, d)
+    finally:
+        for name in (runfolder.HOLDER, runfolder.CONFIG, runfolder.MANIFEST):
+            free_fifo(d / name)
+
+
+def test_lease_import_never_writes_over_a_users_file(tmp_path):
+    """A file under --dest that ep_jax did not write, in the place of one the archive
+    holds, refuses the import before anything is written; the same import into a fresh
+    folder, then again over its own files, works (the files are recorded as ep_jax's)."""
+    out, info = packed(tmp_path)
+    for mine in (tmp_path / "dest" / "table1" / "cell3" / "seed0" / "config.json", tmp_path / "dest" / "lease.json"):
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        mine.write_text("my notes")
+        r = imp(tmp_path, out)
+        one_line(r.returncode, r.stderr, str(mine), "ep_jax did not write it")
+        assert mine.read_text() == "my notes"
+        assert [p for p in (tmp_path / "dest").rglob("*") if p.is_file()] == [mine]
+        assert not (tmp_path / "resume").exists()
+        mine.unlink()
+    for _ in range(2):   # the second import writes over the first's files
+        r = imp(tmp_path, out)
+        assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "dest" / "table1" / "cell3" / "seed0" / "config.json").read_text())["epochs"] >= 1
+
+
+def test_lease_import_removes_only_checkpoints_an_import_wrote(tmp_path):
+    """A finished run's stale checkpoint is removed from --resume-dir only when an import
+    wrote it (the folder's manifest lists it); one put there by hand is kept."""
+    from ep_jax.experiments import runfolder
+    runs = tmp_path / "runs"
+    fake_run(runs / "cellA" / "seed0", "ok", 3)
+    fake_run(runs / "cellB" / "seed0", "ok", 3)
+    out = tmp_path / "out"
+    L = lease.Lease(lease.parser().parse_args(["--out", str(out), "--runs", str(runs)]))
+    lease.pack(L, resume_bytes=1 << 20, part_bytes=1 << 20, max_parts=4)
+    ours = tmp_path / "resume" / "cellA" / "seed0"
+    ours.mkdir(parents=True)
+    runfolder.claim_outputs(ours, ["checkpoint.msgpack"])
+    (ours / "checkpoint.msgpack").write_bytes(b"old")
+    by_hand = tmp_path / "resume" / "cellB" / "seed0"
+    by_hand.mkdir(parents=True)
+    (by_hand / "checkpoint.msgpack").write_bytes(b"mine")
+    r = imp(tmp_path, out)
+    assert r.returncode == 0 and "1 stale removed" in r.stdout, (r.stdout, r.stderr)
+    assert not (ours / "checkpoint.msgpack").exists() and (by_hand / "checkpoint.msgpack").read_bytes() == b"mine"
+
+
+def test_load_run_refuses_a_config_edited_after_the_run(tmp_path):
+    """Every command that loads a trained network (gdu, hidden-states, gradient-error)
+    goes through engine.load_run, which checks config.json against the checkpoint."""
+    rc, out, err = run_cli(train.main, tiny_args(epochs=1) + ["--out", tmp_path / "r"])
+    assert rc == 0, err
+    cfg = engine.load_run(tmp_path / "r")[0]            # the control
+    d = json.loads((tmp_path / "r" / "config.json").read_text())
+    d["subset_seed"] = d["subset_seed"] + 1    # no value in the checkpoint shows it: only the digest can tell
+    (tmp_path / "r" / "config.json").write_text(json.dumps(d))
+    with pytest.raises(RunError, match="does not match the run's checkpoint"):
+        engine.load_run(tmp_path / "r")
+    assert cfg.subset_seed != d["subset_seed"]

@@ -64,7 +64,7 @@ from ep_jax.experiments.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, R
 
 STATUSES = files.STATUSES
 #: fields that are not part of a run's identity (a resume may change them)
-NOT_IDENTITY = ("epochs", "data_dir")
+NOT_IDENTITY = files.NOT_IDENTITY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,21 +75,7 @@ class Member:
     dir: Path
 
 
-def same_run(meta: dict, cfg: RunConfig, saved: dict | None) -> bool:
-    """Whether a checkpoint's meta belongs to `cfg`'s run: its digest is the config's
-    (`RunConfig.digest`, all but epochs), with `data_dir` as the run folder's config.json
-    saved it — where the data lives is not part of a run's identity — or its `run_digest`
-    (all but `NOT_IDENTITY`; checkpoints written since it exists) is the config's."""
-    if meta.get("digest") == cfg.digest():
-        return True
-    if isinstance(meta.get("run_digest"), str) and meta["run_digest"] == cfg.digest(exclude=NOT_IDENTITY):
-        return True   # written since checkpoints carry it: data_dir is not part of the run
-    if isinstance(saved, dict) and "data_dir" in saved:
-        try:
-            return meta.get("digest") == cfg.replace(data_dir=saved["data_dir"]).digest()
-        except Exception:   # noqa: BLE001 — a damaged config.json: not the same run
-            return False
-    return False
+same_run = files.same_run
 
 
 # --- groups -----------------------------------------------------------------------------
@@ -733,12 +719,15 @@ def _save(m: Member, state, rx, i: int, epoch: int, history: list):
 # --- restoring a finished run (analysis tools) ------------------------------------------
 
 def load_run(run_dir: Path):
-    """`(cfg, model, est, params, buffers, rx, meta)` of a run folder's checkpoint."""
+    """`(cfg, model, est, params, buffers, rx, meta)` of a run folder's checkpoint; a
+    RunError when its `config.json` is not the one the checkpoint was written for
+    (`files.check_config_digest`: edited after the run, or another run's)."""
     run_dir = Path(run_dir)
     cfg = files.read_config(run_dir)
     g = Group([Member(cfg, run_dir.name, run_dir)])
     with _x64(cfg):
         state, rx = g.initial()
         meta, tree = ckpt.load(run_dir / CHECKPOINT, _member_tree(state, rx, 0))
+    files.check_config_digest(run_dir, cfg, meta, files.read_json(run_dir / CONFIG))   # the checkpoint's config
     tr = tree["sweep"].train
     return cfg, g.model, g.est, tr.params, tr.buffers, tree["relaxation"], meta

@@ -282,18 +282,34 @@ def check_summary_matches_metrics(summary: dict | None, rows: list[dict], run_di
                            f"{short(v)}; the summary was edited or belongs to another run")
 
 
+#: the config fields that are not part of a run's identity: a resume may change them
+NOT_IDENTITY = ("epochs", "data_dir")
+
+
+def same_run(meta: dict, cfg: RunConfig, saved: dict | None) -> bool:
+    """Whether a checkpoint's meta belongs to `cfg`'s run: its digest is the config's
+    (`RunConfig.digest`, all but epochs), with `data_dir` as the run folder's config.json
+    saved it — where the data lives is not part of a run's identity — or its `run_digest`
+    (all but `NOT_IDENTITY`; checkpoints written since it exists) is the config's."""
+    if not isinstance(meta, dict):
+        return False
+    if meta.get("digest") == cfg.digest():
+        return True
+    if isinstance(meta.get("run_digest"), str) and meta["run_digest"] == cfg.digest(exclude=NOT_IDENTITY):
+        return True   # written since checkpoints carry it: data_dir is not part of the run
+    if isinstance(saved, dict) and isinstance(saved.get("data_dir"), (str, type(None))):
+        try:
+            return meta.get("digest") == cfg.replace(data_dir=saved["data_dir"]).digest()
+        except Exception:   # noqa: BLE001 — a damaged config.json: not the same run
+            return False
+    return False
+
+
 def check_config_digest(run_dir, cfg: RunConfig, meta: dict, saved: dict | None = None) -> None:
     """RunError naming the run folder's `config.json` unless the checkpoint metadata
-    `meta` was written for `cfg` (its config digest, as `engine.same_run`: all but epochs,
-    with `data_dir` as `saved`, the config.json's table, has it)."""
+    `meta` was written for `cfg` (`same_run`; `saved` is the config.json's table)."""
     digest = meta.get("digest") if isinstance(meta, dict) else None
-    ok = digest == cfg.digest()
-    if not ok and isinstance(saved, dict) and isinstance(saved.get("data_dir"), (str, type(None))):
-        try:
-            ok = digest == cfg.replace(data_dir=saved["data_dir"]).digest()
-        except Exception:   # noqa: BLE001 — a config that does not take the value: not the same run
-            ok = False
-    if not ok:
+    if not same_run(meta, cfg, saved):
         raise RunError(f"{Path(run_dir) / 'config.json'}: does not match the run's checkpoint (config digest "
                        f"{cfg.digest()}, the checkpoint's {short(digest)}); the config was edited after the run or "
                        "belongs to another one")
@@ -303,7 +319,7 @@ def check_checkpoint_record(run_dir, cfg: RunConfig, saved: dict | None, rows: l
                             status: str | None) -> dict | None:
     """When the run folder holds a checkpoint: its metadata (`checkpoint.read_meta`,
     digest checked), after checking that the checkpoint was written for this
-    `config.json` (its config digest, as `engine.same_run`: only epochs and the data
+    `config.json` (its config digest, as `same_run`: only epochs and the data
     folder may differ) and that `metrics.jsonl` holds its history (the history is the
     metrics' first rows; all of them for a run that finished `ok`). None without a
     checkpoint. RunError naming the file otherwise: a config edited after the run (it

@@ -33,7 +33,6 @@ def network(a):
     """`(cfg, model, est, params, buffers, rx, where)` from --run or --preset."""
     if a.run:
         cfg, model, est, params, buffers, rx, meta = engine.load_run(a.run)
-        files.check_config_digest(a.run, cfg, meta)    # config.json is the one the checkpoint was written for
         epoch = files.checkpoint_epoch(meta, Path(a.run) / engine.CHECKPOINT)
         return cfg, model, est, params, buffers, rx, f"{a.run} (epoch {epoch})"
     if a.preset not in PRESETS:

@@ -88,7 +88,6 @@ def analyse_run(run_dir, n_examples=256, threshold=0.01, role=None):
     check_run(run_dir, role, n_examples)
     cfg, model, est, params, buffers, rx, meta = engine.load_run(run_dir)
     source = Path(run_dir) / engine.CHECKPOINT
-    files.check_config_digest(run_dir, cfg, meta)    # config.json is the one the checkpoint was written for
     epoch = files.checkpoint_epoch(meta, source)
     finite_parameters(params, buffers, source)
     _, _, xte, _ = engine.load_data(cfg)

@@ -44,7 +44,8 @@ import sys
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from ep_jax.experiments import cli, files
+from ep_jax.experiments import checkpoint as ckpt
+from ep_jax.experiments import cli, files, runfolder
 from ep_jax.experiments.errors import RunError
 from ep_jax._safe_read import MIB, decompress, read_regular
 
@@ -266,23 +267,36 @@ def read(parts: list[Path], folder: Path | None = None) -> tuple[list[tuple[Pure
 
 
 def write(entries, dest: Path, resume: Path) -> dict:
-    """Write the checked entries; returns counts."""
-    n_files = n_ckpt = 0
+    """Write the checked entries; returns counts. Every target folder is checked first
+    (`runfolder.check_outputs`): a file there that ep_jax did not write (not in the
+    folder's manifest), a link or a folder in a file's place refuses the import before
+    anything is written; the written names are recorded in each folder's manifest."""
+    targets: dict[Path, list[tuple[str, bytes]]] = {}
     for p, data in entries:
-        if data is None:
-            continue
-        target = (resume if p.name == CHECKPOINT else dest) / Path(*p.parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".importing")
-        tmp.write_bytes(data)
-        tmp.replace(target)
-        n_ckpt += p.name == CHECKPOINT
-        n_files += p.name != CHECKPOINT
-    # a run finished in this lease needs no checkpoint from an earlier one
+        if data is not None:
+            folder = (resume if p.name == CHECKPOINT else dest) / Path(*p.parts[:-1])
+            targets.setdefault(folder, []).append((p.name, data))
+    for folder, items in targets.items():
+        for parent in [folder, *folder.parents]:
+            if parent.exists() or parent.is_symlink():
+                if not parent.is_dir():
+                    raise RunError(f"{parent} exists and is not a folder; nothing was written")
+                break
+        runfolder.check_outputs(folder, [n for n, _ in items], "import-lease")
+    n_files = n_ckpt = 0
+    for folder, items in targets.items():
+        runfolder.claim_outputs(folder, [n for n, _ in items], "import-lease")
+        for name, data in items:
+            ckpt.atomic_write(folder / name, data)
+            n_ckpt += name == CHECKPOINT
+            n_files += name != CHECKPOINT
+    # a run finished in this lease needs no checkpoint from an earlier one; only a checkpoint
+    # that an import wrote (listed in its folder's manifest) is removed
     stale = 0
-    for ck in resume.rglob(CHECKPOINT) if resume.exists() else []:
+    for ck in resume.rglob(CHECKPOINT) if resume.is_dir() else []:
         summary = dest / ck.parent.relative_to(resume) / "summary.json"
-        if finished_summary(summary):
+        if (not ck.is_symlink() and ck.is_file() and CHECKPOINT in runfolder.owned(ck.parent)["files"]
+                and finished_summary(summary)):
             ck.unlink()
             stale += 1
     return {"files": n_files, "checkpoints": n_ckpt, "stale_checkpoints_removed": stale}

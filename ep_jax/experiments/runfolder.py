@@ -53,6 +53,7 @@ import socket
 import time
 from pathlib import Path
 
+from ep_jax._safe_read import MIB, read_regular
 from ep_jax.experiments import checkpoint as ckpt
 from ep_jax.experiments.errors import RunError
 
@@ -76,9 +77,9 @@ def read_manifest(folder: Path) -> dict | None:
     there is no manifest; RunError naming it when it is damaged."""
     path = Path(folder) / MANIFEST
     if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise RunError(f"{path}: not a file ep_jax wrote (a link or a folder); move it away")
-    try:
-        text = path.read_text(encoding="utf-8")
+        raise RunError(f"{path}: not a regular file ep_jax wrote (a link, a folder or a pipe); move it away")
+    try:   # a regular file of a bounded size: a pipe or a device in its place is refused, never waited on
+        text = read_regular(path, 16 * MIB, RunError, "manifest").decode("utf-8")
     except FileNotFoundError:
         return None
     except (UnicodeDecodeError, OSError) as e:
@@ -103,13 +104,7 @@ def record(folder: Path, files=(), folders=()):
     """Add `files` and `folders` (names inside `folder`) to its manifest (written
     atomically, only when something is new). Call it before writing them."""
     folder = Path(folder)
-    have = read_manifest(folder)
-    if have is None:   # a folder made before manifests: what it counted as ours stays ours
-        have = {"files": set(), "folders": set()}
-        if (folder / CONFIG).is_file():
-            have = {"files": set(RUN_FILES), "folders": {TENSORBOARD}}
-        elif _is_sweep_record(folder / "sweep.json"):
-            have["files"] = set(SWEEP_FILES)
+    have = owned(folder)
     files, folders = set(files) - have["files"], set(folders) - have["folders"]
     if not files and not folders and (folder / MANIFEST).is_file():
         return
@@ -120,11 +115,25 @@ def record(folder: Path, files=(), folders=()):
          "folders": sorted(have["folders"])}, indent=1) + "\n")
 
 
+def owned(folder: Path) -> dict:
+    """`{"files": set, "folders": set}` that ep_jax wrote in `folder`: its manifest, or for
+    a folder made before manifests existed, what it counted as ours then (a run folder's
+    known files and `tensorboard/`, a sweep folder's `sweep.json` and `results.md`)."""
+    have = read_manifest(folder) if Path(folder).is_dir() else None
+    if have is None:
+        have = {"files": set(), "folders": set()}
+        if is_run_folder(folder):
+            have = {"files": set(RUN_FILES), "folders": {TENSORBOARD}}
+        elif _is_sweep_record(Path(folder) / "sweep.json"):
+            have["files"] = set(SWEEP_FILES)
+    return have
+
+
 def _is_sweep_record(path: Path) -> bool:
     """Whether `path` is a sweep's `sweep.json` (a table with a list of members)."""
     try:
-        d = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
-    except (OSError, ValueError, RecursionError):
+        d = json.loads(read_regular(path, 64 * MIB, RunError, "sweep record")) if not path.is_symlink() else None
+    except (OSError, RunError, ValueError, RecursionError):
         return False
     return isinstance(d, dict) and isinstance(d.get("members"), list)
 
@@ -178,8 +187,7 @@ def check_outputs(folder: Path, names, what: str = ""):
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunError(f"{folder} exists and is not a folder")
-    m = read_manifest(folder) if folder.is_dir() else None
-    mine = m["files"] if m is not None else set()
+    mine = owned(folder)["files"]
     for n in names:
         p = folder / n
         if p.is_symlink() or (p.exists() and (not p.is_file() or n not in mine)):
@@ -230,7 +238,7 @@ def is_run_folder(path: Path) -> bool:
     if not (path / CONFIG).is_file() or not ((path / SUMMARY).is_file() or (path / CHECKPOINT).is_file()):
         return False
     try:
-        RunConfig.from_dict(json.loads((path / CONFIG).read_text()))
+        RunConfig.from_dict(json.loads(read_regular(path / CONFIG, 64 * MIB, RunError, "config")))
     except Exception:   # noqa: BLE001 — any failure means "not recognisably ours"
         return False
     return True
@@ -320,7 +328,7 @@ class FolderLock:
 def holder_text(path: Path) -> str:
     """`"process 123 on host (since ...)"` from the holder note, or "another process"."""
     try:
-        h = json.loads((Path(path) / HOLDER).read_text())
+        h = json.loads(read_regular(Path(path) / HOLDER, MIB, RunError, "holder note"))
         return f"process {int(h['pid'])} on {h['host']} (since {h['started']}: {h.get('command', '')[:80]})"
     except Exception:   # noqa: BLE001 — no note yet (the holder is still checking) or a damaged one
         return "another process"
