@@ -58,7 +58,7 @@ def main(argv=None):
     xtr, ytr, xte, yte = engine.load_data(cfgs[0])
     x, y = jnp.asarray(xtr, default_float()), jnp.asarray(ytr, jnp.int32)
     xt, yt = jnp.asarray(xte, default_float()), jnp.asarray(yte, jnp.int32)
-    n, B, chunk = len(ytr), cfgs[0].batch_size, cfgs[0].chunk
+    n, chunk = len(ytr), cfgs[0].chunk
     orders = [engine.epoch_batches(c, 1, n) for c in cfgs]
     full = np.stack([o[0] for o in orders], axis=1)
     rest = np.stack([o[1] for o in orders], axis=0)

@@ -45,7 +45,7 @@ def numeric(name: str, v):
             numeric(name, a)
         return v
     dtype = getattr(v, "dtype", None)
-    if isinstance(v, (str, bytes, bool)) or (dtype is not None and (dtype == bool or dtype.kind in "USO")):
+    if isinstance(v, (str, bytes, bool)) or getattr(dtype, "kind", None) in ("b", "U", "S", "O"):
         got = f"a {dtype} array of shape {tuple(v.shape)}" if getattr(v, "ndim", 0) else repr(v)
         raise ValueError(f"{name} must be a number, got {got}")
     return v

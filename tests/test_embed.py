@@ -137,7 +137,7 @@ def test_flax_wrapper_trains_in_user_loop_and_serialises(tmp_path):
 
     acc = lambda pr: float(jnp.mean(jnp.argmax(net.apply({"params": pr, "buffers": buffers}, xte), -1) == yte))
     acc0 = acc(params)
-    for epoch in range(6):
+    for _ in range(6):
         for i in range(0, len(ytr), 32):
             params, opt, l = step(params, opt, xtr[i:i + 32], ytr[i:i + 32])
     assert acc(params) > 0.85 and acc(params) > acc0 + 0.3, (acc0, acc(params))
