@@ -94,7 +94,12 @@ class Estimator:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown estimator {self.kind!r}; choose one of {list(KINDS)}")
-        if int(self.t_free) < 1 or int(self.t_nudge) < 1:
+        for name in ("t_free", "t_nudge"):
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer number of steps, got {v!r}")
+            object.__setattr__(self, name, int(v))   # numpy integers: a plain int (hashable, static)
+        if self.t_free < 1 or self.t_nudge < 1:
             raise ValueError(f"t_free and t_nudge must be >= 1, got {self.t_free}, {self.t_nudge}")
         if self.t_nudge > self.t_free and self.kind != "bptt_full":
             raise ValueError(f"t_nudge must be <= t_free, got t_nudge={self.t_nudge} > t_free={self.t_free}")
