@@ -150,7 +150,9 @@ def pinned_impl(L: Lease, table: str) -> str | None:
     the config it was saved with)."""
     for cfg in sorted((L.runs / table).rglob("config.json")):
         try:
-            return json.loads(cfg.read_text()).get("relaxation_impl", "xla")
+            d = json.loads(cfg.read_text())
+            # config.json files before the `solver` field name relaxation_impl
+            return "pallas" if d.get("solver", "").startswith("pallas") else d.get("relaxation_impl", "xla")
         except (OSError, ValueError):
             continue
     return None

@@ -47,7 +47,7 @@ Only a block shape the wrapper was told to use and the backend would reject
 Precision: the kernel's dots use jax's default matmul precision, as the XLA path does (on
 NVIDIA GPUs that is TF32 for float32, about 3e-4 relative per dot; `jax.default_matmul_
 precision("highest")` gives IEEE float32 in both paths). On a CPU the kernel runs only in
-Pallas interpret mode (`interpret(True)`), which emulates the program with XLA ops, one
+Pallas interpret mode (`interpret=True`), which emulates the program with XLA ops, one
 grid point after the other: a test tool, slower than the XLA path (2 CPU cores: a 60-step
 free phase of 784-256-10 at batch 64, one tile, 1.1× (EP) and 1.2× (dendritic); the HTS
 network's 125 steps at batch 256, 16 tiles, 1.5×).
@@ -57,7 +57,6 @@ trace time), else up to 64 rows while a program's state stays under 96 KiB.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -83,21 +82,6 @@ class KernelShapeError(ValueError):
 
 class BackendUnavailable(RuntimeError):
     """This jax has no Pallas Triton backend (no `pallas.triton.CompilerParams`)."""
-
-
-_STATE = {"interpret": False}
-
-
-@contextlib.contextmanager
-def interpret(on: bool = True):
-    """Run the kernels in Pallas interpret mode (on any backend; the CPU tests' mode).
-    Read when a function is traced: a jitted function traced before keeps its mode."""
-    old = _STATE["interpret"]
-    _STATE["interpret"] = bool(on)
-    try:
-        yield
-    finally:
-        _STATE["interpret"] = old
 
 
 def _next_pow2(n: int) -> int:
@@ -258,7 +242,7 @@ def _compiler_params(interp: bool):
     cls = getattr(plt, "CompilerParams", None) or getattr(plt, "TritonCompilerParams", None)
     if cls is None:
         raise BackendUnavailable(f"jax {jax.__version__} has no Pallas Triton backend "
-                                 "(pallas.triton.CompilerParams): use impl='xla'")
+                                 "(pallas.triton.CompilerParams): use the default solver (scan)")
     return cls(num_warps=4, num_stages=1)
 
 
@@ -382,7 +366,7 @@ def _lowers(plan: Plan, interp: bool, backend: str) -> bool:
     if interp:
         return True
     if backend != "gpu":
-        why = f"it needs a GPU (backend here: {backend}; kernels.interpret(True) runs it emulated)"
+        why = f"it needs a GPU (backend here: {backend}; interpret=True runs it emulated)"
     else:
         try:
             jax.jit(_call(plan, interp)).lower(*_abstract_operands(plan)).compile()
@@ -425,7 +409,7 @@ def _xla(model, eff, ctx, s, target, beta, dt, steps, record, residual):
     return dynamics.relax(model, eff, ctx, s, target, beta, dt, steps, record)
 
 
-def _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b):
+def _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b, interp):
     """`(final, state before the last step or None)` by the kernel, or None where the
     kernel is not used (the caller then runs the XLA path)."""
     why = supported(model)
@@ -434,7 +418,7 @@ def _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b):
         return None
     plan = plan_of(model, ctx, s, target, steps, block_b, prev=residual)
     check_blocks(plan)
-    interp = _STATE["interpret"]
+    interp = bool(interp)
     if not _lowers(plan, interp, jax.default_backend()):
         return None
     out = _call(plan, interp)(*_operands(plan, model, eff, ctx, s, target, beta, dt))
@@ -444,15 +428,17 @@ def _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b):
 
 
 def relax(model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False,
-          residual: bool = False, *, block_b: int | None = None):
+          residual: bool = False, *, block_b: int | None = None, interpret: bool = False):
     """`steps` updates from state `s`, as `ep_jax.dynamics.relax` (same arguments, same
     states; with `residual` also the relative residual of the last step), in one kernel
     launch. `record=True` (the trajectory) runs the XLA path, as do models without a
     kernel and backends where it does not lower (one warning line). `block_b`: rows per
-    program (a power of 2 >= 16; default: up to 64, fewer for wide states)."""
+    program (a power of 2 >= 16; default: up to 64, fewer for wide states). `interpret`:
+    run the kernel in Pallas interpret mode (any backend, emulated; the CPU tests' mode).
+    `ep_jax.solvers.Pallas` is the solver that calls it."""
     if record or steps == 0:
         return _xla(model, eff, ctx, s, target, beta, dt, steps, record, residual)
-    got = _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b)
+    got = _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b, interpret)
     if got is None:
         return _xla(model, eff, ctx, s, target, beta, dt, steps, record, residual)
     final, prev = got
@@ -460,14 +446,16 @@ def relax(model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False
 
 
 def free_phase(model, eff, ctx, dt, steps: int, record: bool = False, residual: bool = False, *,
-               block_b: int | None = None):
+               block_b: int | None = None, interpret: bool = False):
     """`steps` free steps (β = 0) from the zero state (`ep_jax.dynamics.free_phase`)."""
     s0 = model.zero_state(ctx.shape[0], ctx.dtype)
-    return relax(model, eff, ctx, s0, None, 0.0, dt, steps, record, residual, block_b=block_b)
+    return relax(model, eff, ctx, s0, None, 0.0, dt, steps, record, residual, block_b=block_b,
+                 interpret=interpret)
 
 
 def nudged_phases(model, eff, ctx, s_free, target, betas, dt, steps: int, batched: bool = True,
-                  record: bool = False, residual: bool = False, *, block_b: int | None = None):
+                  record: bool = False, residual: bool = False, *, block_b: int | None = None,
+                  interpret: bool = False):
     """Nudged phases from the free state, one per β (`ep_jax.dynamics.nudged_phases`:
     a list of states; with `residual`, `(list, r)`). The phases are always stacked along
     the batch axis into one launch (`batched` is accepted for the signature: both give
@@ -482,7 +470,7 @@ def nudged_phases(model, eff, ctx, s_free, target, betas, dt, steps: int, batche
     tile = lambda a: jnp.concatenate([a] * n, axis=0)
     beta_col = jnp.concatenate([jnp.full((B, 1), b, ctx.dtype) for b in betas], axis=0)
     got = _relax2(model, eff, tile(ctx), tuple(tile(sl) for sl in s_free), jax.tree.map(tile, target),
-                  beta_col, dt, steps, residual, block_b)
+                  beta_col, dt, steps, residual, block_b, interpret)
     if got is None:
         return xla()
     split = lambda st: [tuple(lax.slice_in_dim(sl, i * B, (i + 1) * B, axis=0) for sl in st) for i in range(n)]
