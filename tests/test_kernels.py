@@ -227,3 +227,21 @@ def test_missing_triton_backend_warns_and_runs_xla(monkeypatch):
         got = kernels.free_phase(model, eff, ctx, dt, 5)
     assert rel_err(got, dynamics.free_phase(model, eff, ctx, dt, 5)) == 0
     K._lowers.cache_clear()
+
+
+def test_the_model_describes_its_drives_to_the_kernel():
+    from ep_jax.models.base import KernelDrive
+    ep, dend = models()["ep"][0], models()["dendritic-2h"][0]
+    assert ep.kernel_drive() == KernelDrive("linear") and dend.kernel_drive() == KernelDrive("dendritic", 4, 2)
+    conv = ep_jax.build_model("conv", input_shape=(7, 7, 1), channels=(2,), kernels=(3,), strides=(1,), paddings=(1,),
+                              pools=("max",), fc=(3,))
+    assert conv.kernel_drive() is None and "kernel_drive() describes none" in K.supported(conv)
+    odd = ep_jax.DendriticModel(sizes=(12, 20, 10), basal_branches=3)
+    assert "power-of-2 branch counts, got basal 3" in K.supported(odd)
+    # the operands follow the one layout (`_operands` asserts it), for both kinds and phases
+    for name in ("ep-2h-ce", "dendritic-2h"):
+        model, params, buffers, eff, ctx, x, y, dt = setup(name)
+        for target in (None, model.one_hot(y)):
+            plan = K.plan_of(model, ctx, model.zero_state(ctx.shape[0]), target, 3)
+            ops = K._operands(plan, model, eff, ctx, model.zero_state(ctx.shape[0]), target, 0.5, dt)
+            assert [o.shape for o in ops] == [a.shape for a in K._abstract_operands(plan)]
