@@ -40,9 +40,14 @@ DEFAULT_PRESETS = ("mnist-ep", "mnist-dep", "fmnist-dep", "mnist-hts-normal", "f
                    "cifar10-conv-ep")
 
 
+DATA_DIRS: dict = {}   # dataset -> folder (--data-dir DATASET=PATH)
+
+
 def network(preset: str, batch: int, dtype):
     """The preset's config, model, a fresh network (seed 0) and its relaxation in `dtype`."""
     values = dict(PRESETS[preset], batch_size=batch, float64=dtype == jnp.float64)
+    if values.get("dataset") in DATA_DIRS:
+        values["data_dir"] = DATA_DIRS[values["dataset"]]
     cfg = validate(RunConfig.from_dict(values))
     model = build.build_model(cfg)
     params, buffers = model.init(jax.random.PRNGKey(0), dtype, **build.model_settings(cfg))
@@ -205,7 +210,12 @@ def main(argv=None):
     p.add_argument("--no-grad", action="store_true")
     p.add_argument("--no-time", action="store_true")
     p.add_argument("--json", type=Path)
+    p.add_argument("--data-dir", action="append", default=[], metavar="DATASET=PATH",
+                   help="where a dataset's files are (repeatable); default: ep_jax.data's search")
     a = p.parse_args(argv)
+    for item in a.data_dir:
+        name, _, path = item.partition("=")
+        DATA_DIRS[name] = path
     results = []
     for preset in a.presets.split(","):
         t = time.time()
