@@ -73,8 +73,6 @@ class Solver:
     nudged phases along the batch axis and calls it once."""
     #: whether `jax.grad` can go through the solver (a fixed number of steps)
     differentiable: ClassVar[bool] = False
-    #: whether it runs complex states (the holomorphic estimator)
-    complex_ok: ClassVar[bool] = True
 
     def __call__(self, model, eff, ctx, s, target, beta, dt, steps: int):
         raise NotImplementedError
@@ -204,7 +202,6 @@ class Pallas(Solver):
     kernel cannot run (a model without a kernel, no GPU) it warns once and runs `Scan`."""
     interpret: bool = False
     block_b: int | None = None
-    complex_ok: ClassVar[bool] = False
 
     def __post_init__(self):
         if not isinstance(self.interpret, bool):
