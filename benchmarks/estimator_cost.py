@@ -17,7 +17,7 @@ What to expect (counted before measuring): symmetric relaxes 60 free steps on B 
 complex arithmetic vectorises worse than real). Implicit: 60 free steps, then adjoint
 iterations, each a VJP of one step (~2 row-steps), until λ changes by < 100 ulp — as
 many iterations as the relaxation needs to converge to float resolution (~30 here).
-Adaptive free phase (`free_tol=1e-6`, a `lax.while_loop` that stops once the residual is
+Adaptive free phase (`free_tol=1e-6`, now `solver="adaptive:1e-6/scan"`, a `lax.while_loop` that stops once the residual is
 below it): the free phase converges in ~25 of its 60 steps here, so expect about
 (25 + 24) / 84 ≈ 0.6× symmetric, less the cost of a residual per step.
 
@@ -47,7 +47,8 @@ ESTIMATORS = {
     "holomorphic N=8": dict(kind="holomorphic", n_points=8),
     "implicit": dict(kind="implicit"),
     "bptt": dict(kind="bptt"),
-    "symmetric, free_tol=1e-6": dict(kind="symmetric", free_tol=1e-6),
+    "symmetric, free_tol=1e-6": dict(kind="symmetric", solver=ep_jax.solvers.Adaptive(1e-6),
+                                     nudge_solver=ep_jax.solvers.Scan()),
 }
 
 

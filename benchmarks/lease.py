@@ -156,7 +156,10 @@ def pinned_impl(L: Lease, table: str) -> str | None:
     from ep_jax.experiments.errors import RunError
     for cfg in sorted((L.runs / table).rglob("config.json")):
         try:   # a regular file of bounded size (files.read_json), as every reader of run files
-            return (files.read_json(cfg, "table") or {}).get("relaxation_impl", "xla")
+            d = files.read_json(cfg, "table") or {}
+            # config.json files before the `solver` field name relaxation_impl
+            solver = d.get("solver") if isinstance(d.get("solver"), str) else ""
+            return "pallas" if solver.startswith("pallas") else d.get("relaxation_impl", "xla")
         except (OSError, RunError):
             continue
     return None

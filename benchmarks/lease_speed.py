@@ -8,7 +8,7 @@ with) on real data, one chunk of `CHUNK` steps compiled, then timed (median of r
 synchronised). One JSON row per (variant, workload) is appended to `--rows` as soon as it
 is measured, so a kill loses only the row in progress.
 
-Variants: `xla` (lax.scan, the default), `pallas` (`relaxation_impl="pallas"`, the fused
+Variants: `xla` (lax.scan, the default), `pallas` (`solver="pallas"`, the fused
 kernel; `pallasN`: N rows per program, `EP_JAX_PALLAS_BLOCK_B`), `unrollK` / `unrollfull` (the XLA path with `lax.scan(..., unroll=K)`: a
 benchmark-only substitution of `ep_jax.dynamics`' `lax` by a shim, this process only;
 the library has no unroll option), and any variant run under `XLA_FLAGS` (the caller
@@ -69,7 +69,8 @@ def measure(variant: str, work: tuple, dry: bool, data_dir: str | None) -> dict:
             values["dataset"] = "fashion_mnist"
     os.environ.pop("EP_JAX_PALLAS_BLOCK_B", None)
     if variant.startswith("pallas"):
-        values["relaxation_impl"] = "pallas"
+        # on the CPU (the dry run) the kernel can only run emulated
+        values["solver"] = "pallas:interpret" if dry and jax.default_backend() == "cpu" else "pallas"
         if variant[len("pallas"):]:          # pallasN: N rows per program
             os.environ["EP_JAX_PALLAS_BLOCK_B"] = variant[len("pallas"):]
     dynamics.lax = jax.lax
@@ -127,7 +128,6 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true")
     a = p.parse_args(argv)
     works = {w[0]: w for w in WORKLOADS}
-    from ep_jax import kernels
     # workload-major: every variant of the most important workload first
     for wname in a.workloads.split(","):
         for variant in a.variants.split(","):
@@ -135,9 +135,7 @@ def main(argv=None) -> int:
                 print(f"speed: budget spent, {variant}/{wname} not run", flush=True)
                 return 0
             try:
-                # on the CPU (the dry run) the kernel can only run emulated
-                with kernels.interpret(a.dry_run and jax.default_backend() == "cpu"), \
-                        warnings.catch_warnings(record=True) as caught:
+                with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     row = measure(variant, works[wname], a.dry_run, a.data_dir)
                 fell_back = [str(w.message) for w in caught if "ep_jax.kernels" in str(w.message)]

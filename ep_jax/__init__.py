@@ -11,7 +11,7 @@
 docs/api.md gives the overview; docs/equations.md the mathematics.
 """
 from ep_jax import (activations, alignment, augment, data, dendrites, dynamics, estimators, layer, losses,
-                    models, optim, parallel, reference, relaxation, sweep, synthetic, timesteps, train)
+                    models, optim, parallel, reference, relaxation, solvers, sweep, synthetic, timesteps, train)
 from ep_jax.estimators import Aux, Estimator, estimate
 from ep_jax.layer import make_ep_block
 from ep_jax.models import DendriticModel, EPModel, Model, build_model
@@ -35,7 +35,7 @@ def __getattr__(name):
 
 __all__ = [
     "activations", "alignment", "augment", "data", "dendrites", "dynamics", "estimators", "experiments", "kernels", "layer",
-    "losses", "models", "nn", "optim", "parallel", "reference", "relaxation", "sweep", "synthetic", "timesteps", "train",
+    "losses", "models", "nn", "optim", "parallel", "reference", "relaxation", "solvers", "sweep", "synthetic", "timesteps", "train",
     "Aux", "Estimator", "estimate", "make_ep_block",
     "DendriticModel", "EPModel", "Model", "build_model",
     "Relaxation", "make_relaxation",

@@ -95,12 +95,18 @@ def free_phase(model: Model, eff, ctx, dt, steps: int, record: bool = False, res
 
 def free_phase_adaptive(model: Model, eff, ctx, dt, max_steps: int, tol):
     """Free steps from the zero state until the last step's `relative_residual` is at
-    most `tol`, or `max_steps` steps: `(state, residual, steps)`. A `lax.while_loop`
-    (not reverse-differentiable; under `vmap` every member stops at its own step, the
-    loop runs until the slowest has). On GPUs each iteration's condition is read by the
-    host, which a fixed-step scan avoids."""
+    most `tol`, or `max_steps` steps: `(state, residual, steps)` (`relax_adaptive`)."""
     s0 = model.zero_state(ctx.shape[0], ctx.dtype)
-    dts = per_neuron(dt, s0)
+    return relax_adaptive(model, eff, ctx, s0, None, 0.0, dt, max_steps, tol)
+
+
+def relax_adaptive(model: Model, eff, ctx, s, target, beta, dt, max_steps: int, tol):
+    """Steps from state `s` until the last step's `relative_residual` is at most `tol`, or
+    `max_steps` steps: `(state, residual, steps)`. A `lax.while_loop` (not
+    reverse-differentiable; under `vmap` every member stops at its own step, the loop runs
+    until the slowest has). On GPUs each iteration's condition is read by the host, which
+    a fixed-step scan avoids. `ep_jax.solvers.Adaptive` runs it."""
+    dts = per_neuron(dt, s)
     rdtype = jnp.real(jnp.zeros((), ctx.dtype)).dtype
 
     def cond(c):
@@ -109,10 +115,10 @@ def free_phase_adaptive(model: Model, eff, ctx, dt, max_steps: int, tol):
 
     def body(c):
         s, k, _ = c
-        new = step(model, eff, ctx, s, None, 0.0, dts)
+        new = step(model, eff, ctx, s, target, beta, dts)
         return new, k + 1, relative_residual(new, s).astype(rdtype)
 
-    s, k, r = lax.while_loop(cond, body, (s0, jnp.zeros((), jnp.int32), jnp.asarray(jnp.inf, rdtype)))
+    s, k, r = lax.while_loop(cond, body, (tuple(s), jnp.zeros((), jnp.int32), jnp.asarray(jnp.inf, rdtype)))
     return s, r, k
 
 

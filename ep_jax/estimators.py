@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ep_jax import dynamics
+from ep_jax import dynamics, solvers
 from ep_jax.models.base import check_network
 from ep_jax.relaxation import Relaxation, check_shapes, concrete
 
@@ -57,8 +57,7 @@ DEFAULT_N_POINTS = 4
 DEFAULT_TOL = 1e-5
 NUDGES = ("fixed", "random_sign")
 RANDOM_SIGN_KINDS = ("one_sided", "chl")
-#: relaxation implementations: `lax.scan` (ep_jax.dynamics) or the fused Pallas kernel (ep_jax.kernels)
-IMPLS = ("xla", "pallas")
+#: the estimators the fused Pallas kernel (`solvers.Pallas`, real-valued phases) can run
 PALLAS_KINDS = ("symmetric", "one_sided", "chl")
 
 
@@ -73,13 +72,14 @@ class Estimator:
     n_points: ``holomorphic`` only: the N points on the circle (>= 2; default 4).
     tol: ``implicit`` only: the largest relative residual of the free phase's last step
     accepted as converged (default 1e-5).
-    free_tol: stop the free phase early, once its last step's relative residual is at
-    most `free_tol` (`t_free` is then the most steps; `dynamics.free_phase_adaptive`).
-    None (default): exactly `t_free` steps. Not for the BPTT estimators (a while loop has
-    no reverse derivative) nor the pallas kernel.
-    impl: how the free and nudged phases relax: ``"xla"`` (`lax.scan`, `ep_jax.dynamics`)
-    or ``"pallas"`` (one fused kernel per phase, `ep_jax.kernels`; same states;
-    symmetric, one_sided and chl only).
+    solver: how the free phase relaxes, an `ep_jax.solvers.Solver` (or its config
+    spelling, e.g. ``"async:1e-5"``): `Scan()` (default: `t_free` synchronous steps, the
+    papers' dynamics), `Adaptive(tol)` (stop once the relative residual is at most tol;
+    `t_free` the most steps), `Async(tol=None)` (even/odd sweeps), `Pallas()` (the fused
+    kernel; symmetric, one_sided and chl only). The BPTT estimators differentiate the
+    scan and take only `Scan()`.
+    nudge_solver: how the nudged phases relax (`t_nudge` the step budget); None (default):
+    the free phase's solver.
     """
     kind: str = "symmetric"
     t_free: int = 60
@@ -88,13 +88,18 @@ class Estimator:
     nudge: str = "fixed"
     n_points: int | None = None
     tol: float | None = None
-    free_tol: float | None = None
-    impl: str = "xla"
+    solver: solvers.Solver = solvers.DEFAULT
+    nudge_solver: solvers.Solver | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown estimator {self.kind!r}; choose one of {list(KINDS)}")
-        if int(self.t_free) < 1 or int(self.t_nudge) < 1:
+        for name in ("t_free", "t_nudge"):
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer number of steps, got {v!r}")
+            object.__setattr__(self, name, int(v))   # numpy integers: a plain int (hashable, static)
+        if self.t_free < 1 or self.t_nudge < 1:
             raise ValueError(f"t_free and t_nudge must be >= 1, got {self.t_free}, {self.t_nudge}")
         if self.t_nudge > self.t_free and self.kind != "bptt_full":
             raise ValueError(f"t_nudge must be <= t_free, got t_nudge={self.t_nudge} > t_free={self.t_free}")
@@ -113,18 +118,26 @@ class Estimator:
                 raise ValueError(f"tol is a setting of the 'implicit' estimator, not of {self.kind!r}")
             if not 0 < self.tol < float("inf"):
                 raise ValueError(f"tol must be a positive number, got {self.tol!r}")
-        if self.free_tol is not None:
-            if not 0 < self.free_tol < float("inf"):
-                raise ValueError(f"free_tol must be a positive number, got {self.free_tol!r}")
-            if self.kind in ("bptt", "bptt_full"):
-                raise ValueError(f"free_tol (an early-stopping free phase) cannot be differentiated through: "
-                                 f"not for the {self.kind!r} estimator")
-            if self.impl != "xla":
-                raise ValueError(f"free_tol needs impl='xla', got impl={self.impl!r}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {list(IMPLS)}, got {self.impl!r}")
-        if self.impl == "pallas" and self.kind not in PALLAS_KINDS:
-            raise ValueError(f"impl='pallas' needs estimator one of {list(PALLAS_KINDS)}, got {self.kind!r}")
+        for name in ("solver", "nudge_solver"):
+            v = getattr(self, name)
+            if v is None and name == "nudge_solver":
+                continue
+            if isinstance(v, str):
+                object.__setattr__(self, name, v := solvers.parse(v, name))
+            if not isinstance(v, solvers.Solver):
+                raise ValueError(f"{name} must be an ep_jax.solvers.Solver (or its spelling: "
+                                 f"{', '.join(solvers.SPELLINGS)}), got {v!r}")
+            if self.kind in ("bptt", "bptt_full") and v != solvers.Scan():
+                raise ValueError(f"{name}: the {self.kind!r} estimator differentiates the synchronous scan; "
+                                 f"it takes only solver='scan', got {v.spec()!r}")
+            if isinstance(v, solvers.Pallas) and self.kind not in PALLAS_KINDS:
+                raise ValueError(f"{name}: the pallas solver needs estimator one of {list(PALLAS_KINDS)}, "
+                                 f"got {self.kind!r}")
+
+    @property
+    def phase_solvers(self) -> tuple:
+        """`(free phase's solver, nudged phases' solver)`."""
+        return self.solver, (self.solver if self.nudge_solver is None else self.nudge_solver)
 
     @property
     def points(self) -> int:
@@ -226,25 +239,20 @@ def ep_nudged_states(model, est, eff, ctx, s_free, y1h, rx: Relaxation, record=F
         ctx, s_free = jax.tree.map(lambda a: a.astype(cdtype), (ctx, tuple(s_free)))
     else:
         betas = (rx.beta, -rx.beta) if est.kind == "symmetric" else (rx.beta,)
-    return _phases(est).nudged_phases(model, eff, ctx, s_free, y1h, betas, rx.dt, est.t_nudge,
-                                      batched=est.batched_nudge, record=record, residual=residual)
-
-
-def _phases(est):
-    """The module whose `free_phase` / `nudged_phases` run the estimator's relaxation."""
-    if est.impl == "pallas":
-        from ep_jax import kernels
-        return kernels
-    return dynamics
+    solver = est.phase_solvers[1]
+    if record:   # the trajectory: the synchronous scan's (only `dynamics` records one)
+        return dynamics.nudged_phases(model, eff, ctx, s_free, y1h, betas, rx.dt, est.t_nudge,
+                                      batched=est.batched_nudge, record=True, residual=residual)
+    phases, info = solver.phases(model, eff, ctx, s_free, y1h, betas, rx.dt, est.t_nudge, est.batched_nudge)
+    return (phases, info.residual) if residual else phases
 
 
 def free_state(model, est, eff, ctx, dt):
-    """The free phase of the estimator and its last step's relative residual: `t_free`
-    steps, or fewer with `est.free_tol` (`dynamics.free_phase_adaptive`)."""
-    if est.free_tol is not None:
-        s, r, _ = dynamics.free_phase_adaptive(model, eff, ctx, dt, est.t_free, est.free_tol)
-        return s, r
-    return _phases(est).free_phase(model, eff, ctx, dt, est.t_free, residual=True)
+    """The free phase of the estimator (its solver, `t_free` the step budget, from the
+    zero state) and its last step's relative residual."""
+    s0 = model.zero_state(ctx.shape[0], ctx.dtype)
+    s, info = est.solver(model, eff, ctx, s0, None, 0.0, dt, est.t_free)
+    return s, info.residual
 
 
 def complex_dtype(dtype):
@@ -333,23 +341,23 @@ class ImplicitInfo(NamedTuple):
 
 
 def implicit_grad(model, params, buffers, x, y, rx: Relaxation, t_free: int, tol: float = DEFAULT_TOL,
-                  max_iter: int | None = None, free_tol: float | None = None):
+                  max_iter: int | None = None, solver: solvers.Solver | None = None):
     """∂ℓ/∂θ at the free fixed point by implicit differentiation; `(grads, s_free, info)`.
 
     With G(s, θ) one relaxation step (β = 0), s* = G(s*, θ) the state after `t_free`
     steps, and ℓ the batch mean of the cost: λ = G_sᵀλ + ∂ℓ/∂s* is iterated from
     λ = ∂ℓ/∂s* (each iteration one `jax.vjp` of the step; it contracts at the rate of the
     relaxation itself) until λ changes by at most 100 ulp relative, or `max_iter`
-    iterations (default 20·t_free + 100); then grads = G_θᵀλ. `info.converged` is False
+    iterations (default 20·t_free + 100); then grads = G_θᵀλ. `solver`: how the free phase
+    relaxes (default `solvers.Scan()`; `t_free` its step budget). `info.converged` is False
     when the free phase's relative residual exceeds `tol`: the grads are then NaN
     (eager calls of `estimate` raise a ValueError instead).
     """
     eff = model.prepare(params, buffers)
     ctx = model.input_drive(eff, x)
-    if free_tol is None:
-        s, res = dynamics.free_phase(model, eff, ctx, rx.dt, t_free, residual=True)
-    else:   # at most t_free steps, fewer once the residual is at most free_tol
-        s, res, _ = dynamics.free_phase_adaptive(model, eff, ctx, rx.dt, t_free, free_tol)
+    s0 = model.zero_state(ctx.shape[0], ctx.dtype)
+    s, info = (solvers.DEFAULT if solver is None else solver)(model, eff, ctx, s0, None, 0.0, rx.dt, t_free)
+    res = info.residual
     y1h = model.one_hot(y, x.dtype)
     # the cost reads the model's output (`model.output`); a readout's own parameter gradient
     # is added to the adjoint's (zero when the output is s_L itself)
@@ -382,7 +390,7 @@ def implicit_grad(model, params, buffers, x, y, rx: Relaxation, t_free: int, tol
 
 def _implicit(model, est, params, buffers, x, y, y1h, rx):
     grads, s, info = implicit_grad(model, params, buffers, x, y, rx, est.t_free, est.residual_tol,
-                                   free_tol=est.free_tol)
+                                   solver=est.solver)
     r = concrete(info.residual_free)
     if r is not None and not r <= est.residual_tol:
         raise ValueError(f"the free phase has not converged: relative residual {float(r):.3g} > tol="

@@ -312,8 +312,10 @@ def test_config_refuses_holomorphic_for_non_holomorphic_models():
         validate(RunConfig.from_dict({**ENGINE, "model": "dendritic", "estimator": "holomorphic"}))
     with pytest.raises(ConfigError, match="n_points: is a setting of the holomorphic estimator"):
         validate(RunConfig.from_dict({**ENGINE, "n_points": 8}))
-    with pytest.raises(ConfigError, match="free_tol: an early-stopping free phase needs an EP or the implicit"):
-        validate(RunConfig.from_dict({**ENGINE, "estimator": "bptt", "free_tol": 1e-6}))
+    with pytest.raises(ConfigError, match="solver: the bptt estimator differentiates the synchronous scan"):
+        validate(RunConfig.from_dict({**ENGINE, "estimator": "bptt", "free_tol": 1e-6}))   # the older field
+    with pytest.raises(ConfigError, match="solver: the bptt estimator differentiates the synchronous scan"):
+        validate(RunConfig.from_dict({**ENGINE, "estimator": "bptt", "solver": "adaptive:1e-6/scan"}))
     with pytest.raises(ConfigError, match="implicit_tol: is a setting of the implicit estimator"):
         validate(RunConfig.from_dict({**ENGINE, "implicit_tol": 1e-6}))
 
@@ -404,11 +406,15 @@ def test_estimators_with_an_adaptive_free_phase(x64):
     model, params, buffers, x, y, rx = setup("sigmoid", beta=0.1)
     for kind in ("symmetric", "implicit"):
         fixed, _ = estimate(model, est(kind, t_nudge=20), None, params, buffers, x, y, rx)
-        early, aux = estimate(model, est(kind, t_nudge=20, free_tol=1e-10), None, params, buffers, x, y, rx)
+        adaptive = ep_jax.solvers.Adaptive(1e-10)
+        early, aux = estimate(model, est(kind, t_nudge=20, solver=adaptive, nudge_solver=ep_jax.solvers.Scan()),
+                              None, params, buffers, x, y, rx)
         assert float(aux.residual_free) <= 1e-10
         assert rel_err(early, fixed) < 1e-7
-    for kw, match in [(dict(kind="bptt", free_tol=1e-6), "cannot be differentiated through"),
-                      (dict(kind="symmetric", free_tol=0.0), "free_tol must be a positive number"),
-                      (dict(kind="symmetric", free_tol=1e-6, impl="pallas"), "free_tol needs impl='xla'")]:
+    for kw, match in [(dict(kind="bptt", solver=ep_jax.solvers.Adaptive(1e-6)), "differentiates the synchronous scan"),
+                      (dict(kind="symmetric", solver="adaptive:0"), "tolerance of 'adaptive:0' must be a positive"),
+                      (dict(kind="holomorphic", nudge_solver="pallas"), "the pallas solver needs estimator")]:
         with pytest.raises(ValueError, match=match):
             ep_jax.Estimator(**kw)
+    with pytest.raises(ValueError, match="^tol must be a positive number, got 0.0"):
+        ep_jax.solvers.Adaptive(0.0)

@@ -54,9 +54,8 @@ def setup(name, batch=20, dtype=jnp.float32, per_neuron=False, seed=0):
 def test_free_and_nudged_states_match_xla(name, per_neuron):
     model, _, _, eff, ctx, _, y, dt = setup(name, per_neuron=per_neuron)
     y1h = model.one_hot(y)
-    with kernels.interpret():
-        sk = kernels.free_phase(model, eff, ctx, dt, 9)
-        nk = kernels.nudged_phases(model, eff, ctx, sk, y1h, (0.5, -0.5), dt, 4)
+    sk = kernels.free_phase(model, eff, ctx, dt, 9, interpret=True)
+    nk = kernels.nudged_phases(model, eff, ctx, sk, y1h, (0.5, -0.5), dt, 4, interpret=True)
     sx = dynamics.free_phase(model, eff, ctx, dt, 9)
     nx = dynamics.nudged_phases(model, eff, ctx, sx, y1h, (0.5, -0.5), dt, 4)
     assert rel_err(sk, sx) <= F32_TOL
@@ -69,9 +68,8 @@ def test_free_and_nudged_states_match_xla(name, per_neuron):
 @pytest.mark.parametrize("name", ["ep", "dendritic"])
 def test_float64_matches_xla(x64, name):
     model, _, _, eff, ctx, _, y, dt = setup(name, dtype=jnp.float64, per_neuron=True)
-    with kernels.interpret():
-        sk = kernels.free_phase(model, eff, ctx, dt, 9)
-        (nk,) = kernels.nudged_phases(model, eff, ctx, sk, model.one_hot(y, jnp.float64), (0.3,), dt, 4)
+    sk = kernels.free_phase(model, eff, ctx, dt, 9, interpret=True)
+    (nk,) = kernels.nudged_phases(model, eff, ctx, sk, model.one_hot(y, jnp.float64), (0.3,), dt, 4, interpret=True)
     sx = dynamics.free_phase(model, eff, ctx, dt, 9)
     (nx,) = dynamics.nudged_phases(model, eff, ctx, sx, model.one_hot(y, jnp.float64), (0.3,), dt, 4)
     assert sk[0].dtype == jnp.float64
@@ -84,10 +82,9 @@ def test_ep_gradients_match_xla(name, kind):
     model, params, buffers, _, _, x, y, dt = setup(name, per_neuron=name == "hts")
     rx = ep_jax.make_relaxation(model, beta=0.4, dt=list(dt))
     grads = {}
-    for impl in ("xla", "pallas"):
-        est = ep_jax.Estimator(kind, t_free=9, t_nudge=4, impl=impl)
-        with kernels.interpret():
-            g, aux = jax.jit(ep_jax.estimate, static_argnums=(0, 1))(model, est, None, params, buffers, x, y, rx)
+    for impl, solver in (("xla", ep_jax.solvers.Scan()), ("pallas", ep_jax.solvers.Pallas(interpret=True))):
+        est = ep_jax.Estimator(kind, t_free=9, t_nudge=4, solver=solver)
+        g, aux = jax.jit(ep_jax.estimate, static_argnums=(0, 1))(model, est, None, params, buffers, x, y, rx)
         grads[impl] = (g, aux)
     (gx, ax), (gk, ak) = grads["xla"], grads["pallas"]
     assert rel_err(gk, gx) <= F32_TOL
@@ -110,15 +107,14 @@ def test_vmapped_members_equal_solo():
     def phases(p, b, dt):
         eff = model.prepare(p, b)
         ctx = model.input_drive(eff, x)
-        s = kernels.free_phase(model, eff, ctx, dt, 7)
-        return s, kernels.nudged_phases(model, eff, ctx, s, y1h, (0.5, -0.5), dt, 3)
+        s = kernels.free_phase(model, eff, ctx, dt, 7, interpret=True)
+        return s, kernels.nudged_phases(model, eff, ctx, s, y1h, (0.5, -0.5), dt, 3, interpret=True)
 
-    with kernels.interpret():
-        vm = jax.vmap(phases)(params, buffers, dts)
-        for m in range(M):
-            pick = lambda t: jax.tree.map(lambda a: a[m], t)
-            solo = phases(pick(params), pick(buffers), pick(dts))
-            assert rel_err(pick(vm), solo) <= 1e-6
+    vm = jax.vmap(phases)(params, buffers, dts)
+    for m in range(M):
+        pick = lambda t: jax.tree.map(lambda a: a[m], t)
+        solo = phases(pick(params), pick(buffers), pick(dts))
+        assert rel_err(pick(vm), solo) <= 1e-6
     # and the members differ (γ and dt differ), so equality is not trivial
     assert rel_err(jax.tree.map(lambda a: a[0], vm[0]), jax.tree.map(lambda a: a[2], vm[0])) > 1e-3
 
@@ -127,9 +123,8 @@ def test_output_grad_target_and_residual():
     model, _, _, eff, ctx, _, _, dt = setup("ep")
     g = OutputGrad(jax.random.normal(jax.random.PRNGKey(9), (ctx.shape[0], model.n_classes)))
     s = dynamics.free_phase(model, eff, ctx, dt, 9)
-    with kernels.interpret():
-        (nk,), rk = kernels.nudged_phases(model, eff, ctx, s, g, (0.2,), dt, 5, residual=True)
-        fk, rfk = kernels.free_phase(model, eff, ctx, dt, 9, residual=True)
+    (nk,), rk = kernels.nudged_phases(model, eff, ctx, s, g, (0.2,), dt, 5, residual=True, interpret=True)
+    fk, rfk = kernels.free_phase(model, eff, ctx, dt, 9, residual=True, interpret=True)
     (nx,), rx = dynamics.nudged_phases(model, eff, ctx, s, g, (0.2,), dt, 5, residual=True)
     fx, rfx = dynamics.free_phase(model, eff, ctx, dt, 9, residual=True)
     assert rel_err(nk, nx) <= F32_TOL and rel_err(fk, fx) <= F32_TOL
@@ -145,8 +140,7 @@ def test_padding_and_block_checks():
     with pytest.raises(K.KernelShapeError, match="power of 2"):
         K.check_blocks(K.Plan(**{**plan.__dict__, "padded": (24, 10)}))
     with pytest.raises(K.KernelShapeError, match="batch tile 24"):
-        with kernels.interpret():
-            kernels.free_phase(model, eff, ctx, dt, 5, block_b=24)
+        kernels.free_phase(model, eff, ctx, dt, 5, block_b=24, interpret=True)
     with pytest.raises(K.KernelShapeError, match="batch tile 8"):
         K.check_blocks(K.Plan(**{**plan.__dict__, "tile": 8, "rows": 24}))
     assert K.padded(10) == 16 and K.padded(256) == 256 and K.padded(784) == 1024
@@ -169,12 +163,18 @@ def test_fallbacks_warn_once_and_run_xla():
     assert rel_err(got, want) <= 1e-6
 
 
-def test_estimator_impl_validation():
-    assert ep_jax.Estimator().impl == "xla"
-    with pytest.raises(ValueError, match="impl must be one of"):
-        ep_jax.Estimator(impl="cuda")
-    with pytest.raises(ValueError, match="impl='pallas' needs estimator"):
-        ep_jax.Estimator("bptt", impl="pallas")
+def test_estimator_solver_validation():
+    assert ep_jax.Estimator().solver == ep_jax.solvers.Scan() and ep_jax.Estimator().nudge_solver is None
+    with pytest.raises(ValueError, match="^solver must be one of scan, "):
+        ep_jax.Estimator(solver="cuda")
+    with pytest.raises(ValueError, match="^solver must be an ep_jax.solvers.Solver"):
+        ep_jax.Estimator(solver=3)
+    with pytest.raises(ValueError, match="^solver: the pallas solver needs estimator"):
+        ep_jax.Estimator("holomorphic", solver=ep_jax.solvers.Pallas())
+    with pytest.raises(ValueError, match="^nudge_solver: the 'bptt' estimator differentiates the synchronous scan"):
+        ep_jax.Estimator("bptt", nudge_solver="pallas")
+    with pytest.raises(ValueError, match="^block_b must be a power of 2 >= 16"):
+        ep_jax.solvers.Pallas(block_b=24)
 
 
 def test_run_config_field_is_opt_in_and_keeps_old_digests():
@@ -182,25 +182,27 @@ def test_run_config_field_is_opt_in_and_keeps_old_digests():
     from ep_jax.experiments.config import ConfigError, RunConfig, validate
     base = dict(model="ep", sizes=[12, 24, 10], dataset="synthetic")
     cfg = validate(RunConfig.from_dict(base))
-    assert cfg.relaxation_impl == "xla" and build_estimator(cfg).impl == "xla"
+    assert cfg.solver == "scan" and build_estimator(cfg).solver == ep_jax.solvers.Scan()
     # a run saved before the field existed keeps its digest: the field is `later`, so at its
     # default it does not enter the digest (and a non-default value does, below)
-    field = {f.name: f for f in dataclasses.fields(cfg)}["relaxation_impl"]
+    field = {f.name: f for f in dataclasses.fields(cfg)}["solver"]
     assert field.metadata.get("later") is True
-    fast = validate(RunConfig.from_dict(dict(base, relaxation_impl="pallas")))
-    assert build_estimator(fast).impl == "pallas" and fast.digest() != cfg.digest()
-    with pytest.raises(ConfigError, match="relaxation_impl"):
-        validate(RunConfig.from_dict(dict(base, relaxation_impl="pallas", estimator="bptt")))
+    fast = validate(RunConfig.from_dict(dict(base, solver="pallas")))
+    assert build_estimator(fast).solver == ep_jax.solvers.Pallas() and fast.digest() != cfg.digest()
+    # the field it replaced still loads (an old config.json), as the same config
+    old = validate(RunConfig.from_dict(dict(base, relaxation_impl="pallas")))
+    assert old == fast and old.digest() == fast.digest()
+    with pytest.raises(ConfigError, match="^solver: the bptt estimator differentiates the synchronous scan"):
+        validate(RunConfig.from_dict(dict(base, solver="pallas", estimator="bptt")))
 
 
 def test_estimator_pallas_runs_both_phases_in_the_kernel():
     model, params, buffers, _, _, x, y, dt = setup("ep")
     rx = ep_jax.make_relaxation(model, beta=0.4, dt=list(dt))
-    jaxpr = lambda impl: str(jax.make_jaxpr(lambda p: ep_jax.estimate(
-        model, ep_jax.Estimator(t_free=5, t_nudge=3, impl=impl), None, p, buffers, x, y, rx))(params))
-    with kernels.interpret():
-        assert jaxpr("pallas").count("pallas_call") == 2     # the free phase and the stacked ±β phases
-    assert jaxpr("xla").count("pallas_call") == 0
+    jaxpr = lambda solver: str(jax.make_jaxpr(lambda p: ep_jax.estimate(
+        model, ep_jax.Estimator(t_free=5, t_nudge=3, solver=solver), None, p, buffers, x, y, rx))(params))
+    assert jaxpr(ep_jax.solvers.Pallas(interpret=True)).count("pallas_call") == 2   # free, and the stacked ±β phases
+    assert jaxpr(ep_jax.solvers.Scan()).count("pallas_call") == 0
 
 
 def test_block_rows_knob(monkeypatch):
@@ -209,8 +211,7 @@ def test_block_rows_knob(monkeypatch):
     monkeypatch.setenv("EP_JAX_PALLAS_BLOCK_B", "16")
     plan = K.plan_of(model, ctx, None, None, 3)
     assert plan.tile == 16 and plan.rows == 48
-    with kernels.interpret():
-        got = kernels.free_phase(model, eff, ctx, dt, 4)
+    got = kernels.free_phase(model, eff, ctx, dt, 4, interpret=True)
     assert rel_err(got, dynamics.free_phase(model, eff, ctx, dt, 4)) <= F32_TOL
 
 
@@ -220,9 +221,27 @@ def test_missing_triton_backend_warns_and_runs_xla(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")      # as if on a GPU ...
 
     def no_triton(interp):                                           # ... whose jax has no Triton backend
-        raise K.BackendUnavailable("jax X has no Pallas Triton backend (pallas.triton.CompilerParams): use impl='xla'")
+        raise K.BackendUnavailable("jax X has no Pallas Triton backend (pallas.triton.CompilerParams): use the default solver (scan)")
     monkeypatch.setattr(K, "_compiler_params", no_triton)
     with pytest.warns(RuntimeWarning, match="no Pallas Triton backend"):
         got = kernels.free_phase(model, eff, ctx, dt, 5)
     assert rel_err(got, dynamics.free_phase(model, eff, ctx, dt, 5)) == 0
     K._lowers.cache_clear()
+
+
+def test_the_model_describes_its_drives_to_the_kernel():
+    from ep_jax.models.base import KernelDrive
+    ep, dend = models()["ep"][0], models()["dendritic-2h"][0]
+    assert ep.kernel_drive() == KernelDrive("linear") and dend.kernel_drive() == KernelDrive("dendritic", 4, 2)
+    conv = ep_jax.build_model("conv", input_shape=(7, 7, 1), channels=(2,), kernels=(3,), strides=(1,), paddings=(1,),
+                              pools=("max",), fc=(3,))
+    assert conv.kernel_drive() is None and "kernel_drive() describes none" in K.supported(conv)
+    odd = ep_jax.DendriticModel(sizes=(12, 20, 10), basal_branches=3)
+    assert "power-of-2 branch counts, got basal 3" in K.supported(odd)
+    # the operands follow the one layout (`_operands` asserts it), for both kinds and phases
+    for name in ("ep-2h-ce", "dendritic-2h"):
+        model, params, buffers, eff, ctx, x, y, dt = setup(name)
+        for target in (None, model.one_hot(y)):
+            plan = K.plan_of(model, ctx, model.zero_state(ctx.shape[0]), target, 3)
+            ops = K._operands(plan, model, eff, ctx, model.zero_state(ctx.shape[0]), target, 0.5, dt)
+            assert [o.shape for o in ops] == [a.shape for a in K._abstract_operands(plan)]

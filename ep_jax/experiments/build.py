@@ -51,9 +51,10 @@ def augment_key(cfg: RunConfig):
 
 def build_estimator(cfg: RunConfig) -> ep_jax.Estimator:
     """The gradient estimator of a config."""
+    free, nudge = ep_jax.solvers.parse_phases(cfg.solver)
     return ep_jax.Estimator(cfg.estimator, t_free=cfg.t_free, t_nudge=cfg.t_nudge, nudge=cfg.nudge,
-                            impl=cfg.relaxation_impl, n_points=cfg.n_points, tol=cfg.implicit_tol,
-                            free_tol=cfg.free_tol)
+                            n_points=cfg.n_points, tol=cfg.implicit_tol, solver=free,
+                            nudge_solver=None if nudge == free else nudge)
 
 
 def lr_schedule(cfg: RunConfig):

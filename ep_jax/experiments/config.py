@@ -21,7 +21,7 @@ import os
 import reprlib
 from typing import Any, Mapping
 
-from ep_jax import activations, losses, timesteps
+from ep_jax import activations, losses, solvers, timesteps
 from ep_jax.estimators import KINDS, NUDGES, RANDOM_SIGN_KINDS, EP_KINDS
 
 DATASETS = ("mnist", "kmnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
@@ -49,6 +49,49 @@ MAX_WIDTH = 2**24
 
 class ConfigError(ValueError):
     """A config value or combination is invalid (the message names the field)."""
+
+
+#: fields of earlier versions that `solver` replaced: `relaxation_impl` (xla | pallas) and
+#: `free_tol` (an adaptive free phase, scanned nudged phases). Old config.json files still
+#: load (`from_dict` maps them onto `solver`), and a config's digest is computed from
+#: those names wherever they express it, so old checkpoints keep resuming.
+LEGACY = ("relaxation_impl", "free_tol")
+
+
+def _from_legacy(d: Mapping, where: str = "") -> Mapping:
+    """`d` with `relaxation_impl` / `free_tol` turned into the `solver` they mean."""
+    if not any(k in d for k in LEGACY):
+        return d
+    d = dict(d)
+    impl, tol = d.pop("relaxation_impl", "xla"), d.pop("free_tol", None)
+    if impl not in ("xla", "pallas"):
+        raise ConfigError(f"{where}relaxation_impl (replaced by solver): expected xla or pallas, got {short(impl)}")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf):
+        raise ConfigError(f"{where}free_tol (replaced by solver): expected a positive number, got {short(tol)}")
+    if impl == "pallas" and tol is not None:
+        raise ConfigError(f"{where}free_tol (replaced by solver) cannot be combined with relaxation_impl pallas")
+    meant = "pallas" if impl == "pallas" else (f"adaptive:{float(tol)!r}/scan" if tol is not None else None)
+    if meant is not None:
+        given = d.get("solver", "scan")
+        if given not in ("scan", meant):
+            raise ConfigError(f"{where}solver {short(given)} contradicts the older field(s) relaxation_impl/"
+                              f"free_tol (which mean solver={meant!r}); give solver only")
+        d["solver"] = meant
+    return d
+
+
+def _to_legacy(d: dict) -> dict:
+    """`to_json()` as the digest reads it: a solver the older fields could express is
+    written as them (`relaxation_impl` pallas, `free_tol`), so its digest is the one of a
+    config saved before `solver` existed."""
+    free, nudge = solvers.parse_phases(d["solver"])
+    if free == nudge == solvers.Pallas():   # (pallas:interpret, a test mode, is new: its own name)
+        d = {**d, "relaxation_impl": "pallas"}
+        del d["solver"]
+    elif isinstance(free, solvers.Adaptive) and nudge == solvers.Scan():
+        d = {**d, "free_tol": free.tol}
+        del d["solver"]
+    return d
 
 
 def _f(default, help, **meta):
@@ -109,11 +152,11 @@ class RunConfig:
                               hi=4096, later=True)
     implicit_tol: float | None = _f(None, "implicit: largest free-phase relative residual accepted (default 1e-5)",
                                     lo=0.0, lo_open=True, later=True)
-    free_tol: float | None = _f(None, "stop the free phase once its relative residual is at most this (t_free: "
-                                "the most steps; EP and implicit estimators, xla)", lo=0.0, lo_open=True, later=True)
-    relaxation_impl: str = _f("xla", "xla | pallas: how the free and nudged phases relax (pallas: the fused "
-                              "kernel of ep_jax.kernels; symmetric, one_sided, chl)", choices=("xla", "pallas"),
-                              later=True)
+    solver: str = _f("scan", "how the phases relax (ep_jax.solvers), FREE or FREE/NUDGE: scan (t_free / t_nudge "
+                     "synchronous steps, the papers') | adaptive:TOL (synchronous until the relative residual is "
+                     "<= TOL; the steps the most) | async (even/odd sweeps, same fixed points) | async:TOL (and "
+                     "stop at TOL) | pallas (the fused GPU kernel; symmetric, one_sided, chl); e.g. "
+                     "adaptive:1e-5/scan, async:1e-5; bptt, bptt_full: scan only", later=True)
     # relaxation
     beta: float = _f(0.1, "nudging strength (nonzero for EP estimators)")
     dt: Any = _f(1.0, "time step in (0, 1]: one, or one per state layer")
@@ -160,9 +203,10 @@ class RunConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"{where}expected a table of config fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known - set(LEGACY))
         if unknown:
             raise ConfigError(f"{where}unknown config field(s) {short(unknown)}; run with --list-fields to see them")
+        d = _from_legacy(d, where)
         kw = {}
         for f in dataclasses.fields(cls):
             if f.name in d:
@@ -207,7 +251,7 @@ class RunConfig:
         only when they differ from their default, so a run saved before the field
         existed keeps its digest and can be resumed."""
         later = {f.name: f.default for f in dataclasses.fields(self) if f.metadata.get("later")}
-        d = {k: v for k, v in self.to_json().items()
+        d = {k: v for k, v in _to_legacy(self.to_json()).items()
              if k not in exclude and not (k in later and v == _plain(later[k]))}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -411,8 +455,14 @@ def _coerce(f: dataclasses.Field, v, where: str = ""):
         if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
             raise bad("an integer")
         return int(v)
-    if isinstance(default, float) or name in ("dt_mean", "dt_std", "dt_min", "dt_max", "dt_out", "implicit_tol",
-                                              "free_tol"):
+    if name == "solver":   # its canonical spelling (one part when both phases agree)
+        if not isinstance(v, str):
+            raise bad("a string such as scan, adaptive:1e-5/scan or async:1e-5")
+        try:
+            return solvers.spell_phases(*solvers.parse_phases(v))
+        except ValueError as e:
+            raise ConfigError(f"{where}{e}") from None
+    if isinstance(default, float) or name in ("dt_mean", "dt_std", "dt_min", "dt_max", "dt_out", "implicit_tol"):
         if not _is_number(v):
             raise bad("a number")
         return to_float(v)
@@ -487,15 +537,19 @@ def validate(cfg: RunConfig) -> RunConfig:
         err("beta", f"must be nonzero for the {cfg.estimator!r} EP estimator (it divides by beta)")
     if not math.isfinite(cfg.beta):
         err("beta", f"must be finite, got {cfg.beta}")
-    if cfg.relaxation_impl == "pallas" and cfg.estimator not in ("symmetric", "one_sided", "chl"):
-        err("relaxation_impl", f"pallas needs estimator symmetric, one_sided or chl, got {cfg.estimator!r}")
+    try:
+        free, nudge = solvers.parse_phases(cfg.solver)
+    except ValueError as e:
+        err("solver", str(e).removeprefix("solver").lstrip(": "))
+    if cfg.estimator in ("bptt", "bptt_full") and cfg.solver != "scan":
+        err("solver", f"the {cfg.estimator} estimator differentiates the synchronous scan: solver must be scan, "
+                      f"got {cfg.solver!r}")
+    if any(isinstance(v, solvers.Pallas) for v in (free, nudge)) and cfg.estimator not in ("symmetric", "one_sided", "chl"):
+        err("solver", f"pallas needs estimator symmetric, one_sided or chl, got {cfg.estimator!r}")
     if cfg.nudge == "random_sign" and cfg.estimator not in RANDOM_SIGN_KINDS:
         err("nudge", f"random_sign needs estimator one of {list(RANDOM_SIGN_KINDS)}, got {cfg.estimator!r}")
     if cfg.n_points is not None and cfg.estimator != "holomorphic":
         err("n_points", f"is a setting of the holomorphic estimator, not of {cfg.estimator!r}")
-    if cfg.free_tol is not None and (cfg.estimator in ("bptt", "bptt_full") or cfg.relaxation_impl != "xla"):
-        err("free_tol", f"an early-stopping free phase needs an EP or the implicit estimator with relaxation_impl "
-                        f"xla, got {cfg.estimator!r}, {cfg.relaxation_impl!r}")
     if cfg.implicit_tol is not None and cfg.estimator != "implicit":
         err("implicit_tol", f"is a setting of the implicit estimator, not of {cfg.estimator!r}")
     if cfg.estimator == "holomorphic":

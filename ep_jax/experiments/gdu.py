@@ -123,7 +123,7 @@ def main(argv=None):
         cfg, model, est, params, buffers, rx, where = network(a)
         if not est.is_ep:
             raise ConfigError(f"the GDU check compares an EP estimator with BPTT; this network uses {est.kind!r}")
-        est = dataclasses.replace(est, nudge="fixed", impl="xla")
+        est = dataclasses.replace(est, nudge="fixed", solver=ep_jax.solvers.Scan(), nudge_solver=None)
         dtype = jnp.float64 if a.float64 else jnp.float32
         cast = lambda t: jax.tree.map(lambda v: jnp.asarray(v, dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, t)
         params, buffers, rx = cast(params), cast(buffers), cast(rx)

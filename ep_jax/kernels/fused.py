@@ -12,11 +12,15 @@ the state held on chip, and writes the final state once:
 
 with the same drives as the models (`ep_jax.models.ep`, `ep_jax.models.dendritic`):
 
-- standard / HTS network (`EPModel`): `h_l = W_l s_{l−1} + b_l + γ W_{l+1}ᵀ s_{l+1}`
+The kernel asks the model what it needs (`model.kernel_drive()`, a `KernelDrive`, and
+`model.kernel_weights(eff)`: the arrays in the kernel's terms); `_layout` is the one place
+that orders the kernel's operands. The two kinds of drives:
+
+- standard / HTS network (`EPModel`, kind "linear"): `h_l = W_l s_{l−1} + b_l + γ W_{l+1}ᵀ s_{l+1}`
   (`h_1`'s feedforward part is the input drive `ctx`; the output gets no feedback and,
   nudged, the force `−β ∂ℓ/∂s_L`); γ ≠ 1, leaky-ReLU hidden and sigmoid output layers and
   per-neuron `dt` (the heterogeneous-time-step network) are the same kernel;
-- dendritic (`DendriticModel`): `h_l = B_l(s_{l−1}) + α A_l(s_{l+1})`, each map the soma
+- dendritic (`DendriticModel`, kind "dendritic"): `h_l = B_l(s_{l−1}) + α A_l(s_{l+1})`, each map the soma
   average of ReLU branches of the masked kernels (`ep_jax.dendrites`: branch-major, the K
   slices added as the same halving tree, one matmul per branch).
 
@@ -47,7 +51,7 @@ Only a block shape the wrapper was told to use and the backend would reject
 Precision: the kernel's dots use jax's default matmul precision, as the XLA path does (on
 NVIDIA GPUs that is TF32 for float32, about 3e-4 relative per dot; `jax.default_matmul_
 precision("highest")` gives IEEE float32 in both paths). On a CPU the kernel runs only in
-Pallas interpret mode (`interpret(True)`), which emulates the program with XLA ops, one
+Pallas interpret mode (`interpret=True`), which emulates the program with XLA ops, one
 grid point after the other: a test tool, slower than the XLA path (2 CPU cores: a 60-step
 free phase of 784-256-10 at batch 64, one tile, 1.1× (EP) and 1.2× (dendritic); the HTS
 network's 125 steps at batch 256, 16 tiles, 1.5×).
@@ -57,7 +61,6 @@ trace time), else up to 64 rows while a program's state stays under 96 KiB.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -70,8 +73,6 @@ from jax.experimental import pallas as pl
 
 from ep_jax import activations, dynamics
 from ep_jax.models.base import OutputGrad
-from ep_jax.models.dendritic import DendriticModel
-from ep_jax.models.ep import EPModel
 
 MIN_DIM = 16               # smallest matmul dimension the Triton dot takes
 STATE_BYTES = 96 * 1024    # the tile heuristic keeps a program's state under this
@@ -83,21 +84,6 @@ class KernelShapeError(ValueError):
 
 class BackendUnavailable(RuntimeError):
     """This jax has no Pallas Triton backend (no `pallas.triton.CompilerParams`)."""
-
-
-_STATE = {"interpret": False}
-
-
-@contextlib.contextmanager
-def interpret(on: bool = True):
-    """Run the kernels in Pallas interpret mode (on any backend; the CPU tests' mode).
-    Read when a function is traced: a jitted function traced before keeps its mode."""
-    old = _STATE["interpret"]
-    _STATE["interpret"] = bool(on)
-    try:
-        yield
-    finally:
-        _STATE["interpret"] = old
 
 
 def _next_pow2(n: int) -> int:
@@ -116,7 +102,7 @@ def _is_pow2(n: int) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The static structure of one kernel call (hashable: the lowering cache's key)."""
-    kind: str                 # "ep" | "dendritic"
+    kind: str                 # the model's `KernelDrive.kind`: "linear" | "dendritic"
     widths: tuple             # real widths n_1..n_L
     padded: tuple             # kernel widths N_1..N_L
     acts: tuple               # activation names per layer
@@ -175,24 +161,17 @@ def _make_kernel(plan: Plan):
     N = plan.padded
     acts = [activations.get_activation(a) for a in plan.acts]
 
+    layout = _layout(plan)
+
     def kernel(*refs):
-        it = iter(refs)
-        ctx_ref = next(it)
-        s_refs = [next(it) for _ in range(L)]
+        group = {}
+        for (name, _, _), r in zip(layout, refs):
+            group.setdefault(name, []).append(r)
+        out_refs = list(refs[len(layout):])
+        (ctx_ref,), s_refs, dt_refs = group["ctx"], group["s"], group["dt"]
         if plan.nudged:
-            tgt_ref, beta_ref = next(it), next(it)
-        dt_refs = [next(it) for _ in range(L)]
-        if plan.kind == "ep":
-            w_refs = [next(it) for _ in range(L - 1)]     # synapse l+1: (N_l, N_{l+1})
-            b_refs = [next(it) for _ in range(L - 1)]
-            wt_refs = [next(it) for _ in range(L - 1)]    # its transpose (N_{l+1}, N_l)
-            g_refs = [next(it) for _ in range(L - 1)]     # γ broadcast to (1, N_l), hidden l
-        else:
-            kb_refs = [next(it) for _ in range(L - 1)]    # basal kernels of synapses 2..L
-            cb_refs = [next(it) for _ in range(L - 1)]
-            ka_refs = [next(it) for _ in range(L - 1)]    # apical kernels of hidden layers
-            a_refs = [next(it) for _ in range(L - 1)]     # α broadcast to (1, N_l)
-        out_refs = list(it)
+            (tgt_ref,), (beta_ref,) = group["target"], group["beta"]
+        w_refs, b_refs, back_refs, c_refs = group["w"], group["b"], group["back"], group["scale"]
 
         ctx = ctx_ref[...]
         dts = [r[...] for r in dt_refs]
@@ -216,15 +195,15 @@ def _make_kernel(plan: Plan):
         def drives(s):
             h = []
             for l in range(L):
-                if plan.kind == "ep":
+                if plan.kind == "linear":
                     hl = ctx if l == 0 else _dot(s[l - 1], w_refs[l - 1][...]) + b_refs[l - 1][...]
                     if l < L - 1:
-                        hl = hl + g_refs[l][...] * _dot(s[l + 1], wt_refs[l][...])
+                        hl = hl + c_refs[l][...] * _dot(s[l + 1], back_refs[l][...])
                 else:
-                    hl = ctx if l == 0 else _dendritic_map(s[l - 1], kb_refs[l - 1], cb_refs[l - 1],
+                    hl = ctx if l == 0 else _dendritic_map(s[l - 1], w_refs[l - 1], b_refs[l - 1],
                                                            N[l], plan.basal)
                     if l < L - 1:
-                        hl = hl + a_refs[l][...] * _dendritic_map(s[l + 1], ka_refs[l], None, N[l],
+                        hl = hl + c_refs[l][...] * _dendritic_map(s[l + 1], back_refs[l], None, N[l],
                                                                   plan.apical)
                 if l == L - 1 and plan.nudged:
                     hl = hl + force(s[l])
@@ -251,6 +230,27 @@ def _make_kernel(plan: Plan):
 
 # --- the call ---------------------------------------------------------------------------
 
+def _layout(plan: Plan) -> list:
+    """The kernel's operands, in their one order: `(group, shape, row-blocked)` each
+    (row-blocked: the batch rows, `shape[0]` the padded batch, a tile per program; the
+    rest whole). `_call`'s block specs, the kernel body, `_operands` and
+    `_abstract_operands` all follow this list. Groups: `ctx`; `s` (one per layer);
+    `target`, `beta` (nudged phases); `dt` (one per layer); for synapses 2..L `w`
+    (F_l's kernel), `b` (its bias); for the hidden layers `back` (G_l's kernel) and
+    `scale` (c broadcast over the layer) — `KernelDrive`'s terms."""
+    L, N, R = len(plan.padded), plan.padded, plan.rows
+    out = [("ctx", (R, N[0]), True)] + [("s", (R, n), True) for n in N]
+    if plan.nudged:
+        out += [("target", (R, N[-1]), True), ("beta", (R, N[-1]), True)]
+    out += [("dt", (1, n), False) for n in N]
+    kb, ka = (1, 1) if plan.kind == "linear" else (plan.basal, plan.apical)
+    out += [("w", (N[l], kb * N[l + 1]), False) for l in range(L - 1)]
+    out += [("b", (1, kb * N[l + 1]), False) for l in range(L - 1)]
+    out += [("back", (N[l + 1], ka * N[l]), False) for l in range(L - 1)]
+    out += [("scale", (1, N[l]), False) for l in range(L - 1)]
+    return out
+
+
 def _compiler_params(interp: bool):
     if interp:
         return None
@@ -258,31 +258,18 @@ def _compiler_params(interp: bool):
     cls = getattr(plt, "CompilerParams", None) or getattr(plt, "TritonCompilerParams", None)
     if cls is None:
         raise BackendUnavailable(f"jax {jax.__version__} has no Pallas Triton backend "
-                                 "(pallas.triton.CompilerParams): use impl='xla'")
+                                 "(pallas.triton.CompilerParams): use the default solver (scan)")
     return cls(num_warps=4, num_stages=1)
 
 
 def _call(plan: Plan, interp: bool):
     """The `pallas_call` of a plan: inputs as `_operands` orders them."""
     check_blocks(plan)
-    L, N, t = len(plan.padded), plan.padded, plan.tile
+    N, t = plan.padded, plan.tile
     dtype = jnp.dtype(plan.dtype)
     row = lambda n: pl.BlockSpec((t, n), lambda i: (i, 0))
     whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
-    specs = [row(N[0])] + [row(n) for n in N]
-    if plan.nudged:
-        specs += [row(N[-1]), row(N[-1])]
-    specs += [whole((1, n)) for n in N]
-    if plan.kind == "ep":
-        specs += [whole((N[l], N[l + 1])) for l in range(L - 1)]
-        specs += [whole((1, N[l + 1])) for l in range(L - 1)]
-        specs += [whole((N[l + 1], N[l])) for l in range(L - 1)]
-        specs += [whole((1, N[l])) for l in range(L - 1)]
-    else:
-        specs += [whole((N[l], plan.basal * N[l + 1])) for l in range(L - 1)]
-        specs += [whole((1, plan.basal * N[l + 1])) for l in range(L - 1)]
-        specs += [whole((N[l + 1], plan.apical * N[l])) for l in range(L - 1)]
-        specs += [whole((1, N[l])) for l in range(L - 1)]
+    specs = [row(shape[1]) if rows else whole(shape) for _, shape, rows in _layout(plan)]
     for shape in [s.block_shape for s in specs]:
         for d in shape:
             if not _is_pow2(d):
@@ -322,30 +309,29 @@ def _operands(plan: Plan, model, eff, ctx, s, target, beta, dt):
     for d, n, Np in zip(dt, plan.widths, N):
         ops.append(jnp.pad(jnp.broadcast_to(jnp.asarray(d, dtype), (n,)), (0, Np - n)).reshape(1, Np))
     row = lambda v, l: jnp.full((1, N[l]), v, dtype)
-    if plan.kind == "ep":
-        layers = eff["layers"]
-        ws = [_pad2(layers[l + 1]["w"], N[l], N[l + 1]) for l in range(L - 1)]
-        ops += ws
-        ops += [jnp.pad(layers[l + 1]["b"], (0, N[l + 1] - plan.widths[l + 1])).reshape(1, -1)
-                for l in range(L - 1)]
-        ops += [w.T for w in ws]
-        ops += [row(eff["gamma"], l) for l in range(L - 1)]
-    else:
-        n = plan.widths
-        ops += [_pad_branches(eff["basal"][l + 1][0], n[l + 1], N[l + 1], plan.basal, N[l]) for l in range(L - 1)]
-        ops += [_pad_branches(eff["basal"][l + 1][1], n[l + 1], N[l + 1], plan.basal) for l in range(L - 1)]
-        ops += [_pad_branches(eff["apical"][l], n[l], N[l], plan.apical, N[l + 1]) for l in range(L - 1)]
-        ops += [row(eff["alpha"], l) for l in range(L - 1)]
+    k, n = model.kernel_weights(eff), plan.widths
+    kb, ka = (1, 1) if plan.kind == "linear" else (plan.basal, plan.apical)
+    ops += [_pad_branches(k["w"][l], n[l + 1], N[l + 1], kb, N[l]) for l in range(L - 1)]
+    ops += [_pad_branches(k["b"][l], n[l + 1], N[l + 1], kb) for l in range(L - 1)]
+    ops += [_pad_branches(k["back"][l], n[l], N[l], ka, N[l + 1]) for l in range(L - 1)]
+    ops += [row(k["scale"], l) for l in range(L - 1)]
+    layout = _layout(plan)
+    assert [tuple(o.shape) for o in ops] == [shape for _, shape, _ in layout], "operands out of the layout's order"
     return [o.astype(dtype) for o in ops]
 
 
 def supported(model) -> str | None:
     """None when `model` has a kernel, else the reason (one line)."""
-    if type(model) not in (EPModel, DendriticModel):
-        return f"no Pallas relaxation kernel for {type(model).__name__} (EPModel and DendriticModel have one)"
-    if isinstance(model, DendriticModel) and not (_is_pow2(model.basal_branches) and _is_pow2(model.apical_branches)):
-        return (f"the Pallas relaxation kernel needs power-of-2 branch counts, got basal {model.basal_branches}, "
-                f"apical {model.apical_branches}")
+    describe = getattr(model, "kernel_drive", None)
+    drive = describe() if callable(describe) else None
+    if drive is None:
+        return (f"no Pallas relaxation kernel for {type(model).__name__} (its kernel_drive() describes none; "
+                "EPModel and DendriticModel have one)")
+    if drive.kind not in ("linear", "dendritic"):
+        return f"no Pallas relaxation kernel for drives of kind {drive.kind!r}"
+    if not (_is_pow2(drive.basal) and _is_pow2(drive.apical)):
+        return (f"the Pallas relaxation kernel needs power-of-2 branch counts, got basal {drive.basal}, "
+                f"apical {drive.apical}")
     return None
 
 
@@ -367,12 +353,10 @@ def plan_of(model, ctx, s, target, steps: int, block_b: int | None = None, prev:
     t = block_b if block_b is not None else _tile(B, N, jnp.dtype(ctx.dtype).itemsize)
     nudged = None if target is None else ("grad" if isinstance(target, OutputGrad) else "onehot")
     acts = (model.activation,) * (model.n_layers - 1) + (model.out_activation_name,)
-    kw = {}
-    if isinstance(model, DendriticModel):
-        kw = dict(basal=model.basal_branches, apical=model.apical_branches)
+    drive = model.kernel_drive()
     rows = -(-B // t) * t if t > 0 else B
-    return Plan("dendritic" if kw else "ep", widths, N, acts, model.loss, nudged, widths[-1], int(t), rows,
-                int(steps), jnp.dtype(ctx.dtype).name, prev=bool(prev), **kw)
+    return Plan(drive.kind, widths, N, acts, model.loss, nudged, widths[-1], int(t), rows,
+                int(steps), jnp.dtype(ctx.dtype).name, basal=drive.basal, apical=drive.apical, prev=bool(prev))
 
 
 @functools.lru_cache(maxsize=None)
@@ -382,7 +366,7 @@ def _lowers(plan: Plan, interp: bool, backend: str) -> bool:
     if interp:
         return True
     if backend != "gpu":
-        why = f"it needs a GPU (backend here: {backend}; kernels.interpret(True) runs it emulated)"
+        why = f"it needs a GPU (backend here: {backend}; interpret=True runs it emulated)"
     else:
         try:
             jax.jit(_call(plan, interp)).lower(*_abstract_operands(plan)).compile()
@@ -401,22 +385,7 @@ def _lowers(plan: Plan, interp: bool, backend: str) -> bool:
 
 
 def _abstract_operands(plan: Plan):
-    L, N, R = len(plan.padded), plan.padded, plan.rows
-    dt = jnp.dtype(plan.dtype)
-    sd = lambda *shape: jax.ShapeDtypeStruct(shape, dt)
-    ops = [sd(R, N[0])] + [sd(R, n) for n in N]
-    if plan.nudged:
-        ops += [sd(R, N[-1]), sd(R, N[-1])]
-    ops += [sd(1, n) for n in N]
-    if plan.kind == "ep":
-        ops += [sd(N[l], N[l + 1]) for l in range(L - 1)] + [sd(1, N[l + 1]) for l in range(L - 1)]
-        ops += [sd(N[l + 1], N[l]) for l in range(L - 1)] + [sd(1, N[l]) for l in range(L - 1)]
-    else:
-        ops += [sd(N[l], plan.basal * N[l + 1]) for l in range(L - 1)]
-        ops += [sd(1, plan.basal * N[l + 1]) for l in range(L - 1)]
-        ops += [sd(N[l + 1], plan.apical * N[l]) for l in range(L - 1)]
-        ops += [sd(1, N[l]) for l in range(L - 1)]
-    return ops
+    return [jax.ShapeDtypeStruct(shape, jnp.dtype(plan.dtype)) for _, shape, _ in _layout(plan)]
 
 
 def _xla(model, eff, ctx, s, target, beta, dt, steps, record, residual):
@@ -425,7 +394,7 @@ def _xla(model, eff, ctx, s, target, beta, dt, steps, record, residual):
     return dynamics.relax(model, eff, ctx, s, target, beta, dt, steps, record)
 
 
-def _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b):
+def _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b, interp):
     """`(final, state before the last step or None)` by the kernel, or None where the
     kernel is not used (the caller then runs the XLA path)."""
     why = supported(model)
@@ -434,7 +403,7 @@ def _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b):
         return None
     plan = plan_of(model, ctx, s, target, steps, block_b, prev=residual)
     check_blocks(plan)
-    interp = _STATE["interpret"]
+    interp = bool(interp)
     if not _lowers(plan, interp, jax.default_backend()):
         return None
     out = _call(plan, interp)(*_operands(plan, model, eff, ctx, s, target, beta, dt))
@@ -444,15 +413,17 @@ def _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b):
 
 
 def relax(model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False,
-          residual: bool = False, *, block_b: int | None = None):
+          residual: bool = False, *, block_b: int | None = None, interpret: bool = False):
     """`steps` updates from state `s`, as `ep_jax.dynamics.relax` (same arguments, same
     states; with `residual` also the relative residual of the last step), in one kernel
     launch. `record=True` (the trajectory) runs the XLA path, as do models without a
     kernel and backends where it does not lower (one warning line). `block_b`: rows per
-    program (a power of 2 >= 16; default: up to 64, fewer for wide states)."""
+    program (a power of 2 >= 16; default: up to 64, fewer for wide states). `interpret`:
+    run the kernel in Pallas interpret mode (any backend, emulated; the CPU tests' mode).
+    `ep_jax.solvers.Pallas` is the solver that calls it."""
     if record or steps == 0:
         return _xla(model, eff, ctx, s, target, beta, dt, steps, record, residual)
-    got = _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b)
+    got = _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b, interpret)
     if got is None:
         return _xla(model, eff, ctx, s, target, beta, dt, steps, record, residual)
     final, prev = got
@@ -460,14 +431,16 @@ def relax(model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False
 
 
 def free_phase(model, eff, ctx, dt, steps: int, record: bool = False, residual: bool = False, *,
-               block_b: int | None = None):
+               block_b: int | None = None, interpret: bool = False):
     """`steps` free steps (β = 0) from the zero state (`ep_jax.dynamics.free_phase`)."""
     s0 = model.zero_state(ctx.shape[0], ctx.dtype)
-    return relax(model, eff, ctx, s0, None, 0.0, dt, steps, record, residual, block_b=block_b)
+    return relax(model, eff, ctx, s0, None, 0.0, dt, steps, record, residual, block_b=block_b,
+                 interpret=interpret)
 
 
 def nudged_phases(model, eff, ctx, s_free, target, betas, dt, steps: int, batched: bool = True,
-                  record: bool = False, residual: bool = False, *, block_b: int | None = None):
+                  record: bool = False, residual: bool = False, *, block_b: int | None = None,
+                  interpret: bool = False):
     """Nudged phases from the free state, one per β (`ep_jax.dynamics.nudged_phases`:
     a list of states; with `residual`, `(list, r)`). The phases are always stacked along
     the batch axis into one launch (`batched` is accepted for the signature: both give
@@ -482,7 +455,7 @@ def nudged_phases(model, eff, ctx, s_free, target, betas, dt, steps: int, batche
     tile = lambda a: jnp.concatenate([a] * n, axis=0)
     beta_col = jnp.concatenate([jnp.full((B, 1), b, ctx.dtype) for b in betas], axis=0)
     got = _relax2(model, eff, tile(ctx), tuple(tile(sl) for sl in s_free), jax.tree.map(tile, target),
-                  beta_col, dt, steps, residual, block_b)
+                  beta_col, dt, steps, residual, block_b, interpret)
     if got is None:
         return xla()
     split = lambda st: [tuple(lax.slice_in_dim(sl, i * B, (i + 1) * B, axis=0) for sl in st) for i in range(n)]

@@ -43,6 +43,17 @@ from ep_jax._checks import numeric, whole_numbers
 State = tuple  # L arrays (B, n_l)
 
 
+class KernelDrive(NamedTuple):
+    """What the fused relaxation kernel (`ep_jax.kernels`) needs to know of a model's
+    drives, `h_l = F_l(s_{l−1}) + c · G_l(s_{l+1})` (plus the input drive for l = 1 and
+    the output force for l = L): `kind` ``"linear"`` (F_l: `s W_l + b_l`, G_l: `s W_{l+1}ᵀ`)
+    or ``"dendritic"`` (F_l, G_l: soma averages of `basal` / `apical` ReLU branches,
+    `ep_jax.dendrites`). The arrays come from `model.kernel_weights(eff)`."""
+    kind: str
+    basal: int = 1
+    apical: int = 1
+
+
 class OutputGrad(NamedTuple):
     """A fixed output-cost gradient `g` `(B, n_L)` standing in for the one-hot target:
     the nudged phases then minimise the linear cost ⟨g, s_L⟩ (the EP layer's custom VJP)."""
@@ -197,6 +208,17 @@ class LayeredModel(abc.ABC):
     def output(self, eff, s):
         """The output is the last state layer `s_L` (a readout model overrides this)."""
         return s[-1]
+
+    def kernel_drive(self) -> KernelDrive | None:
+        """The fused kernel's description of this model's drives (`KernelDrive`), or None:
+        no kernel (the `Pallas` solver then runs the scan)."""
+        return None
+
+    def kernel_weights(self, eff) -> dict:
+        """The kernel's arrays from `eff`, for synapses 2..L (layer 1's drive is `ctx`):
+        `{"w": (F_l's kernel, ...), "b": (F_l's bias, ...), "back": (G_l's kernel for the
+        hidden layers, ...), "scale": c}` (`KernelDrive`)."""
+        raise NotImplementedError
 
     # --- settings --------------------------------------------------------------------
     def settings(self, dtype=None, **given) -> dict:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ep_jax import dendrites
-from ep_jax.models.base import LayeredModel, default_float
+from ep_jax.models.base import KernelDrive, LayeredModel, default_float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +112,15 @@ class DendriticModel(LayeredModel):
         if target is not None:
             phi = phi + self.output_term(s[-1], target, beta)
         return phi / s[0].shape[0]
+
+    def kernel_drive(self) -> KernelDrive:
+        """`h_l = B_l(s_{l−1}) + α A_l(s_{l+1})`: branch-major masked kernels (`prepare`)."""
+        return KernelDrive("dendritic", self.basal_branches, self.apical_branches)
+
+    def kernel_weights(self, eff) -> dict:
+        L = self.n_layers
+        return {"w": tuple(eff["basal"][l][0] for l in range(1, L)), "b": tuple(eff["basal"][l][1] for l in range(1, L)),
+                "back": tuple(eff["apical"][l] for l in range(L - 1)), "scale": eff["alpha"]}
 
     def non_holomorphic(self) -> list[str]:
         """The dendritic branches pass through ReLU, which is not holomorphic."""

@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ep_jax.models.base import LayeredModel, default_float
+from ep_jax.models.base import KernelDrive, LayeredModel, default_float
 
 
 def matmul(s, w):
@@ -88,3 +88,13 @@ class EPModel(LayeredModel):
 
     def lr_tree(self, lr):
         return tuple({"w": lr[l], "b": lr[l]} for l in range(self.n_layers))
+
+    def kernel_drive(self) -> KernelDrive:
+        """`h_l = W_l s_{l−1} + b_l + γ W_{l+1}ᵀ s_{l+1}`: the kernel's linear drives."""
+        return KernelDrive("linear")
+
+    def kernel_weights(self, eff) -> dict:
+        layers = eff["layers"]
+        L = self.n_layers
+        return {"w": tuple(layers[l]["w"] for l in range(1, L)), "b": tuple(layers[l]["b"] for l in range(1, L)),
+                "back": tuple(layers[l + 1]["w"].T for l in range(L - 1)), "scale": eff["gamma"]}
