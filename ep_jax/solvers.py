@@ -172,6 +172,8 @@ class Async(Solver):
 
     @property
     def differentiable(self) -> bool:   # type: ignore[override]
+        """Whether reverse-mode differentiation can run through it: without `tol` (a fixed
+        number of sweeps in a `lax.scan`), not with it (a `lax.while_loop`)."""
         return self.tol is None
 
     def __call__(self, model, eff, ctx, s, target, beta, dt, steps: int):

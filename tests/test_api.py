@@ -17,7 +17,7 @@ import ep_jax
 PUBLIC_MODULES = ("activations", "alignment", "augment", "data", "dendrites", "dynamics", "estimators", "experiments", "kernels",
                   "layer",
                   "losses",
-                  "models", "nn", "optim", "parallel", "reference", "relaxation", "sweep", "synthetic",
+                  "models", "nn", "optim", "parallel", "reference", "relaxation", "solvers", "sweep", "synthetic",
                   "timesteps", "train")
 
 

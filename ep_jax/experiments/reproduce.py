@@ -103,8 +103,9 @@ def members(a) -> tuple[list, list[str]]:
             values["epochs"] = a.epochs
         if a.chunk:
             values["chunk"] = a.chunk
-        if a.impl and values.get("estimator") in ("symmetric", "one_sided", "chl"):
-            values["relaxation_impl"] = a.impl   # BPTT cells keep the XLA path
+        solver = a.solver or {"xla": "scan", "pallas": "pallas", None: None}[a.impl]
+        if solver and values.get("estimator") in ("symmetric", "one_sided", "chl"):
+            values["solver"] = solver   # BPTT cells keep the scan (they differentiate through it)
         if not available(values["dataset"], a.data_dir):
             skipped.append(f"{cell} ({values['dataset']} not found offline)")
             continue
@@ -217,8 +218,10 @@ def parser():
                         f"{SMOKE['epochs']} epoch: the same path in minutes (default --out "
                         "runs/reproduce-<table>-smoke)")
     p.add_argument("--chunk", type=int, help="steps per device-resident scan")
+    p.add_argument("--solver", help="the relaxation solver of the EP cells (config field solver, e.g. async:1e-5; "
+                                    "default: the presets' scan)")
     p.add_argument("--impl", choices=("xla", "pallas"),
-                   help="relaxation implementation of the EP cells (config field relaxation_impl; default xla)")
+                   help="shorthand of the GPU lease: --solver scan (xla) or --solver pallas")
     p.add_argument("--data-dir", help="folder with the datasets' files (the only place looked)")
     p.add_argument("--out", help="output folder (default runs/reproduce-<table>, with --smoke "
                                  "runs/reproduce-<table>-smoke)")
@@ -246,6 +249,8 @@ def main(argv=None):
         raise ConfigError(f"--seeds must be >= 1 and <= {MAX_SEEDS}, got {a.seeds}")
     if a.budget is not None and not (math.isfinite(a.budget) and a.budget > 0):
         raise ConfigError(f"--budget must be > 0 minutes (and finite), got {a.budget}")
+    if a.solver and a.impl:
+        raise ConfigError("give --solver or its shorthand --impl, not both")
     check_data_dir(a.data_dir)
     ms, skipped = members(a)
     for s in skipped:
