@@ -14,6 +14,7 @@ Host "devices" made by the XLA flag share the same CPU cores, so on a CPU this m
 the cost of splitting, not a gain: expect at best the gain of using idle cores, and
 collective overhead beyond the core count.
 """
+
 from __future__ import annotations
 
 import argparse

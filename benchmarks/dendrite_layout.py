@@ -19,6 +19,7 @@ rounds and their ratio. Also checks that both layouts give the same numbers (fre
 and params after one step, converted to one layout). Writes
 `benchmarks/results/dendrite_layout_<platform>.json`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,9 @@ import numpy as np
 import ep_jax
 from benchmarks.run import machine
 from ep_jax import dendrites, dynamics
-from ep_jax.models.dendritic import DendriticModel
 from ep_jax.experiments import engine
 from ep_jax.experiments.presets import preset_config
+from ep_jax.models.dendritic import DendriticModel
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -62,13 +63,15 @@ class ReferenceLayoutDendritic(DendriticModel):
 
 def to_reference(model, tree):
     """Params or masks (`{"basal", "apical"}`) of `model` converted to the reference layout."""
-    conv = lambda K, n: (lambda a: dendrites.to_reference_layout(a, n, K))
+    conv = lambda K, n: lambda a: dendrites.to_reference_layout(a, n, K)
     L = model.n_layers
     return {
-        "basal": tuple(jax.tree.map(conv(model.basal_branches, model.sizes[l + 1]), tree["basal"][l])
-                       for l in range(L)),
-        "apical": tuple(jax.tree.map(conv(model.apical_branches, model.sizes[l + 1]), tree["apical"][l])
-                        for l in range(L - 1)),
+        "basal": tuple(
+            jax.tree.map(conv(model.basal_branches, model.sizes[l + 1]), tree["basal"][l]) for l in range(L)
+        ),
+        "apical": tuple(
+            jax.tree.map(conv(model.apical_branches, model.sizes[l + 1]), tree["apical"][l]) for l in range(L - 1)
+        ),
     }
 
 
@@ -103,7 +106,11 @@ def bench(preset: str, rounds: int, chunk: int, seed: int = 0) -> dict:
     for name, (m, st) in variants.items():
         eff, ctx = hoisted(m, st.params, st.buffers, x[:B])
         fns[(name, "free")] = (lambda m=m, eff=eff, ctx=ctx: free(m, eff, ctx, hyper), 1, chunk)
-        fns[(name, "step")] = (lambda m=m, st=st: ep_jax.train_steps_jit(m, est, opt, key, st, x, y, idx, hyper), chunk, 1)
+        fns[(name, "step")] = (
+            lambda m=m, st=st: ep_jax.train_steps_jit(m, est, opt, key, st, x, y, idx, hyper),
+            chunk,
+            1,
+        )
     for f, _, _ in fns.values():  # compile, warm up
         jax.block_until_ready(f())
         jax.block_until_ready(f())
@@ -111,7 +118,7 @@ def bench(preset: str, rounds: int, chunk: int, seed: int = 0) -> dict:
     names = list(variants)
     for r in range(rounds):
         for part in ("free", "step"):
-            for name in (names if r % 2 == 0 else names[::-1]):  # interleaved, alternating order
+            for name in names if r % 2 == 0 else names[::-1]:  # interleaved, alternating order
                 f, per, reps = fns[(name, part)]
                 t0 = time.perf_counter()
                 for _ in range(reps):
@@ -124,13 +131,24 @@ def bench(preset: str, rounds: int, chunk: int, seed: int = 0) -> dict:
     free_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(s_ref, s_new))
     one_ref, _ = ep_jax.train_steps_jit(ref_model, est, opt, key, ref_state, x, y, idx[:1], hyper)
     one_new, _ = ep_jax.train_steps_jit(model, est, opt, key, state, x, y, idx[:1], hyper)
-    param_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-                     zip(jax.tree.leaves(one_ref.params), jax.tree.leaves(to_reference(model, one_new.params))))
+    param_diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(one_ref.params), jax.tree.leaves(to_reference(model, one_new.params)))
+    )
 
-    row = {"preset": preset, "sizes": list(model.sizes), "basal_branches": model.basal_branches,
-           "apical_branches": model.apical_branches, "t_free": est.t_free, "t_nudge": est.t_nudge,
-           "batch": B, "rounds": rounds, "chunk": chunk,
-           "free_state_max_abs_diff": free_diff, "params_after_one_step_max_abs_diff": param_diff}
+    row = {
+        "preset": preset,
+        "sizes": list(model.sizes),
+        "basal_branches": model.basal_branches,
+        "apical_branches": model.apical_branches,
+        "t_free": est.t_free,
+        "t_nudge": est.t_nudge,
+        "batch": B,
+        "rounds": rounds,
+        "chunk": chunk,
+        "free_state_max_abs_diff": free_diff,
+        "params_after_one_step_max_abs_diff": param_diff,
+    }
     for (name, part), ts in times.items():
         row[f"{name}_{part}_ms_median"], row[f"{name}_{part}_ms_best"] = float(np.median(ts)), float(np.min(ts))
         row[f"{name}_{part}_ms_all"] = ts
@@ -153,19 +171,28 @@ def main(argv=None):
     info = machine()
     rows = [bench(pr, a.rounds, a.chunk) for pr in a.presets.split(",")]
     print(f"machine: {info}")
-    print(f"{'preset':11s} {'part':5s} {'reference ms':>19s} {'branch-major ms':>19s} {'speed-up':>9s} "
-          f"{'ref s/epoch':>11s} {'bm s/epoch':>11s}")
+    print(
+        f"{'preset':11s} {'part':5s} {'reference ms':>19s} {'branch-major ms':>19s} {'speed-up':>9s} "
+        f"{'ref s/epoch':>11s} {'bm s/epoch':>11s}"
+    )
     print(f"{'':11s} {'':5s} {'median / best':>19s} {'median / best':>19s}")
     for r in rows:
         for part in ("free", "step"):
-            ep = (f"{r['reference_epoch_s_median']:11.1f} {r['branch_major_epoch_s_median']:11.1f}"
-                  if part == "step" else "")
-            print(f"{r['preset']:11s} {part:5s} "
-                  f"{r[f'reference_{part}_ms_median']:9.2f} / {r[f'reference_{part}_ms_best']:7.2f} "
-                  f"{r[f'branch_major_{part}_ms_median']:9.2f} / {r[f'branch_major_{part}_ms_best']:7.2f} "
-                  f"{r[f'{part}_speedup_median']:9.2f} {ep}")
-        print(f"{'':11s} same numbers: free state max |Δ| {r['free_state_max_abs_diff']:.1e}, "
-              f"params after one step max |Δ| {r['params_after_one_step_max_abs_diff']:.1e}")
+            ep = (
+                f"{r['reference_epoch_s_median']:11.1f} {r['branch_major_epoch_s_median']:11.1f}"
+                if part == "step"
+                else ""
+            )
+            print(
+                f"{r['preset']:11s} {part:5s} "
+                f"{r[f'reference_{part}_ms_median']:9.2f} / {r[f'reference_{part}_ms_best']:7.2f} "
+                f"{r[f'branch_major_{part}_ms_median']:9.2f} / {r[f'branch_major_{part}_ms_best']:7.2f} "
+                f"{r[f'{part}_speedup_median']:9.2f} {ep}"
+            )
+        print(
+            f"{'':11s} same numbers: free state max |Δ| {r['free_state_max_abs_diff']:.1e}, "
+            f"params after one step max |Δ| {r['params_after_one_step_max_abs_diff']:.1e}"
+        )
     path = RESULTS / f"dendrite_layout_{info['platform']}.json"
     path.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     print(f"wrote {path}")

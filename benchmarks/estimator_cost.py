@@ -24,6 +24,7 @@ below it): the free phase converges in ~25 of its 60 steps here, so expect about
 `--table2` times the same rows for the Table-2 MNIST network instead (hard sigmoid, dt = 1,
 β = 0.1; the holomorphic rows left out, as the hard sigmoid is not holomorphic, and implicit).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ ESTIMATORS = {
     "holomorphic N=8": dict(kind="holomorphic", n_points=8),
     "implicit": dict(kind="implicit"),
     "bptt": dict(kind="bptt"),
-    "symmetric, free_tol=1e-6": dict(kind="symmetric", solver=ep_jax.solvers.Adaptive(1e-6),
-                                     nudge_solver=ep_jax.solvers.Scan()),
+    "symmetric, free_tol=1e-6": dict(
+        kind="symmetric", solver=ep_jax.solvers.Adaptive(1e-6), nudge_solver=ep_jax.solvers.Scan()
+    ),
 }
 
 
@@ -58,7 +60,7 @@ def time_estimator(model, kw, x, y, rx, steps, repeats, batch):
     state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(0))
     idx = jnp.arange(steps * batch).reshape(steps, batch) % x.shape[0]
     key = jax.random.PRNGKey(1)
-    out, info = ep_jax.train_steps_jit(model, est, opt, key, state, x, y, idx, rx)   # compile
+    out, info = ep_jax.train_steps_jit(model, est, opt, key, state, x, y, idx, rx)  # compile
     jax.block_until_ready(out)
     best = float("inf")
     for _ in range(repeats):
@@ -70,8 +72,11 @@ def time_estimator(model, kw, x, y, rx, steps, repeats, batch):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.estimator_cost", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.estimator_cost",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
@@ -92,12 +97,15 @@ def main(argv=None):
     params, buffers = model.init(jax.random.PRNGKey(0))
     eff = model.prepare(params, buffers)
     _, r, k = jax.jit(ep_jax.dynamics.free_phase_adaptive, static_argnums=(0, 4))(
-        model, eff, model.input_drive(eff, x[:a.batch]), rx.dt, 60, 1e-6)
+        model, eff, model.input_drive(eff, x[: a.batch]), rx.dt, 60, 1e-6
+    )
     rows["symmetric, free_tol=1e-6"]["free_steps_at_init"] = int(k)
     base = rows["symmetric"]["step_ms"]
     platform = jax.devices()[0].platform
-    print(f"estimator cost per training step, 784-256-10 {act}, dt={dt:g}, T1=60, T2=12, batch {a.batch}, "
-          f"{platform}; free_tol=1e-6 stops at step {int(k)} at initialisation")
+    print(
+        f"estimator cost per training step, 784-256-10 {act}, dt={dt:g}, T1=60, T2=12, batch {a.batch}, "
+        f"{platform}; free_tol=1e-6 stops at step {int(k)} at initialisation"
+    )
     print(f"{'estimator':18s} {'ms/step':>9s} {'× symmetric':>12s}  steps applied")
     for name, r in rows.items():
         r["vs_symmetric"] = r["step_ms"] / base
@@ -105,9 +113,19 @@ def main(argv=None):
     if not a.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"estimator_cost{'_table2' if a.table2 else ''}_{platform}.json"
-        path.write_text(json.dumps({"network": f"784-256-10 {act} dt={dt:g}", "batch": a.batch, "steps": a.steps,
-                                    "repeats": a.repeats, "rows": rows},
-                                   indent=1) + "\n")
+        path.write_text(
+            json.dumps(
+                {
+                    "network": f"784-256-10 {act} dt={dt:g}",
+                    "batch": a.batch,
+                    "steps": a.steps,
+                    "repeats": a.repeats,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         print(f"wrote {path.relative_to(ROOT)}")
 
 

@@ -35,6 +35,7 @@ second call within its 30 s keeps `runs/lease` (git-ignored build outputs stay) 
 continues there, e.g. `bash benchmarks/lease.sh $OUT --skip speed --budget 4`, with the
 first call's choice of implementation (`runs/lease/choice.json`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,15 +54,26 @@ ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 
 #: (variant, XLA_FLAGS or None): run in this order until the speed budget is spent
-VARIANTS = [("xla", None), ("pallas", None), ("pallas16", None),
-            ("cmdbuf", "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1"),
-            ("unroll4", None), ("unroll8", None), ("unroll2", None), ("unrollfull", None)]
+VARIANTS = [
+    ("xla", None),
+    ("pallas", None),
+    ("pallas16", None),
+    ("cmdbuf", "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1"),
+    ("unroll4", None),
+    ("unroll8", None),
+    ("unroll2", None),
+    ("unrollfull", None),
+]
 #: variants the library can train with: (relaxation_impl, XLA_FLAGS)
-LIBRARY = {"xla": ("xla", None), "pallas": ("pallas", None), "pallas16": ("pallas", None),
-           "cmdbuf": ("xla", VARIANTS[3][1])}
-BUDGETS = {"speed": 170, "table1": 230, "pack": 25}        # seconds; table2 gets the rest
+LIBRARY = {
+    "xla": ("xla", None),
+    "pallas": ("pallas", None),
+    "pallas16": ("pallas", None),
+    "cmdbuf": ("xla", VARIANTS[3][1]),
+}
+BUDGETS = {"speed": 170, "table1": 230, "pack": 25}  # seconds; table2 gets the rest
 DRY_BUDGETS = {"speed": 60, "table1": 60, "pack": 10}
-DRY_VARIANTS = ["xla", "pallas", "unroll2"]                 # cmdbuf: a GPU flag the CPU build rejects
+DRY_VARIANTS = ["xla", "pallas", "unroll2"]  # cmdbuf: a GPU flag the CPU build rejects
 DRY_WORKLOADS = "mnist-dep-1,hts-1"
 TABLE1_DATASETS = ("mnist", "fmnist")
 DRY_TABLE1 = ["mnist-hts-lognormal-dt0.25", "fmnist-hts-scalar-dt0.25"]
@@ -82,8 +94,12 @@ class Lease:
         self.deadline = self.t0 + 60 * a.budget
         self.budgets = DRY_BUDGETS if a.dry_run else BUDGETS
         self.runs = Path(a.runs)
-        self.manifest = {"dry_run": a.dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                         "budget_min": a.budget, "steps": {}}
+        self.manifest = {
+            "dry_run": a.dry_run,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "budget_min": a.budget,
+            "steps": {},
+        }
         self.save()
 
     def left(self) -> float:
@@ -99,11 +115,14 @@ class Lease:
     def sub(self, argv: list[str], timeout: float, flags: str | None = None) -> int:
         """Run `argv` with this Python, its output into ours (lease.sh tees it); killed at
         `timeout` seconds (what it wrote so far stays)."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+        )
         if flags:
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-        print(f"lease: $ {' '.join(argv)}  (timeout {timeout:.0f} s{', XLA_FLAGS=' + flags if flags else ''})",
-              flush=True)
+        print(
+            f"lease: $ {' '.join(argv)}  (timeout {timeout:.0f} s{', XLA_FLAGS=' + flags if flags else ''})", flush=True
+        )
         try:
             return subprocess.run([sys.executable] + argv, env=env, timeout=max(1.0, timeout), cwd=ROOT).returncode
         except subprocess.TimeoutExpired:
@@ -113,8 +132,10 @@ class Lease:
 
 # --- what is finished ---------------------------------------------------------------------
 
+
 def finished(run: Path) -> bool:
     from ep_jax.experiments.import_lease import finished_summary
+
     return finished_summary(run / "summary.json")
 
 
@@ -154,8 +175,9 @@ def pinned_impl(L: Lease, table: str) -> str | None:
     the config it was saved with)."""
     from ep_jax.experiments import files
     from ep_jax.experiments.errors import RunError
+
     for cfg in sorted((L.runs / table).rglob("config.json")):
-        try:   # a regular file of bounded size (files.read_json), as every reader of run files
+        try:  # a regular file of bounded size (files.read_json), as every reader of run files
             d = files.read_json(cfg, "table") or {}
             # config.json files before the `solver` field name relaxation_impl
             solver = d.get("solver") if isinstance(d.get("solver"), str) else ""
@@ -167,6 +189,7 @@ def pinned_impl(L: Lease, table: str) -> str | None:
 
 # --- (a) speed ------------------------------------------------------------------------------
 
+
 def speed(L: Lease) -> list[dict]:
     rows_file = L.out / "speed.jsonl"
     rows_file.unlink(missing_ok=True)
@@ -176,16 +199,24 @@ def speed(L: Lease) -> list[dict]:
     plain = [v for v, f in variants if f is None]
     flagged = [(v, f) for v, f in variants if f is not None]
     groups = [(plain[:3], None)] + [([v], f) for v, f in flagged] + [(plain[3:], None)]
-    if L.a.dry_run:   # one process: the dry run checks the path, not the numbers
+    if L.a.dry_run:  # one process: the dry run checks the path, not the numbers
         groups = [(plain, None)]
-    shares = [0.5, 0.25, 0.25][:len(groups)] if not L.a.dry_run else [1.0]
+    shares = [0.5, 0.25, 0.25][: len(groups)] if not L.a.dry_run else [1.0]
     for i, (names, flags) in enumerate(groups):
         if not names or time.time() >= end - 5:
             continue
         # each process its share of what is left (an unused share rolls over to the next)
         stop = time.time() + (end - time.time()) * shares[i] / sum(shares[i:])
-        argv = ["-m", "benchmarks.lease_speed", "--variants", ",".join(names), "--rows", str(rows_file),
-                "--deadline", str(stop)]
+        argv = [
+            "-m",
+            "benchmarks.lease_speed",
+            "--variants",
+            ",".join(names),
+            "--rows",
+            str(rows_file),
+            "--deadline",
+            str(stop),
+        ]
         if L.a.data_dir:
             argv += ["--data-dir", L.a.data_dir]
         if L.a.dry_run:
@@ -213,19 +244,24 @@ def fastest(rows: list[dict], workloads: list[str]) -> tuple[str, str | None, st
 
 def speed_table(rows: list[dict]) -> str:
     works = list(dict.fromkeys(r["workload"] for r in rows))
-    lines = ["| variant | " + " | ".join(f"{w} ms/step" for w in works) + " |",
-             "|---|" + "---|" * len(works)]
+    lines = ["| variant | " + " | ".join(f"{w} ms/step" for w in works) + " |", "|---|" + "---|" * len(works)]
     for v in dict.fromkeys(r["variant"] for r in rows):
         cells = []
         for w in works:
             r = next((r for r in rows if r["variant"] == v and r["workload"] == w), None)
-            cells.append("–" if r is None else "error" if "error" in r else
-                         f"{r['ms_per_step']:.3f}" + (" (xla fallback)" if "fallback" in r else ""))
+            cells.append(
+                "–"
+                if r is None
+                else "error"
+                if "error" in r
+                else f"{r['ms_per_step']:.3f}" + (" (xla fallback)" if "fallback" in r else "")
+            )
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # --- (b), (c) tables -------------------------------------------------------------------------
+
 
 def table(L: Lease, name: str, cells: list[str], impl: str, flags: str | None, seconds: float) -> int:
     if not cells:
@@ -237,9 +273,23 @@ def table(L: Lease, name: str, cells: list[str], impl: str, flags: str | None, s
         print(f"lease: {name}: no time left ({seconds:.0f} s)", flush=True)
         L.step(name, cells=cells, skipped="no time left")
         return 0
-    argv = ["-m", "experiments.reproduce", name, "--seeds", str(L.a.seeds), "--cells", ",".join(cells),
-            "--budget", f"{max(0.2, (seconds - 20) / 60):.2f}", "--out", str(L.runs / name), "--impl", impl,
-            "--no-progress", "--no-estimate"]
+    argv = [
+        "-m",
+        "experiments.reproduce",
+        name,
+        "--seeds",
+        str(L.a.seeds),
+        "--cells",
+        ",".join(cells),
+        "--budget",
+        f"{max(0.2, (seconds - 20) / 60):.2f}",
+        "--out",
+        str(L.runs / name),
+        "--impl",
+        impl,
+        "--no-progress",
+        "--no-estimate",
+    ]
     if L.a.data_dir:
         argv += ["--data-dir", L.a.data_dir]
     if L.a.dry_run:
@@ -252,20 +302,23 @@ def table(L: Lease, name: str, cells: list[str], impl: str, flags: str | None, s
 
 def table1_cells(L: Lease) -> list[str]:
     from ep_jax.experiments.reproduce import cells
+
     done = finished_cells("table1", [Path(L.a.results)], L.a.seeds)
     names = [c for c, _ in cells("table1") if c.split("-hts")[0] in TABLE1_DATASETS and c not in done]
     return [c for c in names if c in DRY_TABLE1] if L.a.dry_run else names
 
 
 def table2_cells(L: Lease) -> list[str]:
-    from ep_jax.experiments.reproduce import TABLE2_CELLS, available
     from ep_jax.experiments.presets import PRESETS
+    from ep_jax.experiments.reproduce import TABLE2_CELLS, available
+
     done = finished_cells("table2", [Path(L.a.results)] + [Path(p) for p in L.a.prior], L.a.seeds)
     names = [c for c in TABLE2_CELLS if c not in done and available(PRESETS[c]["dataset"], L.a.data_dir)]
     return names[:1] if L.a.dry_run else names
 
 
 # --- packing ---------------------------------------------------------------------------------
+
 
 def pack(L: Lease, resume_bytes: int, part_bytes: int = 15 * MIB, max_parts: int = 5) -> dict:
     """The run folders as `lease.tgz.NN` parts (module docstring)."""
@@ -284,6 +337,7 @@ def pack(L: Lease, resume_bytes: int, part_bytes: int = 15 * MIB, max_parts: int
         eps = []
         from ep_jax.experiments import files
         from ep_jax.experiments.errors import RunError
+
         for ck in ckpts[cell]:
             try:
                 eps.append(len((files.read_text(ck.parent / "metrics.jsonl") or "").splitlines()))
@@ -305,8 +359,9 @@ def pack(L: Lease, resume_bytes: int, part_bytes: int = 15 * MIB, max_parts: int
         once, so its digest is that of the bytes packed."""
         buf, digests = io.BytesIO(), {}
         with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tf:
-            for f, name in [(f, str(f.relative_to(L.runs))) for f in files + (with_ckpts or [])] + \
-                           [(f, f.name) for f in extra if f.exists()]:
+            for f, name in [(f, str(f.relative_to(L.runs))) for f in files + (with_ckpts or [])] + [
+                (f, f.name) for f in extra if f.exists()
+            ]:
                 data = f.read_bytes()
                 ti = tf.gettarinfo(f, arcname=name)
                 ti.size = len(data)
@@ -315,27 +370,41 @@ def pack(L: Lease, resume_bytes: int, part_bytes: int = 15 * MIB, max_parts: int
         return buf.getvalue(), digests
 
     blob, digests = build(chosen)
-    if len(blob) > part_bytes * max_parts:       # checkpoints compress little: drop them
+    if len(blob) > part_bytes * max_parts:  # checkpoints compress little: drop them
         left_out += sorted({str(c.parent.parent.relative_to(L.runs)) for c in chosen})
         chosen = []
         blob, digests = build([])
     too_big = len(blob) > part_bytes * max_parts
-    if too_big:       # never a cut archive (the importer refuses one): lease.json and lease.log say why
-        print(f"lease: the run files alone take {len(blob) / MIB:.1f} MiB, more than {max_parts} parts: "
-              "nothing packed", flush=True)
+    if too_big:  # never a cut archive (the importer refuses one): lease.json and lease.log say why
+        print(
+            f"lease: the run files alone take {len(blob) / MIB:.1f} MiB, more than {max_parts} parts: nothing packed",
+            flush=True,
+        )
         blob, digests = b"", {}
     for old in L.out.glob("lease.tgz.*"):
         old.unlink()
-    parts = [blob[i:i + part_bytes] for i in range(0, len(blob), part_bytes)]
+    parts = [blob[i : i + part_bytes] for i in range(0, len(blob), part_bytes)]
     for i, p in enumerate(parts):
         (L.out / f"lease.tgz.{i:02d}").write_bytes(p)
     # the manifest experiments.import_lease checks every part and file against
-    archive = {"format": "ep_jax-lease", "version": 2, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
-               "parts": [{"name": f"lease.tgz.{i:02d}", "bytes": len(p), "sha256": hashlib.sha256(p).hexdigest()}
-                         for i, p in enumerate(parts)],
-               "files": digests}
-    info = {"files": len(files), "checkpoints": len(chosen), "bytes": len(blob), "parts": len(parts),
-            "cells_without_checkpoint": left_out}
+    archive = {
+        "format": "ep_jax-lease",
+        "version": 2,
+        "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "parts": [
+            {"name": f"lease.tgz.{i:02d}", "bytes": len(p), "sha256": hashlib.sha256(p).hexdigest()}
+            for i, p in enumerate(parts)
+        ],
+        "files": digests,
+    }
+    info = {
+        "files": len(files),
+        "checkpoints": len(chosen),
+        "bytes": len(blob),
+        "parts": len(parts),
+        "cells_without_checkpoint": left_out,
+    }
     if too_big:
         info["error"] = "the run files alone exceed the parts' room: nothing packed"
     L.step("pack", **info, archive=archive if parts else None)
@@ -343,8 +412,9 @@ def pack(L: Lease, resume_bytes: int, part_bytes: int = 15 * MIB, max_parts: int
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="bash benchmarks/lease.sh OUT", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bash benchmarks/lease.sh OUT", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="the folder whose files come back ($OUT on the GPU machine)")
     p.add_argument("--dry-run", action="store_true", help="the same path on the CPU, tiny sizes")
     p.add_argument("--budget", type=float, help="minutes of wall time in all (default 9; dry run 4)")
@@ -353,10 +423,18 @@ def parser():
     p.add_argument("--runs", default="runs/lease", help="where this call trains (git-ignored)")
     p.add_argument("--results", default="experiments/results/gpu-lease", help="earlier leases' imported results")
     p.add_argument("--resume-dir", default=".lease/resume", help="earlier leases' checkpoints (carried)")
-    p.add_argument("--prior", action="append", default=["experiments/results/gpu-h200"],
-                   help="older result folders whose finished Table-2 cells are skipped")
-    p.add_argument("--resume-mb", type=float, default=16.0,
-                   help="checkpoint MiB to bring back (the next call carries them beside 41 MB of data; default 16)")
+    p.add_argument(
+        "--prior",
+        action="append",
+        default=["experiments/results/gpu-h200"],
+        help="older result folders whose finished Table-2 cells are skipped",
+    )
+    p.add_argument(
+        "--resume-mb",
+        type=float,
+        default=16.0,
+        help="checkpoint MiB to bring back (the next call carries them beside 41 MB of data; default 16)",
+    )
     p.add_argument("--skip", default="", help="comma-separated steps to skip: speed, table1, table2")
     return p
 
@@ -364,20 +442,23 @@ def parser():
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     if a.data_dir and not Path(a.data_dir).is_dir():
-        a.data_dir = None        # the default search (the dry run in CI: Debian's Fashion-MNIST)
+        a.data_dir = None  # the default search (the dry run in CI: Debian's Fashion-MNIST)
     os.chdir(ROOT)
     L = Lease(a)
     skip = set(filter(None, a.skip.split(",")))
     import jax
+
     L.step("machine", jax=jax.__version__, devices=[str(d) for d in jax.devices()], backend=jax.default_backend())
     print(f"lease: {'dry run, ' if a.dry_run else ''}budget {a.budget:g} min, {jax.devices()}", flush=True)
     try:
         rows = run_steps(L, skip)
-    finally:   # whatever happened, bring back what there is
+    finally:  # whatever happened, bring back what there is
         L.manifest["seconds"] = round(time.time() - L.t0, 1)
         info = pack(L, int(a.resume_mb * MIB))
-    print(f"lease: packed {info['files']} files and {info['checkpoints']} checkpoints into {info['parts']} "
-          f"part(s), {info['bytes'] / MIB:.1f} MiB; cells without checkpoint: {info['cells_without_checkpoint'] or 'none'}")
+    print(
+        f"lease: packed {info['files']} files and {info['checkpoints']} checkpoints into {info['parts']} "
+        f"part(s), {info['bytes'] / MIB:.1f} MiB; cells without checkpoint: {info['cells_without_checkpoint'] or 'none'}"
+    )
     print(f"lease: done in {time.time() - L.t0:.0f} s; import with: python -m experiments.import_lease <files folder>")
     print()
     print(speed_table(rows) if rows else "(no speed rows)")
@@ -387,8 +468,8 @@ def main(argv=None) -> int:
 def block_rows(variant: str):
     """`pallasN` won: the table's subprocess runs the kernel with N rows per program."""
     os.environ.pop("EP_JAX_PALLAS_BLOCK_B", None)
-    if variant.startswith("pallas") and variant[len("pallas"):]:
-        os.environ["EP_JAX_PALLAS_BLOCK_B"] = variant[len("pallas"):]
+    if variant.startswith("pallas") and variant[len("pallas") :]:
+        os.environ["EP_JAX_PALLAS_BLOCK_B"] = variant[len("pallas") :]
 
 
 def run_steps(L: Lease, skip: set) -> list[dict]:
@@ -396,7 +477,7 @@ def run_steps(L: Lease, skip: set) -> list[dict]:
     rows = speed(L) if "speed" not in skip else []
     impl1, flags1, why1, best1 = fastest(rows, ["hts-25", "hts-1"])
     impl2, flags2, why2, best2 = fastest(rows, ["mnist-dep-128", "mnist-dep-1"])
-    choice = L.runs / "choice.json"    # a second call on the still-warm machine keeps the first's choice
+    choice = L.runs / "choice.json"  # a second call on the still-warm machine keeps the first's choice
     if not rows and choice.exists():
         impl1, flags1, why1, best1, impl2, flags2, why2, best2 = json.loads(choice.read_text())
         why1, why2 = f"kept from the previous call ({why1})", f"kept from the previous call ({why2})"

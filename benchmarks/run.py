@@ -33,6 +33,7 @@ Sweep throughput: model-epochs per second of M vmapped members (the experiment e
 Writes `benchmarks/results/<device>.json` and `<device>.md` (table, machine, command).
 `benchmarks/README.md` explains how to read them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,17 +50,24 @@ import numpy as np
 
 import ep_jax
 from ep_jax import sweep as S
-from ep_jax.reference import Unhoisted
 from ep_jax.experiments import engine
 from ep_jax.experiments.config import CONV_MODELS
 from ep_jax.experiments.presets import preset_config
+from ep_jax.reference import Unhoisted
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EPOCH = 60000
 
 # one preset per distinct architecture (kmnist-* share fmnist-*'s shapes; fmnist-dep-1h mnist-dep's)
-PRESETS_FULL = ["mnist-ep", "mnist-dep", "mnist-dbptt", "fmnist-ep", "fmnist-dep", "fmnist-dbptt",
-                "mnist-hts-lognormal"]
+PRESETS_FULL = [
+    "mnist-ep",
+    "mnist-dep",
+    "mnist-dbptt",
+    "fmnist-ep",
+    "fmnist-dep",
+    "fmnist-dbptt",
+    "mnist-hts-lognormal",
+]
 PRESETS_QUICK = ["mnist-ep", "mnist-dep", "fmnist-dep"]
 # conv rows: the small Fashion-MNIST net everywhere, Laborieux et al.'s CIFAR-10 net where not --quick
 CONV_FULL = ["fmnist-conv-small", "cifar10-conv-ep"]
@@ -68,6 +76,7 @@ SWEEP_PRESETS = ["mnist-dep", "fmnist-dep"]
 
 
 # --- machine ----------------------------------------------------------------------------
+
 
 def device_name() -> str:
     d = jax.devices()[0]
@@ -78,10 +87,16 @@ def device_name() -> str:
 
 def machine() -> dict:
     d = jax.devices()[0]
-    return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
-            "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-            "load_average_1min": os.getloadavg()[0], "jax": jax.__version__,
-            "python": platform.python_version()}
+    return {
+        "platform": d.platform,
+        "device_kind": d.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "load_average_1min": os.getloadavg()[0],
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def sync(tree):
@@ -124,8 +139,9 @@ def compiled_stats(jitted, *args) -> dict:
         pass
     try:
         m = c.memory_analysis()
-        out["memory_bytes"] = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                                  - m.alias_size_in_bytes)
+        out["memory_bytes"] = int(
+            m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+        )
     except Exception:
         pass
     return out
@@ -135,8 +151,7 @@ def synapse_flops(cfg) -> list[float]:
     """Conv models: the forward FLOPs per example of each synapse — a conv layer
     2·H'·W'·k²·C_in·C_out (H'×W' its map before pooling), an fc layer (the readout
     included) 2·n_in·n_out. Pooling is not counted (no multiply-adds)."""
-    out = [2.0 * c["h_conv"] * c["w_conv"] * c["kernel"] ** 2 * c["c_in"] * c["channels"]
-           for c in cfg.conv_layers()]
+    out = [2.0 * c["h_conv"] * c["w_conv"] * c["kernel"] ** 2 * c["c_in"] * c["channels"] for c in cfg.conv_layers()]
     last = cfg.conv_layers()[-1]
     widths = [last["h_out"] * last["w_out"] * last["channels"]] + list(cfg.fc)
     return out + [2.0 * widths[i] * widths[i + 1] for i in range(len(cfg.fc))]
@@ -154,8 +169,11 @@ def conv_step_flops(cfg) -> float:
     ka = cfg.apical_branches if cfg.model == "dendritic_conv" else 0
     inp = cfg.batch_size * f[0] * kb
     rec = cfg.batch_size * sum(f[1:]) * (2 * kb + 2 * ka)
-    steps = {"symmetric": cfg.t_free + 2 * cfg.t_nudge + 4, "one_sided": cfg.t_free + cfg.t_nudge + 4,
-             "chl": cfg.t_free + cfg.t_nudge + 4}.get(cfg.estimator, cfg.t_free + 2 * cfg.t_nudge)
+    steps = {
+        "symmetric": cfg.t_free + 2 * cfg.t_nudge + 4,
+        "one_sided": cfg.t_free + cfg.t_nudge + 4,
+        "chl": cfg.t_free + cfg.t_nudge + 4,
+    }.get(cfg.estimator, cfg.t_free + 2 * cfg.t_nudge)
     return 2 * inp + steps * rec
 
 
@@ -173,8 +191,8 @@ def step_flops(cfg) -> float:
     dend = cfg.model == "dendritic"
     kb, ka = (cfg.basal_branches, cfg.apical_branches) if dend else (1, 1)
     inp = 2 * B * n[0] * n[1] * kb
-    rec = sum(2 * B * n[l - 1] * n[l] * kb for l in range(2, L + 1))          # feedforward maps, l >= 2
-    rec += sum(2 * B * n[l + 1] * n[l] * ka for l in range(1, L))             # feedback / apical maps
+    rec = sum(2 * B * n[l - 1] * n[l] * kb for l in range(2, L + 1))  # feedforward maps, l >= 2
+    rec += sum(2 * B * n[l + 1] * n[l] * ka for l in range(1, L))  # feedback / apical maps
     if cfg.estimator == "symmetric":
         return 2 * inp + (cfg.t_free + 2 * cfg.t_nudge + 2 * 2) * rec
     if cfg.estimator in ("one_sided", "chl"):
@@ -195,15 +213,16 @@ def roofline(quick: bool) -> dict:
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     t = timed(lambda: f(a), 0.5 if quick else 1.0)
-    return {"matmul_n": n, "gflops": 2 * n ** 3 / t / 1e9}
+    return {"matmul_n": n, "gflops": 2 * n**3 / t / 1e9}
 
 
 def dominant_conv(cfg, model, min_time) -> float:
     """GFLOP/s of `relu(conv(x, w))` for the conv model's costliest conv layer (one batch)."""
     from ep_jax.models.conv import conv2d
+
     f = synapse_flops(cfg)
     layers = cfg.conv_layers()
-    i = int(np.argmax(f[:len(layers)]))
+    i = int(np.argmax(f[: len(layers)]))
     c = layers[i]
     x = jax.random.uniform(jax.random.PRNGKey(0), (cfg.batch_size, c["h_in"], c["w_in"], c["c_in"]))
     w = jax.random.uniform(jax.random.PRNGKey(1), (c["kernel"], c["kernel"], c["c_in"], c["channels"]))
@@ -227,6 +246,7 @@ def dominant_matmul(cfg, model, min_time) -> float:
 
 # --- the naive formulation --------------------------------------------------------------
 
+
 def to_reference(cfg, tree):
     """Dendritic params/masks from the library's branch-major layout to the reference
     layout (branch (j, k) in column j·K + k) that the naive step works in;
@@ -242,7 +262,10 @@ def _relayout(cfg, tree, f):
     if cfg.model != "dendritic":
         return tree
     out = dict(tree)
-    for part, K, sizes in (("basal", cfg.basal_branches, cfg.sizes[1:]), ("apical", cfg.apical_branches, cfg.sizes[1:-1])):
+    for part, K, sizes in (
+        ("basal", cfg.basal_branches, cfg.sizes[1:]),
+        ("apical", cfg.apical_branches, cfg.sizes[1:-1]),
+    ):
         out[part] = tuple(jax.tree.map(lambda a, n=n: f(a, n, K), leaf) for leaf, n in zip(tree[part], sizes))
     return out
 
@@ -280,13 +303,15 @@ def naive_step(cfg):
 
     def phi(p, b, x, s, y1h, beta):
         # the dendritic primitive holds its apical term; the energy's feedback is the W_{l+1} term
-        tot = sum(jnp.sum(s[l] * (feedforward(p, b, x, s, l) + (feedback(p, b, s, l) if dend else 0.0)))
-                  for l in range(L))
+        tot = sum(
+            jnp.sum(s[l] * (feedforward(p, b, x, s, l) + (feedback(p, b, s, l) if dend else 0.0))) for l in range(L)
+        )
         return (tot - beta * 0.5 * jnp.sum((s[-1] - y1h) ** 2)) / B
 
     def relax(p, b, x, s, y1h, beta, T):
         def body(s, _):
             return [act(h) for h in drives(p, b, x, s, y1h, beta)], None
+
         return jax.lax.scan(body, s, None, length=T)[0]
 
     def step(p, b, v, x, y):
@@ -294,8 +319,15 @@ def naive_step(cfg):
         s0 = relax(p, b, x, [jnp.zeros((B, n)) for n in cfg.sizes[1:]], y1h, 0.0, cfg.t_free)
         sp = relax(p, b, x, s0, y1h, cfg.beta, cfg.t_nudge)
         sm = relax(p, b, x, s0, y1h, -cfg.beta, cfg.t_nudge)
-        g = jax.grad(lambda q: -(phi(q, b, x, jax.lax.stop_gradient(sp), y1h, cfg.beta)
-                                 - phi(q, b, x, jax.lax.stop_gradient(sm), y1h, -cfg.beta)) / (2 * cfg.beta))(p)
+        g = jax.grad(
+            lambda q: (
+                -(
+                    phi(q, b, x, jax.lax.stop_gradient(sp), y1h, cfg.beta)
+                    - phi(q, b, x, jax.lax.stop_gradient(sm), y1h, -cfg.beta)
+                )
+                / (2 * cfg.beta)
+            )
+        )(p)
         v = jax.tree.map(lambda vv, gg: 0.9 * vv + gg, v, g)
         rates = engine.build_model(cfg).lr_tree(lrs)
         p = jax.tree.map(lambda pp, vv, r: pp - r * vv, p, v, rates)
@@ -305,6 +337,7 @@ def naive_step(cfg):
 
 
 # --- per-preset timing ------------------------------------------------------------------
+
 
 def bench_preset(name: str, min_time: float, chunk: int) -> dict:
     cfg = preset_config(name)
@@ -318,11 +351,21 @@ def bench_preset(name: str, min_time: float, chunk: int) -> dict:
     x = rng.random((n, model.sizes[0]), dtype=np.float32)
     y = rng.integers(0, model.n_classes, n).astype(np.int32)
     key = jax.random.PRNGKey(0)
-    sizes = (list(cfg.sizes) if cfg.model not in CONV_MODELS
-             else [f"conv{c}" for c in cfg.channels] + [f"fc{n}" for n in cfg.fc])
-    row = {"preset": name, "model": cfg.model, "estimator": cfg.estimator, "sizes": sizes,
-           "t_free": cfg.t_free, "t_nudge": cfg.t_nudge, "batch": B,
-           "steps_per_epoch": -(-(cfg.total_train() if cfg.model in CONV_MODELS else EPOCH) // B)}
+    sizes = (
+        list(cfg.sizes)
+        if cfg.model not in CONV_MODELS
+        else [f"conv{c}" for c in cfg.channels] + [f"fc{n}" for n in cfg.fc]
+    )
+    row = {
+        "preset": name,
+        "model": cfg.model,
+        "estimator": cfg.estimator,
+        "sizes": sizes,
+        "t_free": cfg.t_free,
+        "t_nudge": cfg.t_nudge,
+        "batch": B,
+        "steps_per_epoch": -(-(cfg.total_train() if cfg.model in CONV_MODELS else EPOCH) // B),
+    }
 
     # library: device-resident data, a scan over `chunk` steps
     xd, yd = jnp.asarray(x), jnp.asarray(y)
@@ -332,9 +375,11 @@ def bench_preset(name: str, min_time: float, chunk: int) -> dict:
     def lib():
         box[0], info = ep_jax.train_steps_jit(model, est, opt, key, box[0], xd, yd, idx, rx)
         return info.loss
+
     t = timed(lib, min_time) / chunk
-    one = compiled_stats(jax.jit(ep_jax.train_step, static_argnums=(0, 1, 2)), model, est, opt, key, state,
-                         xd[:B], yd[:B], rx)
+    one = compiled_stats(
+        jax.jit(ep_jax.train_step, static_argnums=(0, 1, 2)), model, est, opt, key, state, xd[:B], yd[:B], rx
+    )
     row["library"] = {"ms_per_step": 1e3 * t, **one}
 
     # straightforward: nothing hoisted, two nudged scans, host batches, one call per step
@@ -345,21 +390,29 @@ def bench_preset(name: str, min_time: float, chunk: int) -> dict:
     def straight():
         j = i2[0] % chunk
         i2[0] += 1
-        box2[0], info = ep_jax.train_step_jit(ref, est_ref, opt, key, box2[0], x[j * B:(j + 1) * B],
-                                              y[j * B:(j + 1) * B], rx)
+        box2[0], info = ep_jax.train_step_jit(
+            ref, est_ref, opt, key, box2[0], x[j * B : (j + 1) * B], y[j * B : (j + 1) * B], rx
+        )
         return info.loss
+
     t = timed(straight, min_time)
-    one = compiled_stats(jax.jit(ep_jax.train_step, static_argnums=(0, 1, 2)), ref, est_ref, opt, key, state,
-                         xd[:B], yd[:B], rx)
+    one = compiled_stats(
+        jax.jit(ep_jax.train_step, static_argnums=(0, 1, 2)), ref, est_ref, opt, key, state, xd[:B], yd[:B], rx
+    )
     row["straightforward"] = {"ms_per_step": 1e3 * t, **one}
     # same numbers: one step from the same state, both paths
     a, _ = ep_jax.train_step_jit(model, est, opt, key, state, xd[:B], yd[:B], rx)
     b, _ = ep_jax.train_step_jit(ref, est_ref, opt, key, state, xd[:B], yd[:B], rx)
-    row["max_param_diff_straightforward"] = max(float(jnp.max(jnp.abs(u - v))) for u, v in
-                                                zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+    row["max_param_diff_straightforward"] = max(
+        float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params))
+    )
 
-    if (cfg.estimator == "symmetric" and cfg.dt == 1.0 and cfg.activation in ("hard_sigmoid", "tanh")
-            and cfg.model not in CONV_MODELS):   # the naive step is written for the MLPs
+    if (
+        cfg.estimator == "symmetric"
+        and cfg.dt == 1.0
+        and cfg.activation in ("hard_sigmoid", "tanh")
+        and cfg.model not in CONV_MODELS
+    ):  # the naive step is written for the MLPs
         step = naive_step(cfg)
         p_ref = to_reference(cfg, state.params)
         b_ref = dict(state.buffers)
@@ -371,14 +424,16 @@ def bench_preset(name: str, min_time: float, chunk: int) -> dict:
         def naive():
             j = i3[0] % chunk
             i3[0] += 1
-            box3[0] = step(box3[0][0], b_ref, box3[0][1], xd[j * B:(j + 1) * B], yd[j * B:(j + 1) * B])
+            box3[0] = step(box3[0][0], b_ref, box3[0][1], xd[j * B : (j + 1) * B], yd[j * B : (j + 1) * B])
             return box3[0]
+
         t = timed(naive, min_time)
         one = compiled_stats(step, p_ref, b_ref, v0, xd[:B], yd[:B])
         row["naive"] = {"ms_per_step": 1e3 * t, **one}
         p_naive = from_reference(cfg, step(p_ref, b_ref, v0, xd[:B], yd[:B])[0])
-        row["max_param_diff_naive"] = max(float(jnp.max(jnp.abs(u - v))) for u, v in
-                                          zip(jax.tree.leaves(a.params), jax.tree.leaves(p_naive)))
+        row["max_param_diff_naive"] = max(
+            float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(p_naive))
+        )
     row["dominant_matmul_gflops"] = dominant_matmul(cfg, model, min_time / 2)
     row["step_flops"] = step_flops(cfg)
     for path in ("library", "straightforward", "naive"):
@@ -407,30 +462,45 @@ def bench_sweep(name: str, members: list[int], steps: int, min_time: float) -> l
         def run():
             box[0], info = S.sweep_steps_jit(g.model, g.est, g.opt, box[0], x, y, idx, rx, max_state)
             return info.loss
+
         try:
             t = timed(run, min_time) / steps
         except Exception as e:  # out of memory for the largest M, say
             rows.append({"preset": name, "members": M, "error": f"{type(e).__name__}: {str(e)[:200]}"})
             break
         spe = -(-EPOCH // cfg.batch_size)
-        rows.append({"preset": name, "members": M, "ms_per_step": 1e3 * t,
-                     "model_epochs_per_s": M / (t * spe), "peak_bytes": peak_bytes()})
+        rows.append(
+            {
+                "preset": name,
+                "members": M,
+                "ms_per_step": 1e3 * t,
+                "model_epochs_per_s": M / (t * spe),
+                "peak_bytes": peak_bytes(),
+            }
+        )
         print(f"  sweep {name} M={M}: {1e3 * t:.2f} ms/step, {M / (t * spe):.3f} model-epochs/s", flush=True)
     return rows
 
 
 # --- report ------------------------------------------------------------------------------
 
+
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = [f"# Benchmarks on {res['device']}", "",
-             f"Command: `{res['command']}` ({res['date']}); {m['device_kind']}, jax {m['jax']}, "
-             f"{m['cpu_count']} CPU cores, load {m['load_average_1min']:.2f} at the start.", "",
-             f"Roofline: {res['roofline']['gflops']:.1f} GFLOP/s (float32 {res['roofline']['matmul_n']}² matmul at "
-             "JAX's default precision, which on NVIDIA GPUs uses TF32 tensor cores).",
-             "", "## Training step per preset (float32, one model)", "",
-             "| preset | sizes | T1/T2 | batch | path | ms/step | s/epoch | GFLOP/s | % roofline | memory MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Benchmarks on {res['device']}",
+        "",
+        f"Command: `{res['command']}` ({res['date']}); {m['device_kind']}, jax {m['jax']}, "
+        f"{m['cpu_count']} CPU cores, load {m['load_average_1min']:.2f} at the start.",
+        "",
+        f"Roofline: {res['roofline']['gflops']:.1f} GFLOP/s (float32 {res['roofline']['matmul_n']}² matmul at "
+        "JAX's default precision, which on NVIDIA GPUs uses TF32 tensor cores).",
+        "",
+        "## Training step per preset (float32, one model)",
+        "",
+        "| preset | sizes | T1/T2 | batch | path | ms/step | s/epoch | GFLOP/s | % roofline | memory MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["presets"]:
         for path in ("library", "straightforward", "naive"):
             p = r.get(path)
@@ -441,59 +511,83 @@ def markdown(res: dict) -> str:
             pct = "–" if gf is None else f"{100 * gf / roof:.1f}"
             mem_s = "–" if mem is None else f"{mem / 2**20:.1f}"
             sizes = "-".join(map(str, r["sizes"]))
-            lines.append(f"| {r['preset']} | {sizes} | {r['t_free']}/{r['t_nudge']} | {r['batch']} | {path} | "
-                         f"{p['ms_per_step']:.2f} | {p['s_per_epoch']:.2f} | {gf_s} | {pct} | {mem_s} |")
-    lines += ["", "Ratios (time of the other path ÷ library time; > 1: the library is faster):", "",
-              "| preset | straightforward | naive | dominant `relu(x@w)` GFLOP/s | max |Δθ| vs straightforward | vs naive |",
-              "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['preset']} | {sizes} | {r['t_free']}/{r['t_nudge']} | {r['batch']} | {path} | "
+                f"{p['ms_per_step']:.2f} | {p['s_per_epoch']:.2f} | {gf_s} | {pct} | {mem_s} |"
+            )
+    lines += [
+        "",
+        "Ratios (time of the other path ÷ library time; > 1: the library is faster):",
+        "",
+        "| preset | straightforward | naive | dominant `relu(x@w)` GFLOP/s | max |Δθ| vs straightforward | vs naive |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["presets"]:
         lib = r["library"]["ms_per_step"]
         nv = r.get("naive")
         nv_ratio = "–" if not nv else f"{nv['ms_per_step'] / lib:.2f}"
         nv_diff = "–" if not nv else f"{r['max_param_diff_naive']:.1e}"
-        lines.append(f"| {r['preset']} | {r['straightforward']['ms_per_step'] / lib:.2f} | {nv_ratio} | "
-                     f"{r['dominant_matmul_gflops']:.1f} | {r['max_param_diff_straightforward']:.1e} | {nv_diff} |")
+        lines.append(
+            f"| {r['preset']} | {r['straightforward']['ms_per_step'] / lib:.2f} | {nv_ratio} | "
+            f"{r['dominant_matmul_gflops']:.1f} | {r['max_param_diff_straightforward']:.1e} | {nv_diff} |"
+        )
     if res["sweeps"]:
-        lines += ["", "## Sweep throughput (vmapped members, per-member data order)", "",
-                  "| preset | members | ms/step | model-epochs/s | process peak device MB so far |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Sweep throughput (vmapped members, per-member data order)",
+            "",
+            "| preset | members | ms/step | model-epochs/s | process peak device MB so far |",
+            "|---|---|---|---|---|",
+        ]
         for r in res["sweeps"]:
             if "error" in r:
                 lines.append(f"| {r['preset']} | {r['members']} | {r['error']} | | |")
                 continue
             pk = r.get("peak_bytes")
             pk_s = "–" if pk is None else f"{pk / 2**20:.0f}"
-            lines.append(f"| {r['preset']} | {r['members']} | {r['ms_per_step']:.2f} | "
-                         f"{r['model_epochs_per_s']:.3f} | {pk_s} |")
+            lines.append(
+                f"| {r['preset']} | {r['members']} | {r['ms_per_step']:.2f} | {r['model_epochs_per_s']:.3f} | {pk_s} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="CPU-sized: 3 presets, sweeps of 1, 4, 8")
     p.add_argument("--presets", help="comma-separated presets (default: every architecture)")
     p.add_argument("--members", help="comma-separated sweep sizes (default 1,8,32,128; quick 1,4,8)")
     p.add_argument("--min-time", type=float, help="seconds of timing per measurement")
     p.add_argument("--out", help="folder for <device>.json/.md (default benchmarks/results)")
     a = p.parse_args(argv)
-    presets = a.presets.split(",") if a.presets else ((PRESETS_QUICK + CONV_QUICK) if a.quick
-                                                      else (PRESETS_FULL + CONV_FULL))
+    presets = (
+        a.presets.split(",") if a.presets else ((PRESETS_QUICK + CONV_QUICK) if a.quick else (PRESETS_FULL + CONV_FULL))
+    )
     members = [int(m) for m in (a.members or ("1,4,8" if a.quick else "1,8,32,128")).split(",")]
     min_time = a.min_time or (1.0 if a.quick else 2.0)
     chunk = 10 if a.quick else 50
-    res = {"device": device_name(), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-           "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "roofline": roofline(a.quick), "presets": [], "sweeps": []}
+    res = {
+        "device": device_name(),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "roofline": roofline(a.quick),
+        "presets": [],
+        "sweeps": [],
+    }
     print(f"{res['device']}: roofline {res['roofline']['gflops']:.1f} GFLOP/s", flush=True)
     for name in presets:
         r = bench_preset(name, min_time, chunk)
         res["presets"].append(r)
-        print(f"  {name}: library {r['library']['ms_per_step']:.2f} ms/step "
-              f"({r['library']['s_per_epoch']:.2f} s/epoch), straightforward "
-              f"{r['straightforward']['ms_per_step']:.2f}"
-              + (f", naive {r['naive']['ms_per_step']:.2f}" if r.get("naive") else ""), flush=True)
-    for name in (SWEEP_PRESETS[:1] if a.quick else SWEEP_PRESETS):
+        print(
+            f"  {name}: library {r['library']['ms_per_step']:.2f} ms/step "
+            f"({r['library']['s_per_epoch']:.2f} s/epoch), straightforward "
+            f"{r['straightforward']['ms_per_step']:.2f}"
+            + (f", naive {r['naive']['ms_per_step']:.2f}" if r.get("naive") else ""),
+            flush=True,
+        )
+    for name in SWEEP_PRESETS[:1] if a.quick else SWEEP_PRESETS:
         res["sweeps"] += bench_sweep(name, members, 5 if a.quick else 10, min_time)
     out = Path(a.out) if a.out else RESULTS
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ For each preset and solver (synchronous `scan`, asynchronous even/odd `async`):
 Writes a table (stdout) and JSON (`--json`). One "step" of `async` is one sweep (both
 halves: odd layers, then even layers), which costs what one synchronous step costs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,10 @@ from ep_jax.experiments.config import RunConfig, validate
 from ep_jax.experiments.presets import PRESETS
 
 THRESHOLDS = (1e-4, 1e-5, 1e-6)
-DEFAULT_PRESETS = ("mnist-ep", "mnist-dep", "fmnist-dep", "mnist-hts-normal", "fmnist-conv-small",
-                   "cifar10-conv-ep")
+DEFAULT_PRESETS = ("mnist-ep", "mnist-dep", "fmnist-dep", "mnist-hts-normal", "fmnist-conv-small", "cifar10-conv-ep")
 
 
-DATA_DIRS: dict = {}   # dataset -> folder (--data-dir DATASET=PATH)
+DATA_DIRS: dict = {}  # dataset -> folder (--data-dir DATASET=PATH)
 
 
 def network(preset: str, batch: int, dtype):
@@ -63,7 +63,7 @@ def data(cfg, model, batch, dtype):
         xtr, ytr, _, _ = build.load_data(cfg.replace(subset=max(batch, 64), test_subset=64))
         x, y = jnp.asarray(xtr[:batch], dtype), jnp.asarray(ytr[:batch])
         return x, y, cfg.dataset
-    except Exception as e:   # noqa: BLE001 - a benchmark on any machine
+    except Exception as e:  # noqa: BLE001 - a benchmark on any machine
         n0 = int(np.prod(model.input_shape)) if hasattr(model, "input_shape") else model.sizes[0]
         x = jax.random.uniform(jax.random.PRNGKey(1), (batch, n0), dtype)
         return x, jnp.arange(batch) % model.n_classes, f"uniform noise ({type(e).__name__})"
@@ -74,8 +74,11 @@ def residual_curve(kind, model, eff, ctx, s0, dt, T):
     dts = dynamics.per_neuron(dt, s0)
 
     def body(s, _):
-        new = (dynamics.step(model, eff, ctx, s, None, 0.0, dts) if kind == "scan"
-               else solvers.async_sweep(model, eff, ctx, s, None, 0.0, dts))
+        new = (
+            dynamics.step(model, eff, ctx, s, None, 0.0, dts)
+            if kind == "scan"
+            else solvers.async_sweep(model, eff, ctx, s, None, 0.0, dts)
+        )
         return new, dynamics.relative_residual(new, s)
 
     return jax.lax.scan(body, s0, None, length=T)[1]
@@ -120,8 +123,9 @@ def run_preset(preset, a, solver_rows):
             res["steps_to"][kind]["residual_at_T1"] = float(r[cfg.t_free - 1])
             res["steps_to"][kind]["horizon"] = horizon
         if not a.no_grad:
-            g_ref, _, info = ep_jax.estimators.implicit_grad(model, params, buffers, x, y, rx, a.ref_steps,
-                                                             tol=1e-6, solver=solvers.Adaptive(1e-13))
+            g_ref, _, info = ep_jax.estimators.implicit_grad(
+                model, params, buffers, x, y, rx, a.ref_steps, tol=1e-6, solver=solvers.Adaptive(1e-13)
+            )
             res["implicit_converged"] = bool(info.converged)
             res["grad_error"] = {}
             est_fn = jax.jit(ep_jax.estimate, static_argnums=(0, 1))
@@ -129,14 +133,25 @@ def run_preset(preset, a, solver_rows):
             # alone can get wrong is the distance to this (the distance to the implicit
             # gradient adds the estimator's O(β²) bias, the same for every solver)
             conv = solvers.Adaptive(1e-13)
-            g_conv, aux_c = est_fn(model, ep_jax.Estimator(t_free=a.ref_steps, t_nudge=a.ref_steps, solver=conv),
-                                   None, params, buffers, x, y, rx)
+            g_conv, aux_c = est_fn(
+                model,
+                ep_jax.Estimator(t_free=a.ref_steps, t_nudge=a.ref_steps, solver=conv),
+                None,
+                params,
+                buffers,
+                x,
+                y,
+                rx,
+            )
             res["converged_ep_vs_implicit"] = rel_err(g_conv, g_ref)
             for name, make in solver_rows(cfg).items():
                 est = make()
                 g, aux = est_fn(model, est, None, params, buffers, x, y, rx)
-                res["grad_error"][name] = {"rel_err": rel_err(g, g_ref), "vs_converged_ep": rel_err(g, g_conv),
-                                           "residual_free": float(aux.residual_free)}
+                res["grad_error"][name] = {
+                    "rel_err": rel_err(g, g_ref),
+                    "vs_converged_ep": rel_err(g, g_conv),
+                    "residual_free": float(aux.residual_free),
+                }
     # --- wall time of a training step, float32, interleaved ------------------------------
     if not a.no_time:
         cfg, model, params, buffers, rx = network(preset, a.batch, jnp.float32)
@@ -147,15 +162,17 @@ def run_preset(preset, a, solver_rows):
             est = make()
             state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(0), **build.model_settings(cfg))
             step = jax.jit(lambda st, est=est: ep_jax.train_step(model, est, opt, jax.random.PRNGKey(2), st, x, y, rx))
-            jax.block_until_ready(step(state))     # compile
+            jax.block_until_ready(step(state))  # compile
             fns[name] = (step, state)
         times = {n: [] for n in fns}
-        for _ in range(a.repeats):                # interleaved: every configuration in each round
+        for _ in range(a.repeats):  # interleaved: every configuration in each round
             for n, (step, state) in fns.items():
                 times[n] += [t / a.inner for t in timed(lambda: [step(state) for _ in range(a.inner)][-1], 1)]
         base = statistics.median(times["scan (default)"])
-        res["step_ms"] = {n: {"median": 1e3 * statistics.median(t), "min": 1e3 * min(t),
-                              "x_default": base / statistics.median(t)} for n, t in times.items()}
+        res["step_ms"] = {
+            n: {"median": 1e3 * statistics.median(t), "min": 1e3 * min(t), "x_default": base / statistics.median(t)}
+            for n, t in times.items()
+        }
     return res
 
 
@@ -169,31 +186,40 @@ def solver_rows(fewer: float):
             "async": lambda: ep_jax.Estimator(t_free=T1, t_nudge=T2, solver=solvers.Async()),
             f"async T1={f1} T2={f2}": lambda: ep_jax.Estimator(t_free=f1, t_nudge=f2, solver=solvers.Async()),
             "async:1e-5 (budget T1/T2)": lambda: ep_jax.Estimator(t_free=T1, t_nudge=T2, solver=solvers.Async(1e-5)),
-            "adaptive:1e-5/scan": lambda: ep_jax.Estimator(t_free=T1, t_nudge=T2, solver=solvers.Adaptive(1e-5),
-                                                           nudge_solver=solvers.Scan()),
+            "adaptive:1e-5/scan": lambda: ep_jax.Estimator(
+                t_free=T1, t_nudge=T2, solver=solvers.Adaptive(1e-5), nudge_solver=solvers.Scan()
+            ),
         }
+
     return rows
 
 
 def table(results) -> str:
-    lines = ["| preset | T1/T2 | solver | steps to 1e-4 / 1e-5 / 1e-6 | residual at T1 |",
-             "|---|---|---|---|---|"]
+    lines = ["| preset | T1/T2 | solver | steps to 1e-4 / 1e-5 / 1e-6 | residual at T1 |", "|---|---|---|---|---|"]
     for r in results:
         for kind, s in r["steps_to"].items():
             f = lambda v: "—" if v is None else str(v)
-            lines.append(f"| {r['preset']} | {r['T1']}/{r['T2']} | {kind} | {f(s['0.0001'])} / {f(s['1e-05'])} / "
-                         f"{f(s['1e-06'])} (of {s['horizon']}) | {s['residual_at_T1']:.1e} |")
-    lines += ["", "| preset | configuration | grad error vs implicit | vs converged EP (same β) | free residual | "
-                  "train step ms | × default |", "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['preset']} | {r['T1']}/{r['T2']} | {kind} | {f(s['0.0001'])} / {f(s['1e-05'])} / "
+                f"{f(s['1e-06'])} (of {s['horizon']}) | {s['residual_at_T1']:.1e} |"
+            )
+    lines += [
+        "",
+        "| preset | configuration | grad error vs implicit | vs converged EP (same β) | free residual | "
+        "train step ms | × default |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         names = list(r.get("step_ms") or r.get("grad_error") or {})
         for n in names:
             ge = r.get("grad_error", {}).get(n, {})
             st = r.get("step_ms", {}).get(n, {})
-            lines.append(f"| {r['preset']} | {n} | {ge.get('rel_err', float('nan')):.2e} | "
-                         f"{ge.get('vs_converged_ep', float('nan')):.1e} | "
-                         f"{ge.get('residual_free', float('nan')):.1e} | {st.get('median', float('nan')):.1f} | "
-                         f"{st.get('x_default', float('nan')):.2f} |")
+            lines.append(
+                f"| {r['preset']} | {n} | {ge.get('rel_err', float('nan')):.2e} | "
+                f"{ge.get('vs_converged_ep', float('nan')):.1e} | "
+                f"{ge.get('residual_free', float('nan')):.1e} | {st.get('median', float('nan')):.1f} | "
+                f"{st.get('x_default', float('nan')):.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -210,8 +236,13 @@ def main(argv=None):
     p.add_argument("--no-grad", action="store_true")
     p.add_argument("--no-time", action="store_true")
     p.add_argument("--json", type=Path)
-    p.add_argument("--data-dir", action="append", default=[], metavar="DATASET=PATH",
-                   help="where a dataset's files are (repeatable); default: ep_jax.data's search")
+    p.add_argument(
+        "--data-dir",
+        action="append",
+        default=[],
+        metavar="DATASET=PATH",
+        help="where a dataset's files are (repeatable); default: ep_jax.data's search",
+    )
     a = p.parse_args(argv)
     for item in a.data_dir:
         name, _, path = item.partition("=")
@@ -225,8 +256,16 @@ def main(argv=None):
         print(json.dumps(r), flush=True)
         if a.json:
             a.json.parent.mkdir(parents=True, exist_ok=True)
-            a.json.write_text(json.dumps({"machine": f"{jax.devices()[0].platform}, {jax.device_count()} device(s)",
-                                          "batch": a.batch, "results": results}, indent=1))
+            a.json.write_text(
+                json.dumps(
+                    {
+                        "machine": f"{jax.devices()[0].platform}, {jax.device_count()} device(s)",
+                        "batch": a.batch,
+                        "results": results,
+                    },
+                    indent=1,
+                )
+            )
     print(table(results))
 
 

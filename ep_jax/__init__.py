@@ -10,14 +10,46 @@
 
 docs/api.md gives the overview; docs/equations.md the mathematics.
 """
-from ep_jax import (activations, alignment, augment, data, dendrites, dynamics, estimators, layer, losses,
-                    models, optim, parallel, reference, relaxation, solvers, sweep, synthetic, timesteps, train)
+
+from ep_jax import (
+    activations,
+    alignment,
+    augment,
+    data,
+    dendrites,
+    dynamics,
+    estimators,
+    layer,
+    losses,
+    models,
+    optim,
+    parallel,
+    reference,
+    relaxation,
+    solvers,
+    sweep,
+    synthetic,
+    timesteps,
+    train,
+)
 from ep_jax.estimators import Aux, Estimator, estimate
 from ep_jax.layer import make_ep_block
 from ep_jax.models import DendriticModel, EPModel, Model, build_model
 from ep_jax.relaxation import Relaxation, make_relaxation
-from ep_jax.train import (Evaluation, StepInfo, TrainState, evaluate, evaluate_jit, init_state, predict,
-                          step_key, train_step, train_step_jit, train_steps, train_steps_jit)
+from ep_jax.train import (
+    Evaluation,
+    StepInfo,
+    TrainState,
+    evaluate,
+    evaluate_jit,
+    init_state,
+    predict,
+    step_key,
+    train_step,
+    train_step_jit,
+    train_steps,
+    train_steps_jit,
+)
 
 # the package's version, its one source (pyproject.toml reads it statically; CHANGELOG.md and
 # CITATION.cff name it, tests/test_packaging.py checks all three)
@@ -29,16 +61,54 @@ def __getattr__(name):
     # kernels jax's Pallas
     if name in ("nn", "experiments", "kernels"):
         import importlib
+
         return importlib.import_module(f"ep_jax.{name}")
     raise AttributeError(f"module 'ep_jax' has no attribute {name!r}")
 
 
 __all__ = [
-    "activations", "alignment", "augment", "data", "dendrites", "dynamics", "estimators", "experiments", "kernels", "layer",
-    "losses", "models", "nn", "optim", "parallel", "reference", "relaxation", "solvers", "sweep", "synthetic", "timesteps", "train",
-    "Aux", "Estimator", "estimate", "make_ep_block",
-    "DendriticModel", "EPModel", "Model", "build_model",
-    "Relaxation", "make_relaxation",
-    "Evaluation", "StepInfo", "TrainState", "evaluate", "evaluate_jit", "init_state", "predict",
-    "step_key", "train_step", "train_step_jit", "train_steps", "train_steps_jit",
+    "activations",
+    "alignment",
+    "augment",
+    "data",
+    "dendrites",
+    "dynamics",
+    "estimators",
+    "experiments",
+    "kernels",
+    "layer",
+    "losses",
+    "models",
+    "nn",
+    "optim",
+    "parallel",
+    "reference",
+    "relaxation",
+    "solvers",
+    "sweep",
+    "synthetic",
+    "timesteps",
+    "train",
+    "Aux",
+    "Estimator",
+    "estimate",
+    "make_ep_block",
+    "DendriticModel",
+    "EPModel",
+    "Model",
+    "build_model",
+    "Relaxation",
+    "make_relaxation",
+    "Evaluation",
+    "StepInfo",
+    "TrainState",
+    "evaluate",
+    "evaluate_jit",
+    "init_state",
+    "predict",
+    "step_key",
+    "train_step",
+    "train_step_jit",
+    "train_steps",
+    "train_steps_jit",
 ]

@@ -2,6 +2,7 @@
 branch counts, step counts, fractions): one rule each, one-line ValueErrors naming the
 field. A bool is never a number here (`True` as a width is a mistake, not 1), a float is
 a whole number only when it is integral (12.0 yes, 12.5 no), and a string never is."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,9 @@ import numbers
 
 def whole_number(name: str, v, lo: int | None = None) -> int:
     """`v` as an int: ints and numpy integers, or integral finite floats; `>= lo` if given."""
-    ok = not isinstance(v, bool) and (isinstance(v, numbers.Integral) or
-                                     (isinstance(v, numbers.Real) and math.isfinite(v) and float(v).is_integer()))
+    ok = not isinstance(v, bool) and (
+        isinstance(v, numbers.Integral) or (isinstance(v, numbers.Real) and math.isfinite(v) and float(v).is_integer())
+    )
     if not ok:
         raise ValueError(f"{name} must be a whole number, got {v!r}")
     n = int(v)

@@ -12,6 +12,7 @@ message naming the file on one line.
 bzip2 or xz data to at most `limit` bytes, stopping as soon as more would come out: a bomb
 is refused after producing `limit` + 1 bytes, not after exhausting memory.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -38,9 +39,19 @@ def a(what: str) -> str:
 
 
 def _kind(mode: int) -> str:
-    return ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
-            "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else
-            "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    return (
+        "a folder"
+        if stat.S_ISDIR(mode)
+        else "a named pipe (FIFO)"
+        if stat.S_ISFIFO(mode)
+        else "a character device"
+        if stat.S_ISCHR(mode)
+        else "a block device"
+        if stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
 
 
 def read_regular(path, limit: int, error=OSError, what: str = "file"):
@@ -64,8 +75,10 @@ def read_regular(path, limit: int, error=OSError, what: str = "file"):
                 raise error(f"{path}: is a folder, not {a(what)}")
             raise error(f"{path}: is {_kind(st.st_mode)}, not a regular file; refusing to read it as {a(what)}")
         if st.st_size > limit:
-            raise error(f"{path}: {size_text(st.st_size)}, more than {a(what)} can be ({size_text(limit)}); "
-                        "damaged or not this kind of file")
+            raise error(
+                f"{path}: {size_text(st.st_size)}, more than {a(what)} can be ({size_text(limit)}); "
+                "damaged or not this kind of file"
+            )
         chunks, n = [], 0
         while n <= limit:
             b = os.read(fd, min(limit + 1 - n, 16 * MIB))
@@ -95,7 +108,7 @@ def _decompressor(data: bytes):
 
 
 def compression(data: bytes) -> str | None:
-    """"gzip", "bzip2" or "xz" by the magic bytes of `data`; None for anything else."""
+    """ "gzip", "bzip2" or "xz" by the magic bytes of `data`; None for anything else."""
     return _decompressor(data)[0]
 
 
@@ -109,13 +122,17 @@ def decompress(data: bytes, limit: int, source, error=OSError, what: str = "file
     try:
         while rest:
             d = make()
-            chunk = d.decompress(rest, limit + 1 - n) if kind == "gzip" else d.decompress(rest, max_length=limit + 1 - n)
+            chunk = (
+                d.decompress(rest, limit + 1 - n) if kind == "gzip" else d.decompress(rest, max_length=limit + 1 - n)
+            )
             while True:
                 out.append(chunk)
                 n += len(chunk)
                 if n > limit:
-                    raise error(f"{source}: decompresses to more than {size_text(limit)}, more than {a(what)} can be "
-                                "(a damaged file or a decompression bomb)")
+                    raise error(
+                        f"{source}: decompresses to more than {size_text(limit)}, more than {a(what)} can be "
+                        "(a damaged file or a decompression bomb)"
+                    )
                 if kind == "gzip":
                     if d.eof or not d.unconsumed_tail:
                         break
@@ -128,7 +145,7 @@ def decompress(data: bytes, limit: int, source, error=OSError, what: str = "file
                 raise error(f"{source}: corrupt or truncated {kind} file (the stream ends before its end marker)")
             rest = d.unused_data
             if kind == "gzip" and rest and rest[:2] != b"\x1f\x8b" and not rest.strip(b"\x00"):
-                break          # zero padding after the last member (tar.gz written in blocks)
+                break  # zero padding after the last member (tar.gz written in blocks)
     except (zlib.error, OSError, EOFError, lzma.LZMAError) as e:
         if isinstance(e, error):
             raise

@@ -4,9 +4,10 @@
 `(1 + hardtanh(2u - 1)) / 2`, rather than `clip(u, 0, 1)`: the two differ in the last
 bit for some inputs, and we reproduce the reference number for number.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,4 @@ def get_activation(name: str) -> Activation:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
-        ) from None
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None

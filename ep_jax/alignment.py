@@ -22,6 +22,7 @@ During training: `measure` is the jittable, vmappable form of the final comparis
 experiment engine calls it every `align_every` steps on a fixed probe batch
 (docs/ep-vs-bptt.md shows what it finds).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,9 +41,10 @@ from ep_jax.relaxation import Relaxation, check_shapes
 
 class GDUResult(NamedTuple):
     """EP and truncated-BPTT gradients for k = 1..T2 (`gdu`), and the leaf names."""
-    ep: object      # params-structured pytree, each leaf with a leading k axis (T2, ...)
-    bptt: object    # same structure
-    names: list     # leaf names, in `jax.tree.leaves` order
+
+    ep: object  # params-structured pytree, each leaf with a leading k axis (T2, ...)
+    bptt: object  # same structure
+    names: list  # leaf names, in `jax.tree.leaves` order
 
 
 def _leaf_names(tree):
@@ -56,8 +58,10 @@ def bptt_truncated_curve(model, params, buffers, x, y, rx: Relaxation, t_free: i
     Returns a params-structured pytree with leaves of shape `(k_max, ...)`.
     """
     if not 1 <= k_max <= t_free:
-        raise ValueError(f"the truncated BPTT curve needs 1 <= k_max <= t_free, got k_max={k_max}, "
-                         f"t_free={t_free} (t_nudge may not exceed t_free)")
+        raise ValueError(
+            f"the truncated BPTT curve needs 1 <= k_max <= t_free, got k_max={k_max}, "
+            f"t_free={t_free} (t_nudge may not exceed t_free)"
+        )
     check_network(model, params, buffers)
     check_batch(model, x, y)
     check_shapes(model, rx)
@@ -76,8 +80,9 @@ def bptt_truncated_curve(model, params, buffers, x, y, rx: Relaxation, t_free: i
     s_final = tuple(t[-1] for t in traj)
     # the cost's own parameter gradient starts the sums: a readout's (`model.output`), zero
     # when the output is s_L itself
-    lam, g_out = jax.grad(lambda s, p: jnp.mean(model.cost(model.output(model.prepare(p, buffers), s), y1h)),
-                          argnums=(0, 1))(s_final, params)
+    lam, g_out = jax.grad(
+        lambda s, p: jnp.mean(model.cost(model.output(model.prepare(p, buffers), s), y1h)), argnums=(0, 1)
+    )(s_final, params)
 
     def back(carry, s_prev):
         lam, acc = carry
@@ -95,8 +100,10 @@ def bptt_truncated_curve(model, params, buffers, x, y, rx: Relaxation, t_free: i
 def _check(model, est: Estimator, params, buffers, x, y, rx):
     check_network(model, params, buffers)
     if not est.is_ep or est.nudge != "fixed":
-        raise ValueError(f"the EP curve needs an EP estimator with fixed nudging (symmetric, one_sided or chl), "
-                         f"got kind={est.kind!r}, nudge={est.nudge!r}")
+        raise ValueError(
+            f"the EP curve needs an EP estimator with fixed nudging (symmetric, one_sided or chl), "
+            f"got kind={est.kind!r}, nudge={est.nudge!r}"
+        )
     check_batch(model, x, y)
     check_shapes(model, rx)
     check_beta(est, rx.beta)
@@ -167,10 +174,10 @@ def angle(a, b) -> float:
 def gdu_table(result: GDUResult):
     """Metrics of `compare` for every k: `{name: {metric: [value for k=1..T2]}}`."""
     T = jax.tree.leaves(result.ep)[0].shape[0]
-    per_k = [compare(jax.tree.map(lambda a: a[k], result.ep), jax.tree.map(lambda a: a[k], result.bptt))
-             for k in range(T)]
-    return {n: {m: [pk[n][m] for pk in per_k] for m in ("rel_rmse", "sign_err", "cosine")}
-            for n in result.names}
+    per_k = [
+        compare(jax.tree.map(lambda a: a[k], result.ep), jax.tree.map(lambda a: a[k], result.bptt)) for k in range(T)
+    ]
+    return {n: {m: [pk[n][m] for pk in per_k] for m in ("rel_rmse", "sign_err", "cosine")} for n in result.names}
 
 
 def format_comparison(metrics: dict, title: str = "") -> str:
@@ -198,10 +205,11 @@ def report(model, est: Estimator, params, buffers, x, y, rx: Relaxation, print_f
 class Alignment(NamedTuple):
     """EP-vs-BPTT agreement on one batch; per-leaf fields are tuples in `jax.tree.leaves`
     order of the params (names from `leaf_names`)."""
-    cosine: tuple          # per leaf: cosine similarity
-    rel_rmse: tuple        # per leaf: ‖g_EP − g_BPTT‖ / ‖g_BPTT‖
-    sign_agree: tuple      # per leaf: fraction of entries (|g_BPTT| > 0) with the same sign
-    angle: jax.Array       # degrees between the two full gradient vectors
+
+    cosine: tuple  # per leaf: cosine similarity
+    rel_rmse: tuple  # per leaf: ‖g_EP − g_BPTT‖ / ‖g_BPTT‖
+    sign_agree: tuple  # per leaf: fraction of entries (|g_BPTT| > 0) with the same sign
+    angle: jax.Array  # degrees between the two full gradient vectors
 
 
 def leaf_names(params) -> list[str]:
@@ -221,6 +229,7 @@ def measure(model, est: Estimator, params, buffers, x, y, rx: Relaxation, refere
     vmapped over sweep members. Random-sign nudging is measured with +β. Every estimator
     can be measured: `bptt` against itself gives cosine 1 (a sanity line)."""
     from ep_jax.estimators import estimate, implicit_grad
+
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {list(REFERENCES)}, got {reference!r}")
     fixed = dataclasses.replace(est, nudge="fixed")

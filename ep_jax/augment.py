@@ -16,6 +16,7 @@ depends only on (member, step, example), not on the batch layout or the device t
 holds the example, so a resumed run and a data-parallel run see the same crops.
 Evaluation never augments.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ class CropFlip:
 
     shape: `(H, W, C)` of the flat rows; pad: pixels added on each side (0: no crop);
     flip: mirror left-right with probability ½; padding: "edge" (the reference's) or "zero"."""
+
     shape: tuple
     pad: int = 4
     flip: bool = True
@@ -69,8 +71,10 @@ class CropFlip:
         """x: `(B, H·W·C)` rows of the examples `ix: (B,)` (their dataset indices); key:
         this step's key (`fold_in(base, step)`). Returns the augmented `(B, H·W·C)`."""
         if x.shape[-1] != self.shape[0] * self.shape[1] * self.shape[2]:
-            raise ValueError(f"x has {x.shape[-1]} features per example, the images {self.shape} "
-                             f"need {self.shape[0] * self.shape[1] * self.shape[2]}")
+            raise ValueError(
+                f"x has {x.shape[-1]} features per example, the images {self.shape} "
+                f"need {self.shape[0] * self.shape[1] * self.shape[2]}"
+            )
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ix)
         return jax.vmap(self.one)(keys, x)
 

@@ -60,6 +60,7 @@ are checked before the array is made; a CIFAR archive is at most `CIFAR_TAR_BYTE
 and inflated to at most that, and its batches' declared sizes are checked before they are
 read.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,20 +80,37 @@ from ep_jax._safe_read import MIB, compression, decompress, read_regular
 
 DATASETS = ("mnist", "kmnist", "fashion_mnist", "cifar10", "cifar100")
 CIFAR = ("cifar10", "cifar100")
-ALIASES = {"fmnist": "fashion_mnist", "fashion-mnist": "fashion_mnist", "k-mnist": "kmnist",
-           "cifar-10": "cifar10", "cifar-100": "cifar100"}
+ALIASES = {
+    "fmnist": "fashion_mnist",
+    "fashion-mnist": "fashion_mnist",
+    "k-mnist": "kmnist",
+    "cifar-10": "cifar10",
+    "cifar-100": "cifar100",
+}
 #: (H, W, C) of each dataset's images; the flat inputs are these in row-major order
-IMAGE_SHAPES = {"mnist": (28, 28, 1), "kmnist": (28, 28, 1), "fashion_mnist": (28, 28, 1),
-                "cifar10": (32, 32, 3), "cifar100": (32, 32, 3)}
+IMAGE_SHAPES = {
+    "mnist": (28, 28, 1),
+    "kmnist": (28, 28, 1),
+    "fashion_mnist": (28, 28, 1),
+    "cifar10": (32, 32, 3),
+    "cifar100": (32, 32, 3),
+}
 N_CLASSES = {"mnist": 10, "kmnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
-NORMALISATION = {"mnist": None, "kmnist": (0.1918, 0.3483), "fashion_mnist": (0.2860, 0.3530),
-                 # per channel (R, G, B); sources in the module docstring
-                 "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-                 "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
-SUBFOLDERS = {"mnist": ("mnist", "MNIST"), "kmnist": ("kmnist", "KMNIST"),
-              "fashion_mnist": ("fashion-mnist", "fashion_mnist", "fmnist", "FashionMNIST"),
-              "cifar10": ("cifar10", "cifar-10", "CIFAR10", "cifar-10-batches-bin"),
-              "cifar100": ("cifar100", "cifar-100", "CIFAR100", "cifar-100-binary")}
+NORMALISATION = {
+    "mnist": None,
+    "kmnist": (0.1918, 0.3483),
+    "fashion_mnist": (0.2860, 0.3530),
+    # per channel (R, G, B); sources in the module docstring
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+SUBFOLDERS = {
+    "mnist": ("mnist", "MNIST"),
+    "kmnist": ("kmnist", "KMNIST"),
+    "fashion_mnist": ("fashion-mnist", "fashion_mnist", "fmnist", "FashionMNIST"),
+    "cifar10": ("cifar10", "cifar-10", "CIFAR10", "cifar-10-batches-bin"),
+    "cifar100": ("cifar100", "cifar-100", "CIFAR100", "cifar-100-binary"),
+}
 DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder above the package (not a place looked)
 LOCAL_DIR = ".data"  # `./.data/<name>`, relative to the current working directory
@@ -100,10 +118,18 @@ ENV_VAR = "EP_JAX_DATA_DIR"
 SIZES = {"train": 60000, "test": 10000}
 CIFAR_SIZES = {"train": 50000, "test": 10000}
 
-IDX_FILES = {("train", "images"): "train-images-idx3-ubyte", ("train", "labels"): "train-labels-idx1-ubyte",
-             ("test", "images"): "t10k-images-idx3-ubyte", ("test", "labels"): "t10k-labels-idx1-ubyte"}
-NPZ_FILES = {("train", "images"): "kmnist-train-imgs.npz", ("train", "labels"): "kmnist-train-labels.npz",
-             ("test", "images"): "kmnist-test-imgs.npz", ("test", "labels"): "kmnist-test-labels.npz"}
+IDX_FILES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+NPZ_FILES = {
+    ("train", "images"): "kmnist-train-imgs.npz",
+    ("train", "labels"): "kmnist-train-labels.npz",
+    ("test", "images"): "kmnist-test-imgs.npz",
+    ("test", "labels"): "kmnist-test-labels.npz",
+}
 
 # Official md5 sums: of the decompressed IDX payload, or of the file as distributed.
 MD5 = {
@@ -134,13 +160,13 @@ MD5 = {
 HOW_TO_GET = {
     "mnist": "put the 4 MNIST IDX .gz files in a folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
     "kmnist": "download kmnist-{train,test}-{imgs,labels}.npz (or the IDX .gz files) from "
-              "https://github.com/rois-codh/kmnist into a folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
+    "https://github.com/rois-codh/kmnist into a folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
     "fashion_mnist": "apt-get install dataset-fashion-mnist (Debian/Ubuntu), or put the 4 IDX .gz files "
-                     "in a folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
+    "in a folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
     "cifar10": "download the binary version https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz into a "
-               "folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
+    "folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
     "cifar100": "download the binary version https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz into a "
-                "folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
+    "folder and pass --data-dir (or set EP_JAX_DATA_DIR)",
 }
 
 
@@ -150,11 +176,12 @@ class DatasetError(RuntimeError):
 
 class Dataset(NamedTuple):
     """A dataset as host arrays: flattened images and integer labels."""
+
     name: str
-    x_train: np.ndarray   # (N, H*W*C) float32: (60000, 784) MNIST-family, (50000, 3072) CIFAR
-    y_train: np.ndarray   # (N,) int32
-    x_test: np.ndarray    # (10000, H*W*C) float32
-    y_test: np.ndarray    # (10000,) int32
+    x_train: np.ndarray  # (N, H*W*C) float32: (60000, 784) MNIST-family, (50000, 3072) CIFAR
+    y_train: np.ndarray  # (N,) int32
+    x_test: np.ndarray  # (10000, H*W*C) float32
+    y_test: np.ndarray  # (10000,) int32
 
 
 def canonical_name(name: str) -> str:
@@ -206,11 +233,13 @@ def parse_idx(payload: bytes, source="<bytes>") -> np.ndarray:
     ndim = payload[3]
     if ndim < 1 or len(payload) < 4 + 4 * ndim:
         raise DatasetError(f"{source}: truncated IDX header")
-    dims = tuple(int.from_bytes(payload[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(payload[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = 4 + 4 * ndim + math.prod(dims)
     if len(payload) != expected:
-        raise DatasetError(f"{source}: IDX payload has {len(payload)} bytes, its header {dims} needs {expected} "
-                           "(truncated or corrupt file)")
+        raise DatasetError(
+            f"{source}: IDX payload has {len(payload)} bytes, its header {dims} needs {expected} "
+            "(truncated or corrupt file)"
+        )
     return np.frombuffer(payload, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -227,13 +256,15 @@ def _npz_array(raw: bytes, path: Path, limit: int) -> np.ndarray:
     bytes that follow. Never unpickles."""
     import io
     import zipfile
+
     with zipfile.ZipFile(io.BytesIO(raw)) as z:
         infos = z.infolist()
         if [i.filename for i in infos] != ["arr_0.npy"]:
             raise DatasetError(f"{path}: holds {[i.filename for i in infos][:5]}, expected the one array arr_0.npy")
         if infos[0].file_size > limit:
-            raise DatasetError(f"{path}: arr_0.npy declares {infos[0].file_size} bytes, more than a {path.name} "
-                               f"can hold ({limit})")
+            raise DatasetError(
+                f"{path}: arr_0.npy declares {infos[0].file_size} bytes, more than a {path.name} can hold ({limit})"
+            )
         with z.open(infos[0]) as f:
             data = f.read(limit + 1)
     if len(data) > limit:
@@ -248,8 +279,10 @@ def _npz_array(raw: bytes, path: Path, limit: int) -> np.ndarray:
         raise DatasetError(f"{path}: arr_0 has dtype {dtype} (Python objects); ep_jax never unpickles data")
     count = math.prod(shape)
     if len(data) - f.tell() != count * dtype.itemsize:
-        raise DatasetError(f"{path}: arr_0 declares shape {shape} of {dtype} ({count * dtype.itemsize} bytes), "
-                           f"the file holds {len(data) - f.tell()}")
+        raise DatasetError(
+            f"{path}: arr_0 declares shape {shape} of {dtype} ({count * dtype.itemsize} bytes), "
+            f"the file holds {len(data) - f.tell()}"
+        )
     a = np.frombuffer(data, dtype, count, f.tell())
     return a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
 
@@ -272,8 +305,10 @@ def _verify(name: str, path: Path, file_bytes: bytes, payload: bytes):
         return
     sums = {hashlib.md5(file_bytes).hexdigest(), hashlib.md5(payload).hexdigest()}
     if not sums & known:
-        raise DatasetError(f"{path}: md5 {sorted(sums)} does not match the official {sorted(known)}; the file is "
-                           "corrupt or not the official release (ep_jax.data.load_dataset(..., verify=False) loads it anyway)")
+        raise DatasetError(
+            f"{path}: md5 {sorted(sums)} does not match the official {sorted(known)}; the file is "
+            "corrupt or not the official release (ep_jax.data.load_dataset(..., verify=False) loads it anyway)"
+        )
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
@@ -338,33 +373,49 @@ def load_files(folder, name: str, verify: bool = True, expect_sizes: bool | None
         if y.size and (int(y.min()) < 0 or int(y.max()) > 9):
             bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
             raise DatasetError(f"{fy}: label {bad} outside 0..9")
-    return (arrays[("train", "images")], arrays[("train", "labels")],
-            arrays[("test", "images")], arrays[("test", "labels")])
+    return (
+        arrays[("train", "images")],
+        arrays[("train", "labels")],
+        arrays[("test", "images")],
+        arrays[("test", "labels")],
+    )
 
 
 # --- CIFAR: the official binary version, fixed-size records read with numpy ----------------
 
 CIFAR_ARCHIVES = {"cifar10": "cifar-10-binary.tar.gz", "cifar100": "cifar-100-binary.tar.gz"}
-CIFAR_BINS = {"cifar10": {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)},
-              "cifar100": {"train": ("train.bin",), "test": ("test.bin",)}}
+CIFAR_BINS = {
+    "cifar10": {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)},
+    "cifar100": {"train": ("train.bin",), "test": ("test.bin",)},
+}
 #: label bytes per record (CIFAR-100: coarse, fine) and the label range of each byte
 CIFAR_LABEL_BYTES = {"cifar10": (10,), "cifar100": (20, 100)}
 CIFAR_PIXELS = 32 * 32 * 3
 #: the pickled "python version": what a user may have instead, and what to get
-CIFAR_PICKLED = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py", "data_batch_1", "test_batch"),
-                 "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", "train", "test")}
-PICKLE_MAGIC = 0x80   # the first byte of a pickle (protocol >= 2); no CIFAR label byte is that large
+CIFAR_PICKLED = {
+    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py", "data_batch_1", "test_batch"),
+    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", "train", "test"),
+}
+PICKLE_MAGIC = 0x80  # the first byte of a pickle (protocol >= 2); no CIFAR label byte is that large
 # SHA-256 of the archives: tensorflow-datasets' url_checksums/cifar10.txt, cifar100.txt
-CIFAR_SHA256 = {"cifar-10-binary.tar.gz": "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
-                "cifar-100-binary.tar.gz": "58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec"}
+CIFAR_SHA256 = {
+    "cifar-10-binary.tar.gz": "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+    "cifar-100-binary.tar.gz": "58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec",
+}
 # MD5: of the archives as on https://www.cs.toronto.edu/~kriz/cifar.html; of the extracted
 # files as listed by rai-project/dldataset (vision/cifar10.go, vision/cifar100.go)
-CIFAR_MD5 = {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530",
-             "cifar-100-binary.tar.gz": "03b5dce01913d631647c71ecec9e9cb8",
-             "data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25", "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
-             "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421", "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
-             "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d", "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d",
-             "train.bin": "6172c7755cfe09b2fe270c85cebc1b15", "test.bin": "4499cfba6c016c1be1438163640a0898"}
+CIFAR_MD5 = {
+    "cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530",
+    "cifar-100-binary.tar.gz": "03b5dce01913d631647c71ecec9e9cb8",
+    "data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25",
+    "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
+    "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421",
+    "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
+    "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d",
+    "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d",
+    "train.bin": "6172c7755cfe09b2fe270c85cebc1b15",
+    "test.bin": "4499cfba6c016c1be1438163640a0898",
+}
 CIFAR_ARCHIVE_BYTES = {"cifar-10-binary.tar.gz": 170052171, "cifar-100-binary.tar.gz": 168513733}
 #: the most an archive may take, compressed or not: the binary batches (184 MB, either
 #: dataset) plus the tar headers and the small text files beside them
@@ -372,14 +423,17 @@ CIFAR_TAR_BYTES = 192 * MIB
 
 
 def _use_binary(name: str) -> str:
-    return (f"use the binary version {CIFAR_ARCHIVES[name]} (https://www.cs.toronto.edu/~kriz/"
-            f"{CIFAR_ARCHIVES[name]}); ep_jax never unpickles data")
+    return (
+        f"use the binary version {CIFAR_ARCHIVES[name]} (https://www.cs.toronto.edu/~kriz/"
+        f"{CIFAR_ARCHIVES[name]}); ep_jax never unpickles data"
+    )
 
 
 def _is_pickle(path: Path) -> bool:
     """Whether the regular file `path` starts with pickle's magic byte (a pipe or a device
     is not opened)."""
     import stat
+
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False
@@ -429,10 +483,12 @@ def _check_cifar_sum(path: Path, member: str, raw: bytes):
         return
     got_sha, got_md5 = hashlib.sha256(raw).hexdigest(), hashlib.md5(raw).hexdigest()
     if got_sha != sha and got_md5 != md5:
-        raise DatasetError(f"{path}: md5 {got_md5} does not match the official {member}'s {md5}"
-                           + (f" (nor sha256 {got_sha[:16]}... its {sha[:16]}...)" if sha else "")
-                           + "; the file is corrupt or not the official release "
-                           "(ep_jax.data.load_dataset(..., verify=False) loads it anyway)")
+        raise DatasetError(
+            f"{path}: md5 {got_md5} does not match the official {member}'s {md5}"
+            + (f" (nor sha256 {got_sha[:16]}... its {sha[:16]}...)" if sha else "")
+            + "; the file is corrupt or not the official release "
+            "(ep_jax.data.load_dataset(..., verify=False) loads it anyway)"
+        )
 
 
 def parse_cifar_records(raw: bytes, name: str, source="<bytes>") -> tuple[np.ndarray, np.ndarray]:
@@ -443,19 +499,23 @@ def parse_cifar_records(raw: bytes, name: str, source="<bytes>") -> tuple[np.nda
     ranges = CIFAR_LABEL_BYTES[name]
     rec = len(ranges) + CIFAR_PIXELS
     if raw[:1] == bytes([PICKLE_MAGIC]):
-        raise DatasetError(f"{source}: a Python pickle (the CIFAR 'python version'), not a binary batch; "
-                           + _use_binary(name))
+        raise DatasetError(
+            f"{source}: a Python pickle (the CIFAR 'python version'), not a binary batch; " + _use_binary(name)
+        )
     if len(raw) == 0 or len(raw) % rec:
-        raise DatasetError(f"{source}: {len(raw)} bytes is not a whole number of {rec}-byte {name} records "
-                           "(truncated or corrupt file)")
+        raise DatasetError(
+            f"{source}: {len(raw)} bytes is not a whole number of {rec}-byte {name} records (truncated or corrupt file)"
+        )
     a = np.frombuffer(raw, np.uint8).reshape(-1, rec)
     for j, hi in enumerate(ranges):
         bad = a[:, j] >= hi
         if bad.any():
             i = int(np.argmax(bad))
-            raise DatasetError(f"{source}: record {i} has label byte {j} = {int(a[i, j])}, outside 0..{hi - 1} "
-                               "(corrupt file, or not the binary version)")
-    x = a[:, len(ranges):].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            raise DatasetError(
+                f"{source}: record {i} has label byte {j} = {int(a[i, j])}, outside 0..{hi - 1} "
+                "(corrupt file, or not the binary version)"
+            )
+    x = a[:, len(ranges) :].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(x), a[:, len(ranges) - 1].copy()
 
 
@@ -466,6 +526,7 @@ def _read_cifar_archive(path: Path, name: str, verify: bool) -> dict:
     most records a batch holds before it is read."""
     import io
     import tarfile
+
     raw = _read_file(path, CIFAR_TAR_BYTES, "CIFAR archive")
     if verify:
         _check_cifar_sum(path, CIFAR_ARCHIVES[name], raw)
@@ -481,9 +542,14 @@ def _read_cifar_archive(path: Path, name: str, verify: bool) -> dict:
                 base = m.name.rsplit("/", 1)[-1]
                 if m.isfile() and base in wanted:
                     if m.size > most or m.offset_data + m.size > len(raw):
-                        raise DatasetError(f"{path}: member {m.name} declares {m.size} bytes, more than "
-                                           + (f"a {name} batch holds ({most})" if m.size > most else
-                                              "the archive holds (truncated or corrupt archive)"))
+                        raise DatasetError(
+                            f"{path}: member {m.name} declares {m.size} bytes, more than "
+                            + (
+                                f"a {name} batch holds ({most})"
+                                if m.size > most
+                                else "the archive holds (truncated or corrupt archive)"
+                            )
+                        )
                     out[base] = tar.extractfile(m).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         first = (str(e).strip().splitlines() or [""])[0].rstrip(":")
@@ -493,8 +559,9 @@ def _read_cifar_archive(path: Path, name: str, verify: bool) -> dict:
         raise DatasetError(f"{path}: holds the pickled 'python version' ({pickled}/); " + _use_binary(name))
     missing = sorted(wanted - set(out))
     if missing:
-        raise DatasetError(f"{path}: the archive lacks {', '.join(missing)} (not the {CIFAR_ARCHIVES[name]} "
-                           "archive, or truncated)")
+        raise DatasetError(
+            f"{path}: the archive lacks {', '.join(missing)} (not the {CIFAR_ARCHIVES[name]} archive, or truncated)"
+        )
     return out
 
 
@@ -502,9 +569,10 @@ def _decompress_archive(raw: bytes, path: Path) -> bytes:
     try:
         return decompress(raw, CIFAR_TAR_BYTES, path, DatasetError, "CIFAR archive")
     except DatasetError as e:
-        if "corrupt or truncated" in str(e):    # the message the archive's other damage gives
-            raise DatasetError(str(e).replace("truncated gzip file", "truncated archive", 1)
-                               .replace("compressed file", "archive", 1)) from None
+        if "corrupt or truncated" in str(e):  # the message the archive's other damage gives
+            raise DatasetError(
+                str(e).replace("truncated gzip file", "truncated archive", 1).replace("compressed file", "archive", 1)
+            ) from None
         raise
 
 
@@ -581,6 +649,7 @@ TFDS_HOST = ("storage.googleapis.com", 443)  # where tensorflow-datasets downloa
 def _online(host=TFDS_HOST, timeout: float = 3.0) -> bool:
     """Whether a TCP connection to tfds' download host opens within `timeout` seconds."""
     import socket
+
     try:
         socket.create_connection(host, timeout=timeout).close()
         return True
@@ -595,8 +664,10 @@ def _load_tfds(name: str, data_dir=None):
     if not builder.is_prepared():
         if not _online():
             # tfds would retry its downloads for minutes before giving up
-            raise DatasetError(f"tensorflow-datasets has no prepared copy of {name!r} and cannot download it "
-                               f"(no connection to {TFDS_HOST[0]})")
+            raise DatasetError(
+                f"tensorflow-datasets has no prepared copy of {name!r} and cannot download it "
+                f"(no connection to {TFDS_HOST[0]})"
+            )
         builder.download_and_prepare()
 
     def split(s):
@@ -606,6 +677,7 @@ def _load_tfds(name: str, data_dir=None):
         x = np.stack([np.asarray(ex["image"]).reshape(shape) for ex in ds]).astype(np.uint8)
         y = np.asarray([ex["label"] for ex in ds])
         return x, y
+
     (xtr, ytr), (xte, yte) = split("train"), split("test")
     return xtr, ytr, xte, yte
 
@@ -622,11 +694,13 @@ def _finish(name, raw, normalize: bool) -> Dataset:
             mean, std = np.tile(np.float32(mean), x.shape[1] // c), np.tile(np.float32(std), x.shape[1] // c)
             x = (x - mean) / std
         return x
+
     return Dataset(name, prep(xtr), np.asarray(ytr, np.int32), prep(xte), np.asarray(yte, np.int32))
 
 
-def load_dataset(name: str, data_dir=None, normalize: bool = True, source: str = "auto",
-                 verify: bool = True) -> Dataset:
+def load_dataset(
+    name: str, data_dir=None, normalize: bool = True, source: str = "auto", verify: bool = True
+) -> Dataset:
     """Load `name` (mnist, kmnist, fashion_mnist) as a `Dataset` of float32 arrays.
 
     `source`: "auto" (files, then tfds), "files" or "tfds". See the module docstring for
@@ -645,13 +719,14 @@ def load_dataset(name: str, data_dir=None, normalize: bool = True, source: str =
             if _files_in(folder, name) is not None:
                 return _finish(name, load_files(folder, name, verify), normalize)
             pickled = _cifar_pickled_in(folder, name) if name in CIFAR else None
-            if pickled is not None:   # refused where found, rather than passed over
+            if pickled is not None:  # refused where found, rather than passed over
                 raise DatasetError(f"{pickled}: the pickled CIFAR 'python version'; " + _use_binary(name))
             looked.append(f"  - {folder}: {'no complete set of files' if folder.is_dir() else 'does not exist'}")
     have_tfds = False
     if source in ("auto", "tfds"):
         try:
             import tensorflow_datasets  # noqa: F401
+
             have_tfds = True
         except ImportError as e:
             looked.append(f"  - tensorflow-datasets: not importable ({e}; pip install 'ep_jax[tfds]')")
@@ -663,12 +738,16 @@ def load_dataset(name: str, data_dir=None, normalize: bool = True, source: str =
             looked.append(f"  - tensorflow-datasets: {msg or type(e).__name__}")
     how = HOW_TO_GET[name]
     if source != "files":
-        how += ("; or let tensorflow-datasets download it on a machine with internet access" if have_tfds
-                else "; or pip install 'ep_jax[tfds]' on a machine with internet access")
+        how += (
+            "; or let tensorflow-datasets download it on a machine with internet access"
+            if have_tfds
+            else "; or pip install 'ep_jax[tfds]' on a machine with internet access"
+        )
     raise DatasetError(f"dataset {name!r} not found. Looked in:\n" + "\n".join(looked) + f"\nTo get it: {how}.")
 
 
 # --- batching -----------------------------------------------------------------------------
+
 
 def epoch_permutation(key, n: int) -> np.ndarray:
     """The example order of one epoch: a permutation of `range(n)` from `key`."""
@@ -682,7 +761,7 @@ def subset_indices(key, total: int, n: int | None) -> np.ndarray:
         return np.arange(total)
     if not 1 <= int(n) <= total:
         raise ValueError(f"subset must lie in [1, {total}], got {n}")
-    return np.sort(epoch_permutation(key, total)[:int(n)])
+    return np.sort(epoch_permutation(key, total)[: int(n)])
 
 
 def subset(ds: Dataset, n_train: int | None, n_test: int | None = None, key=None) -> Dataset:
@@ -706,8 +785,7 @@ class batches:
             ...
     """
 
-    def __init__(self, x, y, batch_size: int, key=None, drop_last: bool = False, prefetch: int = 2,
-                 device=None):
+    def __init__(self, x, y, batch_size: int, key=None, drop_last: bool = False, prefetch: int = 2, device=None):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         n = len(y)
@@ -716,14 +794,13 @@ class batches:
         order = epoch_permutation(key, n) if key is not None else np.arange(n)
         stops = range(0, (n // batch_size) * batch_size if drop_last else n, batch_size)
         put = (lambda a: jax.device_put(a, device)) if device is not None else jax.device_put
-        self._items = ((put(x[order[i:i + batch_size]]), put(y[order[i:i + batch_size]])) for i in stops)
+        self._items = ((put(x[order[i : i + batch_size]]), put(y[order[i : i + batch_size]])) for i in stops)
         self._len = len(stops)
         self._thread = None
         if prefetch > 0:
             self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
             self._stop = threading.Event()
-            self._thread = threading.Thread(target=_produce, args=(self._items, self._queue, self._stop),
-                                            daemon=True)
+            self._thread = threading.Thread(target=_produce, args=(self._items, self._queue, self._stop), daemon=True)
             self._thread.start()
             # runs at garbage collection or at interpreter exit, whichever comes first
             self._finalizer = weakref.finalize(self, _stop_thread, self._stop, self._thread)

@@ -22,6 +22,7 @@ in the reference layout, 2.7 ms branch-major; a training step 15.6 -> 9.7 ms; se
 `from_reference_layout` convert the last axis between the two; `init` draws in the
 reference layout and permutes, so a key gives the same numbers as the reference code.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ def check_fields(model) -> None:
     for name in ("basal_branches", "apical_branches"):
         object.__setattr__(model, name, whole_number(name, getattr(model, name), lo=1))
     object.__setattr__(model, "sparsity", real_number("sparsity", model.sparsity))
-    n_kept(1, model.sparsity)   # the range
+    n_kept(1, model.sparsity)  # the range
     if not isinstance(model.apical_dense, bool):
         raise ValueError(f"apical_dense must be True or False, got {model.apical_dense!r}")
 
@@ -74,8 +75,7 @@ def sample_mask(key, m: int, n_branches: int, keep: int, dtype=jnp.float32):
     return (ranks < keep).astype(dtype).T
 
 
-def init(key, m: int, n: int, branches: int, sparsity: float, *, bias: bool,
-         dense: bool = False, dtype=jnp.float32):
+def init(key, m: int, n: int, branches: int, sparsity: float, *, bias: bool, dense: bool = False, dtype=jnp.float32):
     """Parameters and mask of a dendritic map R^m -> R^n, in the branch-major layout.
 
     Returns `(params, mask)`: params `{"w": (m, K·n)}` plus `"c": (K·n,)` when `bias`;
@@ -120,10 +120,10 @@ def soma(z, branches: int):
     """
     r = jax.nn.relu(z)
     n = r.shape[-1] // branches
-    parts = [r[..., k * n:(k + 1) * n] for k in range(branches)]
+    parts = [r[..., k * n : (k + 1) * n] for k in range(branches)]
     while len(parts) > 1:
         h = len(parts) // 2
-        parts = [parts[i] + parts[i + h] for i in range(h)] + parts[2 * h:]
+        parts = [parts[i] + parts[i + h] for i in range(h)] + parts[2 * h :]
     return parts[0] / branches
 
 

@@ -12,6 +12,7 @@ Phases of one training example: free (`t_free` steps from zero, β = 0; its last
 the prediction), and nudged (`t_nudge` steps from the free state with the output force
 of strength ±β).
 """
+
 from __future__ import annotations
 
 import jax
@@ -26,8 +27,9 @@ def step(model: Model, eff, ctx, s, target, beta, dt):
     h = model.drives(eff, ctx, s, target, beta)
     # A scalar dt is broadcast to the layer's width so that it runs the very same
     # program as a per-neuron vector: a vector filled with one value gives the same bits.
-    return tuple((1 - d) * sl + d * act(hl)
-                 for sl, hl, d, act in zip(s, h, per_neuron(dt, s), model.layer_activations()))
+    return tuple(
+        (1 - d) * sl + d * act(hl) for sl, hl, d, act in zip(s, h, per_neuron(dt, s), model.layer_activations())
+    )
 
 
 def per_neuron(dt, s):
@@ -37,8 +39,7 @@ def per_neuron(dt, s):
     return tuple(jnp.broadcast_to(d, sl.shape[1:]) for d, sl in zip(dt, s))
 
 
-def relax(model: Model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False,
-          residual: bool = False):
+def relax(model: Model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False, residual: bool = False):
     """`steps` updates from state `s`.
 
     Returns the final state, or `(final, trajectory)` when `record`: the trajectory holds
@@ -55,6 +56,7 @@ def relax(model: Model, eff, ctx, s, target, beta, dt, steps: int, record: bool 
 
 def _scan(model, eff, ctx, s, target, beta, dt, steps, record, keep_prev):
     """`(final, trajectory or None, state before the last step or None)`."""
+
     def body(carry, _):
         s, prev, dts = carry
         new = step(model, eff, ctx, s, target, beta, dts)
@@ -122,8 +124,19 @@ def relax_adaptive(model: Model, eff, ctx, s, target, beta, dt, max_steps: int, 
     return s, r, k
 
 
-def nudged_phases(model: Model, eff, ctx, s_free, target, betas, dt, steps: int,
-                  batched: bool = True, record: bool = False, residual: bool = False):
+def nudged_phases(
+    model: Model,
+    eff,
+    ctx,
+    s_free,
+    target,
+    betas,
+    dt,
+    steps: int,
+    batched: bool = True,
+    record: bool = False,
+    residual: bool = False,
+):
     """Nudged phases from the free state, one per entry of `betas` (e.g. `(β, −β)`).
 
     `batched=True` stacks the phases along the batch axis and runs one scan (one larger
@@ -135,17 +148,27 @@ def nudged_phases(model: Model, eff, ctx, s_free, target, betas, dt, steps: int,
     if not batched or len(betas) == 1:
         outs = [_scan(model, eff, ctx, s_free, target, b, dt, steps, record, residual) for b in betas]
         phases = [(f, t) for f, t, _ in outs] if record else [f for f, _, _ in outs]
-        if residual:   # over every phase together: their layers side by side
+        if residual:  # over every phase together: their layers side by side
             r = relative_residual(sum((f for f, _, _ in outs), ()), sum((p for _, _, p in outs), ()))
     else:
         n, B = len(betas), ctx.shape[0]
         tile = lambda a: jnp.concatenate([a] * n, axis=0)
         beta_col = jnp.concatenate([jnp.full((B, 1), b, ctx.dtype) for b in betas], axis=0)
-        final, traj, prev = _scan(model, eff, tile(ctx), tuple(tile(sl) for sl in s_free),
-                                  jax.tree.map(tile, target), beta_col, dt, steps, record, residual)
+        final, traj, prev = _scan(
+            model,
+            eff,
+            tile(ctx),
+            tuple(tile(sl) for sl in s_free),
+            jax.tree.map(tile, target),
+            beta_col,
+            dt,
+            steps,
+            record,
+            residual,
+        )
         split = lambda a, i, axis: lax.slice_in_dim(a, i * B, (i + 1) * B, axis=axis)
         finals = [tuple(split(sl, i, 0) for sl in final) for i in range(n)]
-        phases = ([(finals[i], tuple(split(t, i, 1) for t in traj)) for i in range(n)] if record else finals)
-        if residual:   # the stacked batch holds every phase: no need to split it
+        phases = [(finals[i], tuple(split(t, i, 1) for t in traj)) for i in range(n)] if record else finals
+        if residual:  # the stacked batch holds every phase: no need to split it
             r = relative_residual(final, prev)
     return (phases, r) if residual else phases

@@ -36,6 +36,7 @@ estimator (where it changes nothing) and for BPTT (where it means nothing).
 See docs/equations.md for the derivation and docs/ep-vs-bptt.md for how the estimates
 compare with BPTT.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,6 +82,7 @@ class Estimator:
     nudge_solver: how the nudged phases relax (`t_nudge` the step budget); None (default):
     the free phase's solver.
     """
+
     kind: str = "symmetric"
     t_free: int = 60
     t_nudge: int = 12
@@ -98,7 +100,7 @@ class Estimator:
             v = getattr(self, name)
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
                 raise ValueError(f"{name} must be an integer number of steps, got {v!r}")
-            object.__setattr__(self, name, int(v))   # numpy integers: a plain int (hashable, static)
+            object.__setattr__(self, name, int(v))  # numpy integers: a plain int (hashable, static)
         if self.t_free < 1 or self.t_nudge < 1:
             raise ValueError(f"t_free and t_nudge must be >= 1, got {self.t_free}, {self.t_nudge}")
         if self.t_nudge > self.t_free and self.kind != "bptt_full":
@@ -106,8 +108,7 @@ class Estimator:
         if self.nudge not in NUDGES:
             raise ValueError(f"nudge must be one of {list(NUDGES)}, got {self.nudge!r}")
         if self.nudge == "random_sign" and self.kind not in RANDOM_SIGN_KINDS:
-            raise ValueError(f"nudge='random_sign' needs estimator one of {list(RANDOM_SIGN_KINDS)}, "
-                             f"got {self.kind!r}")
+            raise ValueError(f"nudge='random_sign' needs estimator one of {list(RANDOM_SIGN_KINDS)}, got {self.kind!r}")
         if self.n_points is not None:
             if self.kind != "holomorphic":
                 raise ValueError(f"n_points is a setting of the 'holomorphic' estimator, not of {self.kind!r}")
@@ -125,14 +126,19 @@ class Estimator:
             if isinstance(v, str):
                 object.__setattr__(self, name, v := solvers.parse(v, name))
             if not isinstance(v, solvers.Solver):
-                raise ValueError(f"{name} must be an ep_jax.solvers.Solver (or its spelling: "
-                                 f"{', '.join(solvers.SPELLINGS)}), got {v!r}")
+                raise ValueError(
+                    f"{name} must be an ep_jax.solvers.Solver (or its spelling: "
+                    f"{', '.join(solvers.SPELLINGS)}), got {v!r}"
+                )
             if self.kind in ("bptt", "bptt_full") and v != solvers.Scan():
-                raise ValueError(f"{name}: the {self.kind!r} estimator differentiates the synchronous scan; "
-                                 f"it takes only solver='scan', got {v.spec()!r}")
+                raise ValueError(
+                    f"{name}: the {self.kind!r} estimator differentiates the synchronous scan; "
+                    f"it takes only solver='scan', got {v.spec()!r}"
+                )
             if isinstance(v, solvers.Pallas) and self.kind not in PALLAS_KINDS:
-                raise ValueError(f"{name}: the pallas solver needs estimator one of {list(PALLAS_KINDS)}, "
-                                 f"got {self.kind!r}")
+                raise ValueError(
+                    f"{name}: the pallas solver needs estimator one of {list(PALLAS_KINDS)}, got {self.kind!r}"
+                )
 
     @property
     def phase_solvers(self) -> tuple:
@@ -157,12 +163,13 @@ class Estimator:
 
 class Aux(NamedTuple):
     """What an estimate returns beside the gradients."""
-    s_free: tuple        # free state after t_free steps (the prediction)
-    loss: jax.Array      # batch mean of ℓ(s⁰_L, y)
-    correct: jax.Array   # number of examples with argmax s⁰_L == y
-    beta: jax.Array      # the β used (signed, for nudge="random_sign")
-    residual_free: jax.Array = jnp.nan    # relative residual of the free phase's last step
-    residual_nudge: jax.Array = jnp.nan   # ... of the nudged phases' last step (all phases; NaN: none ran)
+
+    s_free: tuple  # free state after t_free steps (the prediction)
+    loss: jax.Array  # batch mean of ℓ(s⁰_L, y)
+    correct: jax.Array  # number of examples with argmax s⁰_L == y
+    beta: jax.Array  # the β used (signed, for nudge="random_sign")
+    residual_free: jax.Array = jnp.nan  # relative residual of the free phase's last step
+    residual_nudge: jax.Array = jnp.nan  # ... of the nudged phases' last step (all phases; NaN: none ran)
 
 
 def check_batch(model, x, y):
@@ -186,8 +193,10 @@ def check_labels(model, y):
     label would otherwise give an all-zero one-hot target, silently)."""
     v = concrete(y)
     if v is not None and v.size and (v.min() < 0 or v.max() >= model.n_classes):
-        raise ValueError(f"y holds labels in [{v.min()}, {v.max()}], outside [0, {model.n_classes}) "
-                         f"for a model with {model.n_classes} outputs")
+        raise ValueError(
+            f"y holds labels in [{v.min()}, {v.max()}], outside [0, {model.n_classes}) "
+            f"for a model with {model.n_classes} outputs"
+        )
 
 
 def labels_in_range(model, y) -> jax.Array:
@@ -199,7 +208,7 @@ def labels_in_range(model, y) -> jax.Array:
 
 def _aux(model, s_free, y, y1h, beta, res_free, res_nudge=None, out=None):
     # NaN for out-of-range labels (only reachable under jit: eager calls refuse them)
-    out = s_free[-1] if out is None else out   # the model's output (`model.output`): s_L or a readout of it
+    out = s_free[-1] if out is None else out  # the model's output (`model.output`): s_L or a readout of it
     loss = jnp.where(labels_in_range(model, y), jnp.mean(model.cost(out, y1h)), jnp.nan)
     correct = jnp.sum(jnp.argmax(out, axis=-1) == y)
     rdtype = loss.dtype
@@ -209,11 +218,12 @@ def _aux(model, s_free, y, y1h, beta, res_free, res_nudge=None, out=None):
 
 def primitive_grad(model, params, buffers, x, terms, y1h):
     """∂_θ Σ_i c_i Φ(s_i, β_i) for `terms = [(c_i, s_i, β_i), ...]`, states held fixed."""
+
     def f(p):
         eff = model.prepare(p, buffers)
         ctx = model.input_drive(eff, x)
-        return sum(c * model.primitive(eff, ctx, jax.lax.stop_gradient(s), y1h, b)
-                   for c, s, b in terms)
+        return sum(c * model.primitive(eff, ctx, jax.lax.stop_gradient(s), y1h, b) for c, s, b in terms)
+
     return jax.grad(f)(params)
 
 
@@ -226,6 +236,7 @@ def chl_grad(model, params, buffers, x, s_plus, s_free, beta):
         eff = model.prepare(p, buffers)
         ff = model.feedforward(eff, model.input_drive(eff, x), s_plus)
         return -sum(jnp.sum(d * fl) for d, fl in zip(diff, ff)) / (beta * x.shape[0])
+
     return jax.grad(f)(params)
 
 
@@ -240,9 +251,20 @@ def ep_nudged_states(model, est, eff, ctx, s_free, y1h, rx: Relaxation, record=F
     else:
         betas = (rx.beta, -rx.beta) if est.kind == "symmetric" else (rx.beta,)
     solver = est.phase_solvers[1]
-    if record:   # the trajectory: the synchronous scan's (only `dynamics` records one)
-        return dynamics.nudged_phases(model, eff, ctx, s_free, y1h, betas, rx.dt, est.t_nudge,
-                                      batched=est.batched_nudge, record=True, residual=residual)
+    if record:  # the trajectory: the synchronous scan's (only `dynamics` records one)
+        return dynamics.nudged_phases(
+            model,
+            eff,
+            ctx,
+            s_free,
+            y1h,
+            betas,
+            rx.dt,
+            est.t_nudge,
+            batched=est.batched_nudge,
+            record=True,
+            residual=residual,
+        )
     phases, info = solver.phases(model, eff, ctx, s_free, y1h, betas, rx.dt, est.t_nudge, est.batched_nudge)
     return (phases, info.residual) if residual else phases
 
@@ -284,8 +306,11 @@ def holomorphic_grad(model, params, buffers, x, y1h, beta, nudged):
     def f(p):
         eff = model.prepare(p, buffers)
         ctx = model.input_drive(eff, x)
-        return -sum(jnp.real(c * model.primitive(eff, ctx, jax.lax.stop_gradient(s_k), y1h, b_k))
-                    for c, s_k, b_k in zip(coef, nudged, betas))
+        return -sum(
+            jnp.real(c * model.primitive(eff, ctx, jax.lax.stop_gradient(s_k), y1h, b_k))
+            for c, s_k, b_k in zip(coef, nudged, betas)
+        )
+
     return jax.grad(f)(params)
 
 
@@ -297,8 +322,11 @@ def check_holomorphic(model):
     bad = parts() if callable(parts) else []
     if bad:
         from ep_jax.activations import HOLOMORPHIC
-        raise ValueError(f"the holomorphic estimator needs holomorphic functions, and this model uses "
-                         f"{', '.join(bad)}; holomorphic activations: {', '.join(HOLOMORPHIC)}")
+
+        raise ValueError(
+            f"the holomorphic estimator needs holomorphic functions, and this model uses "
+            f"{', '.join(bad)}; holomorphic activations: {', '.join(HOLOMORPHIC)}"
+        )
 
 
 def ep_grad_from_states(model, est, params, buffers, x, y1h, beta, s_free, nudged):
@@ -334,14 +362,25 @@ def _bptt(model, est, params, buffers, x, y, y1h, rx):
 
 class ImplicitInfo(NamedTuple):
     """How the implicit gradient was obtained."""
-    residual_free: jax.Array     # relative residual of the free phase's last step
+
+    residual_free: jax.Array  # relative residual of the free phase's last step
     residual_adjoint: jax.Array  # relative change of λ in the adjoint's last iteration
-    iterations: jax.Array        # adjoint iterations run
-    converged: jax.Array         # bool: residual_free <= tol
+    iterations: jax.Array  # adjoint iterations run
+    converged: jax.Array  # bool: residual_free <= tol
 
 
-def implicit_grad(model, params, buffers, x, y, rx: Relaxation, t_free: int, tol: float = DEFAULT_TOL,
-                  max_iter: int | None = None, solver: solvers.Solver | None = None):
+def implicit_grad(
+    model,
+    params,
+    buffers,
+    x,
+    y,
+    rx: Relaxation,
+    t_free: int,
+    tol: float = DEFAULT_TOL,
+    max_iter: int | None = None,
+    solver: solvers.Solver | None = None,
+):
     """∂ℓ/∂θ at the free fixed point by implicit differentiation; `(grads, s_free, info)`.
 
     With G(s, θ) one relaxation step (β = 0), s* = G(s*, θ) the state after `t_free`
@@ -361,8 +400,9 @@ def implicit_grad(model, params, buffers, x, y, rx: Relaxation, t_free: int, tol
     y1h = model.one_hot(y, x.dtype)
     # the cost reads the model's output (`model.output`); a readout's own parameter gradient
     # is added to the adjoint's (zero when the output is s_L itself)
-    g_s, g_out = jax.grad(lambda st, p: jnp.mean(model.cost(model.output(model.prepare(p, buffers), st), y1h)),
-                          argnums=(0, 1))(s, params)
+    g_s, g_out = jax.grad(
+        lambda st, p: jnp.mean(model.cost(model.output(model.prepare(p, buffers), st), y1h)), argnums=(0, 1)
+    )(s, params)
 
     def G(p, st):
         e = model.prepare(p, buffers)
@@ -389,14 +429,23 @@ def implicit_grad(model, params, buffers, x, y, rx: Relaxation, t_free: int, tol
 
 
 def _implicit(model, est, params, buffers, x, y, y1h, rx):
-    grads, s, info = implicit_grad(model, params, buffers, x, y, rx, est.t_free, est.residual_tol,
-                                   solver=est.solver)
+    grads, s, info = implicit_grad(model, params, buffers, x, y, rx, est.t_free, est.residual_tol, solver=est.solver)
     r = concrete(info.residual_free)
     if r is not None and not r <= est.residual_tol:
-        raise ValueError(f"the free phase has not converged: relative residual {float(r):.3g} > tol="
-                         f"{est.residual_tol:g} after t_free={est.t_free} steps (raise t_free, or tol)")
-    return grads, _aux(model, s, y, y1h, rx.beta, info.residual_free, info.residual_adjoint,
-                       out=model.output(model.prepare(params, buffers), s))
+        raise ValueError(
+            f"the free phase has not converged: relative residual {float(r):.3g} > tol="
+            f"{est.residual_tol:g} after t_free={est.t_free} steps (raise t_free, or tol)"
+        )
+    return grads, _aux(
+        model,
+        s,
+        y,
+        y1h,
+        rx.beta,
+        info.residual_free,
+        info.residual_adjoint,
+        out=model.output(model.prepare(params, buffers), s),
+    )
 
 
 def signed_beta(est: Estimator, key, beta):

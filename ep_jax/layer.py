@@ -22,6 +22,7 @@ symmetric EP estimate with that cost; for the model's own MSE cost it differs fr
 Buffers (masks, settings) and the relaxation settings get zero cotangents. β is
 `rx.beta`.
 """
+
 from __future__ import annotations
 
 import jax
@@ -37,8 +38,10 @@ def make_ep_block(model, est: Estimator):
     """`block(params, buffers, x, rx) -> s_L` with EP gradients (module docstring);
     `est` must be the symmetric estimator (its `t_free`, `t_nudge` are used)."""
     if est.kind != "symmetric" or est.nudge != "fixed":
-        raise ValueError(f"the EP block's custom VJP is the symmetric estimate: give Estimator('symmetric', ...), "
-                         f"got kind={est.kind!r}, nudge={est.nudge!r}")
+        raise ValueError(
+            f"the EP block's custom VJP is the symmetric estimate: give Estimator('symmetric', ...), "
+            f"got kind={est.kind!r}, nudge={est.nudge!r}"
+        )
 
     def free(params, buffers, x, rx):
         check_network(model, params, buffers)

@@ -3,6 +3,7 @@
 The nudged drive of the output layer is `h_L - β ∂ℓ/∂s_L`; the gradient is written out
 explicitly (not autodiffed) because it sits in the innermost loop.
 """
+
 from __future__ import annotations
 
 import jax

@@ -18,6 +18,7 @@ pytrees, which is what the custom-VJP layer and `vmap` over models want.)
 `jax.grad` of a loss of the output gives EP gradients for the block's weights (see
 `ep_jax.layer`) and ordinary gradients for the layers around it.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -40,6 +41,7 @@ class EPBlock(nn.Module):
     Variables: `params["ep"]` (the network's weights) and `buffers["state"]` (masks and
     settings, never trained).
     """
+
     sizes: tuple
     kind: str = "ep"
     activation: str = "hard_sigmoid"
@@ -54,8 +56,13 @@ class EPBlock(nn.Module):
 
     def model(self):
         """The `ep_jax` model this block runs."""
-        return build_model(self.kind, sizes=tuple(self.sizes), activation=self.activation,
-                           output_activation=self.output_activation, **dict(self.model_kwargs))
+        return build_model(
+            self.kind,
+            sizes=tuple(self.sizes),
+            activation=self.activation,
+            output_activation=self.output_activation,
+            **dict(self.model_kwargs),
+        )
 
     @nn.compact
     def __call__(self, x):

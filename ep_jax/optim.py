@@ -18,13 +18,14 @@ Refused with a one-line ValueError: negative or non-finite rates, momentum outsi
 optimiser state made by another optimiser (`adam` given `sgd`'s state, or a plain optax
 state).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ep_jax._checks import numeric
@@ -34,8 +35,10 @@ from ep_jax.relaxation import concrete
 
 def scale_by_tree(rates) -> optax.GradientTransformation:
     """Multiply each update leaf by −rate (`rates`: a pytree like the params)."""
+
     def update(updates, state, params=None):
         return jax.tree.map(lambda u, r: -r * u, updates, rates), state
+
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
@@ -100,13 +103,20 @@ def _own_state(tx, name: str, model, hyperparams) -> optax.GradientTransformatio
     def update(updates, state, params=None, **extra):
         hp = getattr(state, "hyperparams", None)
         if not isinstance(hp, dict) or sorted(hp) != hyperparams:
-            made = (f"an optimiser with hyperparameters {sorted(hp)}" if isinstance(hp, dict)
-                    else f"another optimiser (a {type(state).__name__}, no injected hyperparameters)")
-            raise ValueError(f"opt_state was made by {made}, not by ep_jax.optim.{name} (hyperparameters "
-                             f"{hyperparams}): pass the state its own init made")
+            made = (
+                f"an optimiser with hyperparameters {sorted(hp)}"
+                if isinstance(hp, dict)
+                else f"another optimiser (a {type(state).__name__}, no injected hyperparameters)"
+            )
+            raise ValueError(
+                f"opt_state was made by {made}, not by ep_jax.optim.{name} (hyperparameters "
+                f"{hyperparams}): pass the state its own init made"
+            )
         if jnp.shape(hp["lr"]) != (model.n_synapses,):
-            raise ValueError(f"opt_state holds lr of shape {jnp.shape(hp['lr'])}, expected ({model.n_synapses},) "
-                             f"(one rate per synapse): the state was made for another model")
+            raise ValueError(
+                f"opt_state holds lr of shape {jnp.shape(hp['lr'])}, expected ({model.n_synapses},) "
+                f"(one rate per synapse): the state was made for another model"
+            )
         return tx.update(updates, state, params, **extra)
 
     return optax.GradientTransformationExtraArgs(tx.init, update)
@@ -120,6 +130,7 @@ class CosineDecay(NamedTuple):
 
     e = (updates applied so far) // steps_per_epoch (a count in the optimiser state, so
     a resumed run continues the schedule exactly). Hashable: a static part of the step."""
+
     steps_per_epoch: int
     epochs: int
     lr_min: float = 1e-5
@@ -137,12 +148,14 @@ class _CountState(NamedTuple):
 
 def scale_by_scheduled_tree(model, lr, schedule: CosineDecay) -> optax.GradientTransformation:
     """Multiply each update leaf by −(its synapse's rate under `schedule`), counting updates."""
+
     def init(params):
         return _CountState(jnp.zeros((), jnp.int32))
 
     def update(updates, state, params=None):
         rates = model.lr_tree(schedule.rates(lr, state.count))
         return jax.tree.map(lambda u, r: -r * u, updates, rates), _CountState(state.count + 1)
+
     return optax.GradientTransformation(init, update)
 
 
@@ -161,8 +174,9 @@ def _rates_and_decay(model, lr, weight_decay: float, schedule):
     return first, last
 
 
-def sgd(model, lr=0.05, momentum: float = 0.9, dtype=None, weight_decay: float = 0.0,
-        schedule: "CosineDecay | None" = None) -> optax.GradientTransformation:
+def sgd(
+    model, lr=0.05, momentum: float = 0.9, dtype=None, weight_decay: float = 0.0, schedule: CosineDecay | None = None
+) -> optax.GradientTransformation:
     """SGD with PyTorch momentum and one learning rate per synapse (module docstring).
 
     lr: one float >= 0 or one per synapse; momentum: μ in [0, 1). Both are arrays in
@@ -174,7 +188,7 @@ def sgd(model, lr=0.05, momentum: float = 0.9, dtype=None, weight_decay: float =
     rates = per_synapse_rates(model, lr, dtype)
     _check_momentum(momentum)
     mu = jnp.asarray(momentum, dtype)
-    _rates_and_decay(model, rates, weight_decay, schedule)   # checked eagerly
+    _rates_and_decay(model, rates, weight_decay, schedule)  # checked eagerly
 
     def build(lr, momentum):
         first, last = _rates_and_decay(model, lr, weight_decay, schedule)
@@ -189,8 +203,10 @@ def with_hyperparams(opt_state, **values):
     momentum in [0, 1). Works under `vmap` (one value per member)."""
     hp = getattr(opt_state, "hyperparams", None)
     if hp is None:
-        raise ValueError("this optimiser state has no injected hyperparameters (build the optimiser "
-                         "with optax.inject_hyperparams, as ep_jax.optim.sgd does)")
+        raise ValueError(
+            "this optimiser state has no injected hyperparameters (build the optimiser "
+            "with optax.inject_hyperparams, as ep_jax.optim.sgd does)"
+        )
     unknown = sorted(set(values) - set(hp))
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown}; this optimiser has {sorted(hp)}")
@@ -205,8 +221,9 @@ def with_hyperparams(opt_state, **values):
     return opt_state._replace(hyperparams=new)
 
 
-def adam(model, lr=1e-3, dtype=None, weight_decay: float = 0.0, schedule: "CosineDecay | None" = None,
-         **adam_kwargs) -> optax.GradientTransformation:
+def adam(
+    model, lr=1e-3, dtype=None, weight_decay: float = 0.0, schedule: CosineDecay | None = None, **adam_kwargs
+) -> optax.GradientTransformation:
     """Adam (`optax.scale_by_adam`) with one learning rate per synapse (each >= 0), the
     rates an array in the state (`inject_hyperparams`) like `sgd`'s; `update` refuses a
     state that another optimiser made. weight_decay, schedule: as `sgd`'s (PyTorch's

@@ -31,6 +31,7 @@ mesh `("members", "data")`; the member axis of a `SweepState` is split over "mem
 (members never communicate) and every member's batch over "data" (gradients averaged
 with `pmean`, as above). `sweep_layout` picks the split.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,7 +39,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ep_jax.estimators import Estimator
 from ep_jax.sweep import member_step, sweep_steps
@@ -61,8 +63,9 @@ def shard_batch(mesh: Mesh, *arrays, axis_name: str = "data"):
     return tuple(jax.device_put(a, sharding) for a in arrays)
 
 
-def data_parallel_step(model, est: Estimator, opt, mesh: Mesh | None = None, *, devices=None,
-                       axis_name: str = "data", sweep: bool = False):
+def data_parallel_step(
+    model, est: Estimator, opt, mesh: Mesh | None = None, *, devices=None, axis_name: str = "data", sweep: bool = False
+):
     """A jitted `step(key, state, x, y, rx) -> (state, StepInfo)` over a batch-sharded mesh.
 
     mesh: a `Mesh` with an axis `axis_name` (other axes, if any, replicate); or `devices`
@@ -88,13 +91,18 @@ def data_parallel_step(model, est: Estimator, opt, mesh: Mesh | None = None, *, 
     # check_vma=False: the relaxation's scan carry starts from zeros made inside the body
     # (device-invariant) and becomes shard-dependent, which the varying-axes checker
     # rejects; the outputs are replicated by construction (pmean/psum in train_step).
-    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(axis_name), P(axis_name), P()),
-                                 out_specs=(P(), P()), check_vma=False))
+    step = jax.jit(
+        jax.shard_map(
+            body, mesh=mesh, in_specs=(P(), P(), P(axis_name), P(axis_name), P()), out_specs=(P(), P()), check_vma=False
+        )
+    )
 
     def checked(key, state, x, y, rx):
         if x.ndim != 2 or x.shape[0] % n_shards:
-            raise ValueError(f"x must have shape (global_batch, n_0) with global_batch divisible by the "
-                             f"{n_shards} devices of axis {axis_name!r}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (global_batch, n_0) with global_batch divisible by the "
+                f"{n_shards} devices of axis {axis_name!r}, got {tuple(x.shape)}"
+            )
         if key is None:
             if not sweep and est.nudge == "random_sign":
                 raise ValueError("nudge='random_sign' draws the sign of beta from the key: pass a jax.random key")
@@ -106,8 +114,10 @@ def data_parallel_step(model, est: Estimator, opt, mesh: Mesh | None = None, *, 
 
 # --- several processes --------------------------------------------------------------------
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, **kwargs):
+
+def initialize(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None, **kwargs
+):
     """`jax.distributed.initialize` with gloo collectives for CPU devices (so that a
     multi-process CPU run, e.g. a test on one machine, can run collectives at all).
 
@@ -120,8 +130,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except AttributeError:  # an older or newer JAX without this option
         pass
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, **kwargs)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, **kwargs
+    )
 
 
 def put(tree, mesh: Mesh, spec=P()):
@@ -139,6 +150,7 @@ def put(tree, mesh: Mesh, spec=P()):
                 return jax.device_put(a, sharding)
         host = np.asarray(a)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
     return jax.tree.map(one, tree)
 
 
@@ -147,8 +159,9 @@ def process_rows(mesh: Mesh, n: int, axis_name: str = DATA) -> slice:
     is split over `axis_name` (a contiguous block: JAX orders devices by process)."""
     sharding = NamedSharding(mesh, P(axis_name))
     if n % mesh.shape[axis_name]:
-        raise ValueError(f"a global batch of {n} does not divide over the {mesh.shape[axis_name]} devices of "
-                         f"axis {axis_name!r}")
+        raise ValueError(
+            f"a global batch of {n} does not divide over the {mesh.shape[axis_name]} devices of axis {axis_name!r}"
+        )
     idx = sharding.addressable_devices_indices_map((n,)).values()
     lo = min(i[0].start or 0 for i in idx)
     hi = max(n if i[0].stop is None else i[0].stop for i in idx)
@@ -163,6 +176,7 @@ def global_batch(mesh: Mesh, *local, axis_name: str = DATA):
 
 
 # --- sweeps over several devices and processes ----------------------------------------------
+
 
 def sweep_mesh(member_shards: int = 1, devices=None) -> Mesh:
     """A 2-D mesh `("members", "data")` over `devices` (default: every device of every
@@ -188,16 +202,20 @@ def sweep_layout(n_devices: int, members: int, batches, member_shards: int | Non
         d = n_devices // member_shards
         bad = [b for b in batches if b % d]
         if bad:
-            raise ValueError(f"batch size(s) {bad} do not divide over {d} data shards ({n_devices} devices = "
-                             f"{member_shards} member shard(s) x {d} data shards)")
+            raise ValueError(
+                f"batch size(s) {bad} do not divide over {d} data shards ({n_devices} devices = "
+                f"{member_shards} member shard(s) x {d} data shards)"
+            )
         return member_shards, d
     for m in sorted((k for k in range(1, n_devices + 1) if n_devices % k == 0), reverse=True):
         d = n_devices // m
         if members % m == 0 and all(b % d == 0 for b in batches):
             return m, d
-    raise ValueError(f"{members} member(s) with batch size(s) {batches} do not fit {n_devices} devices: the "
-                     f"devices split into member shards (dividing the members) times data shards (dividing "
-                     f"every batch)")
+    raise ValueError(
+        f"{members} member(s) with batch size(s) {batches} do not fit {n_devices} devices: the "
+        f"devices split into member shards (dividing the members) times data shards (dividing "
+        f"every batch)"
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -214,13 +232,29 @@ def sharded_sweep_steps(model, est: Estimator, opt, mesh: Mesh, augment=None):
     `(M, 2)` last: an example's draw depends on (member, step, example index) only, so
     every layout augments as one device does."""
     if augment is None:
+
         def body(state, x_all, y_all, idx, rx, max_state):
             return sweep_steps(model, est, opt, state, x_all, y_all, idx, rx, max_state, axis_name=DATA)
+
         specs = (P(MEMBERS), P(), P(), P(None, MEMBERS, DATA), P(MEMBERS), P())
     else:
+
         def body(state, x_all, y_all, idx, rx, max_state, aug_keys):
-            return sweep_steps(model, est, opt, state, x_all, y_all, idx, rx, max_state, axis_name=DATA,
-                               augment=augment, aug_keys=aug_keys)
+            return sweep_steps(
+                model,
+                est,
+                opt,
+                state,
+                x_all,
+                y_all,
+                idx,
+                rx,
+                max_state,
+                axis_name=DATA,
+                augment=augment,
+                aug_keys=aug_keys,
+            )
+
         specs = (P(MEMBERS), P(), P(), P(None, MEMBERS, DATA), P(MEMBERS), P(), P(MEMBERS))
 
     # check_vma=False: see data_parallel_step
@@ -233,14 +267,21 @@ def sharded_sweep_evaluate(model, est: Estimator, mesh: Mesh):
     """A jitted `f(state, x, y, mask, rx) -> (correct, loss_sum)`, each `(M,)` and
     replicated: members over "members", the batch `(x, y, mask)` over "data"; rows with
     `mask` False (padding) do not count."""
+
     def body(state, x, y, mask, rx):
         def one(tr, r):
             out = model.output(model.prepare(tr.params, tr.buffers), predict(model, est, tr.params, tr.buffers, x, r))
             ok = (jnp.argmax(out, axis=-1) == y) & mask
             cost = model.cost(out, model.one_hot(y, out.dtype))
             return jnp.sum(ok), jnp.sum(jnp.where(mask, cost, 0))
+
         return jax.lax.psum(jax.vmap(one)(state.train, rx), DATA)
 
-    sm = jax.shard_map(body, mesh=mesh, in_specs=(P(MEMBERS), P(DATA), P(DATA), P(DATA), P(MEMBERS)),
-                       out_specs=P(MEMBERS), check_vma=False)
+    sm = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(MEMBERS), P(DATA), P(DATA), P(DATA), P(MEMBERS)),
+        out_specs=P(MEMBERS),
+        check_vma=False,
+    )
     return jax.jit(sm, out_shardings=NamedSharding(mesh, P()))

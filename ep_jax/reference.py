@@ -6,6 +6,7 @@ input drive (`W_1 x` or the basal map of `x`). Benchmarks time it against the op
 path, and tests check that both give the same states and gradients. It implements the
 `ep_jax.models.Model` contract explicitly, method by method.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +19,7 @@ from ep_jax.models.base import LayeredModel
 @dataclasses.dataclass(frozen=True)
 class Unhoisted:
     """`model` with nothing hoisted out of the relaxation loop (module docstring)."""
+
     model: LayeredModel
 
     # --- structure: as the wrapped model ----------------------------------------------

@@ -11,6 +11,7 @@ of a convolutional model takes a scalar, a per-element `(H, W, C)` array or a pe
 
 so `dt = 1` is the plain fixed-point iteration `s_l ← σ_l(h_l)`.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -26,6 +27,7 @@ from ep_jax.models.base import default_float
 
 class Relaxation(NamedTuple):
     """β `()` and one time step per state layer, each `()` or `(n_l,)`."""
+
     beta: jax.Array
     dt: tuple
 
@@ -51,15 +53,18 @@ def make_relaxation(model, *, beta: float = 0.1, dt=1.0, dtype=None, est=None) -
     numeric("dt", dt)
     if isinstance(dt, (list, tuple)):
         if len(dt) != L:
-            raise ValueError(f"dt must be a float or a sequence of {L} entries (one per state layer), "
-                             f"got {len(dt)} entries")
+            raise ValueError(
+                f"dt must be a float or a sequence of {L} entries (one per state layer), got {len(dt)} entries"
+            )
         dts = tuple(jnp.asarray(d, dtype) for d in dt)
     elif np.ndim(dt) == 0:
         dts = (jnp.asarray(dt, dtype),) * L
     else:
-        raise ValueError(f"dt must be a float, or a list with one entry per state layer ({L}), each a "
-                         f"float or an (n_l,) array; got an array of shape {np.shape(dt)} (wrap per-neuron "
-                         "time steps in a list: dt=[dt_1, ..., dt_L])")
+        raise ValueError(
+            f"dt must be a float, or a list with one entry per state layer ({L}), each a "
+            f"float or an (n_l,) array; got an array of shape {np.shape(dt)} (wrap per-neuron "
+            "time steps in a list: dt=[dt_1, ..., dt_L])"
+        )
     rx = Relaxation(beta=jnp.asarray(beta, dtype), dt=dts)
     check(model, rx)
     b = concrete(rx.beta)
@@ -67,10 +72,13 @@ def make_relaxation(model, *, beta: float = 0.1, dt=1.0, dtype=None, est=None) -
         if est is not None and est.is_ep:
             raise ValueError(f"beta must be nonzero for the {est.kind!r} EP estimator (it divides by beta)")
         if est is None:
-            warnings.warn("beta=0: the EP estimators (symmetric, one_sided, chl) divide by beta, so under jit "
-                          "every training step is refused as non-finite (info.finite False) while a loss is "
-                          "still reported; only the BPTT estimators can use beta=0 (pass est= to "
-                          "make_relaxation to check)", stacklevel=2)
+            warnings.warn(
+                "beta=0: the EP estimators (symmetric, one_sided, chl) divide by beta, so under jit "
+                "every training step is refused as non-finite (info.finite False) while a loss is "
+                "still reported; only the BPTT estimators can use beta=0 (pass est= to "
+                "make_relaxation to check)",
+                stacklevel=2,
+            )
     return rx
 
 
@@ -86,8 +94,10 @@ def check_shapes(model, rx: Relaxation):
         if jnp.shape(d := rx.dt[l - 1]) not in ((), tuple(shape), tuple(shape[-1:])):
             if len(shape) == 1:
                 raise ValueError(f"dt of layer {l} must be a scalar or shape ({shape[0]},), got shape {jnp.shape(d)}")
-            raise ValueError(f"dt of layer {l} must be a scalar, shape {tuple(shape)} (per element) or "
-                             f"({shape[-1]},) (per channel), got shape {jnp.shape(d)}")
+            raise ValueError(
+                f"dt of layer {l} must be a scalar, shape {tuple(shape)} (per element) or "
+                f"({shape[-1]},) (per channel), got shape {jnp.shape(d)}"
+            )
     if jnp.shape(rx.beta) != ():
         raise ValueError(f"beta must be a scalar, got shape {jnp.shape(rx.beta)}")
 

@@ -33,6 +33,7 @@ free state. Solvers are frozen dataclasses: hashable, so an `Estimator` holding 
 ``async:1e-5``, ``pallas``, ``pallas:interpret``; `parse_phases` the config field `RunConfig.solver`, ``FREE``
 (both phases) or ``FREE/NUDGE``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,9 @@ from ep_jax import dynamics
 
 class SolveInfo(NamedTuple):
     """What a solver knows about the phase it ran."""
-    residual: jax.Array   # relative residual of the last step (sweep), over the whole batch
-    steps: jax.Array      # steps (sweeps) taken, int32
+
+    residual: jax.Array  # relative residual of the last step (sweep), over the whole batch
+    steps: jax.Array  # steps (sweeps) taken, int32
 
 
 def _steps(n) -> jax.Array:
@@ -71,6 +73,7 @@ def _split(state, n, B):
 class Solver:
     """The interface (module docstring). Subclasses define `__call__`; `phases` stacks the
     nudged phases along the batch axis and calls it once."""
+
     #: whether `jax.grad` can go through the solver (a fixed number of steps)
     differentiable: ClassVar[bool] = False
 
@@ -92,6 +95,7 @@ class Solver:
 @dataclasses.dataclass(frozen=True)
 class Scan(Solver):
     """`steps` synchronous updates in a `lax.scan` (`ep_jax.dynamics.relax`); the default."""
+
     differentiable: ClassVar[bool] = True
 
     def __call__(self, model, eff, ctx, s, target, beta, dt, steps: int):
@@ -99,8 +103,7 @@ class Scan(Solver):
         return final, SolveInfo(r, _steps(steps))
 
     def phases(self, model, eff, ctx, s_free, target, betas, dt, steps: int, batched: bool = True):
-        finals, r = dynamics.nudged_phases(model, eff, ctx, s_free, target, betas, dt, steps, batched,
-                                           residual=True)
+        finals, r = dynamics.nudged_phases(model, eff, ctx, s_free, target, betas, dt, steps, batched, residual=True)
         return finals, SolveInfo(r, _steps(steps))
 
     def spec(self) -> str:
@@ -135,6 +138,7 @@ def _until(update, s, max_steps: int, tol):
 class Adaptive(Solver):
     """Synchronous updates until the last step's relative residual is at most `tol`; the
     step budget is the most steps (`dynamics.relax_adaptive`)."""
+
     tol: float = 1e-5
 
     def __post_init__(self):
@@ -155,8 +159,10 @@ def async_sweep(model, eff, ctx, s, target, beta, dts):
     acts = model.layer_activations()
     for parity in (0, 1):
         h = model.drives(eff, ctx, s, target, beta)
-        s = tuple((1 - d) * sl + d * act(hl) if l % 2 == parity else sl
-                  for l, (sl, hl, d, act) in enumerate(zip(s, h, dts, acts)))
+        s = tuple(
+            (1 - d) * sl + d * act(hl) if l % 2 == parity else sl
+            for l, (sl, hl, d, act) in enumerate(zip(s, h, dts, acts))
+        )
     return s
 
 
@@ -164,6 +170,7 @@ def async_sweep(model, eff, ctx, s, target, beta, dts):
 class Async(Solver):
     """Asynchronous even/odd sweeps (module docstring); `steps` sweeps, or fewer with `tol`
     (stop once a sweep's relative residual is at most `tol`)."""
+
     tol: float | None = None
 
     def __post_init__(self):
@@ -171,7 +178,7 @@ class Async(Solver):
             object.__setattr__(self, "tol", _check_tol(self.tol))
 
     @property
-    def differentiable(self) -> bool:   # type: ignore[override]
+    def differentiable(self) -> bool:  # type: ignore[override]
         """Whether reverse-mode differentiation can run through it: without `tol` (a fixed
         number of sweeps in a `lax.scan`), not with it (a `lax.while_loop`)."""
         return self.tol is None
@@ -202,6 +209,7 @@ class Pallas(Solver):
     launch, the states of `Scan`. `interpret`: emulate the kernel (any backend; slow);
     `block_b`: rows per program (a power of 2 >= 16). Real-valued phases only; where the
     kernel cannot run (a model without a kernel, no GPU) it warns once and runs `Scan`."""
+
     interpret: bool = False
     block_b: int | None = None
 
@@ -214,14 +222,29 @@ class Pallas(Solver):
 
     def __call__(self, model, eff, ctx, s, target, beta, dt, steps: int):
         from ep_jax import kernels
-        final, r = kernels.relax(model, eff, ctx, s, target, beta, dt, steps, residual=True,
-                                 block_b=self.block_b, interpret=self.interpret)
+
+        final, r = kernels.relax(
+            model, eff, ctx, s, target, beta, dt, steps, residual=True, block_b=self.block_b, interpret=self.interpret
+        )
         return final, SolveInfo(r, _steps(steps))
 
     def phases(self, model, eff, ctx, s_free, target, betas, dt, steps: int, batched: bool = True):
         from ep_jax import kernels
-        finals, r = kernels.nudged_phases(model, eff, ctx, s_free, target, betas, dt, steps, batched,
-                                          residual=True, block_b=self.block_b, interpret=self.interpret)
+
+        finals, r = kernels.nudged_phases(
+            model,
+            eff,
+            ctx,
+            s_free,
+            target,
+            betas,
+            dt,
+            steps,
+            batched,
+            residual=True,
+            block_b=self.block_b,
+            interpret=self.interpret,
+        )
         return finals, SolveInfo(r, _steps(steps))
 
     def spec(self) -> str:

@@ -19,10 +19,12 @@ from then on; members never interact, so the others are unaffected.
     rx = stack_relaxations(model, [make_relaxation(model, beta=b) for b in betas])
     state, info = sweep_step(model, est, opt, state, x, y, rx)        # info fields (M,)
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +37,11 @@ from ep_jax.train import TrainState, check_indices, evaluate, gather, init_state
 
 class SweepState(NamedTuple):
     """Stacked members (every leaf with a leading axis M)."""
-    train: TrainState           # leaves (M, ...)
-    key: jax.Array              # (M, 2) uint32: step keys
-    alive: jax.Array            # (M,) bool: False once a step was not finite
-    diverged_step: jax.Array    # (M,) int32: step counter at divergence, −1 while alive
+
+    train: TrainState  # leaves (M, ...)
+    key: jax.Array  # (M, 2) uint32: step keys
+    alive: jax.Array  # (M,) bool: False once a step was not finite
+    diverged_step: jax.Array  # (M,) int32: step counter at divergence, −1 while alive
 
 
 def stack(trees: Sequence):
@@ -64,8 +67,17 @@ def stack_relaxations(model, rxs: Sequence[Relaxation]) -> Relaxation:
     return stack([r._replace(dt=tuple(d[i] for d in dts)) for i, r in enumerate(rxs)])
 
 
-def init_sweep(model, est: Estimator, opt, init_keys, step_keys, *, settings: Mapping | None = None,
-               opt_hyperparams: Mapping | None = None, dtype=None) -> SweepState:
+def init_sweep(
+    model,
+    est: Estimator,
+    opt,
+    init_keys,
+    step_keys,
+    *,
+    settings: Mapping | None = None,
+    opt_hyperparams: Mapping | None = None,
+    dtype=None,
+) -> SweepState:
     """Stacked initial state of M members; member i is exactly
     `init_state(model, est, opt, init_keys[i], **settings_i)` with its optimiser
     hyperparameters set to `opt_hyperparams[...][i]`.
@@ -94,8 +106,9 @@ def init_sweep(model, est: Estimator, opt, init_keys, step_keys, *, settings: Ma
     return SweepState(train, step_keys, jnp.ones((M,), bool), jnp.full((M,), -1, jnp.int32))
 
 
-def member_step(model, est: Estimator, opt, state: SweepState, x, y, rx: Relaxation,
-                axis_name: str | None = None, max_state=None):
+def member_step(
+    model, est: Estimator, opt, state: SweepState, x, y, rx: Relaxation, axis_name: str | None = None, max_state=None
+):
     """One training step of ONE member (`state`, `rx` without the member axis).
 
     max_state: a free state larger than this in magnitude also counts as divergence."""
@@ -110,8 +123,7 @@ def member_step(model, est: Estimator, opt, state: SweepState, x, y, rx: Relaxat
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 7))
-def sweep_step(model, est: Estimator, opt, state: SweepState, x, y, rx: Relaxation,
-               chunk: int | None = None):
+def sweep_step(model, est: Estimator, opt, state: SweepState, x, y, rx: Relaxation, chunk: int | None = None):
     """All members one step on a shared batch `x: (B, n_0)`, or on per-member batches
     `x: (M, B, n_0)`. Returns `(state, StepInfo)`, every field of shape `(M,)`.
 
@@ -128,8 +140,20 @@ def sweep_step(model, est: Estimator, opt, state: SweepState, x, y, rx: Relaxati
     return jax.lax.map(lambda a: one(a[0], x, y, a[1]), (state, rx), batch_size=chunk)
 
 
-def sweep_steps(model, est: Estimator, opt, state: SweepState, x_all, y_all, idx, rx: Relaxation,
-                max_state=None, axis_name: str | None = None, augment=None, aug_keys=None):
+def sweep_steps(
+    model,
+    est: Estimator,
+    opt,
+    state: SweepState,
+    x_all,
+    y_all,
+    idx,
+    rx: Relaxation,
+    max_state=None,
+    axis_name: str | None = None,
+    augment=None,
+    aug_keys=None,
+):
     """`idx.shape[0]` steps in one `lax.scan` with the dataset resident on the device.
 
     idx: `(T, M, B)` per-member batch indices into `(x_all, y_all)` (every member its own
@@ -143,7 +167,7 @@ def sweep_steps(model, est: Estimator, opt, state: SweepState, x_all, y_all, idx
     shared = idx.ndim == 2
     if augment is not None and aug_keys is None:
         raise ValueError("augment needs aug_keys: one key per member, shape (M, 2)")
-    keys = aug_keys if augment is not None else None   # None: an empty pytree, vmapped as nothing
+    keys = aug_keys if augment is not None else None  # None: an empty pytree, vmapped as nothing
 
     def body(st, ix):
         def step(s, i, r, k):
@@ -151,15 +175,16 @@ def sweep_steps(model, est: Estimator, opt, state: SweepState, x_all, y_all, idx
             if augment is not None:
                 x = augment(jax.random.fold_in(k, s.train.step), x, i)
             return member_step(model, est, opt, s, x, y, r, axis_name=axis_name, max_state=max_state)
+
         return jax.vmap(step, in_axes=(0, None if shared else 0, 0, 0))(st, ix, rx, keys)
+
     return jax.lax.scan(body, state, idx)
 
 
 _sweep_steps_jit = jax.jit(sweep_steps, static_argnums=(0, 1, 2), static_argnames=("augment",))
 
 
-def sweep_steps_jit(model, est: Estimator, opt, state: SweepState, x_all, y_all, idx, rx: Relaxation, *args,
-                    **kwargs):
+def sweep_steps_jit(model, est: Estimator, opt, state: SweepState, x_all, y_all, idx, rx: Relaxation, *args, **kwargs):
     """`sweep_steps` jitted with `(model, est, opt)` and `augment` static; concrete indices
     are checked first (`ep_jax.train.check_indices`)."""
     check_indices(x_all, y_all, idx)

@@ -6,6 +6,7 @@ inputs live in [0, 1] like scaled images. Labels are balanced-in-expectation uni
 A linear read-out separates the classes when `noise` is small against the prototype
 distance (about `√(2·density·(1−density)·d)`).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -17,6 +18,7 @@ import numpy as np
 
 class Dataset(NamedTuple):
     """Same fields as `ep_jax.data.Dataset`: host arrays, x float32 (n, d), y int32 (n,)."""
+
     name: str
     x_train: np.ndarray
     y_train: np.ndarray
@@ -24,11 +26,17 @@ class Dataset(NamedTuple):
     y_test: np.ndarray
 
 
-def make_synthetic(key, n_features: int = 784, n_classes: int = 10, n_train: int = 1000,
-                   n_test: int = 500, noise: float = 0.3, density: float = 0.3) -> Dataset:
+def make_synthetic(
+    key,
+    n_features: int = 784,
+    n_classes: int = 10,
+    n_train: int = 1000,
+    n_test: int = 500,
+    noise: float = 0.3,
+    density: float = 0.3,
+) -> Dataset:
     """Train and test sets drawn from the same prototypes; `key` decides everything."""
-    for name, v in (("n_features", n_features), ("n_classes", n_classes), ("n_train", n_train),
-                    ("n_test", n_test)):
+    for name, v in (("n_features", n_features), ("n_classes", n_classes), ("n_train", n_train), ("n_test", n_test)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     if not 0 < density < 1:

@@ -26,6 +26,7 @@ Defaults. Paper 003's text lost the values of μ, σ, dt_min and dt_max. We use
   within the 125-step free phase (1/0.05 = 20 steps per time constant).
 `experiments/plot_dt_hist.py` draws the resulting histograms.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,6 +43,7 @@ DISTRIBUTIONS = ("normal", "lognormal", "gamma", "scalar")
 @dataclasses.dataclass(frozen=True)
 class DtSpec:
     """How a hidden layer's per-neuron `dt` is drawn (hashable; all plain floats)."""
+
     dist: str = "lognormal"
     mean: float = 0.25
     std: float = 0.1
@@ -74,10 +76,10 @@ def sample_dt_unclipped(key, spec: DtSpec, n: int, dtype=jnp.float32):
     if spec.dist == "normal":
         return mu + sd * jax.random.normal(key, (n,), dtype)
     if spec.dist == "lognormal":
-        var_u = math.log1p(sd ** 2 / mu ** 2)
+        var_u = math.log1p(sd**2 / mu**2)
         mu_u = math.log(mu) - var_u / 2
         return jnp.exp(mu_u + math.sqrt(var_u) * jax.random.normal(key, (n,), dtype))
-    k, theta = mu ** 2 / sd ** 2, sd ** 2 / mu
+    k, theta = mu**2 / sd**2, sd**2 / mu
     return theta * jax.random.gamma(key, k, (n,), dtype)
 
 
@@ -94,7 +96,10 @@ def layer_dts(key, model, hidden: DtSpec | None, dt_out: float, dtype=None):
     out = []
     # an image-shaped layer (conv models) gets one draw per element, in its shape
     for l, shape in enumerate(model.state_shapes[:-1]):
-        out.append(jnp.asarray(1.0, dtype) if hidden is None
-                   else sample_dt(jax.random.fold_in(key, l), hidden, math.prod(shape), dtype).reshape(shape))
+        out.append(
+            jnp.asarray(1.0, dtype)
+            if hidden is None
+            else sample_dt(jax.random.fold_in(key, l), hidden, math.prod(shape), dtype).reshape(shape)
+        )
     out.append(jnp.asarray(dt_out, dtype))
     return tuple(out)

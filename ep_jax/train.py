@@ -28,6 +28,7 @@ steps derive step t's key as `fold_in(key, t)` with t the state's step counter
 (`step_key`); `train_steps` and the experiment engine do exactly that, so a loop of
 `train_step` with `step_key` reproduces them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,30 +47,33 @@ from ep_jax.relaxation import Relaxation, check_shapes, concrete
 
 class TrainState(NamedTuple):
     """Everything that changes during training (a pytree)."""
-    params: Any          # trainable weights
-    buffers: Any         # fixed arrays: masks, model settings (α or γ)
-    opt_state: Any       # the optax state (with the learning rates for ep_jax.optim.sgd)
-    step: jax.Array      # () int32: steps applied so far
+
+    params: Any  # trainable weights
+    buffers: Any  # fixed arrays: masks, model settings (α or γ)
+    opt_state: Any  # the optax state (with the learning rates for ep_jax.optim.sgd)
+    step: jax.Array  # () int32: steps applied so far
 
 
 class StepInfo(NamedTuple):
     """Metrics of one training step (each a scalar; global under data parallelism)."""
-    loss: jax.Array           # batch mean of ℓ(s⁰_L, y) at the free state
-    correct: jax.Array        # examples with argmax s⁰_L == y
-    accuracy: jax.Array       # correct / batch size
-    grad_norm: jax.Array      # global L2 norm of the gradient estimate
-    state_absmax: jax.Array   # max |s⁰| over every layer (a divergence signal)
-    finite: jax.Array         # bool: the step was applied
-    beta: jax.Array           # the β used (signed, for nudge="random_sign")
-    residual_free: jax.Array = jnp.nan   # ‖s_T − s_{T−1}‖ / ‖s_T‖ of the free phase (all layers)
+
+    loss: jax.Array  # batch mean of ℓ(s⁰_L, y) at the free state
+    correct: jax.Array  # examples with argmax s⁰_L == y
+    accuracy: jax.Array  # correct / batch size
+    grad_norm: jax.Array  # global L2 norm of the gradient estimate
+    state_absmax: jax.Array  # max |s⁰| over every layer (a divergence signal)
+    finite: jax.Array  # bool: the step was applied
+    beta: jax.Array  # the β used (signed, for nudge="random_sign")
+    residual_free: jax.Array = jnp.nan  # ‖s_T − s_{T−1}‖ / ‖s_T‖ of the free phase (all layers)
     residual_nudge: jax.Array = jnp.nan  # the same of the nudged phases (NaN: none ran; implicit: the adjoint's)
 
 
 class Evaluation(NamedTuple):
     """Free-phase prediction quality on a batch."""
-    accuracy: jax.Array   # fraction of examples with argmax s⁰_L == y
-    loss: jax.Array       # mean ℓ(s⁰_L, y)
-    correct: jax.Array    # number of correct examples
+
+    accuracy: jax.Array  # fraction of examples with argmax s⁰_L == y
+    loss: jax.Array  # mean ℓ(s⁰_L, y)
+    correct: jax.Array  # number of correct examples
 
 
 def step_key(key, step):
@@ -77,8 +81,7 @@ def step_key(key, step):
     return jax.random.fold_in(key, step)
 
 
-def init_state(model, est: Estimator, opt: optax.GradientTransformation, key, *, dtype=None,
-               **settings) -> TrainState:
+def init_state(model, est: Estimator, opt: optax.GradientTransformation, key, *, dtype=None, **settings) -> TrainState:
     """Fresh params/buffers from `key` (`model.init`), the optimiser's initial state.
 
     settings: the model's numeric settings (`alpha=` for the dendritic model, `gamma=` for
@@ -89,9 +92,12 @@ def init_state(model, est: Estimator, opt: optax.GradientTransformation, key, *,
     params, buffers = _jitted_init(model, dtype)(key, **settings)
     gamma = concrete(buffers.get("gamma", 1.0)) if isinstance(buffers, dict) else None
     if est.kind in ("symmetric", "one_sided") and gamma is not None and gamma != 1:
-        warnings.warn(f"gamma={float(gamma)} != 1 with the {est.kind!r} estimator: the scaled feedback makes "
-                      "the dynamics a non-gradient system, so the estimate is not the loss gradient "
-                      "(the 'chl' rule is the one paired with gamma != 1)", stacklevel=2)
+        warnings.warn(
+            f"gamma={float(gamma)} != 1 with the {est.kind!r} estimator: the scaled feedback makes "
+            "the dynamics a non-gradient system, so the estimate is not the loss gradient "
+            "(the 'chl' rule is the one paired with gamma != 1)",
+            stacklevel=2,
+        )
     return TrainState(params, buffers, opt.init(params), jnp.zeros((), jnp.int32))
 
 
@@ -107,8 +113,17 @@ def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
 
 
-def train_step(model, est: Estimator, opt: optax.GradientTransformation, key, state: TrainState,
-               x, y, rx: Relaxation, axis_name: str | None = None):
+def train_step(
+    model,
+    est: Estimator,
+    opt: optax.GradientTransformation,
+    key,
+    state: TrainState,
+    x,
+    y,
+    rx: Relaxation,
+    axis_name: str | None = None,
+):
     """One optimiser step on the batch `(x, y)`; returns `(state, StepInfo)`.
 
     x: `(B, n_0)`; y: `(B,)` int labels. `axis_name`: inside `shard_map`/`pmap` over a
@@ -128,7 +143,7 @@ def train_step(model, est: Estimator, opt: optax.GradientTransformation, key, st
     res = (aux.residual_free, aux.residual_nudge)
     if axis_name is not None:
         absmax = jax.lax.pmax(absmax, axis_name)
-        res = jax.lax.pmax(res, axis_name)   # the worst shard
+        res = jax.lax.pmax(res, axis_name)  # the worst shard
         grads, loss = jax.lax.pmean((grads, loss), axis_name)
         correct, n = jax.lax.psum((correct, n), axis_name)
         finite = jax.lax.psum(jnp.logical_not(finite).astype(jnp.int32), axis_name) == 0
@@ -140,9 +155,17 @@ def train_step(model, est: Estimator, opt: optax.GradientTransformation, key, st
     finite = finite & _all_finite((candidate.params, candidate.opt_state))
     # a branch, not a select over the whole state (under vmap it becomes a select)
     new = jax.lax.cond(finite, lambda _: candidate, lambda _: state, None)
-    info = StepInfo(loss=loss, correct=correct, accuracy=correct / n, grad_norm=optax.tree.norm(grads),
-                    state_absmax=absmax, finite=finite, beta=aux.beta, residual_free=res[0],
-                    residual_nudge=res[1])
+    info = StepInfo(
+        loss=loss,
+        correct=correct,
+        accuracy=correct / n,
+        grad_norm=optax.tree.norm(grads),
+        state_absmax=absmax,
+        finite=finite,
+        beta=aux.beta,
+        residual_free=res[0],
+        residual_nudge=res[1],
+    )
     return new, info
 
 
@@ -156,17 +179,20 @@ def check_indices(x_all, y_all, idx):
     ValueError; JAX would otherwise clamp an index past the end to the last example)."""
     n = jnp.shape(x_all)[0]
     if jnp.shape(y_all)[:1] != (n,):
-        raise ValueError(f"x_all and y_all must hold the same number of examples, got {n} and "
-                         f"{jnp.shape(y_all)[0] if jnp.ndim(y_all) else 'a scalar'}")
+        raise ValueError(
+            f"x_all and y_all must hold the same number of examples, got {n} and "
+            f"{jnp.shape(y_all)[0] if jnp.ndim(y_all) else 'a scalar'}"
+        )
     try:
         ix = concrete(idx)
-    except RuntimeError:    # a global array of several processes: its owner checks its part
+    except RuntimeError:  # a global array of several processes: its owner checks its part
         ix = None
     if ix is not None and ix.size:
         lo, hi = int(ix.min()), int(ix.max())
         if lo < 0 or hi >= n:
-            raise ValueError(f"batch indices must lie in [0, {n}) (the examples of x_all), got indices from "
-                             f"{lo} to {hi}")
+            raise ValueError(
+                f"batch indices must lie in [0, {n}) (the examples of x_all), got indices from {lo} to {hi}"
+            )
 
 
 def gather(x_all, y_all, ix):
@@ -189,6 +215,7 @@ def train_steps(model, est: Estimator, opt, key, state: TrainState, x_all, y_all
 
     def body(st, ix):
         return train_step(model, est, opt, step_key(key, st.step), st, *gather(x_all, y_all, ix), rx)
+
     return jax.lax.scan(body, state, idx)
 
 
@@ -224,11 +251,10 @@ def evaluate(model, est: Estimator, params, buffers, x, y, rx: Relaxation) -> Ev
     raise a ValueError where `y` is concrete (eager calls); under jit they cannot, and
     the returned loss is NaN instead (the accuracy counts them as wrong)."""
     check_batch(model, x, y)
-    s = predict(model, est, params, buffers, x, rx)   # checks params/buffers before prepare reads them
+    s = predict(model, est, params, buffers, x, rx)  # checks params/buffers before prepare reads them
     out = model.output(model.prepare(params, buffers), s)
     correct = jnp.sum(jnp.argmax(out, axis=-1) == y)
-    loss = jnp.where(labels_in_range(model, y), jnp.mean(model.cost(out, model.one_hot(y, out.dtype))),
-                     jnp.nan)
+    loss = jnp.where(labels_in_range(model, y), jnp.mean(model.cost(out, model.one_hot(y, out.dtype))), jnp.nan)
     return Evaluation(correct / x.shape[0], loss, correct)
 
 

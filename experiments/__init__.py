@@ -8,6 +8,7 @@ keeps working: each module here is the same module object as `ep_jax.experiments
 This folder is not installed; it also holds the sweep specs (`sweeps/`, a link to the
 shipped ones) and the committed results (`results/`).
 """
+
 import importlib
 import runpy
 import sys

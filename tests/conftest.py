@@ -1,6 +1,7 @@
 """Shared test helpers: a small learnable synthetic problem, float64 scoping, and an
 independent numpy implementation of both models (relaxation, primitive gradients,
 estimators) that the library is checked against."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +29,7 @@ def x64():
 
 def random_state(key, model, batch, dtype=jnp.float32, low=0.0, high=1.0):
     keys = jax.random.split(key, model.n_layers)
-    return tuple(jax.random.uniform(k, (batch, n), dtype, low, high)
-                 for k, n in zip(keys, model.state_sizes))
+    return tuple(jax.random.uniform(k, (batch, n), dtype, low, high) for k, n in zip(keys, model.state_sizes))
 
 
 def assert_trees_close(a, b, rtol=1e-6, atol=1e-9):
@@ -100,7 +100,7 @@ def np_map_grads(w, mask, c, u, K, coef):
             col = j * K + k
             wk = mask[:, col] * w[:, col]
             z = u @ wk + (0.0 if c is None else c[col])
-            a = (z > 0) * coef[:, j] / K          # (B,)
+            a = (z > 0) * coef[:, j] / K  # (B,)
             dw[:, col] = mask[:, col] * (u.T @ a)
             dc[col] = a.sum()
             du += np.outer(a, wk)
@@ -142,10 +142,14 @@ class NumpyNet:
             ref = lambda a, n, K: f(a)[..., to_ref_index(n, K)]
             ns = model.sizes
             masks = buffers["masks"]
-            self.basal = [(ref(p["w"], ns[l + 1], Kb), ref(m, ns[l + 1], Kb), ref(p["c"], ns[l + 1], Kb))
-                          for l, (p, m) in enumerate(zip(params["basal"], masks["basal"]))]
-            self.apical = [(ref(p["w"], ns[l + 1], Ka), ref(m, ns[l + 1], Ka))
-                           for l, (p, m) in enumerate(zip(params["apical"], masks["apical"]))]
+            self.basal = [
+                (ref(p["w"], ns[l + 1], Kb), ref(m, ns[l + 1], Kb), ref(p["c"], ns[l + 1], Kb))
+                for l, (p, m) in enumerate(zip(params["basal"], masks["basal"]))
+            ]
+            self.apical = [
+                (ref(p["w"], ns[l + 1], Ka), ref(m, ns[l + 1], Ka))
+                for l, (p, m) in enumerate(zip(params["apical"], masks["apical"]))
+            ]
             self.alpha = float(buffers["alpha"])
 
     # --- dynamics ------------------------------------------------------------------------
@@ -187,8 +191,9 @@ class NumpyNet:
 
     def nudged(self, x, s_free, y1h, beta, steps, dt=1.0):
         """Nudged phase with the force −β ∂ℓ/∂s_L (MSE or CE)."""
-        return self.relax(np.asarray(x, np.float64), s_free, steps, dt,
-                          lambda sL: -beta * np_loss_grad(self.loss, sL, y1h))
+        return self.relax(
+            np.asarray(x, np.float64), s_free, steps, dt, lambda sL: -beta * np_loss_grad(self.loss, sL, y1h)
+        )
 
     def nudged_linear(self, x, s_free, g, beta, steps, dt=1.0):
         """Nudged phase with the fixed force −β g (the linear cost ⟨g, s_L⟩)."""
@@ -223,8 +228,10 @@ class NumpyNet:
         prev = [x] + list(s_plus[:-1])
         d = [p - f for p, f in zip(s_plus, s_free)]
         if self.kind == "ep":
-            return [{"w": -np.einsum("bi,bj->ij", prev[l], d[l]) / (beta * B), "b": -d[l].mean(0) / beta}
-                    for l in range(self.L)]
+            return [
+                {"w": -np.einsum("bi,bj->ij", prev[l], d[l]) / (beta * B), "b": -d[l].mean(0) / beta}
+                for l in range(self.L)
+            ]
         basal = []
         for l, (w, m, c) in enumerate(self.basal):
             dw, dc, _ = np_map_grads(w, m, c, prev[l], self.Kb, d[l])
@@ -254,9 +261,13 @@ class NumpyNet:
             return tuple({"w": l["w"], "b": l["b"]} for l in g)
         ns = self.model.sizes
         bm = lambda a, n, K: a[..., from_ref_index(n, K)]
-        return {"basal": tuple({"w": bm(p["w"], ns[l + 1], self.Kb), "c": bm(p["c"], ns[l + 1], self.Kb)}
-                               for l, p in enumerate(g["basal"])),
-                "apical": tuple({"w": bm(p["w"], ns[l + 1], self.Ka)} for l, p in enumerate(g["apical"]))}
+        return {
+            "basal": tuple(
+                {"w": bm(p["w"], ns[l + 1], self.Kb), "c": bm(p["c"], ns[l + 1], self.Kb)}
+                for l, p in enumerate(g["basal"])
+            ),
+            "apical": tuple({"w": bm(p["w"], ns[l + 1], self.Ka)} for l, p in enumerate(g["apical"])),
+        }
 
 
 def combine(a, ga, b, gb):
@@ -334,5 +345,6 @@ def _release_compiled_programs():
     rarely share a program, so this costs few recompilations."""
     yield
     import gc
+
     jax.clear_caches()
     gc.collect()

@@ -6,6 +6,7 @@ rebuilds its optimiser per run, so every run retraces and recompiles its step: o
 shape keeps that to one compilation per run.) TINY_REM (200 examples, chunks of 4) has
 the partial last batch and a short chunk, for the tests of the epoch's structure.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,10 +27,23 @@ from experiments.config import RunConfig, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = dict(dataset="synthetic", synthetic_train=192, synthetic_test=64, subset_seed=1, sizes=[16, 12, 4],
-            t_free=8, t_nudge=3, batch_size=32, chunk=3, eval_batch=64, lr=[0.2, 0.1], beta=0.2, epochs=2)
-SPE = 6                                                      # TINY's steps per epoch
-TINY_REM = dict(TINY, synthetic_train=200, chunk=4)          # 6 full batches (chunks 4 + 2) + 8 examples
+TINY = dict(
+    dataset="synthetic",
+    synthetic_train=192,
+    synthetic_test=64,
+    subset_seed=1,
+    sizes=[16, 12, 4],
+    t_free=8,
+    t_nudge=3,
+    batch_size=32,
+    chunk=3,
+    eval_batch=64,
+    lr=[0.2, 0.1],
+    beta=0.2,
+    epochs=2,
+)
+SPE = 6  # TINY's steps per epoch
+TINY_REM = dict(TINY, synthetic_train=200, chunk=4)  # 6 full batches (chunks 4 + 2) + 8 examples
 
 
 def tiny(**changes) -> RunConfig:
@@ -157,4 +171,5 @@ def run_copy(finished, tmp_path):
 
 def train_main():
     from experiments import train
+
     return train.main

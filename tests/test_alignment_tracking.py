@@ -1,4 +1,5 @@
 """EP-vs-BPTT alignment tracked through training (`align_every`), and the GDU command."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,22 @@ import pytest
 
 import ep_jax
 from ep_jax import alignment
-from experiments import engine, gdu, alignment_report
+from experiments import alignment_report, engine, gdu
 from experiments.config import RunConfig, validate
 
-BASE = dict(dataset="synthetic", sizes=[12, 10, 4], synthetic_train=96, synthetic_test=48, t_free=12, t_nudge=4,
-            batch_size=16, epochs=2, chunk=3, lr=[0.2, 0.1], eval_batch=48)
+BASE = dict(
+    dataset="synthetic",
+    sizes=[12, 10, 4],
+    synthetic_train=96,
+    synthetic_test=48,
+    t_free=12,
+    t_nudge=4,
+    batch_size=16,
+    epochs=2,
+    chunk=3,
+    lr=[0.2, 0.1],
+    eval_batch=48,
+)
 
 
 def cfg(**kw):
@@ -27,6 +39,7 @@ def rows(d):
 
 def checkpoint_arrays(d):
     from experiments import checkpoint
+
     meta, sd = checkpoint.decode((d / engine.CHECKPOINT).read_bytes())
     return jax.tree.leaves(sd)
 
@@ -42,7 +55,7 @@ def test_measuring_does_not_perturb_training(tmp_path, model):
     a, b = checkpoint_arrays(tmp_path / "on"), checkpoint_arrays(tmp_path / "off")
     assert len(a) == len(b)
     for u, v in zip(a, b):
-        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))   # bit for bit
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))  # bit for bit
     recs = [r for row in rows(tmp_path / "on") for r in row["alignment"]]
     steps = [r["step"] for r in recs]
     # step 0, then the first chunk end at or after each multiple of 2 (chunks of 3 steps, 6 steps per epoch)
@@ -52,8 +65,17 @@ def test_measuring_does_not_perturb_training(tmp_path, model):
 
 
 def test_first_measurement_of_the_standard_model_in_float64_agrees(tmp_path):
-    c = cfg(model="ep", activation="sigmoid", beta=0.005, t_free=150, t_nudge=20, float64=True, epochs=1,
-            align_every=50, align_batch=16)
+    c = cfg(
+        model="ep",
+        activation="sigmoid",
+        beta=0.005,
+        t_free=150,
+        t_nudge=20,
+        float64=True,
+        epochs=1,
+        align_every=50,
+        align_batch=16,
+    )
     engine.run([engine.Member(c, "ep64", tmp_path)], progress=False, print_fn=lambda *a: None)
     first = rows(tmp_path)[0]["alignment"][0]
     assert first["step"] == 0
@@ -83,17 +105,28 @@ def test_sweep_members_each_measure_their_own_alignment_for_every_estimator(tmp_
     members = []
     for model in ("ep", "dendritic"):
         for est in ("symmetric", "one_sided", "chl", "bptt"):
-            c = cfg(model=model, estimator=est, epochs=1, align_every=3, align_batch=8,
-                    nudge="random_sign" if est == "one_sided" else "fixed")
+            c = cfg(
+                model=model,
+                estimator=est,
+                epochs=1,
+                align_every=3,
+                align_batch=8,
+                nudge="random_sign" if est == "one_sided" else "fixed",
+            )
             members.append(engine.Member(c, f"{model}-{est}", tmp_path / f"{model}-{est}"))
-    members.append(engine.Member(cfg(model="ep", estimator="symmetric", epochs=1, align_every=3, align_batch=8,
-                                     seed=1), "ep-symmetric-seed1", tmp_path / "ep-symmetric-seed1"))
+    members.append(
+        engine.Member(
+            cfg(model="ep", estimator="symmetric", epochs=1, align_every=3, align_batch=8, seed=1),
+            "ep-symmetric-seed1",
+            tmp_path / "ep-symmetric-seed1",
+        )
+    )
     summaries = engine.run(members, progress=False, print_fn=lambda *a: None)
     assert all(s["status"] == "ok" for s in summaries)
     first = {m.name: rows(m.dir)[0]["alignment"][0] for m in members}
-    assert all(len(rows(m.dir)[0]["alignment"]) == 3 for m in members)   # steps 0, 3, 6
-    assert all(v == 1.0 for v in first["ep-bptt"]["cosine"].values())     # BPTT against itself
-    assert first["ep-symmetric"]["cosine"] != first["ep-symmetric-seed1"]["cosine"]   # own params, own numbers
+    assert all(len(rows(m.dir)[0]["alignment"]) == 3 for m in members)  # steps 0, 3, 6
+    assert all(v == 1.0 for v in first["ep-bptt"]["cosine"].values())  # BPTT against itself
+    assert first["ep-symmetric"]["cosine"] != first["ep-symmetric-seed1"]["cosine"]  # own params, own numbers
     assert first["dendritic-chl"]["cosine"] != first["dendritic-symmetric"]["cosine"]
     text = alignment_report.report([tmp_path], None)
     assert "angle (°)" in text and "measuring every 3 steps" in text

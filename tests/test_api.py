@@ -1,5 +1,6 @@
 """The public surface: every module reachable from `import ep_jax`, every public object
 documented, and the fragile spots of the API (warnings, clean interpreter exit)."""
+
 import importlib
 import inspect
 import pkgutil
@@ -14,11 +15,30 @@ import pytest
 
 import ep_jax
 
-PUBLIC_MODULES = ("activations", "alignment", "augment", "data", "dendrites", "dynamics", "estimators", "experiments", "kernels",
-                  "layer",
-                  "losses",
-                  "models", "nn", "optim", "parallel", "reference", "relaxation", "solvers", "sweep", "synthetic",
-                  "timesteps", "train")
+PUBLIC_MODULES = (
+    "activations",
+    "alignment",
+    "augment",
+    "data",
+    "dendrites",
+    "dynamics",
+    "estimators",
+    "experiments",
+    "kernels",
+    "layer",
+    "losses",
+    "models",
+    "nn",
+    "optim",
+    "parallel",
+    "reference",
+    "relaxation",
+    "solvers",
+    "sweep",
+    "synthetic",
+    "timesteps",
+    "train",
+)
 
 
 def all_public_modules():
@@ -46,8 +66,10 @@ def test_import_exposes_every_public_module():
 
 def test_import_does_not_pull_in_flax():
     """`ep_jax.nn` (flax) is imported only when asked for."""
-    code = "import sys, ep_jax; assert 'flax' not in sys.modules, 'flax imported'; ep_jax.nn; " \
-           "assert 'flax' in sys.modules; print('ok')"
+    code = (
+        "import sys, ep_jax; assert 'flax' not in sys.modules, 'flax imported'; ep_jax.nn; "
+        "assert 'flax' in sys.modules; print('ok')"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
@@ -69,8 +91,12 @@ def public_objects(mod):
                 if isinstance(member, (staticmethod, classmethod)):
                     member = member.__func__
                 if inspect.isfunction(member) or isinstance(member, property):
-                    out.append((f"{mod.__name__}.{name}.{attr}", getattr(obj, attr) if not isinstance(member, property)
-                                else member))
+                    out.append(
+                        (
+                            f"{mod.__name__}.{name}.{attr}",
+                            getattr(obj, attr) if not isinstance(member, property) else member,
+                        )
+                    )
     return out
 
 

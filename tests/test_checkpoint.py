@@ -1,11 +1,11 @@
 """Checkpoints without pickle (experiments.checkpoint): nothing in a checkpoint file can
 execute, a checkpoint that does not fit the run is refused before anything changes,
 writes cannot be redirected, and dendritic masks are stored as packed bits."""
+
 import errno
 import json
 import os
 import pickle
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,14 +13,24 @@ import jax
 import msgpack
 import numpy as np
 import pytest
+from exp_helpers import (  # noqa: F401  (fixtures)
+    assert_one_line_error,
+    assert_same_arrays,
+    checkpoint_arrays,
+    finished,
+    metrics,
+    run_cli,
+    run_copy,
+    snapshot,
+    summary,
+    tiny,
+    tiny_args,
+)
 from flax import serialization
 
 import ep_jax
 from experiments import checkpoint as ckpt
 from experiments import engine, train
-from exp_helpers import finished, run_copy  # noqa: F401  (fixtures)
-from exp_helpers import (assert_one_line_error, assert_same_arrays, checkpoint_arrays, metrics, run_cli, snapshot,
-                         summary, tiny, tiny_args)
 
 
 class Touch:
@@ -41,8 +51,9 @@ def test_touch_payload_really_executes_under_pickle(tmp_path):
 
 
 def outer(meta="{}", state=b"", **kw):
-    return msgpack.packb({"format": ckpt.FORMAT, "version": ckpt.VERSION, "meta": meta, "state": state, **kw},
-                         use_bin_type=True)
+    return msgpack.packb(
+        {"format": ckpt.FORMAT, "version": ckpt.VERSION, "meta": meta, "state": state, **kw}, use_bin_type=True
+    )
 
 
 def payloads(marker, meta):
@@ -59,8 +70,9 @@ def payloads(marker, meta):
     }
 
 
-@pytest.mark.parametrize("kind", ["raw pickle", "pickle as the state", "pickle as the meta", "pickle in an ext type",
-                                  "object-dtype array"])
+@pytest.mark.parametrize(
+    "kind", ["raw pickle", "pickle as the state", "pickle as the meta", "pickle in an ext type", "object-dtype array"]
+)
 def test_pickle_payload_refused_nothing_executes(run_copy, tmp_path, kind):
     marker = tmp_path / "pwned"
     meta = json.dumps(ckpt.read_meta(run_copy / "checkpoint.msgpack"))
@@ -81,7 +93,7 @@ def test_pickle_checkpoint_pkl_is_never_opened(run_copy, tmp_path):
     marker = tmp_path / "pwned"
     (run_copy / "checkpoint.pkl").write_bytes(pickle.dumps(Touch(marker)))
     rc, _, err = run_cli(train.main, ["--resume", "--out", run_copy, "--epochs", "3", "--no-progress"])
-    assert rc == 0, err                          # resumed from checkpoint.msgpack; the .pkl is ignored
+    assert rc == 0, err  # resumed from checkpoint.msgpack; the .pkl is ignored
     assert not marker.exists()
     (run_copy / "checkpoint.msgpack").unlink()
     before = snapshot(run_copy)
@@ -102,6 +114,7 @@ def test_resume_never_calls_pickle(run_copy, monkeypatch):
 
 
 # --- checkpoints that do not fit the run ------------------------------------------------------
+
 
 def rewrite(path, edit_state=None, edit_outer=None):
     """Decode a real checkpoint, edit its raw state dict and/or outer map, write it back."""
@@ -126,15 +139,27 @@ def _set(d, key, value):
 BAD = {
     "extra key": (lambda sd: _set(_params(sd), "evil", np.zeros(3, np.float32)), None, "unexpected"),
     "missing key": (lambda sd: _params(sd)["basal"]["1"].pop("c"), None, "missing"),
-    "wrong shape": (lambda sd: _set(_params(sd)["basal"]["0"], "w", np.zeros((16, 97), np.float32)), None,
-                    "float32[16, 97], this run needs float32[16, 96]"),
-    "wrong dtype": (lambda sd: _set(_params(sd)["basal"]["0"], "w", np.zeros((16, 96), np.float64)), None,
-                    "float64[16, 96], this run needs float32[16, 96]"),
+    "wrong shape": (
+        lambda sd: _set(_params(sd)["basal"]["0"], "w", np.zeros((16, 97), np.float32)),
+        None,
+        "float32[16, 97], this run needs float32[16, 96]",
+    ),
+    "wrong dtype": (
+        lambda sd: _set(_params(sd)["basal"]["0"], "w", np.zeros((16, 96), np.float64)),
+        None,
+        "float64[16, 96], this run needs float32[16, 96]",
+    ),
     "int step as float": (lambda sd: _set(sd["sweep"]["train"], "step", np.float32(12)), None, "this run needs int32"),
-    "unpacked mask": (lambda sd: _set(sd["sweep"]["train"]["buffers"]["masks"]["basal"], "0",
-                                      np.ones((16, 96), np.float32)), None, "mask of shape"),
-    "short mask": (lambda sd: _set(sd["sweep"]["train"]["buffers"]["masks"]["basal"], "0",
-                                   np.zeros(100, np.uint8)), None, "mask of shape"),
+    "unpacked mask": (
+        lambda sd: _set(sd["sweep"]["train"]["buffers"]["masks"]["basal"], "0", np.ones((16, 96), np.float32)),
+        None,
+        "mask of shape",
+    ),
+    "short mask": (
+        lambda sd: _set(sd["sweep"]["train"]["buffers"]["masks"]["basal"], "0", np.zeros(100, np.uint8)),
+        None,
+        "mask of shape",
+    ),
     "newer version": (None, lambda o: _set(o, "version", ckpt.VERSION + 1), f"checkpoint version {ckpt.VERSION + 1}"),
     "other format": (None, lambda o: _set(o, "format", "something-else"), "not an ep_jax checkpoint"),
     "meta not JSON": (None, lambda o: _set(o, "meta", "{not json"), "damaged checkpoint"),
@@ -225,18 +250,21 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatc
 
 # --- masks as packed bits -----------------------------------------------------------------
 
+
 def test_masks_stored_as_packed_bits(finished):
     cfg = tiny()
     model = engine.build_model(cfg)
     est = engine.build_estimator(cfg)
-    init = ep_jax.init_state(model, est, engine.build_optimizer(cfg, model), engine.keys(cfg)["init"],
-                             **engine.model_settings(cfg))
+    init = ep_jax.init_state(
+        model, est, engine.build_optimizer(cfg, model), engine.keys(cfg)["init"], **engine.model_settings(cfg)
+    )
     _, sd = ckpt.decode((finished / "checkpoint.msgpack").read_bytes())
     stored = sd["sweep"]["train"]["buffers"]["masks"]
     want = serialization.to_state_dict(init.buffers["masks"])
     n_masks = 0
-    for (path, bits), (_, ref) in zip(jax.tree_util.tree_flatten_with_path(stored)[0],
-                                      jax.tree_util.tree_flatten_with_path(want)[0], strict=True):
+    for (path, bits), (_, ref) in zip(
+        jax.tree_util.tree_flatten_with_path(stored)[0], jax.tree_util.tree_flatten_with_path(want)[0], strict=True
+    ):
         ref = np.asarray(ref)
         assert bits.dtype == np.uint8 and bits.ndim == 1 and bits.size == -(-ref.size // 8), path
         np.testing.assert_array_equal(np.unpackbits(bits, count=ref.size).reshape(ref.shape), ref != 0)

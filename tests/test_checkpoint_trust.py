@@ -3,6 +3,7 @@ on --resume with one `error:` line naming the file, before anything in the run f
 changes. Covered: the content digest (format version 2; version-1 files still load),
 the values the config and seed fix, finite parameters, a live member's flags, the step
 counter against the history, and the metadata's fields."""
+
 import copy
 import hashlib
 import json
@@ -12,13 +13,24 @@ import jax
 import msgpack
 import numpy as np
 import pytest
+from exp_helpers import (  # noqa: F401  (fixtures)
+    assert_one_line_error,
+    assert_same_arrays,
+    checkpoint_arrays,
+    finished,
+    metrics,
+    run_cli,
+    run_copy,
+    snapshot,
+    strip_time,
+    summary,
+    tiny,
+    tiny_args,
+)
 from flax import serialization
 
 from experiments import checkpoint as ckpt
 from experiments import engine, train
-from exp_helpers import finished, run_copy  # noqa: F401  (fixtures)
-from exp_helpers import (assert_one_line_error, assert_same_arrays, checkpoint_arrays, metrics, run_cli, snapshot,
-                         strip_time, summary, tiny, tiny_args)
 
 CK = "checkpoint.msgpack"
 
@@ -81,25 +93,31 @@ class At:
 
     def set(self, value):
         """An edit replacing the leaf by `value`."""
+
         def edit(sd):
             self.parent(sd)[self.keys[-1]] = value
+
         return edit
 
     def set_entry(self, index, value):
         """An edit changing one entry of the leaf's array."""
+
         def edit(sd):
             a = np.array(self.get(sd))
             assert a[index] != value
             a[index] = value
             self.parent(sd)[self.keys[-1]] = a
+
         return edit
 
     def flip_bit(self, index):
         """An edit flipping the lowest bit of one byte (a packed mask: one mask entry)."""
+
         def edit(sd):
             a = np.array(self.get(sd))
             a[index] ^= 1
             self.parent(sd)[self.keys[-1]] = a
+
         return edit
 
 
@@ -107,6 +125,7 @@ def both(*edits):
     def edit(sd):
         for e in edits:
             e(sd)
+
     return edit
 
 
@@ -114,34 +133,52 @@ W0 = At("sweep", "train", "params", "basal", "0", "w")
 MOMENT = At("sweep", "train", "opt_state", "inner_state", "0", "trace", "basal", "1", "c")
 STEP = At("sweep", "train", "step")
 COUNT = At("sweep", "train", "opt_state", "count")
-MASK0 = At("sweep", "train", "buffers", "masks", "basal", "0")    # packed bits as stored
+MASK0 = At("sweep", "train", "buffers", "masks", "basal", "0")  # packed bits as stored
 
 STATE_CASES = {
-    "nan weight": (W0.set_entry((3, 4), np.nan),
-                   ["non-finite parameters", "sweep.train.params.basal.0.w", "1 of 1536", "nan"]),
+    "nan weight": (
+        W0.set_entry((3, 4), np.nan),
+        ["non-finite parameters", "sweep.train.params.basal.0.w", "1 of 1536", "nan"],
+    ),
     "inf weight": (W0.set_entry((0, 0), -np.inf), ["non-finite parameters", "sweep.train.params.basal.0.w", "-inf"]),
-    "inf momentum": (MOMENT.set_entry(5, np.inf),
-                     ["non-finite optimiser state", "sweep.train.opt_state.inner_state.0.trace.basal.1.c"]),
+    "inf momentum": (
+        MOMENT.set_entry(5, np.inf),
+        ["non-finite optimiser state", "sweep.train.opt_state.inner_state.0.trace.basal.1.c"],
+    ),
     "not alive": (At("sweep", "alive").set(np.bool_(False)), ["sweep.alive is False", "live member"]),
     "negative step": (STEP.set(np.int32(-1000)), ["sweep.train.step is -1000, must be >= 0"]),
-    "diverged step": (At("sweep", "diverged_step").set(np.int32(5)),
-                      ["sweep.diverged_step is 5, a live member's is -1"]),
+    "diverged step": (
+        At("sweep", "diverged_step").set(np.int32(5)),
+        ["sweep.diverged_step is 5, a live member's is -1"],
+    ),
     "beta": (At("relaxation", "beta").set(np.float32(1e6)), ["relaxation.beta is 1e+06, the config says 0.2"]),
-    "beta one ulp off": (At("relaxation", "beta").set(np.nextafter(np.float32(0.2), np.float32(1))),
-                         ["relaxation.beta is 0.20000002, the config says 0.2"]),
+    "beta one ulp off": (
+        At("relaxation", "beta").set(np.nextafter(np.float32(0.2), np.float32(1))),
+        ["relaxation.beta is 0.20000002, the config says 0.2"],
+    ),
     "dt": (At("relaxation", "dt", "0").set(np.float32(0.5)), ["relaxation.dt.0 is 0.5, the config says 1"]),
-    "learning rates": (At("sweep", "train", "opt_state", "hyperparams", "lr").set(np.array([-5, 1e9], np.float32)),
-                       ["sweep.train.opt_state.hyperparams.lr is [-5, 1e+09], the config says [0.2, 0.1]"]),
-    "momentum": (At("sweep", "train", "opt_state", "hyperparams", "momentum").set(np.float32(0.99)),
-                 ["sweep.train.opt_state.hyperparams.momentum is 0.99, the config says 0.9"]),
-    "alpha": (At("sweep", "train", "buffers", "alpha").set(np.float32(0.5)),
-              ["sweep.train.buffers.alpha is 0.5, the config says 0.2"]),
+    "learning rates": (
+        At("sweep", "train", "opt_state", "hyperparams", "lr").set(np.array([-5, 1e9], np.float32)),
+        ["sweep.train.opt_state.hyperparams.lr is [-5, 1e+09], the config says [0.2, 0.1]"],
+    ),
+    "momentum": (
+        At("sweep", "train", "opt_state", "hyperparams", "momentum").set(np.float32(0.99)),
+        ["sweep.train.opt_state.hyperparams.momentum is 0.99, the config says 0.9"],
+    ),
+    "alpha": (
+        At("sweep", "train", "buffers", "alpha").set(np.float32(0.5)),
+        ["sweep.train.buffers.alpha is 0.5, the config says 0.2"],
+    ),
     "mask": (MASK0.flip_bit(7), ["sweep.train.buffers.masks.basal.0 differs from the config's in 1 of 1536 entries"]),
     "step key": (At("sweep", "key").set_entry(0, 12345), ["sweep.key is [12345, "]),
-    "optimiser count": (COUNT.set(np.int32(11)),
-                        ["sweep.train.opt_state.count is 11, the step counter sweep.train.step is 12"]),
-    "step not the history's": (both(STEP.set(np.int32(11)), COUNT.set(np.int32(11))),
-                               ["sweep.train.step is 11", "the history's last row (epoch 2) says steps=12"]),
+    "optimiser count": (
+        COUNT.set(np.int32(11)),
+        ["sweep.train.opt_state.count is 11, the step counter sweep.train.step is 12"],
+    ),
+    "step not the history's": (
+        both(STEP.set(np.int32(11)), COUNT.set(np.int32(11))),
+        ["sweep.train.step is 11", "the history's last row (epoch 2) says steps=12"],
+    ),
 }
 
 
@@ -183,6 +220,7 @@ def _row(i, key, value):
             m["history"][i].pop(key)
         else:
             m["history"][i][key] = value
+
     return edit
 
 
@@ -207,7 +245,7 @@ META_CASES = {
     "digest not a string": (_put("digest", 5), ["digest is 5, must be a string"]),
     "name missing": (_drop("name"), ["name is missing"]),
     "name not a string": (_put("name", ["x"]), ["name is ['x'], must be a string"]),
-    "long value cut short": (_put("name", 10 ** 200), ["name is 1000000000", "..., must be a string"]),
+    "long value cut short": (_put("name", 10**200), ["name is 1000000000", "..., must be a string"]),
 }
 
 
@@ -218,7 +256,7 @@ def test_damaged_metadata_refused_untouched(run_copy, case):
     resume_refused(run_copy, "damaged checkpoint metadata", *needles)
     with pytest.raises(ckpt.CheckpointError, match="damaged checkpoint metadata"):
         ckpt.read_meta(run_copy / CK)
-    assert ckpt.read_meta(run_copy / CK, check=False) is not None      # raw access still reads it
+    assert ckpt.read_meta(run_copy / CK, check=False) is not None  # raw access still reads it
 
 
 def test_history_steps_not_the_state_refused(run_copy):
@@ -228,6 +266,7 @@ def test_history_steps_not_the_state_refused(run_copy):
 
 
 # --- the content digest -----------------------------------------------------------------------
+
 
 def _w0_offset(data: bytes, sd) -> int:
     """Where the first weight matrix's bytes lie in the file (exactly once)."""
@@ -240,8 +279,10 @@ def _w0_offset(data: bytes, sd) -> int:
 def test_written_digests_are_the_sha256_of_meta_and_state(finished):
     o = msgpack.unpackb((finished / CK).read_bytes(), raw=False)
     assert o["version"] == ckpt.VERSION == 2
-    assert o["sha256"] == {"meta": hashlib.sha256(o["meta"].encode()).hexdigest(),
-                           "state": hashlib.sha256(o["state"]).hexdigest()}
+    assert o["sha256"] == {
+        "meta": hashlib.sha256(o["meta"].encode()).hexdigest(),
+        "state": hashlib.sha256(o["state"]).hexdigest(),
+    }
 
 
 def test_flipped_bit_in_a_weight_refused_untouched(run_copy):
@@ -284,7 +325,9 @@ def test_every_flipped_bit_is_refused(finished, template, tmp_path):
     o = msgpack.unpackb(data, raw=False)
     meta_end = data.find(o["meta"].encode()) + len(o["meta"])
     state_end = data.find(o["state"]) + len(o["state"])
-    positions = list(range(meta_end + 16)) + list(range(meta_end + 16, state_end, 61)) + list(range(state_end, len(data)))
+    positions = (
+        list(range(meta_end + 16)) + list(range(meta_end + 16, state_end, 61)) + list(range(state_end, len(data)))
+    )
     path = tmp_path / CK
     for pos in positions:
         bad = bytearray(data)
@@ -294,10 +337,11 @@ def test_every_flipped_bit_is_refused(finished, template, tmp_path):
             ckpt.read_meta(path)
             ckpt.load(path, template)
     path.write_bytes(data)
-    ckpt.load(path, template)                  # the unflipped file is fine
+    ckpt.load(path, template)  # the unflipped file is fine
 
 
 # --- what still works -------------------------------------------------------------------------
+
 
 def test_rewrite_helper_is_faithful(run_copy):
     """An unedited rewrite gives the same bytes (so the refusals above are the edits')."""
@@ -330,8 +374,9 @@ def write_version_1(run):
     """The run's checkpoint in the version-1 layout (ep_jax 0.2.0 before the digest)."""
     path = run / CK
     o = msgpack.unpackb(path.read_bytes(), raw=False)
-    path.write_bytes(msgpack.packb({"format": ckpt.FORMAT, "version": 1, "meta": o["meta"], "state": o["state"]},
-                                   use_bin_type=True))
+    path.write_bytes(
+        msgpack.packb({"format": ckpt.FORMAT, "version": 1, "meta": o["meta"], "state": o["state"]}, use_bin_type=True)
+    )
 
 
 def test_version_1_checkpoint_still_loads(run_copy, finished, template):
@@ -366,8 +411,16 @@ def test_version_1_gets_every_check_but_the_digest(run_copy, template):
     At("relaxation", "beta").set(np.float32(1e6))(beta)
 
     def v1(state, **extra):
-        return msgpack.packb({"format": ckpt.FORMAT, "version": 1, "meta": json.dumps(meta),
-                              "state": serialization.msgpack_serialize(state), **extra}, use_bin_type=True)
+        return msgpack.packb(
+            {
+                "format": ckpt.FORMAT,
+                "version": 1,
+                "meta": json.dumps(meta),
+                "state": serialization.msgpack_serialize(state),
+                **extra,
+            },
+            use_bin_type=True,
+        )
 
     path.write_bytes(v1(ulp))
     _, tree = ckpt.load(path, template)
@@ -401,26 +454,38 @@ def test_check_false_gives_raw_access(run_copy, template):
 def test_epoch_0_checkpoint_must_be_at_step_0(run_copy, template):
     def epoch_0(m):
         m["epoch"], m["history"] = 0, []
+
     rewrite(run_copy, edit_meta=epoch_0)
-    assert ckpt.read_meta(run_copy / CK)["epoch"] == 0                   # fine as metadata
+    assert ckpt.read_meta(run_copy / CK)["epoch"] == 0  # fine as metadata
     with pytest.raises(ckpt.CheckpointError, match=r"sweep\.train\.step is 12, a checkpoint of epoch 0 is at step 0"):
         ckpt.load(run_copy / CK, template)
 
 
 def test_check_state_on_any_tree():
     """The rules go by leaf names, so they apply to other layouts too (an Adam state here)."""
-    template = {"train": {"params": {"w": np.zeros(3, np.float32)}, "step": np.int32(0),
-                          "opt_state": {"count": np.int32(0), "hyperparams": {"lr": np.float32(0.1)},
-                                        "mu": np.zeros(3, np.float32), "nu": np.zeros(3, np.float32)}}}
+    template = {
+        "train": {
+            "params": {"w": np.zeros(3, np.float32)},
+            "step": np.int32(0),
+            "opt_state": {
+                "count": np.int32(0),
+                "hyperparams": {"lr": np.float32(0.1)},
+                "mu": np.zeros(3, np.float32),
+                "nu": np.zeros(3, np.float32),
+            },
+        }
+    }
     good = copy.deepcopy(template)
     good["train"]["step"] = good["train"]["opt_state"]["count"] = np.int32(4)
     good["train"]["opt_state"]["nu"] = np.ones(3, np.float32)
     ckpt.check_state(good, template)
-    cases = [(("opt_state", "nu"), np.array([1, -1, 1], np.float32), "train.opt_state.nu (second moments)"),
-             (("opt_state", "mu"), np.array([0, np.nan, 0], np.float32), "non-finite optimiser state"),
-             (("opt_state", "hyperparams", "lr"), np.float32(0.2), "lr is 0.2, the config says 0.1"),
-             (("opt_state", "count"), np.int32(3), "train.opt_state.count is 3, the step counter train.step is 4"),
-             (("params", "w"), np.array([0, 0, np.inf], np.float32), "non-finite parameters (train.params.w")]
+    cases = [
+        (("opt_state", "nu"), np.array([1, -1, 1], np.float32), "train.opt_state.nu (second moments)"),
+        (("opt_state", "mu"), np.array([0, np.nan, 0], np.float32), "non-finite optimiser state"),
+        (("opt_state", "hyperparams", "lr"), np.float32(0.2), "lr is 0.2, the config says 0.1"),
+        (("opt_state", "count"), np.int32(3), "train.opt_state.count is 3, the step counter train.step is 4"),
+        (("params", "w"), np.array([0, 0, np.inf], np.float32), "non-finite parameters (train.params.w"),
+    ]
     for keys, value, needle in cases:
         bad = copy.deepcopy(good)
         node = bad["train"]

@@ -3,7 +3,7 @@
 Oracle: the records are written from their definition (label byte(s), then the R, G and B
 planes of a row-major 32x32 image), independently of the reader; the expected arrays are
 the images the test drew, in HWC order."""
-import gzip
+
 import io
 import pickle
 import sys
@@ -87,7 +87,7 @@ def test_cifar10_archive_hwc_and_normalisation(tmp_path, no_defaults):
 
 def test_cifar10_extracted_folder_and_archive_path(tmp_path, no_defaults):
     blobs, (x, y, _, yt) = cifar10_blobs(seed=3)
-    folder = tmp_path / "d" / "cifar-10-batches-bin"          # the extracted archive, a subfolder looked in
+    folder = tmp_path / "d" / "cifar-10-batches-bin"  # the extracted archive, a subfolder looked in
     folder.mkdir(parents=True)
     for name, b in blobs.items():
         (folder / name).write_bytes(b)
@@ -104,8 +104,7 @@ def test_cifar100_fine_labels(tmp_path, no_defaults):
     x, fine = draw(4, 1, 100)
     coarse = fine // 5
     xt, fine_t = draw(2, 2, 100)
-    blobs = {"train.bin": records(x, list(zip(coarse, fine))),
-             "test.bin": records(xt, list(zip(fine_t // 5, fine_t)))}
+    blobs = {"train.bin": records(x, list(zip(coarse, fine))), "test.bin": records(xt, list(zip(fine_t // 5, fine_t)))}
     write_tar(tmp_path / "d" / "cifar-100-binary.tar.gz", blobs, top="cifar-100-binary")
     ds = D.load_dataset("cifar100", data_dir=tmp_path / "d", verify=False)
     np.testing.assert_array_equal(ds.y_train, fine)
@@ -118,8 +117,9 @@ def _pickled_batch() -> bytes:
     return pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}, protocol=2)
 
 
-@pytest.mark.parametrize("layout", ["python-archive", "batches-py-folder", "pickled-batch", "pickle-in-bin",
-                                    "python-archive-renamed"])
+@pytest.mark.parametrize(
+    "layout", ["python-archive", "batches-py-folder", "pickled-batch", "pickle-in-bin", "python-archive-renamed"]
+)
 def test_python_version_is_refused_with_the_archive_to_use(tmp_path, no_defaults, layout):
     d = tmp_path / "d"
     d.mkdir()
@@ -135,7 +135,7 @@ def test_python_version_is_refused_with_the_archive_to_use(tmp_path, no_defaults
         blobs["data_batch_3.bin"] = _pickled_batch()
         for name, b in blobs.items():
             (d / name).write_bytes(b)
-    else:   # the python version under the binary archive's name
+    else:  # the python version under the binary archive's name
         write_tar(d / "cifar-10-binary.tar.gz", {"data_batch_1": _pickled_batch()}, top="cifar-10-batches-py")
     with pytest.raises(D.DatasetError) as e:
         D.load_dataset("cifar10", data_dir=d, verify=False)
@@ -151,14 +151,17 @@ def test_python_version_of_cifar100_names_its_binary_archive(tmp_path, no_defaul
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("damage, match", [
-    ("truncate-bin", "not a whole number of 3073-byte"),
-    ("empty-bin", "not a whole number"),
-    ("bad-label", r"label byte 0 = 10, outside 0..9"),
-    ("truncate-archive", "corrupt or truncated archive"),
-    ("missing-member", "lacks data_batch_4.bin"),
-    ("not-gzip", "corrupt or truncated archive"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("truncate-bin", "not a whole number of 3073-byte"),
+        ("empty-bin", "not a whole number"),
+        ("bad-label", r"label byte 0 = 10, outside 0..9"),
+        ("truncate-archive", "corrupt or truncated archive"),
+        ("missing-member", "lacks data_batch_4.bin"),
+        ("not-gzip", "corrupt or truncated archive"),
+    ],
+)
 def test_damaged_files_one_line_naming_the_file(tmp_path, no_defaults, damage, match):
     blobs, _ = cifar10_blobs()
     d = tmp_path / "d"
@@ -169,7 +172,7 @@ def test_damaged_files_one_line_naming_the_file(tmp_path, no_defaults, damage, m
         blobs["test_batch.bin"] = b""
     elif damage == "bad-label":
         b = bytearray(blobs["data_batch_5.bin"])
-        b[3073] = 10                                   # the second record's label
+        b[3073] = 10  # the second record's label
         blobs["data_batch_5.bin"] = bytes(b)
     elif damage == "missing-member":
         del blobs["data_batch_4.bin"]
@@ -187,7 +190,7 @@ def test_checksums_and_sizes_with_verify(tmp_path, no_defaults):
     blobs, _ = cifar10_blobs()
     write_tar(tmp_path / "d" / "cifar-10-binary.tar.gz", blobs)
     with pytest.raises(D.DatasetError, match="does not match the official cifar-10-binary.tar.gz") as e:
-        D.load_dataset("cifar10", data_dir=tmp_path / "d")              # verify=True by default
+        D.load_dataset("cifar10", data_dir=tmp_path / "d")  # verify=True by default
     assert "\n" not in str(e.value) and "verify=False" in str(e.value)
     folder = tmp_path / "e"
     folder.mkdir()
@@ -205,6 +208,7 @@ def test_checksums_and_sizes_with_verify(tmp_path, no_defaults):
 def test_a_matching_checksum_passes(tmp_path, no_defaults, monkeypatch):
     """The check accepts a file whose md5 is the listed one (here the test's own archive)."""
     import hashlib
+
     blobs, (x, y, _, _) = cifar10_blobs()
     write_tar(tmp_path / "d" / "cifar-10-binary.tar.gz", blobs)
     raw = (tmp_path / "d" / "cifar-10-binary.tar.gz").read_bytes()
@@ -217,10 +221,10 @@ def test_a_matching_checksum_passes(tmp_path, no_defaults, monkeypatch):
 def test_lookup_order_and_missing_message(tmp_path, no_defaults, monkeypatch):
     a, _ = cifar10_blobs(seed=1)
     b, (_, yb, _, _) = cifar10_blobs(seed=2)
-    write_tar(tmp_path / "env" / "cifar10" / "cifar-10-binary.tar.gz", b)   # env var, dataset subfolder
+    write_tar(tmp_path / "env" / "cifar10" / "cifar-10-binary.tar.gz", b)  # env var, dataset subfolder
     write_tar(Path.cwd() / ".data" / "cifar10" / "cifar-10-binary.tar.gz", a)
     monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "env"))
-    np.testing.assert_array_equal(D.load_dataset("cifar10", verify=False).y_train, yb)   # env before ./.data
+    np.testing.assert_array_equal(D.load_dataset("cifar10", verify=False).y_train, yb)  # env before ./.data
     monkeypatch.delenv(D.ENV_VAR)
     assert D.load_dataset("cifar10", verify=False).y_train.shape == (10,)
     with pytest.raises(D.DatasetError) as e:
@@ -232,6 +236,7 @@ def test_lookup_order_and_missing_message(tmp_path, no_defaults, monkeypatch):
 def test_tfds_path_serves_hwc(tmp_path, no_defaults, monkeypatch):
     """tfds' examples (HWC images, fine `label`) become the same flat HWC rows."""
     import types
+
     x, y = draw(3, 5)
     xt, yt = draw(2, 6)
 
@@ -242,7 +247,8 @@ def test_tfds_path_serves_hwc(tmp_path, no_defaults, monkeypatch):
     fake = types.ModuleType("tensorflow_datasets")
     fake.builder = lambda name, data_dir=None: Builder()
     fake.data_source = lambda name, split, data_dir=None: (
-        [{"image": a, "label": b, "coarse_label": 0} for a, b in zip(*((x, y) if split == "train" else (xt, yt)))])
+        [{"image": a, "label": b, "coarse_label": 0} for a, b in zip(*((x, y) if split == "train" else (xt, yt)))]
+    )
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
     ds = D.load_dataset("cifar10", source="tfds", normalize=False)
     np.testing.assert_allclose(ds.x_train.reshape(-1, 32, 32, 3), x / 255.0, rtol=1e-6)
@@ -254,8 +260,10 @@ def test_engine_trains_a_conv_model_from_a_cifar_archive(tmp_path, no_defaults, 
     model of input 32x32x3 in the engine, with augmentation; the test images are the
     archive's, normalised."""
     import hashlib
+
     from ep_jax.experiments import build, engine
     from ep_jax.experiments.config import RunConfig, validate
+
     blobs, (x, y, xt, yt) = cifar10_blobs(n_per_batch=4)
     arch = tmp_path / "data" / "cifar-10-binary.tar.gz"
     write_tar(arch, blobs)
@@ -263,10 +271,28 @@ def test_engine_trains_a_conv_model_from_a_cifar_archive(tmp_path, no_defaults, 
     monkeypatch.setitem(D.CIFAR_SIZES, "train", 20)
     monkeypatch.setitem(D.CIFAR_SIZES, "test", 3)
     build._DATA_CACHE.clear()
-    cfg = validate(RunConfig.from_dict(dict(
-        model="conv", dataset="cifar10", data_dir=str(tmp_path / "data"), channels=[2], kernels=[3],
-        paddings=[1], fc=[10], lr=[0.05, 0.05], t_free=3, t_nudge=1, beta=0.5, batch_size=10, chunk=2,
-        eval_batch=3, epochs=1, augment=True)))
+    cfg = validate(
+        RunConfig.from_dict(
+            dict(
+                model="conv",
+                dataset="cifar10",
+                data_dir=str(tmp_path / "data"),
+                channels=[2],
+                kernels=[3],
+                paddings=[1],
+                fc=[10],
+                lr=[0.05, 0.05],
+                t_free=3,
+                t_nudge=1,
+                beta=0.5,
+                batch_size=10,
+                chunk=2,
+                eval_batch=3,
+                epochs=1,
+                augment=True,
+            )
+        )
+    )
     data = build.load_data(cfg)
     np.testing.assert_allclose(data[2], normalised(xt, CIFAR10_STATS), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(data[1], y)

@@ -1,5 +1,6 @@
 """Nonsense is refused with exit status 2 and one line `error: ...` (no traceback), before
 any data is read or any folder is touched; `--debug` shows the traceback instead."""
+
 import errno
 import gzip
 import json
@@ -10,13 +11,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from exp_helpers import (
+    TINY,
+    assert_one_line_error,
+    assert_same_arrays,
+    checkpoint_arrays,
+    metrics,
+    run_cli,
+    strip_time,
+    subprocess_env,
+    summary,
+    tiny_args,
+)
 
 import ep_jax
 from experiments import aggregate, cli, engine, reproduce, stability, sweep, train
 from experiments import checkpoint as ckpt
 from experiments.config import ConfigError
-from exp_helpers import (TINY, assert_one_line_error, assert_same_arrays, checkpoint_arrays, metrics, run_cli,
-                         strip_time, subprocess_env, summary, tiny_args)
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -24,6 +35,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 @pytest.fixture
 def no_data(monkeypatch):
     """Any attempt to load data fails the test (the refusal must come first)."""
+
     def boom(*a, **k):
         raise AssertionError("data was loaded before the config was refused")
 
@@ -71,7 +83,11 @@ BAD = [
     ("unknown dataset", ["--set", "dataset=cifar"], "dataset: must be one of"),
     ("random sign with bptt", ["--set", "estimator=bptt", "--set", "nudge=random_sign"], "nudge: random_sign needs"),
     ("bool as 1", ["--set", "float64=1"], "float64: expected true or false"),
-    ("alpha on ep", ["--set", "model=ep", "--set", "alpha=0.3"], "alpha: applies to the dendritic models only (model = 'ep')"),
+    (
+        "alpha on ep",
+        ["--set", "model=ep", "--set", "alpha=0.3"],
+        "alpha: applies to the dendritic models only (model = 'ep')",
+    ),
     ("momentum 1", ["--set", "momentum=1"], "momentum: must be < 1.0"),
     ("dt_mean alone", ["--set", "dt_mean=0.3"], "dt_mean: is used only with dt_dist"),
     ("chunk 0", ["--set", "chunk=0"], "chunk: must be >= 1"),
@@ -89,8 +105,10 @@ def test_nonsense_refused_before_data_and_folders(tmp_path, no_data, name, extra
 
 def test_sensible_values_accepted(no_data):
     """The controls of the refusals above: one float lr, beta=0 for BPTT, dt=1, the whole set."""
+
     def cfg(*extra):
         return train.resolve(train.parser().parse_args(tiny_args() + list(extra)))
+
     assert cfg("--set", "lr=0.1").lr == 0.1
     assert cfg("--set", "lr=1").lr == 1.0
     assert cfg("--set", "lr=0.1,0.2").lr == (0.1, 0.2)
@@ -110,10 +128,12 @@ def test_command_line_exit_status_and_traceback_in_a_real_process(tmp_path):
     args = [sys.executable, "-m", "experiments.train"] + tiny_args() + ["--set", "lr=-1", "--out", str(tmp_path / "r")]
     res = subprocess.run(args, capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=300)
     assert res.returncode == 2 and res.stdout == ""
-    assert res.stderr.strip().splitlines() == ["error: lr: rates must be finite and >= 0 (a negative rate trains "
-                                               "uphill), got [-1.0]"]
-    res = subprocess.run(args + ["--debug"], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path,
-                         timeout=300)
+    assert res.stderr.strip().splitlines() == [
+        "error: lr: rates must be finite and >= 0 (a negative rate trains uphill), got [-1.0]"
+    ]
+    res = subprocess.run(
+        args + ["--debug"], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=300
+    )
     assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr
     assert "ConfigError: lr: rates must be finite" in res.stderr
     assert not (tmp_path / "r").exists()
@@ -121,28 +141,48 @@ def test_command_line_exit_status_and_traceback_in_a_real_process(tmp_path):
 
 # --- data --------------------------------------------------------------------------------------
 
-FM_SMALL = ["--preset", "fmnist-dep-1h", "--subset", "64", "--test-subset", "64", "--set", "t_free=4",
-            "--set", "t_nudge=2", "--set", "batch_size=32", "--no-progress"]
+FM_SMALL = [
+    "--preset",
+    "fmnist-dep-1h",
+    "--subset",
+    "64",
+    "--test-subset",
+    "64",
+    "--set",
+    "t_free=4",
+    "--set",
+    "t_nudge=2",
+    "--set",
+    "batch_size=32",
+    "--no-progress",
+]
 
 
 def test_explicit_data_dir_is_the_only_place_looked(tmp_path):
     out = tmp_path / "run"
     rc, _, err = run_cli(train.main, FM_SMALL + ["--data-dir", "/nonexistent", "--out", out])
     line = assert_one_line_error(rc, err, "dataset 'fashion_mnist' not found", "/nonexistent: does not exist")
-    assert "/usr/share/datasets" not in line and "EP_JAX_DATA_DIR" in line      # no fallback, a way out
+    assert "/usr/share/datasets" not in line and "EP_JAX_DATA_DIR" in line  # no fallback, a way out
     assert not out.exists()
 
 
 def idx_bytes(arr):
-    return bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape) + \
-        arr.astype(np.uint8).tobytes()
+    return (
+        bytes([0, 0, 0x08, arr.ndim])
+        + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+        + arr.astype(np.uint8).tobytes()
+    )
 
 
 def write_idx_set(folder, gz=False):
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, shape in (("train-images-idx3-ubyte", (64, 28, 28)), ("train-labels-idx1-ubyte", (64,)),
-                        ("t10k-images-idx3-ubyte", (32, 28, 28)), ("t10k-labels-idx1-ubyte", (32,))):
+    for name, shape in (
+        ("train-images-idx3-ubyte", (64, 28, 28)),
+        ("train-labels-idx1-ubyte", (64,)),
+        ("t10k-images-idx3-ubyte", (32, 28, 28)),
+        ("t10k-labels-idx1-ubyte", (32,)),
+    ):
         b = idx_bytes(rng.integers(0, 10 if "labels" in name else 256, shape))
         (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(b) if gz else b)
 
@@ -151,8 +191,8 @@ def write_idx_set(folder, gz=False):
 def test_damaged_data_file_one_line_naming_it(tmp_path, gz):
     data = tmp_path / "data"
     write_idx_set(data, gz=gz)
-    f = data / ("train-images-idx3-ubyte" + (".gz" if gz else ""))     # the first file read
-    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])          # truncated
+    f = data / ("train-images-idx3-ubyte" + (".gz" if gz else ""))  # the first file read
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated
     out = tmp_path / "run"
     rc, _, err = run_cli(train.main, ["--preset", "mnist-dep", "--data-dir", data, "--out", out, "--no-progress"])
     line = assert_one_line_error(rc, err, str(f))
@@ -172,6 +212,7 @@ def test_truncated_copy_of_real_fashion_mnist(tmp_path):
 
 
 # --- specs ---------------------------------------------------------------------------------------
+
 
 def test_toml_syntax_error_names_file_and_line(tmp_path, no_data):
     spec = tmp_path / "broken.toml"
@@ -217,14 +258,18 @@ def test_other_commands_one_line_errors(tmp_path, no_data):
     assert_one_line_error(rc, err, "no run folders")
     rc, _, err = run_cli(stability.main, [tmp_path / "empty"])
     assert_one_line_error(rc, err, "no run folders")
-    for extra, needle in ((["--seeds", "0"], "--seeds must be >= 1"), (["--budget", "-1"], "--budget must be > 0"),
-                          (["--cells", "fmnist-nope"], "unknown cell(s) ['fmnist-nope']")):
+    for extra, needle in (
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--budget", "-1"], "--budget must be > 0"),
+        (["--cells", "fmnist-nope"], "unknown cell(s) ['fmnist-nope']"),
+    ):
         rc, _, err = run_cli(reproduce.main, ["table2", "--out", tmp_path / "rep"] + extra)
         assert_one_line_error(rc, err, needle)
     assert not (tmp_path / "rep").exists()
 
 
 # --- the file system -----------------------------------------------------------------------------
+
 
 def _chmod_effective(folder: Path) -> bool:
     try:

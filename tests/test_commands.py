@@ -4,23 +4,25 @@ folder, sizes refused before they hang, readable listings, atomic results files.
 
 Nothing here trains: where a command would, `engine.run` is replaced by a recorder (the
 engine's own behaviour is tested in test_experiments.py)."""
+
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from exp_helpers import TINY, assert_one_line_error, run_cli, snapshot, tiny
 
 import ep_jax
 from experiments import checkpoint as ckpt
 from experiments import engine, reproduce, train
 from experiments import sweep as cmd
 from experiments.config import RunConfig
-from exp_helpers import TINY, assert_one_line_error, run_cli, snapshot, tiny
 
 HUGE = str(10**400)
-MNIST_SMALL = dict(dataset="mnist", sizes=[784, 8, 10], subset=64, test_subset=64, batch_size=32, epochs=1,
-                   lr=0.1, t_free=4, t_nudge=2)
+MNIST_SMALL = dict(
+    dataset="mnist", sizes=[784, 8, 10], subset=64, test_subset=64, batch_size=32, epochs=1, lr=0.1, t_free=4, t_nudge=2
+)
 
 
 def json_spec(path: Path, **spec) -> Path:
@@ -45,11 +47,11 @@ def no_training(monkeypatch):
 
 # --- 1. sweep: data and resume checked before any write ------------------------------------------
 
+
 def test_sweep_with_missing_dataset_writes_nothing_and_fails_the_same_again(tmp_path, no_training):
     empty = tmp_path / "no-data"
     empty.mkdir()
-    spec = json_spec(tmp_path / "s.json", name="s", base=dict(MNIST_SMALL, data_dir=str(empty)),
-                     grid={"seed": [0, 1]})
+    spec = json_spec(tmp_path / "s.json", name="s", base=dict(MNIST_SMALL, data_dir=str(empty)), grid={"seed": [0, 1]})
     out = tmp_path / "o"
     for extra in ([], [], ["--dry-run"], ["--overwrite"]):
         rc, _, err = run_cli(cmd.main, [spec, "--out", out, "--no-progress"] + extra)
@@ -67,7 +69,7 @@ def test_sweep_loads_real_data_before_writing(tmp_path, monkeypatch, no_training
     rc, _, err = run_cli(cmd.main, [spec, "--out", tmp_path / "o", "--no-progress"])
     assert_one_line_error(rc, err, "member s", "not found")
     assert not (tmp_path / "o").exists() and no_training == []
-    rc, out, err = run_cli(cmd.main, [spec, "--out", tmp_path / "o", "--dry-run"])   # found offline: listed
+    rc, out, err = run_cli(cmd.main, [spec, "--out", tmp_path / "o", "--dry-run"])  # found offline: listed
     assert rc == 0, err
 
 
@@ -80,9 +82,14 @@ def _leftover(tmp_path, **base) -> tuple[Path, Path]:
     return spec, out
 
 
-@pytest.mark.parametrize("change,field", [({"synthetic_train": 160}, "synthetic_train"),
-                                          ({"subset": 96}, "subset"),
-                                          ({"dataset": "mnist", "sizes": [784, 12, 10], "lr": 0.1}, "dataset")])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"synthetic_train": 160}, "synthetic_train"),
+        ({"subset": 96}, "subset"),
+        ({"dataset": "mnist", "sizes": [784, 12, 10], "lr": 0.1}, "dataset"),
+    ],
+)
 def test_sweep_resume_refuses_another_config_naming_field_and_member(tmp_path, no_training, change, field):
     _, out = _leftover(tmp_path)
     before = snapshot(out)
@@ -95,10 +102,15 @@ def test_sweep_resume_refuses_another_config_naming_field_and_member(tmp_path, n
 def test_sweep_resume_may_change_epochs_and_data_dir(tmp_path):
     spec, out = _leftover(tmp_path)
     for epochs, data_dir in ((5, None), (None, str(tmp_path)), (7, str(tmp_path))):
-        s = cmd.load_spec(json_spec(tmp_path / "again.json", name="s",
-                                    base=dict(TINY, **({"data_dir": data_dir} if data_dir else {})),
-                                    grid={"seed": [0, 1]}))
-        cmd.check_sweep_folder(out, cmd.members_of(s, out, epochs), "resume")   # no error
+        s = cmd.load_spec(
+            json_spec(
+                tmp_path / "again.json",
+                name="s",
+                base=dict(TINY, **({"data_dir": data_dir} if data_dir else {})),
+                grid={"seed": [0, 1]},
+            )
+        )
+        cmd.check_sweep_folder(out, cmd.members_of(s, out, epochs), "resume")  # no error
 
 
 def test_sweep_resume_names_missing_members(tmp_path, no_training):
@@ -143,8 +155,9 @@ def test_member_names_must_be_safe(tmp_path, no_training, name):
 
 
 def test_grid_derived_name_too_long_is_one_line(tmp_path, no_training):
-    spec = json_spec(tmp_path / "spec.json", name="s", base=dict(TINY, lr=0.1),
-                     grid={"sizes": [[16] + [12] * 120 + [4]]})
+    spec = json_spec(
+        tmp_path / "spec.json", name="s", base=dict(TINY, lr=0.1), grid={"sizes": [[16] + [12] * 120 + [4]]}
+    )
     rc, _, err = run_cli(cmd.main, [spec, "--out", tmp_path / "o", "--dry-run"])
     assert_one_line_error(rc, err, "member name", "255 bytes")
 
@@ -174,15 +187,20 @@ def test_train_preset_derived_folder_name_is_checked(tmp_path, monkeypatch, no_t
     rc, _, err = run_cli(train.main, ["--preset", "../../evil", "--no-progress"])
     assert_one_line_error(rc, err, "run folder name")
     assert snapshot(tmp_path) == before and no_training == []
-    rc, _, err = run_cli(train.main, ["--preset", "mnist-dep", "--no-progress"])   # the control: a plain name
+    rc, _, err = run_cli(train.main, ["--preset", "mnist-dep", "--no-progress"])  # the control: a plain name
     assert rc == 0 and no_training == [([Path("runs") / "mnist-dep-seed0"], "new")], err
 
 
 # --- 4. sizes ------------------------------------------------------------------------------------
 
+
 def test_a_million_members_refused_before_expanding(tmp_path, no_training):
-    spec = json_spec(tmp_path / "big.json", name="big", base=TINY,
-                     grid={"seed": list(range(1000)), "beta": [0.1 + i * 1e-4 for i in range(1000)]})
+    spec = json_spec(
+        tmp_path / "big.json",
+        name="big",
+        base=TINY,
+        grid={"seed": list(range(1000)), "beta": [0.1 + i * 1e-4 for i in range(1000)]},
+    )
     t0 = time.perf_counter()
     rc, _, err = run_cli(cmd.main, [spec, "--out", tmp_path / "o", "--dry-run"])
     assert_one_line_error(rc, err, "1000000 members", f"{cmd.MAX_MEMBERS}")
@@ -191,8 +209,11 @@ def test_a_million_members_refused_before_expanding(tmp_path, no_training):
 
 
 def test_a_grid_of_10_to_the_12_is_refused_at_once(tmp_path, no_training):
-    grid = {"seed": list(range(10**4)), "beta": [0.1 + i * 1e-5 for i in range(10**4)],
-            "gamma": [1.0 + i * 1e-5 for i in range(10**4)]}
+    grid = {
+        "seed": list(range(10**4)),
+        "beta": [0.1 + i * 1e-5 for i in range(10**4)],
+        "gamma": [1.0 + i * 1e-5 for i in range(10**4)],
+    }
     spec = json_spec(tmp_path / "huge.json", name="h", base=TINY, grid=grid)
     t0 = time.perf_counter()
     rc, _, err = run_cli(cmd.main, [spec, "--out", tmp_path / "o", "--dry-run"])
@@ -201,8 +222,15 @@ def test_a_grid_of_10_to_the_12_is_refused_at_once(tmp_path, no_training):
 
 
 def test_the_largest_sweep_expands_and_one_more_is_refused(tmp_path):
-    spec = cmd.load_spec(json_spec(tmp_path / "many.json", name="m", base=TINY,
-                                   grid={"seed": list(range(cmd.MAX_MEMBERS - 1))}, members=[{"name": "x"}]))
+    spec = cmd.load_spec(
+        json_spec(
+            tmp_path / "many.json",
+            name="m",
+            base=TINY,
+            grid={"seed": list(range(cmd.MAX_MEMBERS - 1))},
+            members=[{"name": "x"}],
+        )
+    )
     assert cmd.size(spec) == cmd.MAX_MEMBERS
     assert len(cmd.expand(spec)) == cmd.MAX_MEMBERS
     spec["members"].append({"name": "y"})
@@ -221,6 +249,7 @@ def test_duplicate_check_is_linear():
 
 
 # --- 5. train's listings and integer flags -------------------------------------------------------
+
 
 def test_train_list_is_a_table():
     rc, out, err = run_cli(train.main, ["--list"])
@@ -246,13 +275,21 @@ def test_train_list_fields_explains_every_estimator_and_flags_have_help():
     assert helps["epochs"] and helps["seed"]
 
 
-@pytest.mark.parametrize("main,argv", [
-    (train.main, ["--epochs", HUGE]), (train.main, ["--seed", HUGE]), (train.main, ["--seed", "-" + HUGE]),
-    (train.main, ["--subset", HUGE]), (train.main, ["--set", f"epochs={HUGE}"]),
-    (train.main, ["--set", f"sizes=16,{HUGE},4"]),
-    (reproduce.main, ["table2", "--epochs", HUGE]), (reproduce.main, ["table2", "--seeds", HUGE]),
-    (reproduce.main, ["table2", "--chunk", HUGE]),
-], ids=lambda v: " ".join(v)[:30] if isinstance(v, list) else "")
+@pytest.mark.parametrize(
+    "main,argv",
+    [
+        (train.main, ["--epochs", HUGE]),
+        (train.main, ["--seed", HUGE]),
+        (train.main, ["--seed", "-" + HUGE]),
+        (train.main, ["--subset", HUGE]),
+        (train.main, ["--set", f"epochs={HUGE}"]),
+        (train.main, ["--set", f"sizes=16,{HUGE},4"]),
+        (reproduce.main, ["table2", "--epochs", HUGE]),
+        (reproduce.main, ["table2", "--seeds", HUGE]),
+        (reproduce.main, ["table2", "--chunk", HUGE]),
+    ],
+    ids=lambda v: " ".join(v)[:30] if isinstance(v, list) else "",
+)
 def test_huge_integers_are_one_line(tmp_path, no_training, main, argv):
     base = [] if main is reproduce.main else ["--set", "dataset=synthetic", "--set", "sizes=16,12,4"]
     rc, _, err = run_cli(main, base + argv + ["--out", tmp_path / "o", "--no-progress"])
@@ -272,6 +309,7 @@ def test_huge_integers_in_sweeps_are_one_line(tmp_path, no_training):
 
 # --- 6. results.md atomically --------------------------------------------------------------------
 
+
 def test_sweep_results_written_atomically(tmp_path, monkeypatch):
     written = []
     real = ckpt.atomic_write_text
@@ -283,10 +321,12 @@ def test_sweep_results_written_atomically(tmp_path, monkeypatch):
 
 # --- 2. reproduce: --resume, --overwrite, the smoke folder, the estimate ---------------------------
 
+
 @pytest.fixture
 def fake_cells(monkeypatch):
     """Every dataset counts as available; the report is a fixed text."""
     from experiments import aggregate
+
     monkeypatch.setattr(reproduce, "available", lambda name, data_dir=None: True)
     monkeypatch.setattr(aggregate, "report", lambda folders: "| the table |\n")
 
@@ -299,8 +339,12 @@ def test_reproduce_smoke_has_its_own_default_folder(tmp_path, monkeypatch, fake_
     monkeypatch.chdir(tmp_path)
     rc, out, err = run_cli(reproduce.main, rep("--smoke"))
     assert rc == 0, err
-    assert no_training == [([Path("runs/reproduce-table2-smoke/mnist-ep/seed0"),
-                             Path("runs/reproduce-table2-smoke/mnist-ep/seed1")], "new")]
+    assert no_training == [
+        (
+            [Path("runs/reproduce-table2-smoke/mnist-ep/seed0"), Path("runs/reproduce-table2-smoke/mnist-ep/seed1")],
+            "new",
+        )
+    ]
     assert "-> runs/reproduce-table2-smoke" in out
     assert (tmp_path / "runs/reproduce-table2-smoke/results.md").read_text().startswith("# table2 (smoke)")
     rc, out, err = run_cli(reproduce.main, rep())
@@ -319,10 +363,15 @@ def test_reproduce_smoke_epochs_flag_is_used(tmp_path, monkeypatch, fake_cells, 
 def _checkpoint(run_dir: Path, cfg: RunConfig, epoch: int):
     """A run folder as the engine leaves it after `epoch` epochs (checkpoint, config.json)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    history = [dict(epoch=e, steps=10 * e, train_acc=50.0, loss=0.1, test_acc=50.0, test_loss=0.1, time_s=1.0)
-               for e in range(1, epoch + 1)]
-    ckpt.save(run_dir / engine.CHECKPOINT, {"w": np.zeros(2, np.float32)},
-              {"epoch": epoch, "digest": cfg.digest(), "name": run_dir.name, "history": history})
+    history = [
+        dict(epoch=e, steps=10 * e, train_acc=50.0, loss=0.1, test_acc=50.0, test_loss=0.1, time_s=1.0)
+        for e in range(1, epoch + 1)
+    ]
+    ckpt.save(
+        run_dir / engine.CHECKPOINT,
+        {"w": np.zeros(2, np.float32)},
+        {"epoch": epoch, "digest": cfg.digest(), "name": run_dir.name, "history": history},
+    )
     (run_dir / "config.json").write_text(json.dumps(cfg.to_json()))
 
 
@@ -379,7 +428,7 @@ def test_reproduce_results_written_atomically(tmp_path, monkeypatch, fake_cells,
     monkeypatch.setattr(ckpt, "atomic_write_text", lambda p, t: (written.append(Path(p).name), real(p, t)))
     rc, _, err = run_cli(reproduce.main, rep("--out", tmp_path / "o"))
     assert rc == 0, err
-    assert written == [".ep_jax-files.json", "results.md"]   # the manifest (what ep_jax writes), then the table
+    assert written == [".ep_jax-files.json", "results.md"]  # the manifest (what ep_jax writes), then the table
     assert (tmp_path / "o" / "results.md").read_text() == "# table2\n\n| the table |\n"
 
 
@@ -391,6 +440,7 @@ def test_reproduce_budget_must_be_finite(tmp_path, fake_cells, no_training):
 
 def test_estimate_times_a_short_chunk_and_reports_each_group(monkeypatch):
     from ep_jax import sweep as S
+
     lengths = []
     real = S.sweep_steps_jit
 
@@ -402,7 +452,7 @@ def test_estimate_times_a_short_chunk_and_reports_each_group(monkeypatch):
     groups = engine.group_members([engine.Member(tiny(chunk=100, model="ep"), "a", Path("a"))])
     reported = []
     secs = reproduce.estimate(groups, engine.load_data, lambda g, s: reported.append((g.members[0].name, s)))
-    assert lengths == [reproduce.ESTIMATE_STEPS] * 2      # a first call (compiles), the timed one
+    assert lengths == [reproduce.ESTIMATE_STEPS] * 2  # a first call (compiles), the timed one
     assert reported == [("a", secs[0])] and secs[0] > 0
 
 
@@ -432,8 +482,9 @@ def test_reproduce_rerun_may_move_the_data(tmp_path, fake_cells, no_training):
     rc, text, err = run_cli(reproduce.main, rep("--out", out, "--data-dir", tmp_path))
     assert rc == 0, err
     assert no_training == [([m.dir for m in ms], "resume")]
-    rc, _, err = run_cli(reproduce.main, rep("--out", out, "--data-dir", tmp_path, "--seeds", "1",
-                                             "--cells", "mnist-ep", "--chunk", "7"))
+    rc, _, err = run_cli(
+        reproduce.main, rep("--out", out, "--data-dir", tmp_path, "--seeds", "1", "--cells", "mnist-ep", "--chunk", "7")
+    )
     assert_one_line_error(rc, err, "holds a run of another config")
 
 
@@ -443,7 +494,7 @@ def test_reproduce_checks_every_groups_folders_before_training_any(tmp_path, fak
     ms, _ = reproduce.members(reproduce.parser().parse_args([str(a) for a in argv]))
     late = [m for m in ms if m.name.startswith("mnist-dep")][0]
     late.dir.mkdir(parents=True)
-    (late.dir / "not-a-run.txt").write_text("mine")      # the second group's folder is not replaceable
+    (late.dir / "not-a-run.txt").write_text("mine")  # the second group's folder is not replaceable
     before = snapshot(out)
     rc, _, err = run_cli(reproduce.main, argv)
     assert_one_line_error(rc, err, str(late.dir), "not-a-run.txt")

@@ -1,6 +1,7 @@
 """The experiment layer for conv models and images: config fields and their refusals,
 training augmentation (crop and flip on the device, from the data key), the optimiser's
 cosine schedule and weight decay, presets, the memory estimate."""
+
 from __future__ import annotations
 
 import math
@@ -11,11 +12,12 @@ import numpy as np
 import pytest
 
 from ep_jax.augment import AUG_TAG, CropFlip
-from ep_jax.experiments import build, config as C, engine, presets
+from ep_jax.experiments import build, engine, presets
+from ep_jax.experiments import config as C
 from ep_jax.experiments.config import ConfigError, RunConfig, validate
 
-
 # --- augmentation -------------------------------------------------------------------------
+
 
 def crops(img: np.ndarray, pad: int):
     """Every crop (and its mirror) of the edge-padded image: the oracle, in numpy."""
@@ -24,7 +26,7 @@ def crops(img: np.ndarray, pad: int):
     out = []
     for dy in range(2 * pad + 1):
         for dx in range(2 * pad + 1):
-            c = padded[dy:dy + H, dx:dx + W]
+            c = padded[dy : dy + H, dx : dx + W]
             out += [(dy, dx, False, c), (dy, dx, True, c[:, ::-1])]
     return out
 
@@ -44,7 +46,7 @@ def test_cropflip_output_is_a_crop_or_mirrored_crop_of_the_edge_padded_image():
         seen.update(hits)
     offsets = {(dy, dx) for dy, dx, _ in seen}
     flips = {f for _, _, f in seen}
-    assert len(offsets) > 10 and flips == {False, True}     # the draws vary over examples
+    assert len(offsets) > 10 and flips == {False, True}  # the draws vary over examples
 
 
 def test_cropflip_deterministic_per_key_and_example_not_position():
@@ -52,10 +54,10 @@ def test_cropflip_deterministic_per_key_and_example_not_position():
     ix = jnp.arange(100, 108)
     aug = CropFlip((32, 32, 3))
     a = aug(jax.random.PRNGKey(1), x, ix)
-    np.testing.assert_array_equal(a, aug(jax.random.PRNGKey(1), x, ix))           # same key: same crops
+    np.testing.assert_array_equal(a, aug(jax.random.PRNGKey(1), x, ix))  # same key: same crops
     b = aug(jax.random.PRNGKey(2), x, ix)
-    assert not np.array_equal(a, b)                                                # another key: others
-    perm = jnp.array([3, 0, 7, 1, 6, 2, 5, 4])                                     # a batch in another order
+    assert not np.array_equal(a, b)  # another key: others
+    perm = jnp.array([3, 0, 7, 1, 6, 2, 5, 4])  # a batch in another order
     np.testing.assert_array_equal(aug(jax.random.PRNGKey(1), x[perm], ix[perm]), a[perm])
     jitted = jax.jit(aug)(jax.random.PRNGKey(1), x, ix)
     np.testing.assert_array_equal(jitted, a)
@@ -75,9 +77,22 @@ def test_cropflip_zero_padding_and_refusals():
 
 # --- augmentation in the engine (an MLP on 28x28 images given as data) ----------------------
 
-AUG_MLP = dict(model="ep", dataset="fashion_mnist", sizes=[784, 12, 10], subset=96, test_subset=40,
-               t_free=6, t_nudge=2, batch_size=32, chunk=3, eval_batch=40, lr=[0.1, 0.05], beta=0.5,
-               epochs=2, activation="hard_sigmoid")
+AUG_MLP = dict(
+    model="ep",
+    dataset="fashion_mnist",
+    sizes=[784, 12, 10],
+    subset=96,
+    test_subset=40,
+    t_free=6,
+    t_nudge=2,
+    batch_size=32,
+    chunk=3,
+    eval_batch=40,
+    lr=[0.1, 0.05],
+    beta=0.5,
+    epochs=2,
+    activation="hard_sigmoid",
+)
 
 
 def fake_images(seed=0):
@@ -101,14 +116,15 @@ def test_augment_changes_training_not_evaluation_and_resumes_bit_exact(tmp_path)
     plain = run_one(tmp_path, "plain", data=data, **opt)
     aug = run_one(tmp_path, "aug", data=data, augment=True, **opt)
     leaves = lambda r: jax.tree.leaves(r[3])
-    assert any(not np.array_equal(a, b) for a, b in zip(leaves(plain), leaves(aug)))   # training augmented
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves(plain), leaves(aug)))  # training augmented
     # evaluation: the engine's test accuracy is that of the raw (never augmented) test images
     cfg, model, est, params, buffers, rx, meta = aug
     ev = jax.jit(lambda p, b, x, y, r: __import__("ep_jax").evaluate(model, est, p, b, x, y, r))(
-        params, buffers, jnp.asarray(data[2]), jnp.asarray(data[3]), rx)
+        params, buffers, jnp.asarray(data[2]), jnp.asarray(data[3]), rx
+    )
     row = meta["history"][-1]
     assert round(row["test_acc"] * 40 / 100) == int(ev.correct)
-    assert row["test_loss"] == pytest.approx(float(ev.loss), rel=1e-6)     # a continuous check
+    assert row["test_loss"] == pytest.approx(float(ev.loss), rel=1e-6)  # a continuous check
     # resume: 1 epoch, then continue to 2 == 2 epochs straight, bit for bit
     # (the cosine horizon is `epochs`: the first leg is run with epochs=2 and stopped by a time budget)
     cfg = validate(RunConfig.from_dict({**AUG_MLP, "augment": True, **opt}))
@@ -123,12 +139,14 @@ def test_augment_changes_training_not_evaluation_and_resumes_bit_exact(tmp_path)
 def stop_after_one_epoch(m, data):
     """Train member m until the end of its first epoch, then stop as Ctrl-C would."""
     from ep_jax.experiments.loop import Loop
+
     real = Loop.epoch
 
     def one_then_stop(self, state, rx, epoch):
         if epoch > 1:
             raise KeyboardInterrupt
         return real(self, state, rx, epoch)
+
     Loop.epoch = one_then_stop
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -147,35 +165,45 @@ def test_augment_key_derives_from_the_data_key():
 
 # --- config fields ------------------------------------------------------------------------
 
-CONV = dict(model="conv", dataset="fashion_mnist", channels=[8, 16], kernels=[5, 3], paddings=[2, 1],
-            fc=[10], lr=[0.1, 0.05, 0.02])
+CONV = dict(
+    model="conv",
+    dataset="fashion_mnist",
+    channels=[8, 16],
+    kernels=[5, 3],
+    paddings=[2, 1],
+    fc=[10],
+    lr=[0.1, 0.05, 0.02],
+)
 
 
-@pytest.mark.parametrize("change, field, needle", [
-    (dict(channels=[8, 0]), "channels", "positive"),
-    (dict(channels=[]), "channels", "positive"),
-    (dict(kernels=[5]), "kernels", "one kernel size per conv layer"),
-    (dict(strides=[1, 1, 1]), "strides", "one per conv layer"),
-    (dict(pools=["max"]), "pools", "one per conv layer"),
-    (dict(kernels=[40, 3]), "kernels", "larger than its 32x32 input"),
-    (dict(channels=[4] * 5, kernels=[3] * 5, paddings=[1] * 5), "pools", "zero-sized map"),
-    (dict(pools=["max", "sum"]), "pools", "one of"),
-    (dict(input_shape=[32, 32, 3]), "input_shape", "does not match fashion_mnist's 28x28x1"),
-    (dict(dataset="cifar10"), "fc", None),           # lr fine, fc 10 fine: refused? (no: see below)
-    (dict(fc=[100]), "fc", "must be 10"),
-    (dict(sizes=[784, 10]), "sizes", "applies to the MLP models"),
-    (dict(model="ep"), "channels", "applies to the conv models only"),
-    (dict(lr=[0.1, 0.1]), "lr", "2 conv + 1 fc layers"),
-    (dict(alpha=0.3), "alpha", "dendritic models only"),
-    (dict(gamma=0.5), "gamma", "standard model only"),
-    (dict(dataset="synthetic"), "input_shape", "no image shape"),
-    (dict(paddings=[-1, 0]), "paddings", ">= 0"),
-    (dict(strides=[0, 1]), "strides", ">= 1"),
-])
+@pytest.mark.parametrize(
+    "change, field, needle",
+    [
+        (dict(channels=[8, 0]), "channels", "positive"),
+        (dict(channels=[]), "channels", "positive"),
+        (dict(kernels=[5]), "kernels", "one kernel size per conv layer"),
+        (dict(strides=[1, 1, 1]), "strides", "one per conv layer"),
+        (dict(pools=["max"]), "pools", "one per conv layer"),
+        (dict(kernels=[40, 3]), "kernels", "larger than its 32x32 input"),
+        (dict(channels=[4] * 5, kernels=[3] * 5, paddings=[1] * 5), "pools", "zero-sized map"),
+        (dict(pools=["max", "sum"]), "pools", "one of"),
+        (dict(input_shape=[32, 32, 3]), "input_shape", "does not match fashion_mnist's 28x28x1"),
+        (dict(dataset="cifar10"), "fc", None),  # lr fine, fc 10 fine: refused? (no: see below)
+        (dict(fc=[100]), "fc", "must be 10"),
+        (dict(sizes=[784, 10]), "sizes", "applies to the MLP models"),
+        (dict(model="ep"), "channels", "applies to the conv models only"),
+        (dict(lr=[0.1, 0.1]), "lr", "2 conv + 1 fc layers"),
+        (dict(alpha=0.3), "alpha", "dendritic models only"),
+        (dict(gamma=0.5), "gamma", "standard model only"),
+        (dict(dataset="synthetic"), "input_shape", "no image shape"),
+        (dict(paddings=[-1, 0]), "paddings", ">= 0"),
+        (dict(strides=[0, 1]), "strides", ">= 1"),
+    ],
+)
 def test_conv_fields_refused_in_one_line_naming_the_field(change, field, needle):
     d = {**CONV, **change}
     if change == dict(dataset="cifar10"):
-        assert validate(RunConfig.from_dict(d)).image_shape() == (32, 32, 3)   # legal: the shape is the data's
+        assert validate(RunConfig.from_dict(d)).image_shape() == (32, 32, 3)  # legal: the shape is the data's
         return
     with pytest.raises(ConfigError) as e:
         validate(RunConfig.from_dict(d))
@@ -197,8 +225,8 @@ def test_conv_layers_shapes_of_the_laborieux_network():
     shapes = [(c["h_conv"], c["h_out"], c["channels"]) for c in cfg.conv_layers()]
     assert shapes == [(32, 16, 128), (16, 8, 256), (8, 4, 512), (2, 1, 512)]
     assert cfg.n_layers == 4 and cfg.n_synapses() == 5 and cfg.n_inputs() == 3072 and cfg.n_classes() == 10
-    assert cfg.layer_summary() == "32x32x3-c128-c256-c512-c512-r10"      # the --list column
-    model = build.build_model(cfg)        # the model's own geometry agrees with the config's
+    assert cfg.layer_summary() == "32x32x3-c128-c256-c512-c512-r10"  # the --list column
+    model = build.build_model(cfg)  # the model's own geometry agrees with the config's
     assert model.state_shapes == ((16, 16, 128), (8, 8, 256), (4, 4, 512), (1, 1, 512))
     assert model.n_synapses == 5 and model.n_layers == cfg.n_layers
     mse = presets.preset_config("cifar10-conv-ep-mse")
@@ -217,10 +245,23 @@ def test_conv_layers_shapes_of_the_laborieux_network():
 def test_new_fields_keep_old_digests_and_round_trip():
     old = RunConfig.from_dict({"dataset": "fashion_mnist", "sizes": [784, 256, 10], "lr": [0.4, 0.02]})
     d = old.to_json()
-    for k in ("input_shape", "channels", "kernels", "strides", "paddings", "pools", "fc", "readout",
-              "augment", "lr_schedule", "lr_min", "lr_epochs", "weight_decay"):
+    for k in (
+        "input_shape",
+        "channels",
+        "kernels",
+        "strides",
+        "paddings",
+        "pools",
+        "fc",
+        "readout",
+        "augment",
+        "lr_schedule",
+        "lr_min",
+        "lr_epochs",
+        "weight_decay",
+    ):
         assert C.FIELDS[k].metadata.get("later"), k
-        d.pop(k)                      # a config.json written before the fields existed
+        d.pop(k)  # a config.json written before the fields existed
     assert RunConfig.from_dict(d).digest() == old.digest()
     conv = validate(RunConfig.from_dict(CONV))
     assert RunConfig.from_dict(conv.to_json()) == conv and conv.digest() != old.digest()
@@ -231,7 +272,7 @@ def test_memory_estimate_of_conv_models_is_finite_and_scales():
     small = validate(RunConfig.from_dict(CONV))
     big = presets.preset_config("cifar10-conv-ep")
     a, b = C.estimate_memory(small), C.estimate_memory(big)
-    assert 0 < a < b < 32 * 2**30          # the CIFAR network fits a 32 GiB device by the estimate
+    assert 0 < a < b < 32 * 2**30  # the CIFAR network fits a 32 GiB device by the estimate
     # parameters of the Laborieux network, by hand: 3x3 kernels 3-128-256-512-512, fc 512 -> 10
     W = 9 * (3 * 128 + 128 * 256 + 256 * 512 + 512 * 512) + 512 * 10
     assert C._weights(big) == (W, 128 + 256 + 512 + 512 + 10)
@@ -241,6 +282,7 @@ def test_memory_estimate_of_conv_models_is_finite_and_scales():
 
 
 # --- optimiser: cosine schedule and weight decay -------------------------------------------
+
 
 def test_cosine_and_weight_decay_config_rules():
     with pytest.raises(ConfigError, match="lr_min: is used only with lr_schedule = 'cosine'"):
@@ -264,9 +306,9 @@ def test_laborieux_schedule_period_100_of_120_epochs():
     for e in (0, 37, 99, 100, 119):
         want = 1e-5 + (0.25 - 1e-5) * (1 + math.cos(math.pi * e / 100)) / 2
         got = float(sched.rates(jnp.asarray([0.25], jnp.float32), jnp.asarray(e * 391 + 390))[0])
-        assert got == pytest.approx(want, rel=1e-4, abs=1e-8), e   # float32 rates
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-8), e  # float32 rates
     plain = validate(RunConfig.from_dict({**AUG_MLP, "lr_schedule": "cosine"}))
-    assert build.lr_schedule(plain).epochs == plain.epochs          # default period: the epochs
+    assert build.lr_schedule(plain).epochs == plain.epochs  # default period: the epochs
 
 
 def test_sgd_cosine_schedule_and_weight_decay_against_a_numpy_loop():
@@ -275,11 +317,13 @@ def test_sgd_cosine_schedule_and_weight_decay_against_a_numpy_loop():
     with e = step // steps_per_epoch."""
     import ep_jax
     from ep_jax import optim
+
     with jax.enable_x64(True):
         model = ep_jax.build_model("ep", sizes=(3, 4, 2))
         lr, mu, wd, spe, E, lr_min = np.array([0.3, 0.1]), 0.5, 0.05, 2, 3, 0.01
-        opt = optim.sgd(model, lr=lr, momentum=mu, weight_decay=wd,
-                        schedule=optim.CosineDecay(spe, E, lr_min), dtype=jnp.float64)
+        opt = optim.sgd(
+            model, lr=lr, momentum=mu, weight_decay=wd, schedule=optim.CosineDecay(spe, E, lr_min), dtype=jnp.float64
+        )
         params, _ = model.init(jax.random.PRNGKey(0), dtype=jnp.float64)
         state = opt.init(params)
         rng = np.random.default_rng(0)
@@ -300,13 +344,15 @@ def test_sgd_cosine_schedule_and_weight_decay_against_a_numpy_loop():
         # left out, the optimiser and its state are the ones before (old checkpoints load)
         plain = optim.sgd(model, lr=lr, momentum=mu, dtype=jnp.float64)
         assert jax.tree.structure(plain.init(params)) == jax.tree.structure(
-            optim.sgd(model, lr=lr, momentum=mu, weight_decay=0.0, schedule=None, dtype=jnp.float64).init(params))
+            optim.sgd(model, lr=lr, momentum=mu, weight_decay=0.0, schedule=None, dtype=jnp.float64).init(params)
+        )
     with pytest.raises(ValueError, match="weight_decay must be finite and >= 0"):
         optim.sgd(model, lr=0.1, weight_decay=-1.0)
 
 
 def optax_apply(params, updates):
     import optax
+
     return optax.apply_updates(params, updates)
 
 
@@ -315,8 +361,10 @@ def test_conv_step_memory_estimate_within_2x_of_xla():
     temporaries) against the estimate's step parts (calibrated within 10 % on the CPU for
     the conv presets; the promise is 2x)."""
     from pathlib import Path
+
     import ep_jax
     from ep_jax import sweep as S
+
     cfg = presets.preset_config("fmnist-conv-small").replace(t_free=3, t_nudge=1)
     g = engine.Group([engine.Member(cfg, "m", Path("."))])
     st, rx = g.initial()
@@ -326,8 +374,7 @@ def test_conv_step_memory_estimate_within_2x_of_xla():
     m = step.lower(g.model, g.est, g.opt, jax.random.PRNGKey(0), state, x, y, rx).compile().memory_analysis()
     xla = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     b = C.memory_breakdown(cfg)
-    est = sum(b[k] for k in ("parameters and masks", "optimiser state", "gradients and updates",
-                             "relaxation states"))
+    est = sum(b[k] for k in ("parameters and masks", "optimiser state", "gradients and updates", "relaxation states"))
     assert xla / 2 < est < 2 * xla, (est, xla)
 
 
@@ -351,11 +398,13 @@ def aug_sweep_setup():
     """Two members of a small MLP on 4x4x1 images, their batches of 8, crops with 1 pixel."""
     import ep_jax
     from ep_jax import sweep as S
+
     model = ep_jax.build_model("ep", sizes=(16, 8, 4))
     est = ep_jax.Estimator("symmetric", t_free=6, t_nudge=2)
     opt = ep_jax.optim.sgd(model, lr=0.2, momentum=0.5)
-    state = S.init_sweep(model, est, opt, [jax.random.PRNGKey(0), jax.random.PRNGKey(1)],
-                         [jax.random.PRNGKey(2), jax.random.PRNGKey(3)])
+    state = S.init_sweep(
+        model, est, opt, [jax.random.PRNGKey(0), jax.random.PRNGKey(1)], [jax.random.PRNGKey(2), jax.random.PRNGKey(3)]
+    )
     rx = S.stack_relaxations(model, [ep_jax.make_relaxation(model, beta=0.3)] * 2)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(size=(40, 16)).astype(np.float32))
@@ -372,23 +421,31 @@ def test_augmented_sweep_steps_on_a_mesh_equal_one_device(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     from ep_jax import sweep as S
+
     out = tmp_path / "mesh.npz"
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TEST_DIR=str(Path(__file__).parent),
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", AUG_CHILD, str(out)], env=env, capture_output=True, text=True,
-                       timeout=600)
+    env = dict(
+        os.environ,
+        TEST_DIR=str(Path(__file__).parent),
+        PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", AUG_CHILD, str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = np.load(out)
     model, est, opt, state, rx, x, y, idx, keys, aug = aug_sweep_setup()
-    st, info = S.sweep_steps_jit(model, est, opt, state, x, y, idx, rx, jnp.asarray(1e4, jnp.float32),
-                                 augment=aug, aug_keys=keys)
+    st, info = S.sweep_steps_jit(
+        model, est, opt, state, x, y, idx, rx, jnp.asarray(1e4, jnp.float32), augment=aug, aug_keys=keys
+    )
     plain, _ = S.sweep_steps_jit(model, est, opt, state, x, y, idx, rx, jnp.asarray(1e4, jnp.float32))
     for i, leaf in enumerate(jax.tree.leaves(st.train.params)):
         np.testing.assert_allclose(got[f"arr_{i}"], leaf, rtol=1e-5, atol=1e-6)
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(st.train.params),
-                                                      jax.tree.leaves(plain.train.params)))
+    assert any(
+        not np.allclose(a, b) for a, b in zip(jax.tree.leaves(st.train.params), jax.tree.leaves(plain.train.params))
+    )
     np.testing.assert_allclose(got["loss"], info.loss, rtol=1e-5)
 
 
@@ -396,12 +453,19 @@ def test_engine_mesh_runtime_augments_as_the_local_one(tmp_path):
     """The engine's `Distributed` runtime (one process, one device: the mesh code path)
     trains an augmented run to the local runtime's numbers."""
     from ep_jax.experiments import runtime
+
     data = fake_images()
     cfg = validate(RunConfig.from_dict({**AUG_MLP, "augment": True, "epochs": 1}))
     runs = {}
     for name, rt in (("local", runtime.Local()), ("mesh", runtime.Distributed())):
-        engine.run([engine.Member(cfg, name, tmp_path / name)], "new", progress=False, print_fn=lambda *a: None,
-                   data=data, runtime=rt)
+        engine.run(
+            [engine.Member(cfg, name, tmp_path / name)],
+            "new",
+            progress=False,
+            print_fn=lambda *a: None,
+            data=data,
+            runtime=rt,
+        )
         runs[name] = jax.tree.leaves(engine.load_run(tmp_path / name)[3])
     for a, b in zip(runs["mesh"], runs["local"]):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -1,6 +1,7 @@
 """Convolutional EP and dendritic convolutional EP models (ep_jax.models.conv,
 ep_jax.models.dendritic_conv) against independent computations: numpy loops over positions
 and branches (float64), `jax.grad` through the relaxation, and the solo training step."""
+
 import math
 import subprocess
 import sys
@@ -22,11 +23,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # 8x8x2 input; conv 3x3 stride 2 pad 1 -> 4x4x3, max pool -> 2x2x3; conv 2x2 stride 1 pad 1
 # -> 3x3x2, avg pool -> 1x1x2 (the odd row/column dropped); fc 4
-GEOM = dict(input_shape=(8, 8, 2), channels=(3, 2), kernels=(3, 2), strides=(2, 1), paddings=(1, 1),
-            pools=("max", "avg"), fc=(4,))
+GEOM = dict(
+    input_shape=(8, 8, 2),
+    channels=(3, 2),
+    kernels=(3, 2),
+    strides=(2, 1),
+    paddings=(1, 1),
+    pools=("max", "avg"),
+    fc=(4,),
+)
 # 7x7x1; conv 3x3 pad 1 -> 7x7x2, max pool -> 3x3x2 (odd dropped); conv 2x2 -> 2x2x3, no pool; fc 5, 3
-GEOM2 = dict(input_shape=(7, 7, 1), channels=(2, 3), kernels=(3, 2), strides=(1, 1), paddings=(1, 0),
-             pools=("max", "none"), fc=(5, 3))
+GEOM2 = dict(
+    input_shape=(7, 7, 1),
+    channels=(2, 3),
+    kernels=(3, 2),
+    strides=(1, 1),
+    paddings=(1, 0),
+    pools=("max", "none"),
+    fc=(5, 3),
+)
 
 
 def jinit(model, key, dtype=None, **settings):
@@ -47,6 +62,7 @@ def tree_cos(a, b):
 
 # --- an independent numpy implementation: explicit loops over output positions ------------
 
+
 def np_conv(u, w, b, stride, pad):
     """z[b, i, j, o] = Σ_{di, dj, c} u_pad[b, i·s + di, j·s + dj, c] w[di, dj, c, o] + b[o]."""
     B, H, W, _ = u.shape
@@ -56,7 +72,7 @@ def np_conv(u, w, b, stride, pad):
     z = np.zeros((B, Ho, Wo, w.shape[3]))
     for i in range(Ho):
         for j in range(Wo):
-            patch = up[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
+            patch = up[:, i * stride : i * stride + k, j * stride : j * stride + k, :]
             z[:, i, j, :] = np.einsum("bxyc,xyco->bo", patch, w) + (0.0 if b is None else b)
     return z
 
@@ -69,8 +85,10 @@ def np_conv_transpose(dz, w, stride, pad, in_hw):
     out = np.zeros((B, H + 2 * pad, W + 2 * pad, w.shape[2]))
     for i in range(Ho):
         for j in range(Wo):
-            out[:, i * stride:i * stride + k, j * stride:j * stride + k, :] += np.einsum("bo,xyco->bxyc", dz[:, i, j, :], w)
-    return out[:, pad:pad + H, pad:pad + W, :]
+            out[:, i * stride : i * stride + k, j * stride : j * stride + k, :] += np.einsum(
+                "bo,xyco->bxyc", dz[:, i, j, :], w
+            )
+    return out[:, pad : pad + H, pad : pad + W, :]
 
 
 def np_pool(z, pool):
@@ -81,9 +99,9 @@ def np_pool(z, pool):
     out, onehot = np.zeros((B, H // 2, W // 2, C)), np.zeros((B, H // 2, W // 2, 4, C))
     for i in range(H // 2):
         for j in range(W // 2):
-            win = z[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2, :].reshape(B, 4, C)   # row-major (di, dj)
+            win = z[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2, :].reshape(B, 4, C)  # row-major (di, dj)
             if pool == "max":
-                idx = win.argmax(1)                                            # first maximum
+                idx = win.argmax(1)  # first maximum
                 onehot[:, i, j] = np.arange(4)[None, :, None] == idx[:, None, :]
                 out[:, i, j] = win.max(1)
             else:
@@ -100,7 +118,7 @@ def np_unpool(g, z_shape, pool, onehot=None):
     for i in range(Hp):
         for j in range(Wp):
             share = onehot[:, i, j] if pool == "max" else np.full((B, 4, C), 0.25)
-            dz[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2, :] += (share * g[:, i, j, None, :]).reshape(B, 2, 2, C)
+            dz[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2, :] += (share * g[:, i, j, None, :]).reshape(B, 2, 2, C)
     return dz
 
 
@@ -110,7 +128,7 @@ def np_conv_ep_drives(model, params, x, s, y1h, beta):
     prev = [np.asarray(x, np.float64).reshape((-1,) + model.input_shape)] + [np.asarray(a) for a in s[:-1]]
     s = [np.asarray(a) for a in s]
     ff, fb = [], [np.zeros_like(a) for a in s]
-    for l, sy in enumerate(model.synapses[:model.n_layers]):
+    for l, sy in enumerate(model.synapses[: model.n_layers]):
         if hasattr(sy, "pool"):
             z = np_conv(prev[l], P[l]["w"], P[l]["b"], sy.stride, sy.padding)
             f, onehot = np_pool(z, sy.pool)
@@ -137,13 +155,20 @@ def test_conv_drives_match_numpy_loops(geom, x64):
     x = jax.random.uniform(jax.random.PRNGKey(1), (B, math.prod(model.input_shape)), jnp.float64)
     y1h = model.one_hot(jnp.array([0, 2, 1]), jnp.float64)
     s = rand_state(jax.random.PRNGKey(2), model, B)
+
     @jax.jit
     def library(params, x, s):
         eff = model.prepare(params, buffers)
         ctx = model.input_drive(eff, x)
         ctx_img = model.input_drive(eff, x.reshape((B,) + model.input_shape))
-        return (model.drives(eff, ctx, s, y1h, 0.3), ctx, ctx_img, model.feedforward(eff, ctx, s),
-                model.primitive(eff, ctx, s, y1h, 0.3))
+        return (
+            model.drives(eff, ctx, s, y1h, 0.3),
+            ctx,
+            ctx_img,
+            model.feedforward(eff, ctx, s),
+            model.primitive(eff, ctx, s, y1h, 0.3),
+        )
+
     h, ctx, ctx_img, f_lib, phi = library(params, x, s)
     ref, ff = np_conv_ep_drives(model, params, x, s, y1h, 0.3)
     for l, (hl, rl, shape) in enumerate(zip(h, ref, model.state_shapes)):
@@ -153,8 +178,10 @@ def test_conv_drives_match_numpy_loops(geom, x64):
     np.testing.assert_array_equal(ctx, ctx_img)
     for fl, rl in zip(f_lib, ff):
         np.testing.assert_allclose(fl, rl, rtol=1e-12, atol=1e-12)
-    phi_ref = (sum(np.sum(np.asarray(a) * f) for a, f in zip(s, ff))
-               - 0.3 * 0.5 * np.sum((np.asarray(s[-1]) - np.asarray(y1h)) ** 2)) / B
+    phi_ref = (
+        sum(np.sum(np.asarray(a) * f) for a, f in zip(s, ff))
+        - 0.3 * 0.5 * np.sum((np.asarray(s[-1]) - np.asarray(y1h)) ** 2)
+    ) / B
     np.testing.assert_allclose(phi, phi_ref, rtol=1e-12)
 
 
@@ -163,18 +190,30 @@ def test_max_pool_feedback_routes_to_the_argmax_only(x64):
     w·s_2 at the first argmax of each 2x2 window of s_1 and zero elsewhere (a tie goes to
     the first position in row-major order); average pooling spreads w·s_2/4 to all four."""
     for pool in ("max", "avg"):
-        model = ConvEPModel(input_shape=(4, 4, 1), channels=(1, 1), kernels=(1, 1), strides=(1, 1),
-                            paddings=(0, 0), pools=("none", pool), fc=(2,), activation="identity")
+        model = ConvEPModel(
+            input_shape=(4, 4, 1),
+            channels=(1, 1),
+            kernels=(1, 1),
+            strides=(1, 1),
+            paddings=(0, 0),
+            pools=("none", pool),
+            fc=(2,),
+            activation="identity",
+        )
         params, buffers = jinit(model, jax.random.PRNGKey(0), jnp.float64)
         params = (params[0], {"w": jnp.full((1, 1, 1, 1), 2.0), "b": jnp.zeros(1)}, params[2])
-        s1 = jnp.array([[1., 5., 2., 0.], [3., 4., 7., 7.], [0., 0., 9., 1.], [0., 0., 2., 3.]])[None, :, :, None]
+        s1 = jnp.array([[1.0, 5.0, 2.0, 0.0], [3.0, 4.0, 7.0, 7.0], [0.0, 0.0, 9.0, 1.0], [0.0, 0.0, 2.0, 3.0]])[
+            None, :, :, None
+        ]
         s2 = jnp.array([[1.0, 2.0], [3.0, 4.0]])[None, :, :, None]
         s = (s1, s2, jnp.zeros((1, 2)))
+
         @jax.jit
         def feedback(params, s):
             eff = model.prepare(params, buffers)
             ctx = model.input_drive(eff, jnp.zeros((1, 16)))
             return model.drives(eff, ctx, s, None, 0.0)[0] - ctx
+
         fb = np.asarray(feedback(params, s))[0, :, :, 0]
         if pool == "max":
             # windows: [1 5; 3 4] -> (0, 1); [2 0; 7 7] -> the tie's first, (1, 2);
@@ -196,8 +235,9 @@ def test_symmetric_ep_equals_grad_through_relaxation(readout, x64):
     digits, relative error ‖g_EP − g_grad‖/‖g_grad‖ = 6.8e-8 (MSE output) and 5.8e-9 (softmax
     readout, whose weights get the readout's gradient); required: cosine > 0.999 and
     relative error < 1e-5."""
-    model = ConvEPModel(**dict(GEOM, fc=(3,)), activation="sigmoid", loss="ce" if readout == "softmax" else "mse",
-                        readout=readout)
+    model = ConvEPModel(
+        **dict(GEOM, fc=(3,)), activation="sigmoid", loss="ce" if readout == "softmax" else "mse", readout=readout
+    )
     params, buffers = jinit(model, jax.random.PRNGKey(3), jnp.float64)
     x = jax.random.uniform(jax.random.PRNGKey(4), (5, 128), jnp.float64)
     y = jnp.array([0, 1, 2, 1, 0])
@@ -215,6 +255,7 @@ def test_symmetric_ep_equals_grad_through_relaxation(readout, x64):
 
 # --- the dendritic conv model ----------------------------------------------------------------
 
+
 def np_dendritic_conv_basal(w, mask, c, u, sy, K):
     """B(u)[p, ch] = P((1/K) Σ_k ReLU(conv(u; w_{ch,k} ⊙ m_{ch,k})[p] + c_{ch,k})), one branch
     at a time; branch k of channel ch is output channel k·C + ch."""
@@ -224,7 +265,7 @@ def np_dendritic_conv_basal(w, mask, c, u, sy, K):
         zs = []
         for ch in range(C):
             col = k * C + ch
-            zs.append(np_conv(u, (w * mask)[..., col:col + 1], c[col:col + 1], sy.stride, sy.padding))
+            zs.append(np_conv(u, (w * mask)[..., col : col + 1], c[col : col + 1], sy.stride, sy.padding))
         soma = soma + np.maximum(np.concatenate(zs, axis=-1), 0.0) / K
     return np_pool(soma, sy.pool)[0]
 
@@ -235,13 +276,13 @@ def np_dendritic_conv_apical(v, mask, u, above, in_hw, K):
     (k, k, C_above, K·C), branch k of channel ch in column k·C + ch."""
     C = v.shape[3] // K
     z_shape = (u.shape[0],) + tuple(above.conv_shape)
-    up = u if above.pool == "none" else np_unpool(u, z_shape, "avg") * 4   # sum-pool transpose
+    up = u if above.pool == "none" else np_unpool(u, z_shape, "avg") * 4  # sum-pool transpose
     out = 0.0
     for k in range(K):
         chans = []
         for ch in range(C):
             col = k * C + ch
-            kern = (v * mask)[..., col][:, :, None, :]          # (k, k, 1, C_above): one branch
+            kern = (v * mask)[..., col][:, :, None, :]  # (k, k, 1, C_above): one branch
             chans.append(np_conv_transpose(up, kern, above.stride, above.padding, in_hw))
         out = out + np.maximum(np.concatenate(chans, axis=-1), 0.0) / K
     return out
@@ -262,14 +303,16 @@ def np_dense_branches(w, mask, c, u, K):
 def test_dendritic_conv_maps_match_loop_over_branches(apical_dense, x64):
     """Oracle: numpy loops over branches and positions; drives h_l = B_l(s_{l−1}) + α A_l(s_{l+1})
     and each drive the partial of its own layer primitive (jax.grad)."""
-    model = DendriticConvModel(**GEOM2, basal_branches=3, apical_branches=2, sparsity=0.5,
-                               apical_dense=apical_dense, activation="sigmoid")
+    model = DendriticConvModel(
+        **GEOM2, basal_branches=3, apical_branches=2, sparsity=0.5, apical_dense=apical_dense, activation="sigmoid"
+    )
     params, buffers = jinit(model, jax.random.PRNGKey(5), jnp.float64, alpha=0.3)
     masks = buffers["masks"]
     B = 2
     x = jax.random.uniform(jax.random.PRNGKey(6), (B, 49), jnp.float64)
     s = rand_state(jax.random.PRNGKey(7), model, B)
     y1h = model.one_hot(jnp.array([1, 2]), jnp.float64)
+
     # h_l = ∂φ_l/∂s_l: φ_l = s_l·(B_l + α A_l) (hidden), φ_L = s_L·B_L − β ℓ
     def phi_l(eff, ctx, sl, l):
         s2 = tuple(sl if i == l else si for i, si in enumerate(s))
@@ -284,6 +327,7 @@ def test_dendritic_conv_maps_match_loop_over_branches(apical_dense, x64):
         ctx = model.input_drive(eff, x)
         partials = [jax.grad(phi_l, argnums=2)(eff, ctx, s[l], l) for l in range(model.n_layers)]
         return model.drives(eff, ctx, s, y1h, 0.2), partials
+
     h, partials = library(params, buffers, x, s)
     f = lambda a: np.asarray(a, np.float64)
     prev = [f(x).reshape(B, 7, 7, 1)] + [f(a) for a in s[:-1]]
@@ -306,7 +350,7 @@ def test_dendritic_conv_maps_match_loop_over_branches(apical_dense, x64):
         np.testing.assert_allclose(hl, rl, rtol=1e-12, atol=1e-12, err_msg=f"layer {l + 1}")
     if apical_dense:
         assert all(np.all(np.asarray(m) == 1) for m in masks["apical"])
-    else:   # every branch keeps exactly round(p·m) of its m inputs
+    else:  # every branch keeps exactly round(p·m) of its m inputs
         for mk in list(masks["basal"]) + list(masks["apical"]):
             mk = np.asarray(mk).reshape(-1, mk.shape[-1])
             np.testing.assert_array_equal(mk.sum(0), max(1, round(0.5 * mk.shape[0])))
@@ -319,8 +363,17 @@ def test_masks_keep_their_sparsity_through_training():
     """After SGD steps the masks are unchanged, the masked weights keep their init values
     (their gradients are exactly zero) and each effective branch kernel has round(p·m)
     nonzeros at most."""
-    model = DendriticConvModel(input_shape=(6, 6, 1), channels=(3,), kernels=(3,), strides=(1,), paddings=(1,),
-                               pools=("max",), fc=(4, 3), basal_branches=2, apical_branches=2)
+    model = DendriticConvModel(
+        input_shape=(6, 6, 1),
+        channels=(3,),
+        kernels=(3,),
+        strides=(1,),
+        paddings=(1,),
+        pools=("max",),
+        fc=(4, 3),
+        basal_branches=2,
+        apical_branches=2,
+    )
     est = ep_jax.Estimator("symmetric", t_free=8, t_nudge=4)
     opt = ep_jax.optim.sgd(model, lr=0.5, momentum=0.9)
     rx = ep_jax.make_relaxation(model, beta=0.3)
@@ -342,22 +395,26 @@ def test_masks_keep_their_sparsity_through_training():
             moved += int(np.any(w1[m == 1] != w0[m == 1]))
             eff = (w1 * m).reshape(-1, m.shape[-1])
             assert np.all((eff != 0).sum(0) <= max(1, round(0.5 * eff.shape[0])))
-    assert moved == 5   # every map learned (3 basal, 2 apical)
+    assert moved == 5  # every map learned (3 basal, 2 apical)
 
 
 # --- everything existing on them ---------------------------------------------------------------
 
 # 6x6x1 -> conv 3x3 pad 1, max pool -> 3x3x2 -> fc 4 -> fc 3 (or the softmax readout 3)
-SMALL = dict(input_shape=(6, 6, 1), channels=(2,), kernels=(3,), strides=(1,), paddings=(1,), pools=("max",),
-             fc=(4, 3))
+SMALL = dict(input_shape=(6, 6, 1), channels=(2,), kernels=(3,), strides=(1,), paddings=(1,), pools=("max",), fc=(4, 3))
 MODELS = {
     "conv": lambda: ConvEPModel(**SMALL),
     "conv-softmax": lambda: ConvEPModel(**SMALL, loss="ce", readout="softmax"),
     "dendritic_conv": lambda: DendriticConvModel(**SMALL, basal_branches=2, apical_branches=2),
     "dendritic_conv-softmax": lambda: DendriticConvModel(**SMALL, basal_branches=2, loss="ce", readout="softmax"),
 }
-KINDS = [("symmetric", "fixed"), ("one_sided", "random_sign"), ("chl", "fixed"), ("bptt", "fixed"),
-         ("bptt_full", "fixed")]
+KINDS = [
+    ("symmetric", "fixed"),
+    ("one_sided", "random_sign"),
+    ("chl", "fixed"),
+    ("bptt", "fixed"),
+    ("bptt_full", "fixed"),
+]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -368,9 +425,10 @@ def test_every_estimator_gives_finite_grads_with_the_params_structure(name):
     y = jnp.array([0, 1, 2, 0])
     rx = ep_jax.make_relaxation(model, beta=0.2, dt=0.7)
     for kind, nudge in KINDS:
-        est = ep_jax.Estimator(kind, t_free=6, t_nudge=4, nudge=nudge)   # 4 steps reach layer 1 of 3
-        g, aux = jax.jit(ep_jax.estimate, static_argnums=(0, 1))(model, est, jax.random.PRNGKey(2), params,
-                                                                 buffers, x, y, rx)
+        est = ep_jax.Estimator(kind, t_free=6, t_nudge=4, nudge=nudge)  # 4 steps reach layer 1 of 3
+        g, aux = jax.jit(ep_jax.estimate, static_argnums=(0, 1))(
+            model, est, jax.random.PRNGKey(2), params, buffers, x, y, rx
+        )
         assert jax.tree.structure(g) == jax.tree.structure(params), kind
         for a, p in zip(jax.tree.leaves(g), jax.tree.leaves(params)):
             assert a.shape == p.shape and bool(jnp.all(jnp.isfinite(a))), kind
@@ -396,8 +454,9 @@ def test_dt_per_element_and_per_channel(x64):
         rx = ep_jax.make_relaxation(model, dt=[d, 0.5, 1.0])
         new = dynamics.step(model, eff, ctx, s, None, 0.0, rx.dt)
         d_full = np.broadcast_to(np.asarray(d), (H, W, C))
-        np.testing.assert_allclose(new[0], (1 - d_full) * np.asarray(s[0]) + d_full * jax.nn.sigmoid(np.asarray(h[0])),
-                                   rtol=1e-14)
+        np.testing.assert_allclose(
+            new[0], (1 - d_full) * np.asarray(s[0]) + d_full * jax.nn.sigmoid(np.asarray(h[0])), rtol=1e-14
+        )
         np.testing.assert_allclose(new[1], 0.5 * np.asarray(s[1]) + 0.5 * jax.nn.sigmoid(np.asarray(h[1])), rtol=1e-14)
     rx_c = ep_jax.make_relaxation(model, dt=[per_channel, 0.5, 1.0])
     rx_e = ep_jax.make_relaxation(model, dt=[jnp.broadcast_to(per_channel, (H, W, C)), 0.5, 1.0])
@@ -405,8 +464,11 @@ def test_dt_per_element_and_per_channel(x64):
     b = dynamics.free_phase(model, eff, ctx, rx_e.dt, 5)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     for bad in (jnp.ones((W, C)) * 0.5, jnp.ones((H * W * C,)) * 0.5, jnp.ones((2,)) * 0.5):
-        with pytest.raises(ValueError, match=r"dt of layer 1 must be a scalar, shape \(2, 2, 3\) \(per element\) or "
-                                             r"\(3,\) \(per channel\)") as e:
+        with pytest.raises(
+            ValueError,
+            match=r"dt of layer 1 must be a scalar, shape \(2, 2, 3\) \(per element\) or "
+            r"\(3,\) \(per channel\)",
+        ) as e:
             ep_jax.make_relaxation(model, dt=[bad, 1.0, 1.0])
         assert "\n" not in str(e.value)
     # heterogeneous time steps are drawn per element, in the layer's shape
@@ -422,8 +484,10 @@ def test_sweep_members_equal_solo_steps():
     model = ConvEPModel(**GEOM2)
     est = ep_jax.Estimator("symmetric", t_free=6, t_nudge=3)
     opt = ep_jax.optim.sgd(model, lr=[0.1, 0.05, 0.05, 0.02], momentum=0.9)
-    rxs = [ep_jax.make_relaxation(model, beta=0.2, dt=[jnp.array([0.5, 1.0]), 1.0, 1.0, 1.0]),
-           ep_jax.make_relaxation(model, beta=0.4, dt=0.8)]
+    rxs = [
+        ep_jax.make_relaxation(model, beta=0.2, dt=[jnp.array([0.5, 1.0]), 1.0, 1.0, 1.0]),
+        ep_jax.make_relaxation(model, beta=0.4, dt=0.8),
+    ]
     init_keys = [jax.random.PRNGKey(1), jax.random.PRNGKey(2)]
     step_keys = [jax.random.PRNGKey(11), jax.random.PRNGKey(12)]
     sstate = S.init_sweep(model, est, opt, init_keys, step_keys)
@@ -446,6 +510,7 @@ def test_one_device_data_parallel_and_checkpoint_roundtrip(tmp_path):
     """`parallel.data_parallel_step` on a one-device mesh equals `train_step`; the state
     (plain pytrees, empty buffers of the conv model) survives the msgpack checkpoint."""
     from ep_jax.experiments import checkpoint as ckpt
+
     model = ConvEPModel(**GEOM2, loss="ce", readout="softmax")
     est = ep_jax.Estimator("symmetric", t_free=6, t_nudge=3)
     opt = ep_jax.optim.sgd(model, lr=0.1, momentum=0.9)
@@ -502,25 +567,37 @@ def test_two_devices_data_parallel_equals_one_device():
         np.testing.assert_allclose(ia.loss, ib.loss, rtol=1e-5)
         print("OK")
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(kernels=(10, 2)), "conv layer 1: kernel 10 is larger than its padded input 9x9"),
-    (dict(kernels=(3, 4)), "conv layer 2: kernel 4 is larger than its padded input 3x3"),
-    (dict(pools=("max", "max"), kernels=(3, 3), paddings=(1, 0)), "conv layer 2: max pooling .* leaves a zero-sized map"),
-    (dict(channels=(2, 0)), r"channels must be >= 1, got \(2, 0\)"),
-    (dict(channels=(2, 3, 4)), "must have one entry per conv layer"),
-    (dict(pools=("max", "min")), "pools must each be one of"),
-    (dict(fc=()), "fc must list >= 1 positive widths"),
-    (dict(strides=(0, 1)), "kernels and strides must be >= 1"),
-    (dict(input_shape=(7, 7)), "input_shape must be three positive integers"),
-    (dict(readout="softmax"), "readout='softmax' is the cross-entropy readout: give loss='ce'"),
-    (dict(readout="linear"), "readout must be one of"),
-    (dict(sizes=(49, 10)), "sizes .* disagree with the conv geometry"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(kernels=(10, 2)), "conv layer 1: kernel 10 is larger than its padded input 9x9"),
+        (dict(kernels=(3, 4)), "conv layer 2: kernel 4 is larger than its padded input 3x3"),
+        (
+            dict(pools=("max", "max"), kernels=(3, 3), paddings=(1, 0)),
+            "conv layer 2: max pooling .* leaves a zero-sized map",
+        ),
+        (dict(channels=(2, 0)), r"channels must be >= 1, got \(2, 0\)"),
+        (dict(channels=(2, 3, 4)), "must have one entry per conv layer"),
+        (dict(pools=("max", "min")), "pools must each be one of"),
+        (dict(fc=()), "fc must list >= 1 positive widths"),
+        (dict(strides=(0, 1)), "kernels and strides must be >= 1"),
+        (dict(input_shape=(7, 7)), "input_shape must be three positive integers"),
+        (dict(readout="softmax"), "readout='softmax' is the cross-entropy readout: give loss='ce'"),
+        (dict(readout="linear"), "readout must be one of"),
+        (dict(sizes=(49, 10)), "sizes .* disagree with the conv geometry"),
+    ],
+)
 def test_bad_shapes_refused_in_one_line(kw, msg):
     for cls in (ConvEPModel, DendriticConvModel):
         with pytest.raises(ValueError, match=msg) as e:
@@ -555,15 +632,17 @@ def test_short_training_on_synthetic_images_learns():
     protos = jax.random.bernoulli(k_p, 0.5, (3, 36)).astype(jnp.float32)
     y_all = jax.random.randint(k_y, (512,), 0, 3)
     x_all = jnp.clip(protos[y_all] + 0.4 * jax.random.normal(k_n, (512, 36)), 0, 1)
-    model = ConvEPModel(input_shape=(6, 6, 1), channels=(4,), kernels=(3,), strides=(1,), paddings=(1,),
-                        pools=("max",), fc=(3,))
+    model = ConvEPModel(
+        input_shape=(6, 6, 1), channels=(4,), kernels=(3,), strides=(1,), paddings=(1,), pools=("max",), fc=(3,)
+    )
     est = ep_jax.Estimator("symmetric", t_free=12, t_nudge=4)
     opt = ep_jax.optim.sgd(model, lr=[0.2, 0.1], momentum=0.9)
     rx = ep_jax.make_relaxation(model, beta=0.3)
     state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(1))
     idx = jnp.arange(512).reshape(32, 16)
-    state, info = ep_jax.train_steps_jit(model, est, opt, jax.random.PRNGKey(2), state, x_all, y_all,
-                                         jnp.concatenate([idx, idx]), rx)
+    state, info = ep_jax.train_steps_jit(
+        model, est, opt, jax.random.PRNGKey(2), state, x_all, y_all, jnp.concatenate([idx, idx]), rx
+    )
     first, last = float(jnp.mean(info.loss[:8])), float(jnp.mean(info.loss[-8:]))
     print(f"loss {first:.4f} -> {last:.4f}, accuracy of the last 8 steps {float(jnp.mean(info.accuracy[-8:])):.3f}")
     assert bool(jnp.all(info.finite)) and last < 0.7 * first
@@ -576,6 +655,7 @@ def test_ep_block_and_flax_wrapper_on_a_conv_model(x64):
     cost through the free relaxation (oracle; float64, β = 1e-3); the flax wrapper builds
     the same conv model from `model_kwargs`."""
     from ep_jax.nn import EPBlock
+
     model = ConvEPModel(**SMALL, activation="sigmoid", loss="ce", readout="softmax")
     params, buffers = jinit(model, jax.random.PRNGKey(0), jnp.float64)
     est = ep_jax.Estimator("symmetric", t_free=30, t_nudge=15)
@@ -588,6 +668,7 @@ def test_ep_block_and_flax_wrapper_on_a_conv_model(x64):
         eff = model.prepare(p, buffers)
         s = dynamics.free_phase(model, eff, model.input_drive(eff, x), rx.dt, est.t_free)
         return jnp.sum(v * model.output(eff, s))
+
     o = jax.jit(block)(params, buffers, x, rx)
     o_ref = jax.jit(lambda p: model.output(model.prepare(p, buffers), ep_jax.predict(model, est, p, buffers, x, rx)))
     np.testing.assert_allclose(o, o_ref(params), rtol=1e-12)
@@ -613,8 +694,8 @@ def test_gdu_curves_agree_on_a_conv_net(readout, x64):
     gives an angle near 0. With the softmax readout its weights' truncated BPTT gradient is
     the readout's own (at every k)."""
     from ep_jax import alignment
-    model = ConvEPModel(**SMALL, activation="sigmoid", loss="ce" if readout == "softmax" else "mse",
-                        readout=readout)
+
+    model = ConvEPModel(**SMALL, activation="sigmoid", loss="ce" if readout == "softmax" else "mse", readout=readout)
     params, buffers = jinit(model, jax.random.PRNGKey(4), jnp.float64)
     est = ep_jax.Estimator("symmetric", t_free=60, t_nudge=6)
     rx = ep_jax.make_relaxation(model, beta=1e-3)
@@ -657,6 +738,14 @@ def test_holomorphic_and_implicit_estimators_on_a_conv_net(x64):
     maxpool = ConvEPModel(**SMALL, activation="tanh")
     p, b = jinit(maxpool, jax.random.PRNGKey(0), jnp.float64)
     with pytest.raises(ValueError, match="max pooling") as e:
-        ep_jax.estimate(maxpool, ep_jax.Estimator("holomorphic", t_free=4, t_nudge=2), None, p, b, x, y,
-                        ep_jax.make_relaxation(maxpool, beta=0.05))
+        ep_jax.estimate(
+            maxpool,
+            ep_jax.Estimator("holomorphic", t_free=4, t_nudge=2),
+            None,
+            p,
+            b,
+            x,
+            y,
+            ep_jax.make_relaxation(maxpool, beta=0.05),
+        )
     assert "\n" not in str(e.value)

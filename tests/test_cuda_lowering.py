@@ -5,11 +5,11 @@ the fused Pallas kernel goes through the Triton lowering (block shapes, dot dime
 the kernel body's ops), whose custom call has no compatibility guarantee and must be
 allowed explicitly. A GPU then finds nothing new to refuse in what these tests lower.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import export
 
@@ -40,8 +40,10 @@ def kernel_lowers(monkeypatch):
 FAMILIES = {
     "ep": (ep_jax.EPModel(sizes=(784, 256, 10)), dict(gamma=1.0)),
     "ep-2h-ce": (ep_jax.EPModel(sizes=(784, 128, 100, 10), activation="tanh", loss="ce"), dict(gamma=1.0)),
-    "hts": (ep_jax.EPModel(sizes=(784, 1024, 10), activation="leaky_relu", output_activation="sigmoid", loss="mse"),
-            dict(gamma=1.0)),
+    "hts": (
+        ep_jax.EPModel(sizes=(784, 1024, 10), activation="leaky_relu", output_activation="sigmoid", loss="mse"),
+        dict(gamma=1.0),
+    ),
     "dendritic": (ep_jax.DendriticModel(sizes=(784, 256, 256, 10)), dict(alpha=0.2)),
 }
 
@@ -52,10 +54,10 @@ FAMILIES = {
 def test_fused_kernel_lowers_for_cuda(kernel_lowers, name, per_neuron, phase):
     model, settings = FAMILIES[name]
     params, buffers = model.init(jax.random.PRNGKey(0), **settings)
-    B = 50                                     # not a multiple of the tile: padded rows
+    B = 50  # not a multiple of the tile: padded rows
     x = jnp.zeros((B, model.sizes[0]))
     y1h = model.one_hot(jnp.arange(B) % model.n_classes)
-    dt = ([jnp.full((n,), 0.5) for n in model.state_sizes] if per_neuron else [0.5] * model.n_layers)
+    dt = [jnp.full((n,), 0.5) for n in model.state_sizes] if per_neuron else [0.5] * model.n_layers
     rx = ep_jax.make_relaxation(model, beta=0.3, dt=dt)
     solver = Pallas()
 
@@ -68,7 +70,7 @@ def test_fused_kernel_lowers_for_cuda(kernel_lowers, name, per_neuron, phase):
         return solver.phases(model, eff, ctx, s0, y1h, (rx.beta, -rx.beta), rx.dt, 8)
 
     text = lower_for_cuda(phase_fn, params, buffers, x, y1h, rx, kernel=True)
-    assert text.count("__gpu$xla.gpu.triton") == 1        # the phase is one kernel launch
+    assert text.count("__gpu$xla.gpu.triton") == 1  # the phase is one kernel launch
 
 
 def test_without_allowing_the_triton_call_export_refuses(kernel_lowers):
@@ -90,7 +92,7 @@ def test_a_block_shape_the_gpu_refuses_is_refused_when_lowering(kernel_lowers):
     params, buffers = model.init(jax.random.PRNGKey(0), **settings)
     rx = ep_jax.make_relaxation(model, beta=0.3, dt=0.5)
     bad = Pallas()
-    object.__setattr__(bad, "block_b", 24)    # past the solver's own check: the kernel's must hold
+    object.__setattr__(bad, "block_b", 24)  # past the solver's own check: the kernel's must hold
 
     def free(params, x):
         eff = model.prepare(params, buffers)
@@ -104,12 +106,21 @@ def test_a_block_shape_the_gpu_refuses_is_refused_when_lowering(kernel_lowers):
 
 #: one preset per kind of program in the default run (each family, the HTS network, BPTT,
 #: cross-entropy, the readout); every other preset with `-m slow` (about 4 s each on 2 cores)
-DEFAULT_RUN = ("mnist-ep", "mnist-dep", "mnist-dbptt", "mnist-hts-normal", "fmnist-ep", "fmnist-conv-small",
-               "cifar10-conv-ep", "cifar10-conv-dep")
+DEFAULT_RUN = (
+    "mnist-ep",
+    "mnist-dep",
+    "mnist-dbptt",
+    "mnist-hts-normal",
+    "fmnist-ep",
+    "fmnist-conv-small",
+    "cifar10-conv-ep",
+    "cifar10-conv-dep",
+)
 
 
 def _presets():
     from ep_jax.experiments.presets import PRESETS
+
     return [p if p in DEFAULT_RUN else pytest.param(p, marks=pytest.mark.slow) for p in sorted(PRESETS)]
 
 
@@ -117,6 +128,7 @@ def _train_step_module(preset: str, solver: str | None = None, batch: int | None
     from ep_jax.experiments import build
     from ep_jax.experiments.config import RunConfig, validate
     from ep_jax.experiments.presets import PRESETS
+
     values = dict(PRESETS[preset])
     if solver:
         values["solver"] = solver
@@ -127,15 +139,18 @@ def _train_step_module(preset: str, solver: str | None = None, batch: int | None
     opt = build.build_optimizer(cfg, model)
     dtype = jnp.float64 if cfg.float64 else jnp.float32
     with jax.enable_x64(cfg.float64):
-        state = jax.eval_shape(lambda k: ep_jax.init_state(model, est, opt, k, dtype=dtype, **build.model_settings(cfg)),
-                               jax.random.PRNGKey(0))
+        state = jax.eval_shape(
+            lambda k: ep_jax.init_state(model, est, opt, k, dtype=dtype, **build.model_settings(cfg)),
+            jax.random.PRNGKey(0),
+        )
         rx = jax.eval_shape(lambda: build.build_relaxation(cfg, model))
         x = jax.ShapeDtypeStruct((cfg.batch_size, cfg.n_inputs()), dtype)
         y = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32)
         key = jax.ShapeDtypeStruct((2,), jnp.uint32)
         step = lambda k, st, x, y, rx: ep_jax.train_step(model, est, opt, k, st, x, y, rx)
-        exp = export.export(jax.jit(step), platforms=("cuda",),
-                            disabled_checks=[TRITON] if solver and "pallas" in solver else [])(key, state, x, y, rx)
+        exp = export.export(
+            jax.jit(step), platforms=("cuda",), disabled_checks=[TRITON] if solver and "pallas" in solver else []
+        )(key, state, x, y, rx)
     return exp.mlir_module()
 
 
@@ -145,9 +160,16 @@ def test_every_presets_training_step_lowers_for_cuda(preset):
     assert "func.func public @main" in text
 
 
-@pytest.mark.parametrize("preset,solver", [("mnist-dep", "pallas"), ("mnist-hts-normal", "pallas"),
-                                           ("fmnist-ep", "pallas"), ("mnist-dep", "async:1e-5"),
-                                           ("fmnist-conv-small", "async:1e-5/async")])
+@pytest.mark.parametrize(
+    "preset,solver",
+    [
+        ("mnist-dep", "pallas"),
+        ("mnist-hts-normal", "pallas"),
+        ("fmnist-ep", "pallas"),
+        ("mnist-dep", "async:1e-5"),
+        ("fmnist-conv-small", "async:1e-5/async"),
+    ],
+)
 def test_training_step_with_other_solvers_lowers_for_cuda(kernel_lowers, preset, solver):
     text = _train_step_module(preset, solver)
     assert ("__gpu$xla.gpu.triton" in text) == solver.startswith("pallas")

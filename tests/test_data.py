@@ -1,4 +1,5 @@
 """Data layer: IDX/npz readers on files the tests write, real Fashion-MNIST and MNIST."""
+
 import gzip
 import sys
 from pathlib import Path
@@ -31,10 +32,12 @@ def idx_bytes(arr: np.ndarray) -> bytes:
 
 def write_set(folder: Path, n_train=50, n_test=20, seed=0, gz=True):
     rng = np.random.default_rng(seed)
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
-              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     for name, a in arrays.items():
         b = idx_bytes(a)
@@ -72,10 +75,12 @@ def test_kmnist_npz_and_env_var_subfolder(tmp_path, no_defaults, monkeypatch):
     rng = np.random.default_rng(1)
     folder = tmp_path / "env" / "kmnist"
     folder.mkdir(parents=True)
-    arrs = {"kmnist-train-imgs.npz": rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
-            "kmnist-train-labels.npz": rng.integers(0, 10, 30, dtype=np.uint8),
-            "kmnist-test-imgs.npz": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
-            "kmnist-test-labels.npz": rng.integers(0, 10, 12, dtype=np.uint8)}
+    arrs = {
+        "kmnist-train-imgs.npz": rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
+        "kmnist-train-labels.npz": rng.integers(0, 10, 30, dtype=np.uint8),
+        "kmnist-test-imgs.npz": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
+        "kmnist-test-labels.npz": rng.integers(0, 10, 12, dtype=np.uint8),
+    }
     for f, a in arrs.items():
         np.savez_compressed(folder / f, arr_0=a)
     monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "env"))
@@ -90,12 +95,15 @@ def test_kmnist_npz_and_env_var_subfolder(tmp_path, no_defaults, monkeypatch):
         D.load_dataset("kmnist", verify=False)
 
 
-@pytest.mark.parametrize("damage,match", [
-    (lambda b: gzip.compress(b)[:-20], "corrupt or truncated gzip"),
-    (lambda b: gzip.compress(b[:-100]), "truncated or corrupt"),
-    (lambda b: gzip.compress(b"\x01\x02" + b[2:]), "bad magic"),
-    (lambda b: gzip.compress(b[:2] + b"\x0d" + b[3:]), "not unsigned byte"),
-])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (lambda b: gzip.compress(b)[:-20], "corrupt or truncated gzip"),
+        (lambda b: gzip.compress(b[:-100]), "truncated or corrupt"),
+        (lambda b: gzip.compress(b"\x01\x02" + b[2:]), "bad magic"),
+        (lambda b: gzip.compress(b[:2] + b"\x0d" + b[3:]), "not unsigned byte"),
+    ],
+)
 def test_corrupt_files_raise_naming_the_file(tmp_path, no_defaults, damage, match):
     arrays = write_set(tmp_path)
     target = tmp_path / "t10k-images-idx3-ubyte.gz"
@@ -117,10 +125,12 @@ def test_mismatched_counts_and_bad_labels(tmp_path, no_defaults):
 
 def write_kmnist_npz(folder: Path, **override):
     rng = np.random.default_rng(2)
-    arrs = {"kmnist-train-imgs.npz": rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
-            "kmnist-train-labels.npz": rng.integers(0, 10, 30, dtype=np.uint8),
-            "kmnist-test-imgs.npz": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
-            "kmnist-test-labels.npz": rng.integers(0, 10, 12, dtype=np.uint8)}
+    arrs = {
+        "kmnist-train-imgs.npz": rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
+        "kmnist-train-labels.npz": rng.integers(0, 10, 30, dtype=np.uint8),
+        "kmnist-test-imgs.npz": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
+        "kmnist-test-labels.npz": rng.integers(0, 10, 12, dtype=np.uint8),
+    }
     arrs.update(override)
     folder.mkdir(parents=True, exist_ok=True)
     for f, a in arrs.items():
@@ -128,20 +138,23 @@ def write_kmnist_npz(folder: Path, **override):
     return arrs
 
 
-@pytest.mark.parametrize("file,array,match", [
-    ("kmnist-train-labels.npz", np.array([3, -1] + [0] * 28, np.int64), "label -1 outside 0..9"),
-    ("kmnist-test-labels.npz", np.full(12, 10, np.int16), "label 10 outside 0..9"),
-    ("kmnist-test-labels.npz", np.zeros(12, np.float32), "labels have dtype float32, expected integers"),
-    ("kmnist-train-imgs.npz", np.full((30, 28, 28), 1000.0), "images have dtype float64, expected uint8"),
-    ("kmnist-test-imgs.npz", np.zeros((12, 28, 28), np.int64), "images have dtype int64, expected uint8"),
-])
+@pytest.mark.parametrize(
+    "file,array,match",
+    [
+        ("kmnist-train-labels.npz", np.array([3, -1] + [0] * 28, np.int64), "label -1 outside 0..9"),
+        ("kmnist-test-labels.npz", np.full(12, 10, np.int16), "label 10 outside 0..9"),
+        ("kmnist-test-labels.npz", np.zeros(12, np.float32), "labels have dtype float32, expected integers"),
+        ("kmnist-train-imgs.npz", np.full((30, 28, 28), 1000.0), "images have dtype float64, expected uint8"),
+        ("kmnist-test-imgs.npz", np.zeros((12, 28, 28), np.int64), "images have dtype int64, expected uint8"),
+    ],
+)
 def test_npz_contents_are_checked_without_verify(tmp_path, no_defaults, file, array, match):
     """verify=False skips the checksums, never the dtypes and value ranges."""
     write_kmnist_npz(tmp_path / "k", **{file: array})
     with pytest.raises(D.DatasetError, match=match) as e:
         D.load_dataset("kmnist", data_dir=tmp_path / "k", verify=False)
     assert str(e.value).startswith(str(tmp_path / "k" / file)) and "\n" not in str(e.value)
-    write_kmnist_npz(tmp_path / "ok")   # the control: the same files, valid, load
+    write_kmnist_npz(tmp_path / "ok")  # the control: the same files, valid, load
     assert D.load_dataset("kmnist", data_dir=tmp_path / "ok", verify=False).x_train.shape == (30, 784)
 
 
@@ -162,9 +175,9 @@ def test_checksum_mismatch_and_size_check(tmp_path, no_defaults):
 
 
 def test_missing_dataset_explicit_folder_is_the_only_place(tmp_path, no_defaults, monkeypatch):
-    write_set(tmp_path / "env")                                   # data the env var points at ...
+    write_set(tmp_path / "env")  # data the env var points at ...
     monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "env"))
-    with pytest.raises(D.DatasetError) as e:                      # ... is not used: data_dir given
+    with pytest.raises(D.DatasetError) as e:  # ... is not used: data_dir given
         D.load_dataset("fashion_mnist", data_dir=tmp_path / "nowhere", verify=False)
     msg = str(e.value)
     looked = [l for l in msg.splitlines() if l.startswith("  - ")]
@@ -185,14 +198,21 @@ def test_missing_dataset_lists_every_default_place(tmp_path, no_defaults):
 
 def test_lookup_order(tmp_path, no_defaults, monkeypatch):
     """data_dir (alone) > EP_JAX_DATA_DIR > Debian's folder > ./.data (the working directory's)."""
-    places = {"explicit": tmp_path / "explicit", "env": tmp_path / "env" / "fashion_mnist",
-              "debian": tmp_path / "no-debian", "local": tmp_path / "cwd" / ".data" / "fashion-mnist"}
-    labels = {name: write_set(folder, seed=i)["t10k-labels-idx1-ubyte"] for i, (name, folder) in enumerate(places.items())}
+    places = {
+        "explicit": tmp_path / "explicit",
+        "env": tmp_path / "env" / "fashion_mnist",
+        "debian": tmp_path / "no-debian",
+        "local": tmp_path / "cwd" / ".data" / "fashion-mnist",
+    }
+    labels = {
+        name: write_set(folder, seed=i)["t10k-labels-idx1-ubyte"] for i, (name, folder) in enumerate(places.items())
+    }
     monkeypatch.setenv(D.ENV_VAR, str(tmp_path / "env"))
 
     def found(**kw):
         y = D.load_dataset("fmnist", verify=False, **kw).y_test
         return [n for n, l in labels.items() if np.array_equal(l, y)]
+
     assert found(data_dir=places["explicit"]) == ["explicit"]
     assert found() == ["env"]
     monkeypatch.delenv(D.ENV_VAR)
@@ -208,7 +228,7 @@ def test_local_data_is_relative_to_the_working_directory(tmp_path, no_defaults, 
     the folder the package was installed in."""
     labels = write_set(tmp_path / "project" / ".data" / "mnist")["t10k-labels-idx1-ubyte"]
     with pytest.raises(D.DatasetError, match="not found"):
-        D.load_dataset("mnist", verify=False)                        # cwd is the empty tmp_path/"cwd"
+        D.load_dataset("mnist", verify=False)  # cwd is the empty tmp_path/"cwd"
     monkeypatch.chdir(tmp_path / "project")
     assert D.candidate_dirs("mnist") == [tmp_path / "project" / ".data" / "mnist"]
     assert D.available_offline("mnist")
@@ -243,6 +263,7 @@ class FakeBuilder:
 
 def fake_tfds(builder, examples=None):
     import types
+
     mod = types.ModuleType("tensorflow_datasets")
     mod.builder = lambda name, data_dir=None: builder
     mod.data_source = lambda name, split, data_dir=None: examples[split]
@@ -251,6 +272,7 @@ def fake_tfds(builder, examples=None):
 
 def test_tfds_fails_fast_offline(tmp_path, no_defaults, monkeypatch):
     import time
+
     builder = FakeBuilder(prepared=False)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(builder))
     monkeypatch.setattr(D, "_online", lambda *a, **k: False)
@@ -260,14 +282,19 @@ def test_tfds_fails_fast_offline(tmp_path, no_defaults, monkeypatch):
     assert time.perf_counter() - t0 < 5 and not builder.download_called
     msg = str(e.value)
     assert "tensorflow-datasets has no prepared copy of 'kmnist' and cannot download it" in msg
-    assert "install tensorflow-datasets" not in msg and "pip install" not in msg   # it is installed
+    assert "install tensorflow-datasets" not in msg and "pip install" not in msg  # it is installed
     assert "https://github.com/rois-codh/kmnist" in msg
 
 
 def test_tfds_prepared_copy_is_used(tmp_path, no_defaults, monkeypatch):
     rng = np.random.default_rng(0)
-    examples = {s: [{"image": rng.integers(0, 256, (28, 28, 1), dtype=np.uint8), "label": int(rng.integers(0, 10))}
-                    for _ in range(n)] for s, n in (("train", 6), ("test", 4))}
+    examples = {
+        s: [
+            {"image": rng.integers(0, 256, (28, 28, 1), dtype=np.uint8), "label": int(rng.integers(0, 10))}
+            for _ in range(n)
+        ]
+        for s, n in (("train", 6), ("test", 4))
+    }
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(FakeBuilder(prepared=True), examples))
     ds = D.load_dataset("mnist", normalize=False)
     assert ds.x_train.shape == (6, 784) and ds.y_test.tolist() == [e["label"] for e in examples["test"]]
@@ -279,9 +306,9 @@ def test_subset_indices():
     np.testing.assert_array_equal(D.subset_indices(k, 50, None), np.arange(50))
     a = D.subset_indices(k, 1000, 100)
     assert len(a) == 100 and len(set(a.tolist())) == 100 and np.all(np.diff(a) > 0) and a.max() < 1000
-    np.testing.assert_array_equal(a, D.subset_indices(k, 1000, 100))                       # seeded
+    np.testing.assert_array_equal(a, D.subset_indices(k, 1000, 100))  # seeded
     assert not np.array_equal(a, D.subset_indices(jax.random.PRNGKey(8), 1000, 100))
-    assert set(D.subset_indices(k, 1000, 40).tolist()) <= set(a.tolist())               # nested subsets
+    assert set(D.subset_indices(k, 1000, 40).tolist()) <= set(a.tolist())  # nested subsets
     np.testing.assert_array_equal(D.subset_indices(k, 30, 30), np.arange(30))
     for bad in (0, -5, 1001):
         with pytest.raises(ValueError, match=r"subset must lie in \[1, 1000\]"):

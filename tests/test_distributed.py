@@ -8,6 +8,7 @@ with each member's batch over the process's two devices. Every process is starte
 timeout, in its own process group, and killed on any failure. The references (one
 process, one device) are computed in this process.
 """
+
 import json
 import os
 import signal
@@ -33,9 +34,22 @@ PEER_TIMEOUT = 10
 
 # one small dendritic run: 192 examples in 12 batches of 16 (divisible by 4 devices, no
 # partial batch), two chunks of 6 steps, 64 test examples
-BASE = dict(dataset="synthetic", sizes=[16, 12, 4], synthetic_train=192, synthetic_test=64, synthetic_noise=0.3,
-            t_free=10, t_nudge=4, batch_size=16, chunk=6, eval_batch=64, lr=[0.3, 0.1], beta=0.3, epochs=2,
-            model="ep")
+BASE = dict(
+    dataset="synthetic",
+    sizes=[16, 12, 4],
+    synthetic_train=192,
+    synthetic_test=64,
+    synthetic_noise=0.3,
+    t_free=10,
+    t_nudge=4,
+    batch_size=16,
+    chunk=6,
+    eval_batch=64,
+    lr=[0.3, 0.1],
+    beta=0.3,
+    epochs=2,
+    model="ep",
+)
 A = dict(BASE, seed=0)
 B = dict(BASE, seed=1, lr=[0.2, 0.05], beta=0.2)
 
@@ -51,11 +65,22 @@ def free_port() -> int:
 
 
 def child_env(devices=2):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        PYTHONUNBUFFERED="1",
+        JAX_PLATFORMS="cpu",
+    )
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "EP_JAX_DISTRIBUTED",
-              "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID"):
+    for k in (
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "EP_JAX_DISTRIBUTED",
+        "SLURM_JOB_ID",
+        "SLURM_NTASKS",
+        "SLURM_PROCID",
+    ):
         env.pop(k, None)
     return env
 
@@ -68,8 +93,11 @@ def processes(cmds, logs, env):
     envs = env if isinstance(env, list) else [env] * len(cmds)
     try:
         for cmd, log, e in zip(cmds, logs, envs):
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=ROOT, env=e, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
         yield procs
     finally:
         for p in procs:
@@ -180,8 +208,15 @@ CHILD = textwrap.dedent("""
 def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     port = free_port()
-    cmds = [[sys.executable, "-c", CHILD, json.dumps(dict(coordinator=f"127.0.0.1:{port}", pid=i, out=str(out), A=A, B=B,
-                                                          peer_timeout=PEER_TIMEOUT))] for i in range(2)]
+    cmds = [
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            json.dumps(dict(coordinator=f"127.0.0.1:{port}", pid=i, out=str(out), A=A, B=B, peer_timeout=PEER_TIMEOUT)),
+        ]
+        for i in range(2)
+    ]
     logs = [out / f"log{i}.txt" for i in range(2)]
     t0 = time.perf_counter()
     with processes(cmds, logs, child_env(2)) as procs:
@@ -189,9 +224,14 @@ def two_processes(tmp_path_factory):
     wall = time.perf_counter() - t0
     assert codes == [0, 0], f"exit codes {codes}\n--- process 0:\n{tail(logs[0])}\n--- process 1:\n{tail(logs[1])}"
     reports = [json.loads((out / f"report{i}.json").read_text()) for i in range(2)]
-    print(f"\n2 processes x 2 CPU devices: wall {wall:.1f} s; " + "; ".join(
-        f"process {r['pid']}: init {r['init_s']:.1f} s, run (1+1 epochs) {r['run_s']:.1f} s, sweep of 2 "
-        f"{r['sweep_s']:.1f} s" for r in reports))
+    print(
+        f"\n2 processes x 2 CPU devices: wall {wall:.1f} s; "
+        + "; ".join(
+            f"process {r['pid']}: init {r['init_s']:.1f} s, run (1+1 epochs) {r['run_s']:.1f} s, sweep of 2 "
+            f"{r['sweep_s']:.1f} s"
+            for r in reports
+        )
+    )
     return out, reports
 
 
@@ -216,10 +256,12 @@ def test_process_local_batches_equal_one_process_on_the_global_batch(two_process
     for t in range(3):
         kx, ky = jax.random.split(jax.random.PRNGKey(100 + t))
         x, y = jax.random.uniform(kx, (16, 16)), jax.random.randint(ky, (16,), 0, 4)
-        state, info = ep_jax.train_step_jit(model, est, opt, jax.random.fold_in(jax.random.PRNGKey(9), t), state, x, y, rx)
+        state, info = ep_jax.train_step_jit(
+            model, est, opt, jax.random.fold_in(jax.random.PRNGKey(9), t), state, x, y, rx
+        )
     got = [np.load(out / f"lib{i}.npz") for i in range(2)]
     for i, leaf in enumerate(jax.tree.leaves(state.params)):
-        np.testing.assert_array_equal(got[0][f"arr_{i}"], got[1][f"arr_{i}"])    # replicated on both
+        np.testing.assert_array_equal(got[0][f"arr_{i}"], got[1][f"arr_{i}"])  # replicated on both
         np.testing.assert_allclose(got[0][f"arr_{i}"], leaf, rtol=1e-5, atol=1e-6)
         assert not np.allclose(leaf, init[i])
     np.testing.assert_allclose(got[0]["loss"], info.loss, rtol=1e-5)
@@ -278,6 +320,7 @@ def test_two_processes_refuse_together(two_processes, tmp_path):
 
 # --- without other processes: layout, refusals -----------------------------------------------
 
+
 def test_sweep_layout():
     assert parallel.sweep_layout(4, 2, [16]) == (2, 2)
     assert parallel.sweep_layout(4, 1, [16, 8]) == (1, 4)
@@ -296,24 +339,37 @@ def test_one_process_mesh_path_equals_plain_engine(tmp_path):
     """`--distributed` with one process and one device: the mesh code path gives the
     plain engine's numbers (the layout (1, 1): no collective changes anything)."""
     from argparse import Namespace
+
     from experiments import distributed as dist
+
     c = cfg(A, epochs=1)
     engine.run([engine.Member(c, "plain", tmp_path / "plain")], "new", progress=False, print_fn=lambda *a: None)
     assert not dist.active()
     try:
-        assert dist.setup(Namespace(distributed=True, coordinator=None, num_processes=1, process_id=None,
-                                    member_shards=None, peer_timeout=None))
+        assert dist.setup(
+            Namespace(
+                distributed=True,
+                coordinator=None,
+                num_processes=1,
+                process_id=None,
+                member_shards=None,
+                peer_timeout=None,
+            )
+        )
         assert dist.active() and dist.is_main() and not dist.multi()
         engine.run([engine.Member(c, "mesh", tmp_path / "mesh")], "new", progress=False, print_fn=lambda *a: None)
     finally:
         dist._STATE.update(on=False, member_shards=None)
     assert_params_close(params_of(tmp_path / "mesh"), params_of(tmp_path / "plain"), rtol=1e-6, atol=1e-7)
-    assert [m["test_acc"] for m in metrics_of(tmp_path / "mesh")] == [m["test_acc"] for m in metrics_of(tmp_path / "plain")]
+    assert [m["test_acc"] for m in metrics_of(tmp_path / "mesh")] == [
+        m["test_acc"] for m in metrics_of(tmp_path / "plain")
+    ]
 
 
 def _cli(args, devices=2, timeout=120):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=child_env(devices), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=child_env(devices), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _sets(d):
@@ -323,17 +379,43 @@ def _sets(d):
 def test_commands_refuse_what_does_not_divide(tmp_path):
     """One process with 2 devices: a batch of 15 does not split over them; a sweep of 3
     members does not split over --member-shards 2. One error line, exit 2, nothing written."""
-    r = _cli(["-m", "experiments.train", *_sets(dict(A, batch_size=15)), "--out", str(tmp_path / "run"),
-              "--distributed", "--num-processes", "1", "--no-progress"])
+    r = _cli(
+        [
+            "-m",
+            "experiments.train",
+            *_sets(dict(A, batch_size=15)),
+            "--out",
+            str(tmp_path / "run"),
+            "--distributed",
+            "--num-processes",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --distributed") and "[12, 15] do not fit 2 devices" in lines[0], r.stderr
+    assert (
+        len(lines) == 1 and lines[0].startswith("error: --distributed") and "[12, 15] do not fit 2 devices" in lines[0]
+    ), r.stderr
     assert not (tmp_path / "run").exists()
 
     spec = tmp_path / "three.toml"
     spec.write_text("\n".join([f"{k} = {json.dumps(v)}" for k, v in A.items()] + ["[grid]", "seed = [0, 1, 2]"]) + "\n")
-    r = _cli(["-m", "experiments.sweep", str(spec), "--out", str(tmp_path / "sweep"), "--distributed",
-              "--num-processes", "1", "--member-shards", "2", "--no-progress"])
+    r = _cli(
+        [
+            "-m",
+            "experiments.sweep",
+            str(spec),
+            "--out",
+            str(tmp_path / "sweep"),
+            "--distributed",
+            "--num-processes",
+            "1",
+            "--member-shards",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "the 3 member(s) do not divide over 2 member shards" in lines[0], r.stderr
@@ -342,21 +424,45 @@ def test_commands_refuse_what_does_not_divide(tmp_path):
 
 def test_distributed_without_a_coordinator_says_what_to_give(tmp_path):
     env = dict(child_env(1), EP_JAX_DISTRIBUTED="1")
-    r = subprocess.run([sys.executable, "-m", "experiments.train", *_sets(A), "--out", str(tmp_path / "run"),
-                        "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.train", *_sets(A), "--out", str(tmp_path / "run"), "--no-progress"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --distributed: coordinator_address should be defined: "
-                                                   "give --coordinator HOST:PORT"), r.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: --distributed: coordinator_address should be defined: give --coordinator HOST:PORT"
+    ), r.stderr
     assert not (tmp_path / "run").exists()
 
 
 # --- a process dies mid-run ------------------------------------------------------------------
 
+
 def _train_cmds(port, args):
-    return [[sys.executable, "-m", "experiments.train", *args, "--distributed", "--coordinator", f"127.0.0.1:{port}",
-             "--num-processes", "2", "--process-id", str(i), "--peer-timeout", str(PEER_TIMEOUT), "--no-progress"]
-            for i in range(2)]
+    return [
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            *args,
+            "--distributed",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+            "--peer-timeout",
+            str(PEER_TIMEOUT),
+            "--no-progress",
+        ]
+        for i in range(2)
+    ]
 
 
 @pytest.mark.slow
@@ -385,11 +491,11 @@ def test_killed_process_stops_the_other_and_resume_continues(tmp_path, victim):
     log = Path(logs[1 - victim]).read_text()
     assert code not in (None, 0), f"the survivor did not stop: {tail(logs[1 - victim])}"
     assert stopped_after < PEER_TIMEOUT + 30
-    if victim == 1:   # process 0 sees the failed collective and says so
+    if victim == 1:  # process 0 sees the failed collective and says so
         assert code == 2, log[-3000:]
         assert "error: lost contact with another process of this distributed run" in log
         assert json.loads((run / "summary.json").read_text())["status"] == "failed"
-    else:             # process 1 loses the coordinator: JAX ends it with its own message
+    else:  # process 1 loses the coordinator: JAX ends it with its own message
         assert "another task died" in log or "error: lost contact" in log, log[-3000:]
     print(f"\nvictim process {victim}: the other stopped {stopped_after:.1f} s later with exit code {code}")
 
@@ -399,8 +505,17 @@ def test_killed_process_stops_the_other_and_resume_continues(tmp_path, victim):
     # this time the job comes from the environment, as a launcher would set it
     port = free_port()
     cmd = [sys.executable, "-m", "experiments.train", "--resume", "--out", str(run), "--no-progress"]
-    envs = [dict(child_env(1), EP_JAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), EP_JAX_PEER_TIMEOUT=str(PEER_TIMEOUT)) for i in range(2)]
+    envs = [
+        dict(
+            child_env(1),
+            EP_JAX_DISTRIBUTED="1",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(i),
+            EP_JAX_PEER_TIMEOUT=str(PEER_TIMEOUT),
+        )
+        for i in range(2)
+    ]
     with processes([cmd, cmd], logs2, envs) as procs:
         codes = wait_all(procs, 240)
     assert codes == [0, 0], f"{tail(logs2[0])}\n{tail(logs2[1])}"
@@ -414,14 +529,31 @@ def test_killed_process_stops_the_other_and_resume_continues(tmp_path, victim):
 
 # --- start-up checks: every process must be started alike ---------------------------------------
 
+
 def test_coordinator_port_in_use_is_one_line(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = _cli(["-m", "experiments.train", *_sets(A), "--out", str(tmp_path / "run"), "--distributed",
-                  "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0", "--no-progress"],
-                 devices=1, timeout=120)
+        r = _cli(
+            [
+                "-m",
+                "experiments.train",
+                *_sets(A),
+                "--out",
+                str(tmp_path / "run"),
+                "--distributed",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                "0",
+                "--no-progress",
+            ],
+            devices=1,
+            timeout=120,
+        )
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and f"port {port} is already in use" in lines[0], r.stderr
@@ -431,9 +563,28 @@ def test_coordinator_port_in_use_is_one_line(tmp_path):
 def _two(tmp_path, per_process_args, nums=(2, 2), timeout=150):
     port = free_port()
     run = tmp_path / "run"
-    cmds = [[sys.executable, "-m", "experiments.train", *_sets(A), *per_process_args[i], "--out", str(run),
-             "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(nums[i]),
-             "--process-id", str(i), "--peer-timeout", str(PEER_TIMEOUT), "--no-progress"] for i in range(2)]
+    cmds = [
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            *_sets(A),
+            *per_process_args[i],
+            "--out",
+            str(run),
+            "--distributed",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            str(nums[i]),
+            "--process-id",
+            str(i),
+            "--peer-timeout",
+            str(PEER_TIMEOUT),
+            "--no-progress",
+        ]
+        for i in range(2)
+    ]
     logs = [tmp_path / f"log{i}.txt" for i in range(2)]
     with processes(cmds, logs, child_env(1)) as procs:
         codes = wait_all(procs, timeout)
@@ -471,11 +622,30 @@ def test_processes_started_with_other_process_counts_stop(tmp_path):
 
 # --- start-up that cannot complete: one line and exit 2, never JAX's 300 s wait and C++ abort ---
 
+
 def _start_alone(tmp_path, port, pid, start_timeout=3):
     t0 = time.monotonic()
-    r = _cli(["-m", "experiments.train", *_sets(A), "--out", str(tmp_path / "run"), "--distributed",
-              "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid),
-              "--start-timeout", str(start_timeout), "--no-progress"], devices=1, timeout=120)
+    r = _cli(
+        [
+            "-m",
+            "experiments.train",
+            *_sets(A),
+            "--out",
+            str(tmp_path / "run"),
+            "--distributed",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(pid),
+            "--start-timeout",
+            str(start_timeout),
+            "--no-progress",
+        ],
+        devices=1,
+        timeout=120,
+    )
     return r, time.monotonic() - t0
 
 
@@ -494,7 +664,7 @@ def test_start_up_that_cannot_complete_ends_with_one_line_within_the_start_timeo
     refused with "port in use"): each stops after --start-timeout (3 s) with one line and
     exit status 2, and writes nothing."""
     if case == "peer of a port in use":
-        with socket.socket() as s:   # something else listens there and never answers
+        with socket.socket() as s:  # something else listens there and never answers
             s.bind(("127.0.0.1", 0))
             s.listen()
             r, took = _start_alone(tmp_path, s.getsockname()[1], pid=1)
@@ -515,18 +685,53 @@ def test_start_up_that_cannot_complete_ends_with_one_line_within_the_start_timeo
 
 def test_start_timeout_must_be_positive(tmp_path):
     env = dict(child_env(1), EP_JAX_START_TIMEOUT="0")
-    r = subprocess.run([sys.executable, "-m", "experiments.train", *_sets(A), "--out", str(tmp_path / "run"),
-                        "--distributed", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1",
-                        "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            *_sets(A),
+            "--out",
+            str(tmp_path / "run"),
+            "--distributed",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--num-processes",
+            "2",
+            "--process-id",
+            "1",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip() == "error: --start-timeout must be at least 1 second, got 0", r.stderr
 
 
 def test_ctrl_c_while_waiting_for_the_other_processes_stops_at_once(tmp_path):
     """JAX's start-up barrier runs no Python handler: the signal wake-up ends the wait."""
     log = tmp_path / "log.txt"
-    cmd = [sys.executable, "-m", "experiments.train", *_sets(A), "--out", str(tmp_path / "run"), "--distributed",
-           "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "0",
-           "--start-timeout", "100", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        *_sets(A),
+        "--out",
+        str(tmp_path / "run"),
+        "--distributed",
+        "--coordinator",
+        f"127.0.0.1:{free_port()}",
+        "--num-processes",
+        "2",
+        "--process-id",
+        "0",
+        "--start-timeout",
+        "100",
+        "--no-progress",
+    ]
     with processes([cmd], [log], child_env(1)) as (proc,):
         end = time.monotonic() + 90
         while "waiting for all 2 processes" not in tail(log) and time.monotonic() < end:

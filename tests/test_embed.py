@@ -1,4 +1,5 @@
 """EP as a layer: custom VJP, pipelines, the Flax wrapper, jit/vmap/grad together."""
+
 import flax.linen as nn
 import flax.serialization
 import jax
@@ -6,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import NumpyNet, assert_trees_close, rel_err, synthetic_problem
 
 import ep_jax
 from ep_jax import alignment
 from ep_jax.layer import make_ep_block
 from ep_jax.nn import EPBlock
-from conftest import NumpyNet, assert_trees_close, rel_err, synthetic_problem
 
 
 def setup(kind, beta, activation="sigmoid"):
@@ -64,11 +65,17 @@ def test_custom_vjp_is_exact_for_a_linear_downstream_cost(x64):
             h3 = s[1] @ p[2]["w"] + p[2]["b"] - beta * 32 * c
             s = [act(v) for v in (h1, h2, h3)]
         return s
+
     sp, sm = nudged(0.05), nudged(-0.05)
     # ∂Φ/∂W_l = s_{l−1}ᵀ s_l / B, so the estimate is −(s⁺ terms − s⁻ terms) / (2β B)
     prev = lambda s: [x, s[0], s[1]]
-    ref = tuple({"w": -(prev(sp)[l].T @ sp[l] - prev(sm)[l].T @ sm[l]) / (2 * 0.05 * 32),
-                 "b": -(sp[l].sum(0) - sm[l].sum(0)) / (2 * 0.05 * 32)} for l in range(3))
+    ref = tuple(
+        {
+            "w": -(prev(sp)[l].T @ sp[l] - prev(sm)[l].T @ sm[l]) / (2 * 0.05 * 32),
+            "b": -(sp[l].sum(0) - sm[l].sum(0)) / (2 * 0.05 * 32),
+        }
+        for l in range(3)
+    )
     assert_trees_close(g, ref, rtol=1e-9, atol=1e-12)
     # the input gradient, in scale and not only in direction: ∂Φ/∂x = s_1 W_1ᵀ / B
     ref_x = -(sp[0] - sm[0]) @ p[0]["w"].T / (2 * 0.05 * 32)
@@ -100,6 +107,7 @@ def test_pipeline_gradients_upstream_and_in_block(x64):
     def loss_bptt(wf, p):
         s = ep_jax.predict(m, est, p, b, jnp.tanh(x @ wf), rx)
         return jnp.mean(m.cost(s[-1], y1h))
+
     g_ep = jax.jit(jax.grad(loss_ep, argnums=(0, 1)))(wf, p)
     g_bp = jax.jit(jax.grad(loss_bptt, argnums=(0, 1)))(wf, p)
     for name, r in alignment.compare(g_ep, g_bp).items():
@@ -113,8 +121,9 @@ class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = nn.sigmoid(nn.Dense(16)(x))
-        return EPBlock(sizes=(16, 24, 4), kind="dendritic", t_free=20, t_nudge=5, beta=0.2,
-                       model_kwargs=(("basal_branches", 4),))(h)
+        return EPBlock(
+            sizes=(16, 24, 4), kind="dendritic", t_free=20, t_nudge=5, beta=0.2, model_kwargs=(("basal_branches", 4),)
+        )(h)
 
 
 def test_flax_wrapper_trains_in_user_loop_and_serialises(tmp_path):
@@ -131,6 +140,7 @@ def test_flax_wrapper_trains_in_user_loop_and_serialises(tmp_path):
         def loss(pr):
             out = net.apply({"params": pr, "buffers": buffers}, x)
             return jnp.mean(jnp.sum((out - jax.nn.one_hot(y, 4)) ** 2, -1))
+
         l, g = jax.value_and_grad(loss)(params)
         upd, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, upd), opt, l
@@ -139,7 +149,7 @@ def test_flax_wrapper_trains_in_user_loop_and_serialises(tmp_path):
     acc0 = acc(params)
     for _ in range(6):
         for i in range(0, len(ytr), 32):
-            params, opt, l = step(params, opt, xtr[i:i + 32], ytr[i:i + 32])
+            params, opt, l = step(params, opt, xtr[i : i + 32], ytr[i : i + 32])
     assert acc(params) > 0.85 and acc(params) > acc0 + 0.3, (acc0, acc(params))
     # round trip through flax.serialization, bit for bit, masks included
     full = {"params": params, "buffers": buffers}
@@ -147,8 +157,10 @@ def test_flax_wrapper_trains_in_user_loop_and_serialises(tmp_path):
     back = flax.serialization.from_bytes(jax.tree.map(jnp.zeros_like, full), blob)
     jax.tree.map(np.testing.assert_array_equal, back, full)
     state = flax.serialization.msgpack_restore(blob)
-    np.testing.assert_array_equal(state["buffers"]["EPBlock_0"]["state"]["masks"]["basal"]["0"],
-                                  buffers["EPBlock_0"]["state"]["masks"]["basal"][0])
+    np.testing.assert_array_equal(
+        state["buffers"]["EPBlock_0"]["state"]["masks"]["basal"]["0"],
+        buffers["EPBlock_0"]["state"]["masks"]["basal"][0],
+    )
 
 
 def test_jit_vmap_grad_together():
@@ -218,6 +230,7 @@ def test_flax_block_initialises_the_model_once(monkeypatch):
     """Params and masks come from ONE `model.init` call with one key: the masks the block
     holds are exactly `model.init(that key)[1]["masks"]`, and the weights its params."""
     from ep_jax.models import DendriticModel
+
     calls = []
     original = DendriticModel.init
 
@@ -225,9 +238,16 @@ def test_flax_block_initialises_the_model_once(monkeypatch):
         if not isinstance(key, jax.core.Tracer):  # flax checks shapes with an abstract (eval_shape) call
             calls.append(key)
         return original(self, key, dtype, **settings)
+
     monkeypatch.setattr(DendriticModel, "init", spy)
-    blk = EPBlock(sizes=(6, 8, 3), kind="dendritic", t_free=5, t_nudge=2, settings=(("alpha", 0.4),),
-                  model_kwargs=(("basal_branches", 3),))
+    blk = EPBlock(
+        sizes=(6, 8, 3),
+        kind="dendritic",
+        t_free=5,
+        t_nudge=2,
+        settings=(("alpha", 0.4),),
+        model_kwargs=(("basal_branches", 3),),
+    )
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 6))
     variables = blk.init(jax.random.PRNGKey(0), x)
     assert len(calls) == 1, f"model.init called {len(calls)} times"
@@ -240,13 +260,21 @@ def test_flax_block_initialises_the_model_once(monkeypatch):
     assert not calls  # applying never re-draws
 
 
-@pytest.mark.parametrize("x_dtype,param_dtype,expect", [
-    ("float64", None, "float64"), ("float32", None, "float32"), ("float64", "float32", "float32")])
+@pytest.mark.parametrize(
+    "x_dtype,param_dtype,expect",
+    [("float64", None, "float64"), ("float32", None, "float32"), ("float64", "float32", "float32")],
+)
 def test_flax_block_dtypes(x_dtype, param_dtype, expect, x64):
     """Weights and buffers take `param_dtype`, by default the input's (float64 under
     jax.enable_x64 with float64 inputs); the output follows the computation."""
-    blk = EPBlock(sizes=(6, 8, 3), kind="dendritic", t_free=5, t_nudge=2, model_kwargs=(("basal_branches", 3),),
-                  param_dtype=None if param_dtype is None else jnp.dtype(param_dtype))
+    blk = EPBlock(
+        sizes=(6, 8, 3),
+        kind="dendritic",
+        t_free=5,
+        t_nudge=2,
+        model_kwargs=(("basal_branches", 3),),
+        param_dtype=None if param_dtype is None else jnp.dtype(param_dtype),
+    )
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 6), jnp.dtype(x_dtype))
     variables = jax.jit(blk.init)(jax.random.PRNGKey(0), x)
     for leaf in jax.tree.leaves(variables):

@@ -1,6 +1,7 @@
 """The experiment engine's parts, each on its own: the loop (no files), the run folder
 (lock, what --overwrite may remove), the loggers, the runtime passed in, the alignment
 hook, the signal handling — and the import graph that keeps them in one direction."""
+
 import ast
 import json
 import os
@@ -13,13 +14,22 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from exp_helpers import (
+    ROOT,
+    assert_one_line_error,
+    checkpoint_arrays,
+    metrics,
+    run_cli,
+    snapshot,
+    subprocess_env,
+    tiny,
+    tiny_args,
+)
 
 from ep_jax.experiments import build, engine, loggers, runfolder, runtime, train
 from ep_jax.experiments.alignment_hook import AlignmentHook
 from ep_jax.experiments.errors import RunError
 from ep_jax.experiments.loop import Hook, Loop
-from exp_helpers import (ROOT, SPE, TINY, assert_one_line_error, checkpoint_arrays, metrics, run_cli, snapshot,
-                         subprocess_env, tiny, tiny_args)
 
 QUIET = dict(progress=False, print_fn=lambda *a: None)
 
@@ -49,8 +59,15 @@ def bare_loop(cfg, hooks):
     with engine._x64(cfg):
         data = engine.group_data(g, None)
         state, rx = g.initial()
-        loop = Loop(g, runtime.LOCAL.runner(g, int(data[1].shape[0])), data,
-                    lambda i, e, n: build.epoch_batches(cfg, e, n), [0], [[]], hooks)
+        loop = Loop(
+            g,
+            runtime.LOCAL.runner(g, int(data[1].shape[0])),
+            data,
+            lambda i, e, n: build.epoch_batches(cfg, e, n),
+            [0],
+            [[]],
+            hooks,
+        )
         state = loop.run(state, rx)
     return loop, state
 
@@ -60,7 +77,7 @@ def test_loop_trains_without_files_and_equals_the_engine(tmp_path, monkeypatch):
     cfg = tiny()
     rec = Recorder()
     loop, state = bare_loop(cfg, [rec])
-    assert list(tmp_path.iterdir()) == []                       # the loop wrote nothing
+    assert list(tmp_path.iterdir()) == []  # the loop wrote nothing
     # TINY: 6 steps per epoch in chunks of 3 -> two chunks per epoch, then the epoch
     per_epoch = [("chunk", e, 0, 3, 32) for e in (1,)] + [("chunk", 1, 1, 3, 32)]
     assert rec.events[:4] == [("start",)] + per_epoch + [("epoch", 1)]
@@ -69,8 +86,9 @@ def test_loop_trains_without_files_and_equals_the_engine(tmp_path, monkeypatch):
     # the same numbers as the engine's run folder
     engine.run([engine.Member(cfg, "r", tmp_path / "r")], "new", **QUIET)
     rows = metrics(tmp_path / "r")
-    assert [{k: v for k, v in r.items() if k != "time_s"} for r in rows] == \
-           [{k: v for k, v in r.items() if k != "time_s"} for r in loop.history[0]]
+    assert [{k: v for k, v in r.items() if k != "time_s"} for r in rows] == [
+        {k: v for k, v in r.items() if k != "time_s"} for r in loop.history[0]
+    ]
     saved = engine.load_run(tmp_path / "r")[3]
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(state.train.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[0])
@@ -95,6 +113,7 @@ def test_loop_hook_failure_reports_failed_and_keeps_the_error(tmp_path, monkeypa
 
 # --- the run folder ------------------------------------------------------------------------
 
+
 def test_folder_lock_refuses_a_second_holder_naming_it(tmp_path):
     d = tmp_path / "a" / "b"
     first = runfolder.FolderLock(d).acquire()
@@ -103,13 +122,13 @@ def test_folder_lock_refuses_a_second_holder_naming_it(tmp_path):
     with pytest.raises(RunError, match=rf"{d} is in use: process {os.getpid()} on "):
         runfolder.FolderLock(d).acquire()
     first.release()
-    assert list(d.iterdir()) == []                                # the holder note goes with the lock
-    again = runfolder.FolderLock(d).acquire()                     # free again
+    assert list(d.iterdir()) == []  # the holder note goes with the lock
+    again = runfolder.FolderLock(d).acquire()  # free again
     again.release()
     again.undo_created()
-    assert d.is_dir()                                             # it did not create them: kept
+    assert d.is_dir()  # it did not create them: kept
     first.undo_created()
-    assert not (tmp_path / "a").exists()                          # empty folders it made: gone
+    assert not (tmp_path / "a").exists()  # empty folders it made: gone
 
 
 def test_two_commands_into_one_folder_second_refused_first_untouched(tmp_path):
@@ -117,18 +136,25 @@ def test_two_commands_into_one_folder_second_refused_first_untouched(tmp_path):
     folder and the holder, the first finishes with every epoch once."""
     d = tmp_path / "run"
     args = [sys.executable, "-m", "experiments.train"] + tiny_args(epochs=40, seed=0) + ["--out", str(d)]
-    first = subprocess.Popen(args, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        args, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         t0 = time.time()
         while not (d / runfolder.HOLDER).exists():
             assert first.poll() is None and time.time() - t0 < 120, first.communicate()
             time.sleep(0.05)
-        second = subprocess.run([sys.executable, "-m", "experiments.train"] + tiny_args(epochs=40, seed=1)
-                                + ["--out", str(d), "--overwrite"], cwd=ROOT, env=subprocess_env(),
-                                capture_output=True, text=True, timeout=300)
-        line = assert_one_line_error(second.returncode, second.stderr, str(d), "is in use",
-                                     f"process {first.pid}")
+        second = subprocess.run(
+            [sys.executable, "-m", "experiments.train"]
+            + tiny_args(epochs=40, seed=1)
+            + ["--out", str(d), "--overwrite"],
+            cwd=ROOT,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        line = assert_one_line_error(second.returncode, second.stderr, str(d), "is in use", f"process {first.pid}")
         assert "--seed" not in line or "seed 0" not in line
     finally:
         out, err = first.communicate(timeout=300)
@@ -181,7 +207,9 @@ def test_a_member_folder_above_the_sweep_is_not_replaced(tmp_path, no_data):
 def test_a_refused_new_run_leaves_no_empty_folder(tmp_path, monkeypatch):
     def missing(cfg):
         from ep_jax.data import DatasetError
+
         raise DatasetError("mnist: not found")
+
     monkeypatch.setattr(engine, "load_data", missing)
     with pytest.raises(Exception, match="not found"):
         engine.run([engine.Member(tiny(), "r", tmp_path / "runs" / "r")], "new", **QUIET)
@@ -190,14 +218,15 @@ def test_a_refused_new_run_leaves_no_empty_folder(tmp_path, monkeypatch):
 
 # --- runtime, loggers, signals -------------------------------------------------------------
 
+
 class NotMain(runtime.Local):
     is_main = False
 
 
 def test_a_process_that_does_not_write_leaves_no_file(tmp_path):
     (s,) = engine.run([engine.Member(tiny(), "r", tmp_path / "r")], "new", runtime=NotMain(), **QUIET)
-    assert s["status"] == "ok" and s["epochs_done"] == 2            # it trained...
-    assert not (tmp_path / "r").exists()                            # ...and wrote nothing
+    assert s["status"] == "ok" and s["epochs_done"] == 2  # it trained...
+    assert not (tmp_path / "r").exists()  # ...and wrote nothing
 
 
 def test_epoch_lines_never_land_on_the_progress_bar(tmp_path, monkeypatch):
@@ -206,6 +235,7 @@ def test_epoch_lines_never_land_on_the_progress_bar(tmp_path, monkeypatch):
     import contextlib
     import io
     import re
+
     monkeypatch.setenv("TQDM_MININTERVAL", "0")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
@@ -222,19 +252,25 @@ def test_console_lines_and_summary(tmp_path):
     engine.run([engine.Member(tiny(epochs=1), "r", tmp_path / "r")], "new", progress=False, print_fn=out.append)
     assert out[0].startswith("epoch 1: train ") and ", 1 epoch, " in out[-1] and out[-1].startswith("summary: ")
     out = []
-    engine.run([engine.Member(tiny(epochs=1, seed=s), f"s{s}", tmp_path / "sw" / f"s{s}") for s in (0, 1)], "new",
-               progress=False, print_fn=out.append)
+    engine.run(
+        [engine.Member(tiny(epochs=1, seed=s), f"s{s}", tmp_path / "sw" / f"s{s}") for s in (0, 1)],
+        "new",
+        progress=False,
+        print_fn=out.append,
+    )
     assert out == [out[0]] and "over 2 members" in out[0]
 
 
 def test_optional_logger_without_its_library_is_one_line(tmp_path, monkeypatch):
     import builtins
+
     real = builtins.__import__
 
     def no_tbx(name, *a, **k):
         if name.startswith("tensorboardX"):
             raise ImportError(name)
         return real(name, *a, **k)
+
     monkeypatch.setattr(builtins, "__import__", no_tbx)
     with pytest.raises(RunError, match=r"tensorboardX: pip install 'ep_jax\[tensorboard\]'"):
         loggers.optional_loggers(["tensorboard"], [], [], [])
@@ -249,6 +285,7 @@ def test_tensorboard_event_files_hold_the_rows(tmp_path):
     (events,) = (d / "tensorboard").glob("events.out.tfevents.*")
     assert events.stat().st_size > 0
     from tensorboardX.event_file_writer import event_pb2  # noqa: F401  (the writer's own format)
+
     assert b"test_acc" in events.read_bytes()
 
 
@@ -260,10 +297,10 @@ def test_a_signal_while_an_epoch_is_recorded_waits_for_the_record():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)
                 done.append("checkpoint")
-                os.kill(os.getpid(), signal.SIGINT)                  # a second one: still one stop
+                os.kill(os.getpid(), signal.SIGINT)  # a second one: still one stop
                 done.append("metrics line")
         assert done == ["checkpoint", "metrics line"]
-        os.kill(os.getpid(), signal.SIGTERM)                         # after the stop: ignored
+        os.kill(os.getpid(), signal.SIGTERM)  # after the stop: ignored
         time.sleep(0.05)
 
 
@@ -275,22 +312,49 @@ def test_alignment_hook_measures_without_files(tmp_path, monkeypatch):
     state, rx = g.initial()
     hook = AlignmentHook(g, data[0], data[1], state, runtime.LOCAL)
     rec = Recorder()
-    loop = Loop(g, runtime.LOCAL.runner(g, int(data[1].shape[0])), data,
-                lambda i, e, n: build.epoch_batches(cfg, e, n), [0], [[]], [hook, rec])
+    loop = Loop(
+        g,
+        runtime.LOCAL.runner(g, int(data[1].shape[0])),
+        data,
+        lambda i, e, n: build.epoch_batches(cfg, e, n),
+        [0],
+        [[]],
+        [hook, rec],
+    )
     loop.run(state, rx)
     steps = [r["step"] for row in loop.history[0] for r in row["alignment"]]
     assert steps == [0, 6, 12] or steps[0] == 0 and all(s > 0 for s in steps[1:]), steps
-    assert all(-1.0 - 1e-6 <= c <= 1.0 + 1e-6 for row in loop.history[0] for r in row["alignment"]
-               for c in r["cosine"].values())
+    assert all(
+        -1.0 - 1e-6 <= c <= 1.0 + 1e-6
+        for row in loop.history[0]
+        for r in row["alignment"]
+        for c in r["cosine"].values()
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 # --- the import graph --------------------------------------------------------------------------
 
 PKG = ROOT / "ep_jax"
-COMMANDS = {"train", "sweep", "reproduce", "aggregate", "stability", "hidden_states", "gdu", "plot_dt_hist",
-            "alignment_report", "compare_custom_vjp", "example_ep_head", "cli", "distributed", "commands",
-            "import_lease", "gradient_error", "__main__"}
+COMMANDS = {
+    "train",
+    "sweep",
+    "reproduce",
+    "aggregate",
+    "stability",
+    "hidden_states",
+    "gdu",
+    "plot_dt_hist",
+    "alignment_report",
+    "compare_custom_vjp",
+    "example_ep_head",
+    "cli",
+    "distributed",
+    "commands",
+    "import_lease",
+    "gradient_error",
+    "__main__",
+}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -337,6 +401,7 @@ def test_the_engine_never_imports_a_command_and_nothing_goes_round_in_a_circle()
         for d in sorted(graph[n]):
             visit(d, path + [n])
         state[n] = "done"
+
     for n in sorted(graph):
         visit(n, [])
 
@@ -347,8 +412,9 @@ def test_resume_after_the_data_moved(tmp_path, monkeypatch):
     d, ref = tmp_path / "r", tmp_path / "ref"
     rc, _, err = run_cli(train.main, tiny_args(epochs=1, data_dir=str(tmp_path / "old")) + ["--out", d])
     assert rc == 0, err
-    rc, _, err = run_cli(train.main, ["--resume", "--out", d, "--epochs", "2", "--data-dir", str(tmp_path / "new"),
-                                      "--no-progress"])
+    rc, _, err = run_cli(
+        train.main, ["--resume", "--out", d, "--epochs", "2", "--data-dir", str(tmp_path / "new"), "--no-progress"]
+    )
     assert rc == 0, err
     assert json.loads((d / "config.json").read_text())["data_dir"] == str(tmp_path / "new")
     monkeypatch.setenv("EP_JAX_DATA_DIR", str(tmp_path / "env"))
@@ -365,6 +431,7 @@ def test_resume_after_the_data_moved(tmp_path, monkeypatch):
 
 def test_huge_relaxations_warn_that_chunks_return_late():
     from ep_jax.experiments.config import RunConfig, validate, warnings_for
+
     (w,) = warnings_for(validate(RunConfig.from_dict({"t_free": 10**6})))
     assert "Ctrl-C/SIGTERM take effect" in w and "--set chunk=1" in w
     assert warnings_for(validate(RunConfig.from_dict({"t_free": 10**6, "chunk": 1}))) == []

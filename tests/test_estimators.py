@@ -1,14 +1,15 @@
 """Gradient estimators: EP vs BPTT (docs/equations.md), independent formulas, the β scaling of the
 bias, consistency of the optimised paths, and input checks."""
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import NumpyNet, assert_trees_close, rel_err
 
 import ep_jax
 from ep_jax import alignment
-from conftest import NumpyNet, assert_trees_close, rel_err
 
 GDU_SIZES = (20, 16, 12, 5)
 
@@ -57,8 +58,10 @@ def test_symmetric_ep_matches_bptt_float64(activation, dt, x64):
 
 def test_one_sided_ep_is_biased_but_close(x64):
     model, rx, params, buffers, x, y = gdu_setup("ep", "sigmoid")
-    g = {k: ep_jax.estimate(model, ep_jax.Estimator(k, 200, 20), None, params, buffers, x, y, rx)[0]
-         for k in ("bptt", "symmetric", "one_sided")}
+    g = {
+        k: ep_jax.estimate(model, ep_jax.Estimator(k, 200, 20), None, params, buffers, x, y, rx)[0]
+        for k in ("bptt", "symmetric", "one_sided")
+    }
     c_sym, c_one = alignment.compare(g["symmetric"], g["bptt"]), alignment.compare(g["one_sided"], g["bptt"])
     for name in c_sym:
         assert c_one[name]["cosine"] > 0.98
@@ -70,9 +73,8 @@ def test_one_sided_ep_is_biased_but_close(x64):
 def test_gdu_bptt_curve_equals_truncated_bptt_estimator(kind, x64):
     """The one-reverse-sweep truncated-BPTT curve equals jax.grad through the last k steps."""
     model, rx, params, buffers, x, y = gdu_setup(kind, "hard_sigmoid")
-    curve = jax.jit(alignment.bptt_truncated_curve, static_argnums=(0, 6, 7))(model, params, buffers, x, y, rx,
-                                                                             40, 10)
-    for k in ((1, 4, 10) if kind == "ep" else (1, 10)):
+    curve = jax.jit(alignment.bptt_truncated_curve, static_argnums=(0, 6, 7))(model, params, buffers, x, y, rx, 40, 10)
+    for k in (1, 4, 10) if kind == "ep" else (1, 10):
         g, _ = estimate_jit(model, ep_jax.Estimator("bptt", t_free=40, t_nudge=k), None, params, buffers, x, y, rx)
         assert_trees_close(jax.tree.map(lambda a: a[k - 1], curve), g, rtol=1e-9, atol=1e-13)
     if kind == "dendritic":
@@ -166,8 +168,9 @@ def test_bias_shrinks_like_beta_one_sided_and_beta_squared_symmetric(kind, x64):
     estimate at β = 1e−4. Measured: EP 1.001 / 2.000, dendritic 0.999 / 2.000."""
     model, rx, params, buffers, x, y = gdu_setup(kind, "sigmoid")
     T1, T2 = 200, 100
-    run = lambda k, beta: estimate_jit(model, ep_jax.Estimator(k, T1, T2), None, params, buffers, x, y,
-                                       rx._replace(beta=jnp.asarray(beta)))[0]
+    run = lambda k, beta: estimate_jit(
+        model, ep_jax.Estimator(k, T1, T2), None, params, buffers, x, y, rx._replace(beta=jnp.asarray(beta))
+    )[0]
     g_lim = run("symmetric", 1e-4)
     if kind == "ep":
         g_bptt = run("bptt_full", 0.1)
@@ -219,6 +222,7 @@ def test_compare_and_angle_edge_cases():
 
 # --- consistency of the optimised paths -----------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["ep", "dendritic"])
 def test_unhoisted_reference_gives_the_same_estimates(kind, x64):
     """The straightforward formulation (`reference.Unhoisted`, nothing hoisted out of the
@@ -264,8 +268,12 @@ def test_dendritic_masked_positions_get_no_gradient():
 @pytest.mark.parametrize("kind", ["ep", "dendritic"])
 def test_batched_and_separate_nudged_phases_agree(kind, x64):
     model, rx, params, buffers, x, y = gdu_setup(kind, "hard_sigmoid")
-    g1, _ = estimate_jit(model, ep_jax.Estimator("symmetric", 30, 8, batched_nudge=True), None, params, buffers, x, y, rx)
-    g2, _ = estimate_jit(model, ep_jax.Estimator("symmetric", 30, 8, batched_nudge=False), None, params, buffers, x, y, rx)
+    g1, _ = estimate_jit(
+        model, ep_jax.Estimator("symmetric", 30, 8, batched_nudge=True), None, params, buffers, x, y, rx
+    )
+    g2, _ = estimate_jit(
+        model, ep_jax.Estimator("symmetric", 30, 8, batched_nudge=False), None, params, buffers, x, y, rx
+    )
     assert_trees_close(g1, g2, rtol=1e-10, atol=1e-14)
 
 
@@ -309,6 +317,7 @@ def test_random_sign_nudging_draws_the_sign_from_the_key(x64):
 
 # --- jit and no jit against an independent expectation ------------------------------------
 
+
 class JitVariantsTest(chex.TestCase):
     """One training step with and without jit, each against an expectation computed
     independently: the numpy estimate (NumpyNet) and one SGD step from zero momentum
@@ -318,13 +327,13 @@ class JitVariantsTest(chex.TestCase):
     def test_train_step_against_independent_expectation(self):
         for kind in ("ep", "dendritic"):
             sizes = (12, 10, 4) if kind == "ep" else (12, 10, 8, 4)
-            lr = np.array([0.3, 0.1, 0.2][:len(sizes) - 1])
+            lr = np.array([0.3, 0.1, 0.2][: len(sizes) - 1])
             model = ep_jax.build_model(kind, sizes=sizes, activation="sigmoid")
             rx = ep_jax.make_relaxation(model, beta=0.2, dt=0.8)
             opt = ep_jax.optim.sgd(model, lr=lr, momentum=0.9)
             x = jax.random.uniform(jax.random.PRNGKey(1), (8, 12))
             y = jax.random.randint(jax.random.PRNGKey(2), (8,), 0, 4)
-            for est_kind in (("symmetric", "bptt_full") if kind == "ep" else ("symmetric",)):
+            for est_kind in ("symmetric", "bptt_full") if kind == "ep" else ("symmetric",):
                 est = ep_jax.Estimator(est_kind, 20, 5)
                 state = ep_jax.init_state(model, est, opt, jax.random.PRNGKey(0))
                 step = self.variant(lambda k, st, x, y, r: ep_jax.train_step(model, est, opt, k, st, x, y, r))
@@ -337,9 +346,14 @@ class JitVariantsTest(chex.TestCase):
                 else:
                     g_ref, s0, _ = net.estimate(est_kind, x, y, 0.2, 20, 5, dt=0.8)
                 # one rate per synapse; the apical map of hidden layer l uses synapse l + 1's
-                rates = (({"w": lr[0], "b": lr[0]}, {"w": lr[1], "b": lr[1]}) if kind == "ep" else
-                         {"basal": ({"w": lr[0], "c": lr[0]}, {"w": lr[1], "c": lr[1]}, {"w": lr[2], "c": lr[2]}),
-                          "apical": ({"w": lr[1]}, {"w": lr[2]})})
+                rates = (
+                    ({"w": lr[0], "b": lr[0]}, {"w": lr[1], "b": lr[1]})
+                    if kind == "ep"
+                    else {
+                        "basal": ({"w": lr[0], "c": lr[0]}, {"w": lr[1], "c": lr[1]}, {"w": lr[2], "c": lr[2]}),
+                        "apical": ({"w": lr[1]}, {"w": lr[2]}),
+                    }
+                )
                 expect = jax.tree.map(lambda p, g, r: np.asarray(p, np.float64) - r * g, state.params, g_ref, rates)
                 assert_trees_close(new.params, expect, rtol=1e-5, atol=2e-6)
                 y1h = np.eye(4)[np.asarray(y)]
@@ -363,6 +377,7 @@ def unrolled_ep_loss(p, x, y, steps, dt):
 
 
 # --- input checks ----------------------------------------------------------------------------
+
 
 def test_bad_inputs_raise_clear_errors():
     model = ep_jax.build_model("ep", sizes=(12, 10, 4))
@@ -411,8 +426,9 @@ def test_bad_inputs_raise_clear_errors():
         ep_jax.optim.sgd(model, lr=0.1, momentum=float("nan"))
 
 
-@pytest.mark.parametrize("dt", [np.array([0.5, 0.5]), np.full((10,), 0.5), jnp.array([0.5, 0.5]),
-                                np.full((2, 10), 0.5)])
+@pytest.mark.parametrize(
+    "dt", [np.array([0.5, 0.5]), np.full((10,), 0.5), jnp.array([0.5, 0.5]), np.full((2, 10), 0.5)]
+)
 def test_array_dt_is_refused_with_a_clear_message(dt):
     """Per-neuron time steps are a list with one entry per layer; a bare numpy/JAX array
     (which a sequence check would silently read as per-layer entries) is refused."""

@@ -5,6 +5,7 @@ Most runs use `exp_helpers.TINY` (synthetic data, compiled once per process); th
 interrupt/kill tests that need a second process are in test_interrupt.py, the
 checkpoint format in test_checkpoint.py, bad input in test_cli_errors.py.
 """
+
 import contextlib
 import json
 import shutil
@@ -15,14 +16,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from exp_helpers import (
+    ROOT,
+    SPE,
+    TINY,
+    TINY_REM,
+    assert_one_line_error,
+    assert_same_arrays,
+    checkpoint_arrays,
+    max_abs_diff,
+    metrics,
+    run_cli,
+    snapshot,
+    strip_time,
+    summary,
+    tiny,
+    tiny_args,
+)
 
 import ep_jax
 from ep_jax import sweep as S
 from experiments import checkpoint as ckpt
 from experiments import engine, sweep, train
 from experiments.config import RunConfig
-from exp_helpers import (ROOT, SPE, TINY, TINY_REM, assert_one_line_error, assert_same_arrays, checkpoint_arrays, max_abs_diff, metrics,
-                         run_cli, snapshot, strip_time, summary, tiny, tiny_args)
 
 QUIET = dict(progress=False, print_fn=lambda *a: None)
 
@@ -38,6 +54,7 @@ def toml_spec(path: Path, base: dict, members: list[dict] = (), grid: dict | Non
 
 
 # --- 1. one seed, one set of numbers: train, sweep member, plain loop ----------------------------
+
 
 def x64(cfg):
     return jax.enable_x64(True) if cfg.float64 else contextlib.nullcontext()
@@ -58,13 +75,19 @@ def _plain_loop(cfg, epochs):
     model, est = engine.build_model(cfg), engine.build_estimator(cfg)
     opt = engine.build_optimizer(cfg, model)
     state = ep_jax.init_state(model, est, opt, k["init"], **engine.model_settings(cfg))
-    state = state._replace(opt_state=ep_jax.optim.with_hyperparams(state.opt_state,
-                                                                   **engine.opt_hyperparams(cfg, model)))
+    state = state._replace(
+        opt_state=ep_jax.optim.with_hyperparams(state.opt_state, **engine.opt_hyperparams(cfg, model))
+    )
     rx = engine.build_relaxation(cfg, model)
     # the data, built here from its definition (no subset: every example, in order)
-    ds = ep_jax.synthetic.make_synthetic(jax.random.PRNGKey(cfg.subset_seed), n_features=cfg.sizes[0],
-                                         n_classes=cfg.sizes[-1], n_train=cfg.synthetic_train,
-                                         n_test=cfg.synthetic_test, noise=cfg.synthetic_noise)
+    ds = ep_jax.synthetic.make_synthetic(
+        jax.random.PRNGKey(cfg.subset_seed),
+        n_features=cfg.sizes[0],
+        n_classes=cfg.sizes[-1],
+        n_train=cfg.synthetic_train,
+        n_test=cfg.synthetic_test,
+        noise=cfg.synthetic_noise,
+    )
     dtype = ep_jax.models.base.default_float()
     x, y = ds.x_train.astype(dtype), ds.y_train
     n = len(y)
@@ -76,21 +99,38 @@ def _plain_loop(cfg, epochs):
         np.testing.assert_array_equal(np.sort(np.concatenate([full.ravel(), rest])), np.arange(n))
         correct = 0
         for idx in list(full) + ([rest] if len(rest) else []):
-            state, info = step(model, est, opt, ep_jax.step_key(k["step"], state.step), state,
-                               jnp.asarray(x[idx]), jnp.asarray(y[idx]), rx)
+            state, info = step(
+                model,
+                est,
+                opt,
+                ep_jax.step_key(k["step"], state.step),
+                state,
+                jnp.asarray(x[idx]),
+                jnp.asarray(y[idx]),
+                rx,
+            )
             assert bool(info.finite)
             correct += int(info.correct)
-        ev = ep_jax.evaluate_jit(model, est, state.params, state.buffers, jnp.asarray(ds.x_test, dtype),
-                                 jnp.asarray(ds.y_test), rx)
-        rows.append({"epoch": epoch, "train_acc": 100.0 * correct / n, "test_acc": 100.0 * int(ev.correct) / len(ds.y_test),
-                     "steps": int(state.step)})
+        ev = ep_jax.evaluate_jit(
+            model, est, state.params, state.buffers, jnp.asarray(ds.x_test, dtype), jnp.asarray(ds.y_test), rx
+        )
+        rows.append(
+            {
+                "epoch": epoch,
+                "train_acc": 100.0 * correct / n,
+                "test_acc": 100.0 * int(ev.correct) / len(ds.y_test),
+                "steps": int(state.step),
+            }
+        )
     return state, rx, rows
 
 
 def stored_member(run_dir, state, rx, cfg):
     """The checkpoint of `run_dir` restored into the structure of a plain loop's state."""
-    template = {"sweep": S.SweepState(state, engine.keys(cfg)["step"], jnp.bool_(True), jnp.int32(-1)),
-                "relaxation": rx}
+    template = {
+        "sweep": S.SweepState(state, engine.keys(cfg)["step"], jnp.bool_(True), jnp.int32(-1)),
+        "relaxation": rx,
+    }
     meta, sd = ckpt.decode((Path(run_dir) / engine.CHECKPOINT).read_bytes())
     with x64(cfg):
         return meta, ckpt.restore(template, sd)
@@ -117,13 +157,18 @@ def test_train_sweep_member_and_plain_loop_agree(tmp_path, float64):
     rc, _, err = run_cli(train.main, tiny_args(**base, seed=3) + ["--out", tmp_path / "train"])
     assert rc == 0, err
     # the same config as one member of a sweep, beside members with other seeds and settings
-    spec = toml_spec(tmp_path / "s.toml", base, members=[
-        {"name": "other", "seed": 0, "beta": 0.1, "lr": [0.3, 0.05]},
-        {"name": "target", "seed": 3},
-        {"name": "third", "seed": 7, "lr": 0.1, "momentum": 0.5, "alpha": 0.4}])
+    spec = toml_spec(
+        tmp_path / "s.toml",
+        base,
+        members=[
+            {"name": "other", "seed": 0, "beta": 0.1, "lr": [0.3, 0.05]},
+            {"name": "target", "seed": 3},
+            {"name": "third", "seed": 7, "lr": 0.1, "momentum": 0.5, "alpha": 0.4},
+        ],
+    )
     rc, out, err = run_cli(sweep.main, [spec, "--out", tmp_path / "sweep", "--no-progress"])
     assert rc == 0, err
-    assert "3 member(s) in 1 group(s)" in out                   # one vmapped program
+    assert "3 member(s) in 1 group(s)" in out  # one vmapped program
     assert RunConfig.from_dict(json.loads((tmp_path / "sweep/target/config.json").read_text())) == cfg
     assert RunConfig.from_dict(json.loads((tmp_path / "train/config.json").read_text())) == cfg
 
@@ -137,17 +182,21 @@ def test_train_sweep_member_and_plain_loop_agree(tmp_path, float64):
     assert np.asarray(stored_t["sweep"].train.opt_state.hyperparams["lr"]).dtype == want_dtype
 
     loop = {"sweep": S.SweepState(state, engine.keys(cfg)["step"], jnp.bool_(True), jnp.int32(-1)), "relaxation": rx}
-    diffs = {"train vs loop": max_abs_diff(stored_t["sweep"].train, loop["sweep"].train),
-             "sweep vs loop": max_abs_diff(stored_s["sweep"].train, loop["sweep"].train),
-             "train vs sweep": max_abs_diff(stored_t["sweep"].train, stored_s["sweep"].train)}
+    diffs = {
+        "train vs loop": max_abs_diff(stored_t["sweep"].train, loop["sweep"].train),
+        "sweep vs loop": max_abs_diff(stored_s["sweep"].train, loop["sweep"].train),
+        "train vs sweep": max_abs_diff(stored_t["sweep"].train, stored_s["sweep"].train),
+    }
     print({k: f"{v:.3g}" for k, v in diffs.items()})
     assert max(diffs.values()) <= TOL[float64], diffs
     # what is not computed (masks, settings, keys, relaxation, step counters) is identical
     for stored in (stored_t, stored_s):
         assert_trees_equal(stored["sweep"].train.buffers, state.buffers)
         assert_trees_equal(stored["relaxation"], rx)
-        assert_trees_equal((stored["sweep"].key, stored["sweep"].alive, stored["sweep"].diverged_step,
-                            stored["sweep"].train.step), (loop["sweep"].key, True, -1, state.step))
+        assert_trees_equal(
+            (stored["sweep"].key, stored["sweep"].alive, stored["sweep"].diverged_step, stored["sweep"].train.step),
+            (loop["sweep"].key, True, -1, state.step),
+        )
     # the epochs' numbers: accuracies (counts) identical on all three paths
     got, ms = metrics(tmp_path / "train"), metrics(tmp_path / "sweep/target")
     assert got == meta_t["history"] and ms == meta_s["history"]
@@ -163,8 +212,9 @@ def test_sweep_member_order_does_not_matter(tmp_path):
     """The same members in another order: each member's checkpoint bit for bit."""
     members = [{"name": "p", "seed": 0, "beta": 0.1}, {"name": "q", "seed": 3}, {"name": "r", "seed": 7, "lr": 0.1}]
     for tag, ms in (("fwd", members), ("rev", members[::-1])):
-        rc, _, err = run_cli(sweep.main, [toml_spec(tmp_path / f"{tag}.toml", TINY, ms), "--out", tmp_path / tag,
-                                          "--no-progress"])
+        rc, _, err = run_cli(
+            sweep.main, [toml_spec(tmp_path / f"{tag}.toml", TINY, ms), "--out", tmp_path / tag, "--no-progress"]
+        )
         assert rc == 0, err
     for m in members:
         a, b = tmp_path / "fwd" / m["name"], tmp_path / "rev" / m["name"]
@@ -184,7 +234,7 @@ def test_epoch_order_and_keys_depend_on_seed_and_epoch():
     fb1, _ = engine.epoch_batches(b, 1, 200)
     assert fa1.shape == (6, 32) and ra1.shape == (8,)
     perm = np.asarray(jax.random.permutation(jax.random.fold_in(engine.keys(a)["data"], 1), 200))
-    np.testing.assert_array_equal(np.concatenate([fa1.ravel(), ra1]), perm)        # the documented order
+    np.testing.assert_array_equal(np.concatenate([fa1.ravel(), ra1]), perm)  # the documented order
     assert not np.array_equal(fa1, fa2) and not np.array_equal(fa1, fb1)
     # numeric settings other than the seed do not change the order (only seeds pick data)
     np.testing.assert_array_equal(engine.epoch_batches(tiny(seed=0, beta=0.3, lr=0.5), 1, 200)[0], fa1)
@@ -193,6 +243,7 @@ def test_epoch_order_and_keys_depend_on_seed_and_epoch():
 
 
 # --- 3. run folders are never destroyed ------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
@@ -213,12 +264,27 @@ def run_copy(finished, tmp_path):
 
 def test_finished_run_folder_layout(finished):
     d = finished / "seed0"
-    assert sorted(p.name for p in d.iterdir()) == [".ep_jax-files.json", "checkpoint.msgpack", "config.json",
-                                                   "learning_curve.png", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in d.iterdir()) == [
+        ".ep_jax-files.json",
+        "checkpoint.msgpack",
+        "config.json",
+        "learning_curve.png",
+        "metrics.jsonl",
+        "summary.json",
+    ]
     rows = metrics(d)
     assert [r["epoch"] for r in rows] == [1, 2] and [r["steps"] for r in rows] == [SPE, 2 * SPE]
-    assert set(rows[0]) == {"epoch", "train_acc", "loss", "test_acc", "test_loss", "time_s", "steps",
-                            "residual_free", "residual_nudge"}
+    assert set(rows[0]) == {
+        "epoch",
+        "train_acc",
+        "loss",
+        "test_acc",
+        "test_loss",
+        "time_s",
+        "steps",
+        "residual_free",
+        "residual_nudge",
+    }
     assert all(0 <= r["residual_free"] < 1 and 0 <= r["residual_nudge"] < 1 for r in rows)
     s = summary(d)
     assert s["status"] == "ok" and s["epochs_done"] == 2 and s["final_test_acc"] == rows[-1]["test_acc"]
@@ -245,8 +311,19 @@ def test_invalid_config_on_existing_folder_touches_nothing(run_copy, mode):
 def test_overwrite_with_unloadable_data_touches_nothing(run_copy, tmp_path):
     """--overwrite deletes only after the config and the data were read without error."""
     before = snapshot(run_copy)
-    rc, _, err = run_cli(train.main, ["--preset", "fmnist-dep-1h", "--data-dir", tmp_path / "nowhere",
-                                      "--overwrite", "--out", run_copy, "--no-progress"])
+    rc, _, err = run_cli(
+        train.main,
+        [
+            "--preset",
+            "fmnist-dep-1h",
+            "--data-dir",
+            tmp_path / "nowhere",
+            "--overwrite",
+            "--out",
+            run_copy,
+            "--no-progress",
+        ],
+    )
     assert_one_line_error(rc, err, "not found", str(tmp_path / "nowhere"))
     assert snapshot(run_copy) == before
 
@@ -280,11 +357,17 @@ def test_resume_with_another_runs_checkpoint_refused_untouched(run_copy, finishe
     assert snapshot(run_copy) == before
 
 
-@pytest.mark.parametrize("extra,flag", [
-    (["--set", "beta=0.3"], "--set"), (["--seed", "4"], "--seed"), (["--preset", "mnist-dep"], "--preset"),
-    (["--subset", "100"], "--subset"), (["--test-subset", "32"], "--test-subset"),
-    (["--overwrite"], "not allowed with argument"),
-])
+@pytest.mark.parametrize(
+    "extra,flag",
+    [
+        (["--set", "beta=0.3"], "--set"),
+        (["--seed", "4"], "--seed"),
+        (["--preset", "mnist-dep"], "--preset"),
+        (["--subset", "100"], "--subset"),
+        (["--test-subset", "32"], "--test-subset"),
+        (["--overwrite"], "not allowed with argument"),
+    ],
+)
 def test_resume_refuses_other_settings(run_copy, extra, flag):
     before = snapshot(run_copy)
     rc, _, err = run_cli(train.main, ["--resume", "--out", run_copy] + extra)
@@ -305,7 +388,7 @@ def test_resume_extends_equal_to_uninterrupted(run_copy, tmp_path):
     rc, out, err = run_cli(train.main, ["--resume", "--out", run_copy, "--epochs", "3", "--no-progress"])
     assert rc == 0, err
     new_lines = (run_copy / "metrics.jsonl").read_text().splitlines()
-    assert new_lines[:2] == old_lines and len(new_lines) == 3            # history kept byte for byte
+    assert new_lines[:2] == old_lines and len(new_lines) == 3  # history kept byte for byte
     assert json.loads((run_copy / "config.json").read_text())["epochs"] == 3
     rc, _, err = run_cli(train.main, tiny_args(epochs=3) + ["--out", tmp_path / "straight"])
     assert rc == 0, err
@@ -350,7 +433,7 @@ def test_metrics_equal_checkpoint_history_after_crash_between_writes(tmp_path, m
         run_cli(train.main, tiny_args(epochs=3) + ["--out", d])
     meta, _ = checkpoint_arrays(d)
     assert meta["epoch"] == 2 and len(meta["history"]) == 2
-    assert [r["epoch"] for r in metrics(d)] == [1]                     # the append never happened
+    assert [r["epoch"] for r in metrics(d)] == [1]  # the append never happened
     assert summary(d)["status"] == "failed" and "Crash" in summary(d)["message"]
     monkeypatch.setattr(engine, "_save", real_save)
 
@@ -365,6 +448,7 @@ def test_metrics_equal_checkpoint_history_after_crash_between_writes(tmp_path, m
 
 
 # --- 5. a summary on every exit path (in-process paths; signals in test_interrupt.py) -------------
+
 
 def test_summary_ok_with_one_learning_rate(tmp_path):
     """`lr=0.2` (one float for every synapse) is accepted and trains."""
@@ -393,7 +477,7 @@ DIVERGE_LRS = {"ok-a": 0.05, "boom-a": 0.15, "ok-b": 0.1, "boom-b": 0.14}
 def test_diverging_member_frozen_others_continue(tmp_path):
     spec = toml_spec(tmp_path / "d.toml", DIVERGE, members=[{"name": n, "lr": lr} for n, lr in DIVERGE_LRS.items()])
     rc, out, err = run_cli(sweep.main, [spec, "--out", tmp_path / "sw", "--no-progress"])
-    assert rc == 0, err                                     # diverged members are a result, not a failure
+    assert rc == 0, err  # diverged members are a result, not a failure
     late = []
     for name in DIVERGE_LRS:
         d = tmp_path / "sw" / name
@@ -402,7 +486,7 @@ def test_diverging_member_frozen_others_continue(tmp_path):
         rows = metrics(d)
         if name.startswith("ok"):
             assert s["status"] == "ok" and s["epochs_done"] == 5 and meta["epoch"] == 5
-            assert s["final_test_acc"] >= 90, s          # they learn (4 classes: chance is 25 %)
+            assert s["final_test_acc"] >= 90, s  # they learn (4 classes: chance is 25 %)
             continue
         assert s["status"] == "diverged", (name, s)
         done = s["epochs_done"]
@@ -419,8 +503,9 @@ def test_diverging_member_frozen_others_continue(tmp_path):
             # to a plain loop of that many epochs, within the vmapped-sweep tolerance
             state, _, loop_rows = plain_loop(cfg.replace(epochs=done), done)
             assert int(state.step) == done * SPE
-            init = ep_jax.init_state(model, est, engine.build_optimizer(cfg, model), engine.keys(cfg)["init"],
-                                     **engine.model_settings(cfg))
+            init = ep_jax.init_state(
+                model, est, engine.build_optimizer(cfg, model), engine.keys(cfg)["init"], **engine.model_settings(cfg)
+            )
             assert max_abs_diff(params, init.params) > 1e-2
             assert max_abs_diff(params, state.params) <= 1e-5
     assert late, "no member diverged in epoch >= 2: re-pick DIVERGE_LRS for this platform"
@@ -446,20 +531,32 @@ def test_divergence_cause_names_each_reason():
     """The loop's diagnosis reads the first refused step of the member (member 1 here;
     member 0 is fine), one reason per field of StepInfo that can refuse a step."""
     from ep_jax.experiments.loop import divergence_cause
+
     cfg = tiny(max_state=10.0)
-    base = dict(loss=1.0, correct=0, accuracy=0.0, grad_norm=1.0, state_absmax=1.0, finite=True, beta=0.2,
-                residual_free=1e-7, residual_nudge=1e-7)
+    base = dict(
+        loss=1.0,
+        correct=0,
+        accuracy=0.0,
+        grad_norm=1.0,
+        state_absmax=1.0,
+        finite=True,
+        beta=0.2,
+        residual_free=1e-7,
+        residual_nudge=1e-7,
+    )
 
     def chunk(**bad):
         rows = [dict(base), {**base, "finite": False, **bad}]
         return [ep_jax.StepInfo(**{k: np.array([[base[k], r[k]] for r in rows]) for k in base})]
+
     assert "free state or the loss is not finite" in divergence_cause(cfg, chunk(state_absmax=np.inf), 1)
     assert "above max_state=10" in divergence_cause(cfg, chunk(state_absmax=11.0), 1)
     assert "non-finite gradient" in divergence_cause(cfg, chunk(grad_norm=np.nan), 1)
     assert "learning rate too large" in divergence_cause(cfg, chunk(), 1)
     icfg = tiny(estimator="implicit", implicit_tol=1e-6)
-    assert "relative residual 0.001 > implicit_tol=1e-06" in divergence_cause(icfg, chunk(residual_free=1e-3,
-                                                                                          grad_norm=np.nan), 1)
+    assert "relative residual 0.001 > implicit_tol=1e-06" in divergence_cause(
+        icfg, chunk(residual_free=1e-3, grad_norm=np.nan), 1
+    )
     # the first refused step counts, in a later chunk too
     assert "above max_state" in divergence_cause(cfg, chunk(finite=True) + chunk(state_absmax=50.0), 1)
 
@@ -471,7 +568,7 @@ def test_time_budget_interrupts_with_summary_then_resume(tmp_path):
         engine.run([m], "new", deadline=time.time() - 1, **QUIET)
     s = summary(d)
     assert s["status"] == "interrupted" and "time budget" in s["message"] and s["epochs_done"] == 0
-    assert checkpoint_arrays(d)[0]["epoch"] == 0                       # the initial state, resumable
+    assert checkpoint_arrays(d)[0]["epoch"] == 0  # the initial state, resumable
     (s2,) = engine.run([m], "resume", **QUIET)
     assert s2["status"] == "ok" and s2["epochs_done"] == 3
     (ref,) = engine.run([engine.Member(tiny(epochs=3), "ref", tmp_path / "ref")], "new", **QUIET)
@@ -505,6 +602,7 @@ def test_synthetic_data_is_the_same_with_and_without_x64():
 
 # --- 8. analysis commands write under runs/ (or --out), never into the source tree -----------------
 
+
 def untrained_run(d, **changes):
     """A run folder holding the initial checkpoint only (the time budget stops it at once)."""
     with pytest.raises(engine.Interrupted):
@@ -514,6 +612,7 @@ def untrained_run(d, **changes):
 
 def test_hidden_states_writes_under_runs_by_default(tmp_path, monkeypatch):
     from experiments import hidden_states
+
     ep = untrained_run(tmp_path / "ep", model="ep")
     dep = untrained_run(tmp_path / "dep")
     cwd = tmp_path / "cwd"
@@ -523,9 +622,11 @@ def test_hidden_states_writes_under_runs_by_default(tmp_path, monkeypatch):
     before = snapshot(source)
     rc, out, err = run_cli(hidden_states.main, ["--ep", ep, "--dep", dep, "--examples", "16"])
     assert rc == 0, err
-    assert sorted(p.name for p in (cwd / "runs" / "hidden_states").iterdir()) == [".ep_jax-files.json",
-                                                                                   "hidden_states.json",
-                                                                                   "hidden_states.png"]
+    assert sorted(p.name for p in (cwd / "runs" / "hidden_states").iterdir()) == [
+        ".ep_jax-files.json",
+        "hidden_states.json",
+        "hidden_states.png",
+    ]
     res = json.loads((cwd / "runs" / "hidden_states" / "hidden_states.json").read_text())
     assert set(res) == {"EP", "DEP"} and len(res["EP"]["layers"]) == 2 and len(res["EP"]["layers"][0]["mean_abs"]) == 8
     assert snapshot(source) == before and sorted(p.name for p in cwd.iterdir()) == ["runs"]
@@ -536,13 +637,17 @@ def test_hidden_states_writes_under_runs_by_default(tmp_path, monkeypatch):
 
 def test_plot_dt_hist_writes_under_runs_by_default(tmp_path, monkeypatch):
     from experiments import plot_dt_hist
+
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     rc, out, err = run_cli(plot_dt_hist.main, ["--n", "64"])
     assert rc == 0, err
-    assert sorted(p.name for p in (cwd / "runs" / "hts").iterdir()) == [".ep_jax-files.json", "dt_hist.json",
-                                                                        "dt_hist.png"]
+    assert sorted(p.name for p in (cwd / "runs" / "hts").iterdir()) == [
+        ".ep_jax-files.json",
+        "dt_hist.json",
+        "dt_hist.png",
+    ]
     assert sorted(p.name for p in cwd.iterdir()) == ["runs"]
     summary_ = json.loads((cwd / "runs" / "hts" / "dt_hist.json").read_text())
     assert set(summary_) == set(ep_jax.timesteps.DISTRIBUTIONS)
@@ -561,6 +666,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (CI installs it)")
 def test_reproduce_table2_smoke_end_to_end_and_rerun_trains_nothing(tmp_path, monkeypatch):
     from experiments import reproduce
+
     monkeypatch.delenv("EP_JAX_DATA_DIR", raising=False)
     out = tmp_path / "rep"
     argv = ["table2", "--smoke", "--seeds", "2", "--cells", "fmnist-ep", "--out", out, "--no-progress"]
@@ -595,8 +701,22 @@ def test_short_dep_run_on_real_fashion_mnist_learns(tmp_path, monkeypatch):
     """The command line end to end on real data: DEP (one hidden layer of 256, T1 = 60),
     4000 training examples, 2 epochs. Chance is 10 %."""
     monkeypatch.delenv("EP_JAX_DATA_DIR", raising=False)
-    rc, out, err = run_cli(train.main, ["--preset", "fmnist-dep-1h", "--epochs", "2", "--subset", "4000",
-                                        "--test-subset", "2000", "--out", tmp_path, "--no-progress"])
+    rc, out, err = run_cli(
+        train.main,
+        [
+            "--preset",
+            "fmnist-dep-1h",
+            "--epochs",
+            "2",
+            "--subset",
+            "4000",
+            "--test-subset",
+            "2000",
+            "--out",
+            tmp_path,
+            "--no-progress",
+        ],
+    )
     assert rc == 0, err
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["sizes"] == [784, 256, 10] and cfg["dataset"] == "fashion_mnist" and cfg["subset"] == 4000

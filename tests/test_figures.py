@@ -1,17 +1,17 @@
 """The figures, drawn from small data: the PNG is written, epoch and k axes have integer
 ticks only, a one-epoch curve is a visible marker, legends and y-labels are there, and
 the HTS histogram titles what it draws."""
+
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from exp_helpers import run_cli, tiny
 
 import ep_jax
 from ep_jax.experiments import figures
 from experiments import aggregate, engine, gdu, hidden_states, plot_dt_hist
-from exp_helpers import run_cli, tiny
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -29,8 +29,18 @@ def assert_integer_ticks(ax, axis="x"):
 
 
 def history(n):
-    return [{"epoch": i + 1, "train_acc": 50.0 + i, "loss": 0.1, "test_acc": 55.0 + i, "test_loss": 0.1,
-             "time_s": 1.0, "steps": 6 * (i + 1)} for i in range(n)]
+    return [
+        {
+            "epoch": i + 1,
+            "train_acc": 50.0 + i,
+            "loss": 0.1,
+            "test_acc": 55.0 + i,
+            "test_loss": 0.1,
+            "time_s": 1.0,
+            "steps": 6 * (i + 1),
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
@@ -43,7 +53,7 @@ def test_learning_curve_integer_epochs_and_markers(tmp_path, n):
     figures.pyplot().close(fig)
     figures.learning_curve(tmp_path, history(n), "t")
     assert (tmp_path / "learning_curve.png").read_bytes()[:8] == PNG
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["learning_curve.png"]      # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["learning_curve.png"]  # no temporary left
 
 
 def write_run(d, seed, accs):
@@ -67,7 +77,7 @@ def test_aggregate_plot_one_epoch_is_a_visible_point(tmp_path, epochs):
     (mean,) = [l for l in ax.get_lines() if l.get_label() == "mean"]
     assert len(mean.get_xdata()) == epochs and mean.get_marker() not in (None, "", "None")
     x0, x1 = ax.get_xlim()
-    assert x0 < 1 <= epochs < x1                      # the point is inside the frame, not on it
+    assert x0 < 1 <= epochs < x1  # the point is inside the frame, not on it
     assert_integer_ticks(ax)
     assert ax.get_legend() is not None and ax.get_ylabel() == "test accuracy (%)"
     figures.pyplot().close(fig)

@@ -3,6 +3,7 @@ gradient it converges to, and the convergence residuals of the phases.
 
 References are independent of the estimators' code: `jax.grad` through a relaxation
 written out here, and a dense linear solve of the adjoint system with numpy."""
+
 import dataclasses
 
 import jax
@@ -10,11 +11,11 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err, synthetic_problem
 
 import ep_jax
 from ep_jax import alignment, dynamics
 from ep_jax.estimators import estimate
-from conftest import rel_err, synthetic_problem
 from experiments.config import ConfigError, RunConfig, validate
 
 SIZES = (6, 5, 3)
@@ -69,7 +70,8 @@ def test_implicit_equals_a_dense_adjoint_solve(x64):
         st = jax.flatten_util.ravel_pytree(s)[1](flat)
         eff = model.prepare(p, buffers)
         return jax.flatten_util.ravel_pytree(
-            dynamics.step(model, eff, model.input_drive(eff, x), st, None, 0.0, rx.dt))[0]
+            dynamics.step(model, eff, model.input_drive(eff, x), st, None, 0.0, rx.dt)
+        )[0]
 
     flat = jax.flatten_util.ravel_pytree(s)[0]
     J = np.asarray(jax.jacobian(G, argnums=1)(params, flat))
@@ -93,8 +95,10 @@ def test_holomorphic_is_exact_at_finite_beta_where_the_differences_are_biased(x6
     with N (geometrically: N = 4 is orders of magnitude worse than N = 8)."""
     model, params, buffers, x, y, rx = setup("sigmoid", beta=0.3)
     exact, _ = estimate(model, est("implicit", t_nudge=1), None, params, buffers, x, y, rx)
-    err = {k: rel_err(estimate(model, est(k), None, params, buffers, x, y, rx)[0], exact)
-           for k in ("one_sided", "symmetric")}
+    err = {
+        k: rel_err(estimate(model, est(k), None, params, buffers, x, y, rx)[0], exact)
+        for k in ("one_sided", "symmetric")
+    }
     for n in (4, 8):
         err[n] = rel_err(estimate(model, est("holomorphic", n_points=n), None, params, buffers, x, y, rx)[0], exact)
     print(err)
@@ -112,8 +116,10 @@ def test_holomorphic_with_the_cross_entropy_cost(x64):
     y = jnp.array([0, 1, 2, 0])
     rx = ep_jax.make_relaxation(model, beta=0.3, dt=0.5, dtype=jnp.float64)
     exact, _ = estimate(model, est("implicit", t_nudge=1), None, params, buffers, x, y, rx)
-    err = {n: rel_err(estimate(model, est("holomorphic", n_points=n), None, params, buffers, x, y, rx)[0], exact)
-           for n in (2, 4, 8)}
+    err = {
+        n: rel_err(estimate(model, est("holomorphic", n_points=n), None, params, buffers, x, y, rx)[0], exact)
+        for n in (2, 4, 8)
+    }
     assert err[8] < 1e-5 and err[4] > 100 * err[8] and err[2] > 10 * err[4], err
 
 
@@ -151,12 +157,15 @@ def test_holomorphic_precision_follows_the_float_type():
         assert ep_jax.estimators.complex_dtype(jnp.float64) == jnp.complex128
 
 
-@pytest.mark.parametrize("build,what", [
-    (lambda: ep_jax.EPModel(sizes=SIZES), "hard_sigmoid"),
-    (lambda: ep_jax.EPModel(sizes=SIZES, activation="relu", output_activation="sigmoid"), "relu"),
-    (lambda: ep_jax.EPModel(sizes=SIZES, activation="leaky_relu", output_activation="sigmoid"), "leaky_relu"),
-    (lambda: ep_jax.DendriticModel(sizes=SIZES, activation="sigmoid"), "dendritic branches"),
-])
+@pytest.mark.parametrize(
+    "build,what",
+    [
+        (lambda: ep_jax.EPModel(sizes=SIZES), "hard_sigmoid"),
+        (lambda: ep_jax.EPModel(sizes=SIZES, activation="relu", output_activation="sigmoid"), "relu"),
+        (lambda: ep_jax.EPModel(sizes=SIZES, activation="leaky_relu", output_activation="sigmoid"), "leaky_relu"),
+        (lambda: ep_jax.DendriticModel(sizes=SIZES, activation="sigmoid"), "dendritic branches"),
+    ],
+)
 def test_holomorphic_refuses_non_holomorphic_models(build, what):
     model = build()
     params, buffers = model.init(jax.random.PRNGKey(0))
@@ -170,18 +179,22 @@ def test_holomorphic_refuses_non_holomorphic_models(build, what):
 
 def test_non_holomorphic_parts_are_named():
     assert ep_jax.EPModel(sizes=SIZES, activation="tanh", loss="ce").non_holomorphic() == []
-    assert ep_jax.EPModel(sizes=SIZES, activation="sigmoid", output_activation="hard_sigmoid").non_holomorphic() \
-        == ["output activation 'hard_sigmoid'"]
+    assert ep_jax.EPModel(sizes=SIZES, activation="sigmoid", output_activation="hard_sigmoid").non_holomorphic() == [
+        "output activation 'hard_sigmoid'"
+    ]
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(kind="symmetric", n_points=4), "n_points is a setting of the 'holomorphic'"),
-    (dict(kind="holomorphic", n_points=1), "n_points must be an integer >= 2"),
-    (dict(kind="holomorphic", n_points=2.5), "n_points must be an integer >= 2"),
-    (dict(kind="bptt", tol=1e-3), "tol is a setting of the 'implicit'"),
-    (dict(kind="implicit", tol=0.0), "tol must be a positive number"),
-    (dict(kind="holomorphic", nudge="random_sign"), "random_sign"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(kind="symmetric", n_points=4), "n_points is a setting of the 'holomorphic'"),
+        (dict(kind="holomorphic", n_points=1), "n_points must be an integer >= 2"),
+        (dict(kind="holomorphic", n_points=2.5), "n_points must be an integer >= 2"),
+        (dict(kind="bptt", tol=1e-3), "tol is a setting of the 'implicit'"),
+        (dict(kind="implicit", tol=0.0), "tol must be a positive number"),
+        (dict(kind="holomorphic", nudge="random_sign"), "random_sign"),
+    ],
+)
 def test_estimator_settings_are_checked(kw, match):
     with pytest.raises(ValueError, match=match):
         ep_jax.Estimator(**kw)
@@ -190,8 +203,11 @@ def test_estimator_settings_are_checked(kw, match):
 def test_implicit_refuses_an_unconverged_free_phase(x64):
     model, params, buffers, x, y, rx = setup("tanh", dt=0.2)
     short = ep_jax.Estimator("implicit", t_free=5, t_nudge=1)
-    with pytest.raises(ValueError, match=r"free phase has not converged: relative residual .* > tol=1e-05 after "
-                                         r"t_free=5 steps"):
+    with pytest.raises(
+        ValueError,
+        match=r"free phase has not converged: relative residual .* > tol=1e-05 after "
+        r"t_free=5 steps",
+    ):
         estimate(model, short, None, params, buffers, x, y, rx)
     # under jit the step is refused instead (non-finite gradients), the state unchanged
     opt = ep_jax.optim.sgd(model, lr=[0.1, 0.1])
@@ -237,8 +253,9 @@ def test_residual_does_not_change_the_states(x64):
     y1h = model.one_hot(y, x.dtype)
     for batched in (True, False):
         plain = dynamics.nudged_phases(model, eff, ctx, a, y1h, (0.2, -0.2), rx.dt, 6, batched=batched)
-        with_r, r_n = dynamics.nudged_phases(model, eff, ctx, a, y1h, (0.2, -0.2), rx.dt, 6, batched=batched,
-                                             residual=True)
+        with_r, r_n = dynamics.nudged_phases(
+            model, eff, ctx, a, y1h, (0.2, -0.2), rx.dt, 6, batched=batched, residual=True
+        )
         for p, q in zip(jax.tree.leaves(plain), jax.tree.leaves(with_r)):
             np.testing.assert_array_equal(np.asarray(p), np.asarray(q))
         if batched:
@@ -265,8 +282,17 @@ def test_a_short_training_run_with_the_holomorphic_estimator_learns():
     before = ep_jax.evaluate_jit(model, e, state.params, state.buffers, xt, yt, rx)
     idx = jnp.arange(512).reshape(-1, 32)
     for epoch in range(3):
-        state, info = ep_jax.train_steps_jit(model, e, opt, jax.random.PRNGKey(2), state, x, y,
-                                             jax.random.permutation(jax.random.PRNGKey(epoch), idx), rx)
+        state, info = ep_jax.train_steps_jit(
+            model,
+            e,
+            opt,
+            jax.random.PRNGKey(2),
+            state,
+            x,
+            y,
+            jax.random.permutation(jax.random.PRNGKey(epoch), idx),
+            rx,
+        )
     after = ep_jax.evaluate_jit(model, e, state.params, state.buffers, xt, yt, rx)
     assert bool(jnp.all(info.finite))
     assert float(after.accuracy) > 0.8 > float(before.accuracy) + 0.2
@@ -280,40 +306,66 @@ def test_estimator_replace_keeps_the_new_settings():
 
 # --- the experiment layer ---------------------------------------------------------------
 
-ENGINE = dict(dataset="synthetic", sizes=[12, 10, 4], synthetic_train=96, synthetic_test=48, t_free=40, t_nudge=10,
-              batch_size=16, epochs=1, chunk=3, lr=[0.2, 0.1], eval_batch=48, model="ep", activation="sigmoid")
+ENGINE = dict(
+    dataset="synthetic",
+    sizes=[12, 10, 4],
+    synthetic_train=96,
+    synthetic_test=48,
+    t_free=40,
+    t_nudge=10,
+    batch_size=16,
+    epochs=1,
+    chunk=3,
+    lr=[0.2, 0.1],
+    eval_batch=48,
+    model="ep",
+    activation="sigmoid",
+)
 
 
 def _run(tmp_path, **kw):
     import json
+
     from experiments import engine
     from experiments.config import RunConfig, validate
+
     c = validate(RunConfig.from_dict({**ENGINE, **kw}))
     engine.run([engine.Member(c, "m", tmp_path)], progress=False, print_fn=lambda *a: None)
     return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_engine_runs_the_holomorphic_estimator_and_logs_residuals(tmp_path):
-    rows = _run(tmp_path / "h", estimator="holomorphic", n_points=4, beta=0.5, align_every=3, align_batch=8,
-                align_reference="implicit", float64=True)
+    rows = _run(
+        tmp_path / "h",
+        estimator="holomorphic",
+        n_points=4,
+        beta=0.5,
+        align_every=3,
+        align_batch=8,
+        align_reference="implicit",
+        float64=True,
+    )
     r = rows[0]
     assert 0 < r["residual_free"] < 1e-2 and 0 < r["residual_nudge"] < 1e-2
     # the alignment log against the implicit gradient: holomorphic EP is close to exact
     assert min(r["alignment"][0]["cosine"].values()) > 0.999
     rows = _run(tmp_path / "b", estimator="bptt")
-    assert "residual_free" in rows[0] and "residual_nudge" not in rows[0]   # no nudged phase: no column
+    assert "residual_free" in rows[0] and "residual_nudge" not in rows[0]  # no nudged phase: no column
 
 
 def test_config_refuses_holomorphic_for_non_holomorphic_models():
-    with pytest.raises(ConfigError, match=r"estimator: holomorphic needs holomorphic functions, and this model "
-                                          r"uses activation 'hard_sigmoid'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"estimator: holomorphic needs holomorphic functions, and this model "
+        r"uses activation 'hard_sigmoid'",
+    ):
         validate(RunConfig.from_dict({**ENGINE, "activation": "hard_sigmoid", "estimator": "holomorphic"}))
     with pytest.raises(ConfigError, match="relu \\(the dendritic branches\\)"):
         validate(RunConfig.from_dict({**ENGINE, "model": "dendritic", "estimator": "holomorphic"}))
     with pytest.raises(ConfigError, match="n_points: is a setting of the holomorphic estimator"):
         validate(RunConfig.from_dict({**ENGINE, "n_points": 8}))
     with pytest.raises(ConfigError, match="solver: the bptt estimator differentiates the synchronous scan"):
-        validate(RunConfig.from_dict({**ENGINE, "estimator": "bptt", "free_tol": 1e-6}))   # the older field
+        validate(RunConfig.from_dict({**ENGINE, "estimator": "bptt", "free_tol": 1e-6}))  # the older field
     with pytest.raises(ConfigError, match="solver: the bptt estimator differentiates the synchronous scan"):
         validate(RunConfig.from_dict({**ENGINE, "estimator": "bptt", "solver": "adaptive:1e-6/scan"}))
     with pytest.raises(ConfigError, match="implicit_tol: is a setting of the implicit estimator"):
@@ -325,13 +377,38 @@ def test_gradient_error_command_writes_its_figure_and_numbers(tmp_path):
     estimators' (symmetric = holomorphic N=2, N=4 far below symmetric at β = 0.1), and the
     residual curve of the run ends at the value StepInfo-style residuals give."""
     import json
+
     from experiments import gradient_error
+
     run = tmp_path / "run"
     _run(run)
     out = tmp_path / "ge"
-    gradient_error.main(["--out", str(out), "--dataset", "synthetic", "--sizes", "784", "8", "10",
-                         "--t-free", "100", "--betas", "0.1", "0.5", "--n-points", "2", "4",
-                         "--presets", str(run), "--horizon", "30", "--batch", "8"])
+    gradient_error.main(
+        [
+            "--out",
+            str(out),
+            "--dataset",
+            "synthetic",
+            "--sizes",
+            "784",
+            "8",
+            "10",
+            "--t-free",
+            "100",
+            "--betas",
+            "0.1",
+            "0.5",
+            "--n-points",
+            "2",
+            "4",
+            "--presets",
+            str(run),
+            "--horizon",
+            "30",
+            "--batch",
+            "8",
+        ]
+    )
     data = json.loads((out / "gradient_error.json").read_text())
     assert (out / "gradient_error.png").is_file()
     c = data["errors"]["curves"]
@@ -340,8 +417,24 @@ def test_gradient_error_command_writes_its_figure_and_numbers(tmp_path):
     r = data["residuals"]["run"]
     assert r["t_free"] == 40 and len(r["free"]) == 40 and r["at_t_free"] == r["free"][39]
     with pytest.raises(ConfigError, match="neither a preset"):
-        gradient_error.main(["--out", str(out), "--dataset", "synthetic", "--sizes", "784", "8", "10",
-                             "--t-free", "20", "--betas", "0.1", "--presets", str(tmp_path / "missing")])
+        gradient_error.main(
+            [
+                "--out",
+                str(out),
+                "--dataset",
+                "synthetic",
+                "--sizes",
+                "784",
+                "8",
+                "10",
+                "--t-free",
+                "20",
+                "--betas",
+                "0.1",
+                "--presets",
+                str(tmp_path / "missing"),
+            ]
+        )
 
 
 def test_fields_added_later_keep_the_digest_of_runs_saved_before_them():
@@ -350,22 +443,66 @@ def test_fields_added_later_keep_the_digest_of_runs_saved_before_them():
     and change it away from it."""
     import hashlib
     import json
+
     from experiments.config import RunConfig
-    original = ['dataset', 'data_dir', 'subset', 'test_subset', 'subset_seed', 'synthetic_train', 'synthetic_test',
-                'synthetic_noise', 'model', 'sizes', 'activation', 'output_activation', 'loss', 'basal_branches',
-                'apical_branches', 'sparsity', 'apical_dense', 'alpha', 'gamma', 'estimator', 't_free', 't_nudge',
-                'nudge', 'beta', 'dt', 'dt_dist', 'dt_mean', 'dt_std', 'dt_min', 'dt_max', 'dt_out', 'optimizer',
-                'lr', 'momentum', 'batch_size', 'epochs', 'seed', 'eval_batch', 'chunk', 'max_state', 'float64',
-                'align_every', 'align_batch']
+
+    original = [
+        "dataset",
+        "data_dir",
+        "subset",
+        "test_subset",
+        "subset_seed",
+        "synthetic_train",
+        "synthetic_test",
+        "synthetic_noise",
+        "model",
+        "sizes",
+        "activation",
+        "output_activation",
+        "loss",
+        "basal_branches",
+        "apical_branches",
+        "sparsity",
+        "apical_dense",
+        "alpha",
+        "gamma",
+        "estimator",
+        "t_free",
+        "t_nudge",
+        "nudge",
+        "beta",
+        "dt",
+        "dt_dist",
+        "dt_mean",
+        "dt_std",
+        "dt_min",
+        "dt_max",
+        "dt_out",
+        "optimizer",
+        "lr",
+        "momentum",
+        "batch_size",
+        "epochs",
+        "seed",
+        "eval_batch",
+        "chunk",
+        "max_state",
+        "float64",
+        "align_every",
+        "align_batch",
+    ]
     c = RunConfig.from_dict(ENGINE)
     old = {k: v for k, v in c.to_json().items() if k in original and k != "epochs"}
     assert c.digest() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert c.replace(align_reference="implicit").digest() != c.digest()
-    assert RunConfig.from_dict({**ENGINE, "estimator": "holomorphic", "n_points": 8}).digest() != \
-        RunConfig.from_dict({**ENGINE, "estimator": "holomorphic"}).digest()
+    assert (
+        RunConfig.from_dict({**ENGINE, "estimator": "holomorphic", "n_points": 8}).digest()
+        != RunConfig.from_dict({**ENGINE, "estimator": "holomorphic"}).digest()
+    )
 
 
 # --- the adaptive free phase --------------------------------------------------------------
+
 
 def test_adaptive_free_phase_stops_at_the_tolerance_with_the_fixed_phase_states(x64):
     model, params, buffers, x, y, rx = setup("tanh", dt=0.5)
@@ -379,7 +516,7 @@ def test_adaptive_free_phase_stops_at_the_tolerance_with_the_fixed_phase_states(
     for a, b in zip(s, fixed):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
     _, r_prev = dynamics.free_phase(model, eff, ctx, rx.dt, k - 1, residual=True)
-    assert float(r_prev) > 1e-8                      # it stopped at the first step below tol
+    assert float(r_prev) > 1e-8  # it stopped at the first step below tol
     # an unreachable tolerance: every step runs
     s, r, k = dynamics.free_phase_adaptive(model, eff, ctx, rx.dt, 7, 1e-30)
     assert int(k) == 7
@@ -407,13 +544,23 @@ def test_estimators_with_an_adaptive_free_phase(x64):
     for kind in ("symmetric", "implicit"):
         fixed, _ = estimate(model, est(kind, t_nudge=20), None, params, buffers, x, y, rx)
         adaptive = ep_jax.solvers.Adaptive(1e-10)
-        early, aux = estimate(model, est(kind, t_nudge=20, solver=adaptive, nudge_solver=ep_jax.solvers.Scan()),
-                              None, params, buffers, x, y, rx)
+        early, aux = estimate(
+            model,
+            est(kind, t_nudge=20, solver=adaptive, nudge_solver=ep_jax.solvers.Scan()),
+            None,
+            params,
+            buffers,
+            x,
+            y,
+            rx,
+        )
         assert float(aux.residual_free) <= 1e-10
         assert rel_err(early, fixed) < 1e-7
-    for kw, match in [(dict(kind="bptt", solver=ep_jax.solvers.Adaptive(1e-6)), "differentiates the synchronous scan"),
-                      (dict(kind="symmetric", solver="adaptive:0"), "tolerance of 'adaptive:0' must be a positive"),
-                      (dict(kind="holomorphic", nudge_solver="pallas"), "the pallas solver needs estimator")]:
+    for kw, match in [
+        (dict(kind="bptt", solver=ep_jax.solvers.Adaptive(1e-6)), "differentiates the synchronous scan"),
+        (dict(kind="symmetric", solver="adaptive:0"), "tolerance of 'adaptive:0' must be a positive"),
+        (dict(kind="holomorphic", nudge_solver="pallas"), "the pallas solver needs estimator"),
+    ]:
         with pytest.raises(ValueError, match=match):
             ep_jax.Estimator(**kw)
     with pytest.raises(ValueError, match="^tol must be a positive number, got 0.0"):

@@ -4,6 +4,7 @@ a header declares, or a silent partial result (issue 29, "Reliability round 3").
 
 Every bomb here is small: headers and streams that DECLARE huge sizes, never gigabytes on
 disk or in memory."""
+
 import io
 import json
 import os
@@ -22,16 +23,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from exp_helpers import TINY, run_cli, tiny_args  # noqa: E402
+from test_lease import fake_run, run_import  # noqa: E402
+
 import ep_jax.data as D  # noqa: E402
 from benchmarks import lease  # noqa: E402
 from ep_jax import _safe_read as safe_read  # noqa: E402
-from ep_jax.experiments import checkpoint as ckpt  # noqa: E402
 from ep_jax.experiments import aggregate, engine, import_lease, stability, sweep, train  # noqa: E402
+from ep_jax.experiments import checkpoint as ckpt  # noqa: E402
 from ep_jax.experiments.config import RunConfig  # noqa: E402
 from ep_jax.experiments.errors import RunError  # noqa: E402
 from ep_jax.experiments.presets import PRESETS  # noqa: E402
-from exp_helpers import TINY, run_cli, tiny_args  # noqa: E402
-from test_lease import fake_run, run_import  # noqa: E402
 
 
 def one_line(rc, err, *needles):
@@ -52,6 +54,7 @@ def within(seconds, fn, *args):
             box["value"] = fn(*args)
         except BaseException as e:  # noqa: BLE001 — handed to the caller
             box["error"] = e
+
     t = threading.Thread(target=go, daemon=True)
     t.start()
     t.join(seconds)
@@ -72,19 +75,19 @@ def free_fifo(path):
 
 # --- the one reader --------------------------------------------------------------------------
 
+
 def test_read_regular_refuses_pipes_devices_folders_and_oversize(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     try:
-        for path, needle in [(fifo, "named pipe"), (Path("/dev/zero"), "character device"),
-                             (tmp_path, "is a folder")]:
+        for path, needle in [(fifo, "named pipe"), (Path("/dev/zero"), "character device"), (tmp_path, "is a folder")]:
             with pytest.raises(RunError, match=needle) as e:
                 within(10, safe_read.read_regular, path, 100, RunError, "checkpoint")
             assert str(path) in str(e.value) and "\n" not in str(e.value)
     finally:
         free_fifo(fifo)
     big = tmp_path / "big"
-    with open(big, "wb") as f:              # sparse: declares 1 GiB, occupies nothing
+    with open(big, "wb") as f:  # sparse: declares 1 GiB, occupies nothing
         f.truncate(1 << 30)
     with pytest.raises(RunError, match=r"1\.0 GiB, more than a checkpoint can be"):
         safe_read.read_regular(big, 1 << 20, RunError, "checkpoint")
@@ -106,17 +109,19 @@ def zeros_gzip(n_bytes: int, head: bytes = b"") -> bytes:
 
 
 def test_decompress_stops_at_its_bound():
-    bomb = zeros_gzip(256 << 20)                         # 256 MiB of zeros in ~250 KB
+    bomb = zeros_gzip(256 << 20)  # 256 MiB of zeros in ~250 KB
     assert len(bomb) < 1 << 20
     t = time.time()
     with pytest.raises(RunError, match="decompresses to more than 1.0 MiB"):
         safe_read.decompress(bomb, 1 << 20, "b.gz", RunError)
-    assert time.time() - t < 5                          # stopped early, not after inflating it all
+    assert time.time() - t < 5  # stopped early, not after inflating it all
     import gzip
+
     assert safe_read.decompress(gzip.compress(b"abc"), 3, "s") == b"abc"
 
 
 # --- datasets ----------------------------------------------------------------------------------
+
 
 def idx_header(dims) -> bytes:
     return bytes([0, 0, 8, len(dims)]) + b"".join(int(d).to_bytes(4, "big") for d in dims)
@@ -125,6 +130,7 @@ def idx_header(dims) -> bytes:
 def write_mnist(folder: Path, n=20, images=None):
     folder.mkdir(parents=True, exist_ok=True)
     import gzip
+
     for split in ("train", "t10k"):
         x = np.zeros((n, 28, 28), np.uint8)
         (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_header(x.shape) + x.tobytes()))
@@ -140,7 +146,7 @@ def test_gzip_bomb_in_a_data_folder_stops_early_naming_the_file(tmp_path):
     d = write_mnist(tmp_path / "d", images=bomb)
     t = time.time()
     with pytest.raises(D.DatasetError, match="decompresses to more than") as e:
-        D.load_dataset("mnist", data_dir=d)             # verify=True: the checksum comes after the bound
+        D.load_dataset("mnist", data_dir=d)  # verify=True: the checksum comes after the bound
     assert time.time() - t < 10
     assert str(d / "train-images-idx3-ubyte.gz") in str(e.value) and "\n" not in str(e.value)
 
@@ -160,7 +166,7 @@ def test_idx_file_larger_than_the_dataset_allows(tmp_path):
     (d / "t10k-labels-idx1-ubyte.gz").unlink()
     with open(big, "wb") as f:
         f.write(idx_header((1 << 30,)))
-        f.truncate(8 + (1 << 30))                       # sparse
+        f.truncate(8 + (1 << 30))  # sparse
     with pytest.raises(D.DatasetError, match="more than an IDX file can be") as e:
         D.load_dataset("mnist", data_dir=d, verify=False)
     assert str(big) in str(e.value)
@@ -172,7 +178,7 @@ def test_a_pipe_in_a_data_folder_is_not_waited_on(tmp_path):
     fifo = d / "t10k-images-idx3-ubyte"
     os.mkfifo(fifo)
     try:
-        with pytest.raises(D.DatasetError):             # not a complete set (a pipe is no file) or refused
+        with pytest.raises(D.DatasetError):  # not a complete set (a pipe is no file) or refused
             within(20, D.load_dataset, "mnist", d, True, "files", False)
         with pytest.raises(D.DatasetError, match="named pipe"):
             within(20, D.read_idx, fifo)
@@ -194,16 +200,20 @@ def npy(a=None, descr="|u1", shape=(2, 28, 28), body=None) -> bytes:
     return h.getvalue() + (body if body is not None else bytes(int(np.prod(shape))))
 
 
-@pytest.mark.parametrize("content,needle", [
-    (npz_bytes({"arr_0.npy": npy(shape=(10 ** 9, 28, 28), body=b"")}), "declares shape (1000000000, 28, 28)"),
-    (npz_bytes({"arr_0.npy": npy(descr="|O", shape=(2,), body=b"")}), "Python objects"),
-    (npz_bytes({"arr_0.npy": npy(), "evil.npy": npy()}), "expected the one array arr_0.npy"),
-    ("big", "more than a kmnist-train-imgs.npz can hold"),                       # 70 000 images, streamed
-    (b"PK\x03\x04 not a zip", "cannot read the .npz file"),
-], ids=["huge-shape", "object-dtype", "two-members", "inflates-past-bound", "not-a-zip"])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (npz_bytes({"arr_0.npy": npy(shape=(10**9, 28, 28), body=b"")}), "declares shape (1000000000, 28, 28)"),
+        (npz_bytes({"arr_0.npy": npy(descr="|O", shape=(2,), body=b"")}), "Python objects"),
+        (npz_bytes({"arr_0.npy": npy(), "evil.npy": npy()}), "expected the one array arr_0.npy"),
+        ("big", "more than a kmnist-train-imgs.npz can hold"),  # 70 000 images, streamed
+        (b"PK\x03\x04 not a zip", "cannot read the .npz file"),
+    ],
+    ids=["huge-shape", "object-dtype", "two-members", "inflates-past-bound", "not-a-zip"],
+)
 def test_npz_members_checked_before_allocation(tmp_path, content, needle):
     p = tmp_path / "kmnist-train-imgs.npz"
-    if content == "big":     # 55 MB of zeros written in 1 MiB steps: ~55 KB on disk, never in memory
+    if content == "big":  # 55 MB of zeros written in 1 MiB steps: ~55 KB on disk, never in memory
         with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z, z.open("arr_0.npy", "w", force_zip64=True) as f:
             f.write(npy(shape=(70000, 28, 28), body=b""))
             for _ in range(70000 * 784 >> 20):
@@ -228,7 +238,7 @@ def test_cifar_member_declaring_more_than_a_batch_is_refused(tmp_path):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         m = tarfile.TarInfo("cifar-10-batches-bin/data_batch_1.bin")
-        m.size = 50 << 30                               # declared only
+        m.size = 50 << 30  # declared only
         tf.addfile(m)
     (d / "cifar-10-binary.tar.gz").write_bytes(buf.getvalue())
     with pytest.raises(D.DatasetError, match="declares 53687091200 bytes") as e:
@@ -248,10 +258,16 @@ def test_cifar_archive_bomb_stops_early(tmp_path):
 
 # --- sweep specs ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,text", [("deep.json", "[" * 100_000 + "]" * 100_000),
-                                       ("deep.toml", "a = " + "[" * 100_000 + "]" * 100_000),
-                                       ("deept.toml", "a = " + "{b=" * 100_000 + "1" + "}" * 100_000)],
-                         ids=["json", "toml-arrays", "toml-tables"])
+
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("deep.json", "[" * 100_000 + "]" * 100_000),
+        ("deep.toml", "a = " + "[" * 100_000 + "]" * 100_000),
+        ("deept.toml", "a = " + "{b=" * 100_000 + "1" + "}" * 100_000),
+    ],
+    ids=["json", "toml-arrays", "toml-tables"],
+)
 def test_deeply_nested_spec_is_one_line(tmp_path, name, text):
     spec = tmp_path / name
     spec.write_text(text)
@@ -272,14 +288,25 @@ def test_spec_that_is_a_pipe_is_not_waited_on(tmp_path):
 
 # --- run folders: pipes and devices ----------------------------------------------------------------
 
+
 def tiny_run(d: Path, accs=(50.0, 60.0), status="ok", with_checkpoint=True, **changes) -> RunConfig:
     """A run folder as the engine leaves it: config, metrics, summary and (optionally) a
     checkpoint whose metadata is the run's (its config digest, its history)."""
     cfg = RunConfig.from_dict({**TINY, **changes})
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(cfg.to_json()))
-    rows = [{"epoch": i + 1, "train_acc": a - 1, "loss": 0.5, "test_acc": a, "test_loss": 0.6, "time_s": 1.0,
-             "steps": 6 * (i + 1)} for i, a in enumerate(accs)]
+    rows = [
+        {
+            "epoch": i + 1,
+            "train_acc": a - 1,
+            "loss": 0.5,
+            "test_acc": a,
+            "test_loss": 0.6,
+            "time_s": 1.0,
+            "steps": 6 * (i + 1),
+        }
+        for i, a in enumerate(accs)
+    ]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "summary.json").write_text(json.dumps(engine.summarize(rows, status)))
     if with_checkpoint:
@@ -308,7 +335,7 @@ def test_read_meta_and_load_refuse_a_pipe_and_dev_zero(tmp_path):
 def test_checkpoint_larger_than_its_template_allows_is_not_read(tmp_path):
     p = tmp_path / "checkpoint.msgpack"
     with open(p, "wb") as f:
-        f.truncate(200 << 20)                           # sparse
+        f.truncate(200 << 20)  # sparse
     with pytest.raises(ckpt.CheckpointError, match="more than a checkpoint can be"):
         ckpt.load(p, {"w": np.zeros(3, np.float32)})
 
@@ -347,6 +374,7 @@ def test_aggregate_with_dev_zero_as_checkpoint_is_one_line(tmp_path):
 
 # --- run folders: what is trusted -------------------------------------------------------------------
 
+
 def test_aggregate_counts_a_consistent_run(tmp_path):
     tiny_run(tmp_path / "runs" / "a")
     rc, out, err = run_cli(aggregate.main, [tmp_path / "runs"])
@@ -379,7 +407,7 @@ def test_aggregate_refuses_metrics_that_are_not_the_checkpoints(tmp_path):
     a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
     tiny_run(a, accs=(50.0, 60.0))
     tiny_run(b, accs=(70.0, 90.0), seed=1)
-    for f in ("metrics.jsonl", "summary.json"):          # a consistent pair, of another run
+    for f in ("metrics.jsonl", "summary.json"):  # a consistent pair, of another run
         shutil.copy(b / f, a / f)
     rc, _, err = run_cli(aggregate.main, [tmp_path / "runs"])
     one_line(rc, err, str(a / "metrics.jsonl"), "epoch 1: train_acc is 69.0, the run's checkpoint says 49.0")
@@ -390,13 +418,23 @@ def hts_run(d: Path, lr, seed=0):
     cfg = RunConfig.from_dict(values)
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(cfg.to_json()))
-    rows = [{"epoch": i + 1, "train_acc": 90.0 + i, "loss": 0.1, "test_acc": 91.0 + i, "test_loss": 0.1,
-             "time_s": 1.0, "steps": 100 * (i + 1)} for i in range(3)]
+    rows = [
+        {
+            "epoch": i + 1,
+            "train_acc": 90.0 + i,
+            "loss": 0.1,
+            "test_acc": 91.0 + i,
+            "test_loss": 0.1,
+            "time_s": 1.0,
+            "steps": 100 * (i + 1),
+        }
+        for i in range(3)
+    ]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "summary.json").write_text(json.dumps(engine.summarize(rows, "ok")))
     meta = {"epoch": 3, "digest": cfg.digest(), "name": d.name, "history": rows}
     ckpt.atomic_write(d / "checkpoint.msgpack", ckpt.encode({"w": np.zeros(3, np.float32)}, meta))
-    if lr is not None:                                   # edited after the run: another cell
+    if lr is not None:  # edited after the run: another cell
         edited = {**cfg.to_json(), "lr": lr}
         (d / "config.json").write_text(json.dumps(edited))
     return cfg
@@ -413,6 +451,7 @@ def test_stability_refuses_a_config_edited_after_the_run(tmp_path):
 
 # --- lease archives ---------------------------------------------------------------------------------
 
+
 def packed(tmp_path, n_cells=6, part_bytes=3000):
     runs = tmp_path / "runs"
     for i in range(n_cells):
@@ -425,8 +464,7 @@ def packed(tmp_path, n_cells=6, part_bytes=3000):
 
 
 def nothing_written(tmp_path):
-    return not (tmp_path / "dest").exists() and not (tmp_path / "resume").exists() and \
-        not list(tmp_path.glob("dest*"))
+    return not (tmp_path / "dest").exists() and not (tmp_path / "resume").exists() and not list(tmp_path.glob("dest*"))
 
 
 def imp(tmp_path, src):
@@ -437,7 +475,7 @@ def test_lease_manifest_lists_every_part_and_file(tmp_path):
     out, info = packed(tmp_path)
     m = json.loads((out / "lease.json").read_text())["steps"]["pack"]["archive"]
     assert [p["name"] for p in m["parts"]] == sorted(p.name for p in out.glob("lease.tgz.*"))
-    assert len(m["files"]) == info["files"] + info["checkpoints"] + 1         # + lease.json itself
+    assert len(m["files"]) == info["files"] + info["checkpoints"] + 1  # + lease.json itself
     r = imp(tmp_path, out)
     assert r.returncode == 0 and "checked against the lease's manifest" in r.stdout, r.stderr
     assert len(list((tmp_path / "resume").rglob("checkpoint.msgpack"))) == info["checkpoints"]
@@ -511,8 +549,10 @@ def test_lease_extra_part_and_forged_file_are_refused(tmp_path):
     m = doc["steps"]["pack"]["archive"]
     blob = b"".join((out / p["name"]).read_bytes() for p in m["parts"])
     tar = io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(zlib.decompress(blob, 47)), mode="r:") as src, \
-            tarfile.open(fileobj=tar, mode="w:gz") as dst:
+    with (
+        tarfile.open(fileobj=io.BytesIO(zlib.decompress(blob, 47)), mode="r:") as src,
+        tarfile.open(fileobj=tar, mode="w:gz") as dst,
+    ):
         for mem in src.getmembers():
             data = src.extractfile(mem).read()
             if mem.name.endswith("summary.json"):
@@ -549,9 +589,18 @@ def member(name, data=b"{}", kind=tarfile.REGTYPE):
     return m, (data if kind == tarfile.REGTYPE else None)
 
 
-@pytest.mark.parametrize("name,kind", [(".", tarfile.REGTYPE), ("./", tarfile.REGTYPE), (".", tarfile.DIRTYPE),
-                                       ("a/./b.json", tarfile.REGTYPE), ("a//b.json", tarfile.REGTYPE),
-                                       ("", tarfile.REGTYPE), ("a\\b.json", tarfile.REGTYPE)])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        (".", tarfile.REGTYPE),
+        ("./", tarfile.REGTYPE),
+        (".", tarfile.DIRTYPE),
+        ("a/./b.json", tarfile.REGTYPE),
+        ("a//b.json", tarfile.REGTYPE),
+        ("", tarfile.REGTYPE),
+        ("a\\b.json", tarfile.REGTYPE),
+    ],
+)
 def test_lease_member_dot_or_odd_names_never_write_beside_dest(tmp_path, name, kind):
     arc = archive(tmp_path, [member("table1/c/seed0/summary.json"), member(name, b"evil", kind)])
     r = imp(tmp_path, arc)
@@ -575,7 +624,7 @@ def test_lease_archive_declaring_a_huge_member_is_refused_quickly(tmp_path):
     m.size = 50 << 30
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        tf.addfile(m)                                    # header only: the 50 GiB are declared, not there
+        tf.addfile(m)  # header only: the 50 GiB are declared, not there
     p = tmp_path / "lease.tgz"
     p.write_bytes(buf.getvalue())
     assert len(p.read_bytes()) < 400
@@ -592,8 +641,9 @@ def test_lease_damaged_tar_header_in_the_middle_is_not_taken_for_the_end(tmp_pat
             m, data = member(f"t/run{i}/summary.json", b'{"status": "ok"}')
             tf.addfile(m, io.BytesIO(data))
     raw = bytearray(buf.getvalue())
-    raw[1024 + 148] ^= 0x55                               # the second member's header checksum
+    raw[1024 + 148] ^= 0x55  # the second member's header checksum
     import gzip
+
     p = tmp_path / "lease.tgz"
     p.write_bytes(gzip.compress(bytes(raw)))
     r = imp(tmp_path, p)
@@ -615,10 +665,12 @@ def test_lease_part_that_is_a_pipe_is_not_waited_on(tmp_path):
 
 # --- siblings across the run-folder and lease code ------------------------------------------------
 
+
 def test_run_folder_notes_that_are_pipes_are_not_waited_on(tmp_path):
     """The lock holder's note, a run folder's config and its manifest read as regular
     files only: a pipe in their place is refused (or counted as no note), never waited on."""
     from ep_jax.experiments import runfolder
+
     d = tmp_path / "r"
     d.mkdir()
     for name in (runfolder.HOLDER, runfolder.CONFIG, runfolder.MANIFEST):
@@ -648,7 +700,7 @@ def test_lease_import_never_writes_over_a_users_file(tmp_path):
         assert [p for p in (tmp_path / "dest").rglob("*") if p.is_file()] == [mine]
         assert not (tmp_path / "resume").exists()
         mine.unlink()
-    for _ in range(2):   # the second import writes over the first's files
+    for _ in range(2):  # the second import writes over the first's files
         r = imp(tmp_path, out)
         assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "dest" / "table1" / "cell3" / "seed0" / "config.json").read_text())["epochs"] >= 1
@@ -658,6 +710,7 @@ def test_lease_import_removes_only_checkpoints_an_import_wrote(tmp_path):
     """A finished run's stale checkpoint is removed from --resume-dir only when an import
     wrote it (the folder's manifest lists it); one put there by hand is kept."""
     from ep_jax.experiments import runfolder
+
     runs = tmp_path / "runs"
     fake_run(runs / "cellA" / "seed0", "ok", 3)
     fake_run(runs / "cellB" / "seed0", "ok", 3)
@@ -681,9 +734,9 @@ def test_load_run_refuses_a_config_edited_after_the_run(tmp_path):
     goes through engine.load_run, which checks config.json against the checkpoint."""
     rc, out, err = run_cli(train.main, tiny_args(epochs=1) + ["--out", tmp_path / "r"])
     assert rc == 0, err
-    cfg = engine.load_run(tmp_path / "r")[0]            # the control
+    cfg = engine.load_run(tmp_path / "r")[0]  # the control
     d = json.loads((tmp_path / "r" / "config.json").read_text())
-    d["subset_seed"] = d["subset_seed"] + 1    # no value in the checkpoint shows it: only the digest can tell
+    d["subset_seed"] = d["subset_seed"] + 1  # no value in the checkpoint shows it: only the digest can tell
     (tmp_path / "r" / "config.json").write_text(json.dumps(d))
     with pytest.raises(RunError, match="does not match the run's checkpoint"):
         engine.load_run(tmp_path / "r")

@@ -4,19 +4,20 @@ a refused optional logger leaves no run folder behind, and the refusals say what
 
 Every refusal here comes before any data is loaded or any step trained, so nothing trains
 except `test_overwrite_of_a_real_run_removes_exactly_what_it_wrote`."""
+
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from exp_helpers import TINY, assert_one_line_error, run_cli, snapshot, tiny, tiny_args
 
-from ep_jax.experiments import checkpoint as ckpt
 from ep_jax.experiments import aggregate, engine, plot_dt_hist, reproduce, runfolder, stability, train
+from ep_jax.experiments import checkpoint as ckpt
 from ep_jax.experiments import sweep as sweep_cmd
 from ep_jax.experiments.config import RunConfig, warnings_for
 from ep_jax.experiments.errors import RunError, SpecError
-from exp_helpers import TINY, assert_one_line_error, run_cli, snapshot, tiny, tiny_args
 
 QUIET = dict(progress=False, print_fn=lambda *a: None)
 
@@ -40,6 +41,7 @@ def fake_run(d: Path, cfg=None, manifest: bool = False) -> Path:
 
 
 # --- 1. --overwrite removes only what ep_jax wrote -------------------------------------------------
+
 
 @pytest.mark.parametrize("manifest", [False, True], ids=["old-folder", "manifest"])
 @pytest.mark.parametrize("stray", ["notes.txt", "analysis/plot.py", "link"])
@@ -142,6 +144,7 @@ def test_overwrite_of_a_real_run_removes_exactly_what_it_wrote(tmp_path):
 
 # --- 2. output files never replace a user's --------------------------------------------------------
 
+
 def test_sweep_overwrite_in_the_working_directory_keeps_its_files(tmp_path, monkeypatch, no_data):
     monkeypatch.chdir(tmp_path)
     spec = tmp_path / "s.json"
@@ -179,13 +182,15 @@ def reproducing(monkeypatch):
         for m in members:
             m.dir.mkdir(parents=True, exist_ok=True)
         return [{"status": "ok"} for _ in members]
+
     monkeypatch.setattr(engine, "run", fake_run)
     return calls
 
 
 def rep(*extra):
     return ["table2", "--cells", "mnist-ep", "--seeds", "1", "--no-estimate", "--no-progress", "--smoke"] + [
-        str(e) for e in extra]
+        str(e) for e in extra
+    ]
 
 
 def test_reproduce_keeps_a_users_results_md(tmp_path, reproducing):
@@ -214,7 +219,7 @@ def test_reproduce_does_not_wipe_a_run_folder_whose_checkpoint_is_gone(tmp_path,
     rc, _, err = run_cli(reproduce.main, rep("--out", out))
     assert_one_line_error(rc, err, str(d), "no checkpoint", "--overwrite")
     assert snapshot(tmp_path) == before and reproducing == []
-    rc, _, err = run_cli(reproduce.main, rep("--out", out, "--overwrite"))   # asked: still not the user's file
+    rc, _, err = run_cli(reproduce.main, rep("--out", out, "--overwrite"))  # asked: still not the user's file
     assert_one_line_error(rc, err, str(d), "'notes.txt'", "did not write")
     assert snapshot(tmp_path) == before and reproducing == []
 
@@ -237,7 +242,7 @@ def test_aggregate_outputs_keep_a_users_file(tmp_path, monkeypatch, flag):
     assert_one_line_error(rc, err, str(target), "did not write")
     assert snapshot(tmp_path) == before
     fresh = tmp_path / "sub" / target.name
-    for _ in range(2):   # its own output it replaces
+    for _ in range(2):  # its own output it replaces
         rc, _, err = run_cli(aggregate.main, [tmp_path, flag, fresh])
         assert rc == 0, err
     assert fresh.stat().st_size > 0
@@ -272,7 +277,7 @@ def test_a_damaged_manifest_is_one_line_and_not_trusted(tmp_path):
     with pytest.raises(RunError, match="not an ep_jax manifest"):
         runfolder.claim_outputs(d, ["a.md"])
     before = snapshot(tmp_path)
-    for mode in ("new", "overwrite", "resume"):   # refused before any data is read or file written
+    for mode in ("new", "overwrite", "resume"):  # refused before any data is read or file written
         with pytest.raises(RunError, match="not an ep_jax manifest"):
             engine.check_folders([engine.Member(tiny(), "o", d)], mode)
     assert snapshot(tmp_path) == before
@@ -280,26 +285,32 @@ def test_a_damaged_manifest_is_one_line_and_not_trusted(tmp_path):
 
 # --- 3. an optional logger without its library: refused before any folder -----------------------------
 
+
 def test_log_wandb_without_wandb_leaves_no_run_folder(tmp_path, monkeypatch, no_data):
     import builtins
+
     real = builtins.__import__
 
     def without(name, *a, **k):
         if name.split(".")[0] in ("wandb", "tensorboardX"):
             raise ImportError(name)
         return real(name, *a, **k)
+
     monkeypatch.setattr(builtins, "__import__", without)
-    for kind, needle in (("wandb", "pip install 'ep_jax[wandb]'"),
-                         ("tensorboard", "pip install 'ep_jax[tensorboard]'")):
+    for kind, needle in (
+        ("wandb", "pip install 'ep_jax[wandb]'"),
+        ("tensorboard", "pip install 'ep_jax[tensorboard]'"),
+    ):
         d = tmp_path / kind
         rc, _, err = run_cli(train.main, tiny_args() + ["--out", d, "--log", kind])
         assert_one_line_error(rc, err, f"--log {kind}", needle)
         assert not d.exists()
-        rc, _, err = run_cli(train.main, tiny_args() + ["--out", d, "--log", kind])   # and again: the same
+        rc, _, err = run_cli(train.main, tiny_args() + ["--out", d, "--log", kind])  # and again: the same
         assert_one_line_error(rc, err, f"--log {kind}")
 
 
 # --- 4. the refusals say what is wrong ----------------------------------------------------------------
+
 
 def test_a_folder_holding_only_gitkeep_is_not_called_a_run(tmp_path, no_data):
     d = tmp_path / "out"

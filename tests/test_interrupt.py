@@ -4,6 +4,7 @@ leaves the last epoch's checkpoint. Either way `--resume` finishes the run with 
 the numbers of an uninterrupted one. A signal while XLA compiles (no Python runs then)
 ends the process within seconds with the one line `interrupted` and exit status 130,
 never a death by signal."""
+
 import os
 import re
 import signal
@@ -14,18 +15,28 @@ import time
 from pathlib import Path
 
 import pytest
+from exp_helpers import (
+    TINY,
+    assert_same_arrays,
+    checkpoint_arrays,
+    metrics,
+    run_cli,
+    strip_time,
+    subprocess_env,
+    summary,
+    tiny_args,
+)
 
 from experiments import engine, train
-from exp_helpers import (TINY, assert_same_arrays, checkpoint_arrays, metrics, run_cli, strip_time, subprocess_env,
-                         summary, tiny_args)
 
 
 def start(args, out_dir, tmp_path, progress=False, **env):
     cmd = [sys.executable, "-m", "experiments.train"] + args + ["--out", str(out_dir)]
     if not progress:
         cmd.append("--no-progress")
-    return subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, cwd=tmp_path, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for(cond, proc, timeout=300.0, what=""):
@@ -45,9 +56,14 @@ def n_rows(d: Path) -> int:
     return len(p.read_text().splitlines()) if p.exists() else 0
 
 
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"),
-                                 # the same engine path as SIGTERM (KeyboardInterrupt): slow run only
-                                 pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "sig",
+    [
+        pytest.param(signal.SIGTERM, id="SIGTERM"),
+        # the same engine path as SIGTERM (KeyboardInterrupt): slow run only
+        pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow),
+    ],
+)
 def test_signal_leaves_interrupted_summary_and_resume_equals_uninterrupted(tmp_path, sig):
     args = tiny_args(epochs=30)
     d = tmp_path / "run"
@@ -123,16 +139,17 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
 
 # --- signals while the process is in native code -------------------------------------------
 
+
 def test_the_handler_only_records_and_the_engine_stops_at_a_safe_point():
     """A KeyboardInterrupt raised by the handler itself may land in JAX's gc callback,
     where Python swallows it (the run then went on to the end with exit status 0)."""
     with engine._Signals(watch=False) as sig:
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)                      # the handler has run: nothing raised
+        time.sleep(0.05)  # the handler has run: nothing raised
         assert sig.pending and not sig.stopped
         with pytest.raises(KeyboardInterrupt):
             sig.check()
-        sig.check()                           # one stop only
+        sig.check()  # one stop only
 
 
 WATCHED = """
@@ -160,8 +177,14 @@ sys.exit(cli.main_wrapper(main))
 @pytest.mark.parametrize("where", ["native", "record"])
 def test_a_process_stuck_in_native_code_stops_within_seconds(tmp_path, where):
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-c", WATCHED, str(out), where], cwd=tmp_path, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WATCHED, str(out), where],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready", proc.communicate()
     proc.send_signal(signal.SIGTERM)
     t0 = time.monotonic()
@@ -170,7 +193,7 @@ def test_a_process_stuck_in_native_code_stops_within_seconds(tmp_path, where):
     assert proc.returncode == 130, (proc.returncode, err)
     assert err.strip().splitlines() == ["interrupted"], err
     assert "not reached" not in rest
-    assert took < 30, took                               # not the 60 s of the "native" call
+    assert took < 30, took  # not the 60 s of the "native" call
     if where == "record":
         assert (tmp_path / "o.record").read_text() == "whole"
     else:
@@ -187,6 +210,7 @@ def test_signal_during_compilation_is_one_line_and_resumable(tmp_path):
     status 130 (never a death by signal, a segfault or an abort), stderr the one line
     `interrupted`, the summary `interrupted`, the folder resumable from epoch 0."""
     from experiments.config import RunConfig, validate
+
     cfg = validate(RunConfig.from_dict(DEEP))
     for k, (sig, delay) in enumerate([(signal.SIGINT, 0.0), (signal.SIGTERM, 0.5), (signal.SIGINT, 2.0)]):
         d = tmp_path / f"run{k}"
@@ -205,8 +229,10 @@ def test_signal_during_compilation_is_one_line_and_resumable(tmp_path):
         metas = engine.check_folders([engine.Member(cfg, d.name, d)], "resume")
         assert metas[d.name]["epoch"] == s["epochs_done"]
         assert not (d / ".ep_jax-holder.json").exists()
-        print(f"try {k}: {signal.Signals(sig).name} {delay} s after the folder was prepared: exit 130 {took:.1f} s "
-              f"after the signal, epochs done {s['epochs_done']}")
+        print(
+            f"try {k}: {signal.Signals(sig).name} {delay} s after the folder was prepared: exit 130 {took:.1f} s "
+            f"after the signal, epochs done {s['epochs_done']}"
+        )
 
 
 NATIVE = """
@@ -227,8 +253,14 @@ sys.exit(cli.main_wrapper(main))
 def test_a_command_in_native_code_outside_a_run_stops_within_seconds(tmp_path):
     """Any command (reproduce's estimate, gdu, ... compile outside the engine): the
     command line's own watcher ends it when the KeyboardInterrupt cannot come."""
-    proc = subprocess.Popen([sys.executable, "-c", NATIVE], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", NATIVE],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready", proc.communicate()
     proc.send_signal(signal.SIGINT)
     t0 = time.monotonic()

@@ -3,6 +3,7 @@
 On the CPU the kernel runs in Pallas interpret mode: the same kernel body and block
 layout as on the GPU, emulated. Widths are small and not powers of 2 (the wrapper pads
 them), batches not multiples of the tile (padded rows), so padding is exercised."""
+
 import dataclasses
 import warnings
 
@@ -10,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 
 import ep_jax
 from ep_jax import dynamics, kernels
 from ep_jax.kernels import fused as K
 from ep_jax.models.base import OutputGrad
 from ep_jax.reference import Unhoisted
-
-from conftest import rel_err
 
 F32_TOL = 1e-5
 F64_TOL = 1e-12
@@ -27,8 +27,10 @@ def models():
     return {
         "ep": (ep_jax.EPModel(sizes=(12, 24, 10)), dict(gamma=1.0)),
         "ep-2h-ce": (ep_jax.EPModel(sizes=(12, 20, 18, 10), activation="tanh", loss="ce"), dict(gamma=1.0)),
-        "hts": (ep_jax.EPModel(sizes=(12, 40, 10), activation="leaky_relu", output_activation="sigmoid"),
-                dict(gamma=0.5)),
+        "hts": (
+            ep_jax.EPModel(sizes=(12, 40, 10), activation="leaky_relu", output_activation="sigmoid"),
+            dict(gamma=0.5),
+        ),
         "dendritic": (ep_jax.DendriticModel(sizes=(12, 24, 10)), dict(alpha=0.2)),
         "dendritic-2h": (ep_jax.DendriticModel(sizes=(12, 20, 18, 10), basal_branches=4), dict(alpha=0.3)),
     }
@@ -42,8 +44,10 @@ def setup(name, batch=20, dtype=jnp.float32, per_neuron=False, seed=0):
     x = jax.random.uniform(k[1], (batch, model.sizes[0]), dtype)
     y = jax.random.randint(k[2], (batch,), 0, model.n_classes)
     if per_neuron:
-        dt = tuple(jax.random.uniform(kk, (n,), dtype, 0.2, 1.0)
-                   for kk, n in zip(jax.random.split(k[3], model.n_layers), model.state_sizes))
+        dt = tuple(
+            jax.random.uniform(kk, (n,), dtype, 0.2, 1.0)
+            for kk, n in zip(jax.random.split(k[3], model.n_layers), model.state_sizes)
+        )
     else:
         dt = (jnp.asarray(0.6, dtype),) * model.n_layers
     return model, params, buffers, eff, model.input_drive(eff, x), x, y, dt
@@ -76,8 +80,9 @@ def test_float64_matches_xla(x64, name):
     assert rel_err(sk, sx) <= F64_TOL and rel_err(nk, nx) <= F64_TOL
 
 
-@pytest.mark.parametrize("name,kind", [("ep", "symmetric"), ("hts", "chl"), ("dendritic", "symmetric"),
-                                       ("ep-2h-ce", "one_sided")])
+@pytest.mark.parametrize(
+    "name,kind", [("ep", "symmetric"), ("hts", "chl"), ("dendritic", "symmetric"), ("ep-2h-ce", "one_sided")]
+)
 def test_ep_gradients_match_xla(name, kind):
     model, params, buffers, _, _, x, y, dt = setup(name, per_neuron=name == "hts")
     rx = ep_jax.make_relaxation(model, beta=0.4, dt=list(dt))
@@ -101,8 +106,10 @@ def test_vmapped_members_equal_solo():
     buffers = dict(buffers, gamma=jnp.asarray([0.5, 0.7, 1.0]))
     x = jax.random.uniform(jax.random.PRNGKey(4), (B, model.sizes[0]))
     y1h = model.one_hot(jnp.arange(B) % model.n_classes)
-    dts = tuple(jax.random.uniform(jax.random.PRNGKey(5 + l), (M, n), minval=0.2, maxval=1.0)
-                for l, n in enumerate(model.state_sizes))
+    dts = tuple(
+        jax.random.uniform(jax.random.PRNGKey(5 + l), (M, n), minval=0.2, maxval=1.0)
+        for l, n in enumerate(model.state_sizes)
+    )
 
     def phases(p, b, dt):
         eff = model.prepare(p, b)
@@ -150,11 +157,11 @@ def test_fallbacks_warn_once_and_run_xla():
     model, params, buffers, eff, ctx, x, _, dt = setup("ep")
     want = dynamics.free_phase(model, eff, ctx, dt, 5)
     K._lowers.cache_clear()
-    with pytest.warns(RuntimeWarning, match="needs a GPU"):   # CPU without interpret mode
+    with pytest.warns(RuntimeWarning, match="needs a GPU"):  # CPU without interpret mode
         got = kernels.free_phase(model, eff, ctx, dt, 5)
     assert rel_err(got, want) == 0
     with warnings.catch_warnings():
-        warnings.simplefilter("error")       # the second call does not warn again
+        warnings.simplefilter("error")  # the second call does not warn again
         kernels.free_phase(model, eff, ctx, dt, 5)
     um = Unhoisted(model)
     eff_u = um.prepare(params, buffers)
@@ -180,6 +187,7 @@ def test_estimator_solver_validation():
 def test_run_config_field_is_opt_in_and_keeps_old_digests():
     from ep_jax.experiments.build import build_estimator
     from ep_jax.experiments.config import ConfigError, RunConfig, validate
+
     base = dict(model="ep", sizes=[12, 24, 10], dataset="synthetic")
     cfg = validate(RunConfig.from_dict(base))
     assert cfg.solver == "scan" and build_estimator(cfg).solver == ep_jax.solvers.Scan()
@@ -199,9 +207,14 @@ def test_run_config_field_is_opt_in_and_keeps_old_digests():
 def test_estimator_pallas_runs_both_phases_in_the_kernel():
     model, params, buffers, _, _, x, y, dt = setup("ep")
     rx = ep_jax.make_relaxation(model, beta=0.4, dt=list(dt))
-    jaxpr = lambda solver: str(jax.make_jaxpr(lambda p: ep_jax.estimate(
-        model, ep_jax.Estimator(t_free=5, t_nudge=3, solver=solver), None, p, buffers, x, y, rx))(params))
-    assert jaxpr(ep_jax.solvers.Pallas(interpret=True)).count("pallas_call") == 2   # free, and the stacked ±β phases
+    jaxpr = lambda solver: str(
+        jax.make_jaxpr(
+            lambda p: ep_jax.estimate(
+                model, ep_jax.Estimator(t_free=5, t_nudge=3, solver=solver), None, p, buffers, x, y, rx
+            )
+        )(params)
+    )
+    assert jaxpr(ep_jax.solvers.Pallas(interpret=True)).count("pallas_call") == 2  # free, and the stacked ±β phases
     assert jaxpr(ep_jax.solvers.Scan()).count("pallas_call") == 0
 
 
@@ -218,10 +231,13 @@ def test_block_rows_knob(monkeypatch):
 def test_missing_triton_backend_warns_and_runs_xla(monkeypatch):
     model, _, _, eff, ctx, _, _, dt = setup("ep")
     K._lowers.cache_clear()
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")      # as if on a GPU ...
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # as if on a GPU ...
 
-    def no_triton(interp):                                           # ... whose jax has no Triton backend
-        raise K.BackendUnavailable("jax X has no Pallas Triton backend (pallas.triton.CompilerParams): use the default solver (scan)")
+    def no_triton(interp):  # ... whose jax has no Triton backend
+        raise K.BackendUnavailable(
+            "jax X has no Pallas Triton backend (pallas.triton.CompilerParams): use the default solver (scan)"
+        )
+
     monkeypatch.setattr(K, "_compiler_params", no_triton)
     with pytest.warns(RuntimeWarning, match="no Pallas Triton backend"):
         got = kernels.free_phase(model, eff, ctx, dt, 5)
@@ -231,10 +247,12 @@ def test_missing_triton_backend_warns_and_runs_xla(monkeypatch):
 
 def test_the_model_describes_its_drives_to_the_kernel():
     from ep_jax.models.base import KernelDrive
+
     ep, dend = models()["ep"][0], models()["dendritic-2h"][0]
     assert ep.kernel_drive() == KernelDrive("linear") and dend.kernel_drive() == KernelDrive("dendritic", 4, 2)
-    conv = ep_jax.build_model("conv", input_shape=(7, 7, 1), channels=(2,), kernels=(3,), strides=(1,), paddings=(1,),
-                              pools=("max",), fc=(3,))
+    conv = ep_jax.build_model(
+        "conv", input_shape=(7, 7, 1), channels=(2,), kernels=(3,), strides=(1,), paddings=(1,), pools=("max",), fc=(3,)
+    )
     assert conv.kernel_drive() is None and "kernel_drive() describes none" in K.supported(conv)
     odd = ep_jax.DendriticModel(sizes=(12, 20, 10), basal_branches=3)
     assert "power-of-2 branch counts, got basal 3" in K.supported(odd)

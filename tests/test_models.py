@@ -1,12 +1,13 @@
 """Models against independently written energies (docs/equations.md)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_state
 
 import ep_jax
 from ep_jax import activations, dendrites, dynamics, losses
-from conftest import random_state
 
 SIZES = [(7, 6, 5, 4), (9, 8, 3)]
 
@@ -33,6 +34,7 @@ def test_ep_drive_is_grad_of_independent_phi(sizes, loss, x64):
     x = jax.random.uniform(jax.random.PRNGKey(1), (3, sizes[0]), jnp.float64)
     y1h = model.one_hot(jnp.array([0, 2, 1]), jnp.float64)
     s = random_state(jax.random.PRNGKey(2), model, 3, jnp.float64)
+
     def prim(p, beta):
         eff = model.prepare(p, buffers)
         return model.primitive(eff, model.input_drive(eff, x), s, y1h, beta)
@@ -40,11 +42,19 @@ def test_ep_drive_is_grad_of_independent_phi(sizes, loss, x64):
     @jax.jit
     def library_and_reference(beta):
         eff = model.prepare(params, buffers)
-        return ((model.drives(eff, model.input_drive(eff, x), s, y1h, beta), prim(params, beta),
-                 jax.grad(prim)(params, beta)),
-                (jax.grad(phi_ep, argnums=2)(params, x, s, y1h, beta, loss),
-                 phi_ep(params, x, s, y1h, beta, loss) / 3,
-                 jax.grad(lambda p: phi_ep(p, x, s, y1h, beta, loss) / 3)(params)))
+        return (
+            (
+                model.drives(eff, model.input_drive(eff, x), s, y1h, beta),
+                prim(params, beta),
+                jax.grad(prim)(params, beta),
+            ),
+            (
+                jax.grad(phi_ep, argnums=2)(params, x, s, y1h, beta, loss),
+                phi_ep(params, x, s, y1h, beta, loss) / 3,
+                jax.grad(lambda p: phi_ep(p, x, s, y1h, beta, loss) / 3)(params),
+            ),
+        )
+
     for beta in (0.0, 0.3):
         (h, phi, g), (ref, phi_ref, g_ref) = library_and_reference(beta)
         for hl, rl in zip(h, ref):
@@ -105,19 +115,20 @@ def phi_dendritic_layers(model, params, masks, x, s, y1h, beta, alpha):
     phis = []
     for l in range(L):
         b, n = params["basal"][l], model.sizes[l + 1]
-        h = dendritic_map_loops(ref(b["w"], n, K_b), ref(masks["basal"][l], n, K_b), ref(b["c"], n, K_b),
-                                prev[l], K_b)
+        h = dendritic_map_loops(ref(b["w"], n, K_b), ref(masks["basal"][l], n, K_b), ref(b["c"], n, K_b), prev[l], K_b)
         if l < L - 1:
-            h = h + alpha * dendritic_map_loops(ref(params["apical"][l]["w"], n, K_a),
-                                                ref(masks["apical"][l], n, K_a), None, s[l + 1], K_a)
+            h = h + alpha * dendritic_map_loops(
+                ref(params["apical"][l]["w"], n, K_a), ref(masks["apical"][l], n, K_a), None, s[l + 1], K_a
+            )
         phis.append(h)
     return phis
 
 
 @pytest.mark.parametrize("apical_dense", [False, True])
 def test_dendritic_drives_match_loop_formula(apical_dense, x64):
-    model = ep_jax.build_model("dendritic", sizes=(7, 6, 5, 4), basal_branches=3,
-                               apical_branches=2, sparsity=0.5, apical_dense=apical_dense)
+    model = ep_jax.build_model(
+        "dendritic", sizes=(7, 6, 5, 4), basal_branches=3, apical_branches=2, sparsity=0.5, apical_dense=apical_dense
+    )
     params, buffers = model.init(jax.random.PRNGKey(3), jnp.float64, alpha=0.2)
     masks = buffers["masks"]
     x = jax.random.uniform(jax.random.PRNGKey(1), (3, 7), jnp.float64)
@@ -129,6 +140,7 @@ def test_dendritic_drives_match_loop_formula(apical_dense, x64):
     ref[-1] = ref[-1] - 0.25 * (np.asarray(s[-1]) - np.asarray(y1h))
     for hl, rl in zip(h, ref):
         np.testing.assert_allclose(hl, rl, rtol=1e-12, atol=1e-12)
+
     # each drive is the partial of its own layer primitive: h_l = ∂φ_l/∂s_l
     def phi_l(sl, l):
         s2 = tuple(sl if i == l else si for i, si in enumerate(s))
@@ -136,6 +148,7 @@ def test_dendritic_drives_match_loop_formula(apical_dense, x64):
         if l < model.n_layers - 1:
             return jnp.sum(sl * (ff[l] + 0.2 * model._apical(eff, l, s2[l + 1])))
         return jnp.sum(sl * ff[l]) + model.output_term(sl, y1h, 0.25)
+
     partials = jax.jit(lambda s: [jax.grad(phi_l)(s[l], l) for l in range(model.n_layers)])(s)
     for l in range(model.n_layers):
         np.testing.assert_allclose(partials[l], h[l], rtol=1e-12, atol=1e-12)
@@ -154,8 +167,10 @@ def test_layout_conversion_indices():
     np.testing.assert_array_equal(dendrites.to_reference_layout(bm, n, K), ref)
 
 
-@pytest.mark.parametrize("m,n,K,bias,dense", [(13, 6, 3, True, False), (9, 4, 2, False, False),
-                                              (7, 5, 1, True, False), (6, 4, 2, False, True)])
+@pytest.mark.parametrize(
+    "m,n,K,bias,dense",
+    [(13, 6, 3, True, False), (9, 4, 2, False, False), (7, 5, 1, True, False), (6, 4, 2, False, True)],
+)
 def test_init_is_reference_draw_permuted(m, n, K, bias, dense):
     """Init in the branch-major layout, converted back, equals a draw in the reference
     layout (branch (j, k) in column j·K + k) written out independently."""
@@ -164,7 +179,7 @@ def test_init_is_reference_draw_permuted(m, n, K, bias, dense):
     k_w, k_c, k_m = jax.random.split(key, 3)
     keep = m if dense else max(1, round(0.5 * m))
     w_ref = jax.random.uniform(k_w, (m, n * K), jnp.float32, -1 / np.sqrt(m), 1 / np.sqrt(m))
-    mask_ref = (jnp.ones((m, n * K)) if dense else dendrites.sample_mask(k_m, m, n * K, keep))
+    mask_ref = jnp.ones((m, n * K)) if dense else dendrites.sample_mask(k_m, m, n * K, keep)
     back = lambda a: np.asarray(dendrites.to_reference_layout(a, n, K))
     assert params["w"].shape == mask.shape == (m, K * n)
     np.testing.assert_array_equal(back(params["w"]), w_ref)
@@ -280,8 +295,10 @@ def test_dendritic_parameter_and_input_gradients_match_loop_formula(apical_dense
     against the loop-written derivative of the maps in the reference layout:
     ∂/∂w_{i,jk} = (1/B) Σ_b s_bj/K · 1[z_bjk > 0] m_{i,jk} u_bi, and likewise for c and u."""
     from conftest import NumpyNet
-    model = ep_jax.build_model("dendritic", sizes=(7, 6, 5, 4), basal_branches=3, apical_branches=2,
-                               apical_dense=apical_dense)
+
+    model = ep_jax.build_model(
+        "dendritic", sizes=(7, 6, 5, 4), basal_branches=3, apical_branches=2, apical_dense=apical_dense
+    )
     params, buffers = model.init(jax.random.PRNGKey(4), jnp.float64, alpha=0.3)
     x = jax.random.uniform(jax.random.PRNGKey(1), (5, 7), jnp.float64)
     y1h = model.one_hot(jnp.array([0, 3, 1, 2, 2]), jnp.float64)
@@ -290,6 +307,7 @@ def test_dendritic_parameter_and_input_gradients_match_loop_formula(apical_dense
     def prim(p, x):
         eff = model.prepare(p, buffers)
         return model.primitive(eff, model.input_drive(eff, x), s, y1h, 0.25)
+
     g, gx = jax.jit(jax.grad(prim, argnums=(0, 1)))(params, x)
     net = NumpyNet(model, params, buffers)
     ref, ref_x = net.phi_grads(x, [np.asarray(a) for a in s])
@@ -307,8 +325,12 @@ def test_unhoisted_reference_computes_the_same(kind, x64):
     model = ep_jax.build_model(kind, sizes=(20, 16, 12, 5))
     ref = ep_jax.reference.Unhoisted(model)
     assert isinstance(model, ep_jax.Model) and isinstance(ref, ep_jax.Model)
-    assert (ref.sizes, ref.n_layers, ref.state_sizes, ref.n_classes) == \
-        (model.sizes, model.n_layers, model.state_sizes, model.n_classes)
+    assert (ref.sizes, ref.n_layers, ref.state_sizes, ref.n_classes) == (
+        model.sizes,
+        model.n_layers,
+        model.state_sizes,
+        model.n_classes,
+    )
     params, buffers = ref.init(jax.random.PRNGKey(0), jnp.float64)
     jax.tree.map(np.testing.assert_array_equal, (params, buffers), model.init(jax.random.PRNGKey(0), jnp.float64))
     x = jax.random.uniform(jax.random.PRNGKey(1), (4, 20), jnp.float64)
@@ -322,9 +344,16 @@ def test_unhoisted_reference_computes_the_same(kind, x64):
         for m in (model, ref):
             e = m.prepare(params, buffers)
             c = m.input_drive(e, x)
-            out.append((m.drives(e, c, s, y1h, 0.2), m.feedforward(e, c, s), m.primitive(e, c, s, y1h, 0.2),
-                        dynamics.free_phase(m, e, c, rx.dt, 15)))
+            out.append(
+                (
+                    m.drives(e, c, s, y1h, 0.2),
+                    m.feedforward(e, c, s),
+                    m.primitive(e, c, s, y1h, 0.2),
+                    dynamics.free_phase(m, e, c, rx.dt, 15),
+                )
+            )
         return out
+
     a, b = everything(params)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-13, atol=1e-15), a, b)
 

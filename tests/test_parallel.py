@@ -5,6 +5,7 @@ The 8-device run happens in a subprocess with `XLA_FLAGS=--xla_force_host_platfo
 set before jax is imported (this process's jax already has its devices); it saves its
 results, and the single-device reference is computed here, in this process.
 """
+
 import os
 import subprocess
 import sys
@@ -20,10 +21,12 @@ from ep_jax import parallel
 from ep_jax import sweep as S
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = {"ep-symmetric": ("ep", dict(kind="symmetric")),
-         "dendritic-one_sided-random_sign": ("dendritic", dict(kind="one_sided", nudge="random_sign")),
-         "dendritic-bptt": ("dendritic", dict(kind="bptt")),
-         "ep-holomorphic": ("ep", dict(kind="holomorphic", n_points=4))}
+CASES = {
+    "ep-symmetric": ("ep", dict(kind="symmetric")),
+    "dendritic-one_sided-random_sign": ("dendritic", dict(kind="one_sided", nudge="random_sign")),
+    "dendritic-bptt": ("dendritic", dict(kind="bptt")),
+    "ep-holomorphic": ("ep", dict(kind="holomorphic", n_points=4)),
+}
 #: model options of a case beyond its sizes (the holomorphic estimator needs a holomorphic activation)
 MODEL_KW = {"ep-holomorphic": dict(activation="sigmoid")}
 STEPS, GLOBAL_BATCH = 3, 16
@@ -47,10 +50,17 @@ def setup(case):
 
 def sweep_setup(model, est, opt):
     """Two members with other seeds, rates, momenta and β."""
-    state = S.init_sweep(model, est, opt, [jax.random.PRNGKey(0), jax.random.PRNGKey(7)],
-                         [jax.random.PRNGKey(1), jax.random.PRNGKey(2)],
-                         opt_hyperparams={"lr": np.array([[0.2, 0.1], [0.1, 0.05]], np.float32),
-                                          "momentum": np.array([0.9, 0.5], np.float32)})
+    state = S.init_sweep(
+        model,
+        est,
+        opt,
+        [jax.random.PRNGKey(0), jax.random.PRNGKey(7)],
+        [jax.random.PRNGKey(1), jax.random.PRNGKey(2)],
+        opt_hyperparams={
+            "lr": np.array([[0.2, 0.1], [0.1, 0.05]], np.float32),
+            "momentum": np.array([0.9, 0.5], np.float32),
+        },
+    )
     rx = S.stack_relaxations(model, [ep_jax.make_relaxation(model, beta=b, dt=0.8) for b in (0.2, 0.3)])
     return state, rx
 
@@ -90,10 +100,12 @@ CHILD = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
     path = tmp_path_factory.mktemp("dp") / "out.npz"
-    env = dict(os.environ, TEST_DIR=str(Path(__file__).parent),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-c", CHILD, str(path)], env=env, capture_output=True, text=True,
-                         timeout=600)
+    env = dict(
+        os.environ,
+        TEST_DIR=str(Path(__file__).parent),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    res = subprocess.run([sys.executable, "-c", CHILD, str(path)], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return dict(np.load(path))
 
@@ -117,10 +129,10 @@ def test_eight_devices_equal_one_device(eight_devices, case):
             np.testing.assert_allclose(got, leaf, rtol=RTOL, atol=ATOL, err_msg=f"{name}{i}")
             diff = max(diff, float(np.max(np.abs(got - np.asarray(leaf)))))
     print(f"{case}: 8 devices vs one, max |Δ| = {diff:.3g}")
-    assert not np.allclose(jax.tree.leaves(state.params)[0], init[0])          # training moved the params
+    assert not np.allclose(jax.tree.leaves(state.params)[0], init[0])  # training moved the params
     np.testing.assert_allclose(eight_devices[f"{case}_loss"], info.loss, rtol=1e-5)
-    assert int(eight_devices[f"{case}_correct"]) == int(info.correct)             # global count
-    assert float(eight_devices[f"{case}_beta"]) == float(info.beta)               # the same sign on every shard
+    assert int(eight_devices[f"{case}_correct"]) == int(info.correct)  # global count
+    assert float(eight_devices[f"{case}_beta"]) == float(info.beta)  # the same sign on every shard
     assert int(eight_devices[f"{case}_step"]) == STEPS
 
 

@@ -1,6 +1,7 @@
 """The validating readers (`experiments.files`), config extremes and the memory check,
 and the analysis commands' refusals: every damaged file or bad value is one `error:` line
 naming the file (and line or field), never a traceback, never a silent default."""
+
 import json
 import shutil
 import time
@@ -9,15 +10,24 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from exp_helpers import TINY, assert_one_line_error, run_cli, snapshot, tiny, tiny_args
 
 import ep_jax
-
 from ep_jax.experiments import files
-from experiments import aggregate, checkpoint as ckpt, engine, hidden_states, stability, train
-from experiments.config import (INT32_MAX, MAX_STEPS, ConfigError, RunConfig, check_memory, estimate_memory,
-                                memory_breakdown, validate, warnings_for)
 from ep_jax.experiments.errors import RunError
-from exp_helpers import TINY, assert_one_line_error, run_cli, snapshot, tiny, tiny_args
+from experiments import aggregate, engine, hidden_states, stability, train
+from experiments import checkpoint as ckpt
+from experiments.config import (
+    INT32_MAX,
+    MAX_STEPS,
+    ConfigError,
+    RunConfig,
+    check_memory,
+    estimate_memory,
+    memory_breakdown,
+    validate,
+    warnings_for,
+)
 
 QUIET = dict(progress=False, print_fn=lambda *a: None)
 
@@ -27,8 +37,18 @@ def write_run(d: Path, seed=0, accs=(60.0, 70.0), status="ok", **changes) -> Pat
     cfg = tiny(seed=seed, **changes)
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
-    rows = [{"epoch": i + 1, "train_acc": a - 1, "loss": 0.1, "test_acc": a, "test_loss": 0.2, "time_s": 1.0,
-             "steps": 6 * (i + 1)} for i, a in enumerate(accs)]
+    rows = [
+        {
+            "epoch": i + 1,
+            "train_acc": a - 1,
+            "loss": 0.1,
+            "test_acc": a,
+            "test_loss": 0.2,
+            "time_s": 1.0,
+            "steps": 6 * (i + 1),
+        }
+        for i, a in enumerate(accs)
+    ]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "summary.json").write_text(json.dumps(engine.summarize(rows, status)))
     return d
@@ -45,6 +65,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
 
 # --- read_json ---------------------------------------------------------------------------
 
+
 def test_read_json_missing_none_or_error(tmp_path):
     assert files.read_json(tmp_path / "nope.json") is None
     with pytest.raises(RunError, match="nope.json: missing"):
@@ -53,14 +74,17 @@ def test_read_json_missing_none_or_error(tmp_path):
     assert files.read_json(tmp_path / "a.json") == {"x": 1}
 
 
-@pytest.mark.parametrize("data,needle", [
-    (b"{not json", "not valid JSON"),
-    (b"\xff\xfe{}", "not UTF-8"),
-    (DEEP.encode(), "nested too deep"),
-    (b"[1, 2]", "expected a table"),
-    (b'"text"', "expected a table"),
-    (("1" * 5000).encode(), "not readable JSON"),
-])
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (DEEP.encode(), "nested too deep"),
+        (b"[1, 2]", "expected a table"),
+        (b'"text"', "expected a table"),
+        (("1" * 5000).encode(), "not readable JSON"),
+    ],
+)
 def test_read_json_damage_is_one_error_naming_the_file(tmp_path, data, needle):
     p = tmp_path / "x.json"
     p.write_bytes(data)
@@ -86,17 +110,21 @@ def test_read_json_kinds(tmp_path):
 
 # --- read_config ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("changes,needles", [
-    ({"epochs": 10**400}, ["epochs", "401 digits"]),
-    ({"seed": 10**400}, ["seed"]),
-    ({"beta": 10**400}, ["beta", "float range"]),
-    ({"beta": float("nan")}, ["beta", "finite"]),
-    ({"lr": -1}, ["lr", ">= 0"]),
-    ({"dt": 5}, ["dt", "(0, 1]"]),
-    ({"t_free": 2**31}, ["t_free", f"<= {MAX_STEPS}"]),
-    ({"sizes": [16, 10**400, 4]}, ["sizes"]),
-    ({"bogus": 1}, ["unknown config field", "bogus"]),
-])
+
+@pytest.mark.parametrize(
+    "changes,needles",
+    [
+        ({"epochs": 10**400}, ["epochs", "401 digits"]),
+        ({"seed": 10**400}, ["seed"]),
+        ({"beta": 10**400}, ["beta", "float range"]),
+        ({"beta": float("nan")}, ["beta", "finite"]),
+        ({"lr": -1}, ["lr", ">= 0"]),
+        ({"dt": 5}, ["dt", "(0, 1]"]),
+        ({"t_free": 2**31}, ["t_free", f"<= {MAX_STEPS}"]),
+        ({"sizes": [16, 10**400, 4]}, ["sizes"]),
+        ({"bogus": 1}, ["unknown config field", "bogus"]),
+    ],
+)
 def test_read_config_refuses_bad_values_naming_file_and_field(tmp_path, changes, needles):
     d = write_run(tmp_path / "r")
     edit_json(d / "config.json", **changes)
@@ -130,6 +158,7 @@ def test_read_config_round_trip_and_no_folder(tmp_path):
 
 # --- read_summary / read_metrics -----------------------------------------------------------
 
+
 def test_read_summary_accepts_what_the_engine_writes(tmp_path):
     d = write_run(tmp_path / "r")
     s = files.read_summary(d)
@@ -140,42 +169,55 @@ def test_read_summary_accepts_what_the_engine_writes(tmp_path):
     assert files.read_summary(d) is None
 
 
-@pytest.mark.parametrize("content,needle", [
-    ("[1, 2]", "expected a table"),
-    ('{"status": "ok"}', "missing key(s)"),
-    ({"status": "great"}, "status"),
-    ({"epochs_done": -1}, "epochs_done"),
-    ({"epochs_done": 2.5}, "epochs_done"),
-    ({"final_test_acc": "high"}, "final_test_acc"),
-    ({"best_test_acc": float("nan")}, "best_test_acc"),
-    ({"epochs_done": 0}, "epochs_done = 0 but final_test_acc"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("[1, 2]", "expected a table"),
+        ('{"status": "ok"}', "missing key(s)"),
+        ({"status": "great"}, "status"),
+        ({"epochs_done": -1}, "epochs_done"),
+        ({"epochs_done": 2.5}, "epochs_done"),
+        ({"final_test_acc": "high"}, "final_test_acc"),
+        ({"best_test_acc": float("nan")}, "best_test_acc"),
+        ({"epochs_done": 0}, "epochs_done = 0 but final_test_acc"),
+    ],
+)
 def test_read_summary_refuses_damage(tmp_path, content, needle):
     d = write_run(tmp_path / "r")
-    if isinstance(content, str):              # the whole file
+    if isinstance(content, str):  # the whole file
         (d / "summary.json").write_text(content)
-    else:                                     # some keys of a good summary
+    else:  # some keys of a good summary
         edit_json(d / "summary.json", **content)
     with pytest.raises(RunError) as e:
         files.read_summary(d)
     assert str(e.value).startswith(f"{d}/summary.json: ") and needle in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("line,needle", [
-    ("[1, 2]", "expected a table"),
-    ('{"epoch": 2, "train_acc": 1}', "missing column(s)"),
-    ("{nope", "not valid JSON"),
-    ('{"epoch": 1, "train_acc": 1, "loss": 0, "test_acc": 1, "test_loss": 0, "time_s": 1, "steps": 6}',
-     "epochs must increase"),
-    ('{"epoch": 2, "train_acc": 1, "loss": 0, "test_acc": 101, "test_loss": 0, "time_s": 1, "steps": 6}',
-     "test_acc"),
-    ('{"epoch": 2, "train_acc": 1, "loss": 0, "test_acc": 1, "test_loss": 0, "time_s": 1, "steps": 6, '
-     '"alignment": [{"step": 0}]}', "alignment record 1"),
-])
+@pytest.mark.parametrize(
+    "line,needle",
+    [
+        ("[1, 2]", "expected a table"),
+        ('{"epoch": 2, "train_acc": 1}', "missing column(s)"),
+        ("{nope", "not valid JSON"),
+        (
+            '{"epoch": 1, "train_acc": 1, "loss": 0, "test_acc": 1, "test_loss": 0, "time_s": 1, "steps": 6}',
+            "epochs must increase",
+        ),
+        (
+            '{"epoch": 2, "train_acc": 1, "loss": 0, "test_acc": 101, "test_loss": 0, "time_s": 1, "steps": 6}',
+            "test_acc",
+        ),
+        (
+            '{"epoch": 2, "train_acc": 1, "loss": 0, "test_acc": 1, "test_loss": 0, "time_s": 1, "steps": 6, '
+            '"alignment": [{"step": 0}]}',
+            "alignment record 1",
+        ),
+    ],
+)
 def test_read_metrics_names_the_bad_line(tmp_path, line, needle):
     d = write_run(tmp_path / "r", accs=(60.0,))
     with open(d / "metrics.jsonl", "a") as f:
-        f.write("\n" + line + "\n")       # line 1: good; 2: blank (skipped); 3: bad
+        f.write("\n" + line + "\n")  # line 1: good; 2: blank (skipped); 3: bad
     with pytest.raises(RunError) as e:
         files.read_metrics(d)
     assert str(e.value).startswith(f"{d}/metrics.jsonl: line 3") and needle in str(e.value), str(e.value)
@@ -197,6 +239,7 @@ def test_checkpoint_epoch():
 
 # --- aggregate and stability on damaged folders ----------------------------------------------
 
+
 def _summary_list(d):
     (d / "summary.json").write_text("[]")
 
@@ -206,8 +249,9 @@ def _summary_no_keys(d):
 
 
 def _metrics_no_test_acc(d):
-    (d / "metrics.jsonl").write_text('{"epoch": 1, "train_acc": 50, "loss": 0.1, "test_loss": 0.1, '
-                                     '"time_s": 1, "steps": 6}\n')
+    (d / "metrics.jsonl").write_text(
+        '{"epoch": 1, "train_acc": 50, "loss": 0.1, "test_loss": 0.1, "time_s": 1, "steps": 6}\n'
+    )
 
 
 def _metrics_list(d):
@@ -251,8 +295,9 @@ def test_aggregate_refuses_damaged_run_folders_and_writes_nothing(tmp_path, dama
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "t.md").write_text("old table")
     before = snapshot(tmp_path)
-    rc, out, err = run_cli(aggregate.main, [tmp_path / "runs", "--out", tmp_path / "out" / "t.md",
-                                            "--plot", tmp_path / "out" / "t.png"])
+    rc, out, err = run_cli(
+        aggregate.main, [tmp_path / "runs", "--out", tmp_path / "out" / "t.md", "--plot", tmp_path / "out" / "t.png"]
+    )
     assert_one_line_error(rc, err, str(bad), needle)
     assert snapshot(tmp_path) == before
 
@@ -292,17 +337,21 @@ def test_aggregate_plot_refuses_runs_without_an_epoch(tmp_path):
 
 # --- config extremes --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("changes,needle", [
-    ({"epochs": 10**400}, "epochs: must be <= 2147483647, got an integer of 401 digits"),
-    ({"seed": 10**400}, "seed: must be <= 4294967295"),
-    ({"t_free": 2**31}, f"t_free: must be <= {MAX_STEPS}"),
-    ({"t_nudge": 2**31}, f"t_nudge: must be <= {MAX_STEPS}"),
-    ({"chunk": 2**31}, "chunk: must be <= 2147483647"),
-    ({"eval_batch": 2**40}, "eval_batch: must be <="),
-    ({"sizes": [16, 2**31, 4]}, "sizes: widths must be <="),
-    ({"epochs": INT32_MAX}, "int32 step counter"),        # 6 steps per epoch: too many steps
-    ({"subset": 10**400}, "subset"),
-])
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"epochs": 10**400}, "epochs: must be <= 2147483647, got an integer of 401 digits"),
+        ({"seed": 10**400}, "seed: must be <= 4294967295"),
+        ({"t_free": 2**31}, f"t_free: must be <= {MAX_STEPS}"),
+        ({"t_nudge": 2**31}, f"t_nudge: must be <= {MAX_STEPS}"),
+        ({"chunk": 2**31}, "chunk: must be <= 2147483647"),
+        ({"eval_batch": 2**40}, "eval_batch: must be <="),
+        ({"sizes": [16, 2**31, 4]}, "sizes: widths must be <="),
+        ({"epochs": INT32_MAX}, "int32 step counter"),  # 6 steps per epoch: too many steps
+        ({"subset": 10**400}, "subset"),
+    ],
+)
 def test_validate_refuses_integers_beyond_int32_counters(changes, needle):
     with pytest.raises(ConfigError) as e:
         validate(RunConfig.from_dict({**TINY, **changes}))
@@ -328,13 +377,16 @@ def test_deeply_nested_set_value_is_one_line():
     assert "sizes: expected a list of integer widths" in str(e.value) and len(str(e.value)) < 200
 
 
-@pytest.mark.parametrize("changes,needle", [
-    ({"beta": 1e30}, "> 10"),
-    ({"beta": -1e30}, "> 10"),
-    ({"beta": 1e-30}, "< 1e-6"),
-    ({"dt": 1e-30}, "barely moves"),
-    ({"dt": [1.0, 1e-5]}, "barely moves"),
-])
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"beta": 1e30}, "> 10"),
+        ({"beta": -1e30}, "> 10"),
+        ({"beta": 1e-30}, "< 1e-6"),
+        ({"dt": 1e-30}, "barely moves"),
+        ({"dt": [1.0, 1e-5]}, "barely moves"),
+    ],
+)
 def test_warnings_for_extreme_beta_and_dt(changes, needle):
     assert warnings_for(tiny()) == []
     ws = warnings_for(tiny(**changes))
@@ -346,6 +398,7 @@ def test_no_beta_warning_for_bptt():
 
 
 # --- memory -------------------------------------------------------------------------------------
+
 
 def test_memory_parameters_part_matches_the_model():
     """The parameters-and-masks part is exact: params, masks and masked kernels of a real model."""
@@ -365,9 +418,9 @@ def test_memory_parameters_part_matches_the_model():
 def test_check_memory_refuses_a_width_that_cannot_fit():
     huge = tiny(sizes=[4096, 2**24, 4])
     need = estimate_memory(huge)
-    assert need > 2**40            # a TiB: more than any machine here
+    assert need > 2**40  # a TiB: more than any machine here
     with pytest.raises(ConfigError) as e:
-        check_memory(huge)         # the physical memory of this machine
+        check_memory(huge)  # the physical memory of this machine
     msg = str(e.value)
     assert "the run needs about" in msg and "TiB" in msg and "physical memory" in msg and "\n" not in msg
     with pytest.raises(ConfigError, match=r"more than the 1\.0 GiB available \(given\)"):
@@ -389,9 +442,12 @@ def test_memory_estimate_within_2x_of_xla(estimator):
     """The training part of the estimate against XLA's own memory analysis of the compiled
     training step (arguments + outputs + temporaries)."""
     import jax.numpy as jnp
+
     from ep_jax import sweep as S
-    cfg = tiny(sizes=[64, 1024, 10], synthetic_train=256, estimator=estimator, t_free=20, t_nudge=4, batch_size=64,
-               chunk=1)
+
+    cfg = tiny(
+        sizes=[64, 1024, 10], synthetic_train=256, estimator=estimator, t_free=20, t_nudge=4, batch_size=64, chunk=1
+    )
     g = engine.Group([engine.Member(cfg, "m", Path("m"))])
     state, rx = g.initial()
     n = cfg.n_train()
@@ -407,6 +463,7 @@ def test_memory_estimate_within_2x_of_xla(estimator):
 
 # --- hidden_states -------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A TINY run folder of each model holding its initial checkpoint (epoch 0: the time
@@ -414,8 +471,12 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     for name, model in (("ep", "ep"), ("dep", "dendritic")):
         with pytest.raises(engine.Interrupted):
-            engine.run([engine.Member(tiny(model=model, epochs=1), name, root / name)], "new",
-                       deadline=time.time() - 1, **QUIET)
+            engine.run(
+                [engine.Member(tiny(model=model, epochs=1), name, root / name)],
+                "new",
+                deadline=time.time() - 1,
+                **QUIET,
+            )
     return root
 
 
@@ -453,8 +514,9 @@ def config_runs(tmp_path):
     return write_run(tmp_path / "ep", model="ep"), write_run(tmp_path / "dep")
 
 
-@pytest.mark.parametrize("n,needle", [("0", "--examples must be >= 1"), ("-3", "--examples must be >= 1"),
-                                      ("65", "has only 64 test images")])
+@pytest.mark.parametrize(
+    "n,needle", [("0", "--examples must be >= 1"), ("-3", "--examples must be >= 1"), ("65", "has only 64 test images")]
+)
 def test_hidden_states_refuses_example_counts(config_runs, tmp_path, n, needle):
     ep, dep = config_runs
     rc, out, err = hs(ep, dep, tmp_path / "o", "--examples", n)
@@ -471,7 +533,7 @@ def test_hidden_states_refuses_swapped_runs(config_runs, tmp_path):
     assert_one_line_error(rc, err, f"--dep {ep}", "--dep needs a dendritic run")
 
 
-@pytest.mark.slow   # trains nothing, but restores and relaxes real checkpoints
+@pytest.mark.slow  # trains nothing, but restores and relaxes real checkpoints
 def test_hidden_states_refuses_a_nan_checkpoint(runs, tmp_path):
     ep, dep = runs
     rewrite_checkpoint(dep, nan=True)
@@ -480,7 +542,7 @@ def test_hidden_states_refuses_a_nan_checkpoint(runs, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow   # trains nothing, but restores and relaxes real checkpoints
+@pytest.mark.slow  # trains nothing, but restores and relaxes real checkpoints
 def test_hidden_states_refuses_meta_without_epoch(runs, tmp_path):
     ep, dep = runs
     rewrite_checkpoint(ep, meta_fn=lambda m: {k: v for k, v in m.items() if k != "epoch"})
@@ -488,7 +550,7 @@ def test_hidden_states_refuses_meta_without_epoch(runs, tmp_path):
     assert_one_line_error(rc, err, f"{ep}/checkpoint.msgpack", "epoch")
 
 
-@pytest.mark.slow   # trains nothing, but restores and relaxes real checkpoints
+@pytest.mark.slow  # trains nothing, but restores and relaxes real checkpoints
 def test_hidden_states_good_runs_finite_statistics(runs, tmp_path):
     ep, dep = runs
     rc, out, err = hs(ep, dep, tmp_path / "o", "--examples", "64")
@@ -497,8 +559,11 @@ def test_hidden_states_good_runs_finite_statistics(runs, tmp_path):
     assert res["EP"]["epoch"] == 0 and res["EP"]["model"] == "ep" and res["DEP"]["model"] == "dendritic"
     assert all(np.isfinite(v).all() for r in res.values() for st in r["layers"] for v in st.values())
     assert "nan" not in out.lower()
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".ep_jax-files.json", "hidden_states.json",
-                                                                  "hidden_states.png"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        ".ep_jax-files.json",
+        "hidden_states.json",
+        "hidden_states.png",
+    ]
 
 
 def test_hidden_states_docstring_names_the_folders_train_creates():
@@ -507,7 +572,7 @@ def test_hidden_states_docstring_names_the_folders_train_creates():
         assert f"train --preset {preset}" in doc and f"runs/{preset}-seed0" in doc
 
 
-@pytest.mark.slow   # trains nothing, but restores real checkpoints
+@pytest.mark.slow  # trains nothing, but restores real checkpoints
 def test_hidden_states_refuses_a_config_edited_after_the_run(runs, tmp_path):
     """A setting that the checkpoint's arrays do not show (the evaluation batch) edited in
     config.json: the checkpoint's config digest still tells (issue 29)."""

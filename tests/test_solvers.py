@@ -3,18 +3,26 @@ phase. Checks: the default scan is today's relaxation bit for bit; the asynchron
 (even/odd) solver reaches the synchronous solver's fixed point (float64, every model
 family, scalar and per-neuron dt); the adaptive stop; the estimators' and the config's
 solver settings and their one-line refusals."""
+
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 
 import ep_jax
-
+from ep_jax import dynamics, solvers
+from ep_jax.solvers import Adaptive, Async, Pallas, Scan
 
 # --- Estimator: step counts are integers ---------------------------------------------------
 
-@pytest.mark.parametrize("field,value", [("t_free", 10.7), ("t_free", "10"), ("t_free", True),
-                                         ("t_nudge", 2.5), ("t_nudge", False), ("t_nudge", None)])
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("t_free", 10.7), ("t_free", "10"), ("t_free", True), ("t_nudge", 2.5), ("t_nudge", False), ("t_nudge", None)],
+)
 def test_estimator_refuses_non_integer_steps(field, value):
     with pytest.raises(ValueError, match=f"^{field} must be an integer number of steps, got "):
         ep_jax.Estimator(**{field: value})
@@ -28,16 +36,15 @@ def test_estimator_accepts_numpy_integer_steps():
 
 # --- models of every family ------------------------------------------------------------------
 
-import jax
-import jax.numpy as jnp
-
-from ep_jax import dynamics, solvers
-from ep_jax.solvers import Adaptive, Async, Pallas, Scan
-
-from conftest import rel_err
-
-CONV = dict(input_shape=(7, 7, 1), channels=(2, 3), kernels=(3, 2), strides=(1, 1), paddings=(1, 0),
-            pools=("max", "none"), fc=(5, 3))
+CONV = dict(
+    input_shape=(7, 7, 1),
+    channels=(2, 3),
+    kernels=(3, 2),
+    strides=(1, 1),
+    paddings=(1, 0),
+    pools=("max", "none"),
+    fc=(5, 3),
+)
 
 
 def family(name):
@@ -45,12 +52,16 @@ def family(name):
     of a sweep hold layers)."""
     return {
         "ep": (ep_jax.EPModel(sizes=(12, 20, 16, 10)), dict(gamma=1.0)),
-        "hts": (ep_jax.EPModel(sizes=(12, 24, 10), activation="leaky_relu", output_activation="sigmoid"),
-                dict(gamma=0.5)),
+        "hts": (
+            ep_jax.EPModel(sizes=(12, 24, 10), activation="leaky_relu", output_activation="sigmoid"),
+            dict(gamma=0.5),
+        ),
         "dendritic": (ep_jax.DendriticModel(sizes=(12, 20, 16, 10), basal_branches=4), dict(alpha=0.3)),
         "conv": (ep_jax.build_model("conv", **CONV), {}),
-        "dendritic_conv": (ep_jax.build_model("dendritic_conv", basal_branches=2, apical_branches=2, **CONV),
-                           dict(alpha=0.2)),
+        "dendritic_conv": (
+            ep_jax.build_model("dendritic_conv", basal_branches=2, apical_branches=2, **CONV),
+            dict(alpha=0.2),
+        ),
     }[name]
 
 
@@ -61,9 +72,11 @@ def setup(name, batch=6, dtype=jnp.float64, per_neuron=False, seed=0):
     n0 = int(np.prod(model.input_shape)) if hasattr(model, "input_shape") else model.sizes[0]
     x = jax.random.uniform(k[1], (batch, n0), dtype)
     y = jax.random.randint(k[2], (batch,), 0, model.n_classes)
-    if per_neuron:   # per neuron (MLP) or per channel (image layers)
-        dt = [jax.random.uniform(kk, tuple(shape[-1:]), dtype, 0.3, 0.9)
-              for kk, shape in zip(jax.random.split(k[3], model.n_layers), model.state_shapes)]
+    if per_neuron:  # per neuron (MLP) or per channel (image layers)
+        dt = [
+            jax.random.uniform(kk, tuple(shape[-1:]), dtype, 0.3, 0.9)
+            for kk, shape in zip(jax.random.split(k[3], model.n_layers), model.state_shapes)
+        ]
     else:
         dt = 0.6
     rx = ep_jax.make_relaxation(model, beta=0.2, dt=dt, dtype=dtype)
@@ -83,13 +96,14 @@ def test_async_reaches_the_synchronous_fixed_point(x64, name, per_neuron):
     ctx = model.input_drive(eff, x)
     s0 = model.zero_state(x.shape[0], x.dtype)
     y1h = model.one_hot(y, x.dtype)
-    run = jax.jit(lambda solver, s, target, beta: solver(model, eff, ctx, s, target, beta, rx.dt, 3000),
-                  static_argnums=0)
+    run = jax.jit(
+        lambda solver, s, target, beta: solver(model, eff, ctx, s, target, beta, rx.dt, 3000), static_argnums=0
+    )
     sync, i_sync = run(Adaptive(1e-13), s0, None, 0.0)
     asyn, i_async = run(Async(1e-13), s0, None, 0.0)
     assert float(i_sync.residual) <= 1e-13 and float(i_async.residual) <= 1e-13
     assert rel_err(asyn, sync) < 1e-10
-    assert min(float(jnp.linalg.norm(a)) for a in sync) > 0.01     # not trivially the zero start state
+    assert min(float(jnp.linalg.norm(a)) for a in sync) > 0.01  # not trivially the zero start state
     # it is a fixed point of the synchronous step itself (independent of either loop)
     assert rel_err(dynamics.step(model, eff, ctx, asyn, None, 0.0, rx.dt), asyn) < 1e-12
     # the nudged phase (β = 0.2 from the free state)
@@ -108,7 +122,7 @@ def test_one_sweep_is_odd_layers_then_even_layers(x64):
     s = tuple(jax.random.uniform(kk, (x.shape[0], n), x.dtype) for kk, n in zip(k, model.state_sizes))
     got, info = Async()(model, eff, ctx, s, None, 0.0, rx.dt, 1)
     P = [{k2: np.asarray(v) for k2, v in layer.items()} for layer in params]
-    sig = lambda z: np.clip(z, 0.0, 1.0)   # hard sigmoid
+    sig = lambda z: np.clip(z, 0.0, 1.0)  # hard sigmoid
     xs, (s1, s2, s3), d = np.asarray(x), map(np.asarray, s), [np.asarray(v) for v in rx.dt]
     n1 = (1 - d[0]) * s1 + d[0] * sig(xs @ P[0]["w"] + P[0]["b"] + s2 @ P[1]["w"].T)
     n3 = (1 - d[2]) * s3 + d[2] * sig(s2 @ P[2]["w"] + P[2]["b"])
@@ -156,7 +170,7 @@ def test_adaptive_and_async_stop_at_their_tolerance(x64):
         fixed = Scan() if isinstance(solver, Adaptive) else Async()
         s2, info2 = fixed(model, eff, ctx, s0, None, 0.0, rx.dt, int(info.steps))
         assert rel_err(s, s2) < 1e-13 and float(info2.residual) == pytest.approx(float(info.residual), rel=1e-9)
-    _, info = Adaptive(1e-30)(model, eff, ctx, s0, None, 0.0, rx.dt, 7)     # the budget caps it
+    _, info = Adaptive(1e-30)(model, eff, ctx, s0, None, 0.0, rx.dt, 7)  # the budget caps it
     assert int(info.steps) == 7
 
 
@@ -195,38 +209,55 @@ def test_async_ep_gradient_equals_the_synchronous_one(x64, name):
     give the synchronous phases' estimate (both run to convergence)."""
     model, params, buffers, x, y, rx = setup(name, per_neuron=name == "hts")
     budget = dict(t_free=3000, t_nudge=3000)
-    g_async, a1 = ep_jax.estimate(model, ep_jax.Estimator(**budget, solver=Async(1e-14)), None, params, buffers, x, y, rx)
-    g_sync, a2 = ep_jax.estimate(model, ep_jax.Estimator(**budget, solver=Adaptive(1e-14)), None, params, buffers, x, y, rx)
+    g_async, a1 = ep_jax.estimate(
+        model, ep_jax.Estimator(**budget, solver=Async(1e-14)), None, params, buffers, x, y, rx
+    )
+    g_sync, a2 = ep_jax.estimate(
+        model, ep_jax.Estimator(**budget, solver=Adaptive(1e-14)), None, params, buffers, x, y, rx
+    )
     assert float(a1.residual_nudge) <= 1e-14 and float(a2.residual_nudge) <= 1e-14
     assert rel_err(g_async, g_sync) < 1e-8
     assert max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(g_sync)) > 0
 
 
 def test_solver_spellings_round_trip_and_refusals():
-    for text, want in [("scan", Scan()), ("adaptive:1e-5", Adaptive(1e-5)), ("async", Async()),
-                       ("ASYNC:2e-6", Async(2e-6)), ("pallas", Pallas()), ("pallas:interpret", Pallas(True))]:
+    for text, want in [
+        ("scan", Scan()),
+        ("adaptive:1e-5", Adaptive(1e-5)),
+        ("async", Async()),
+        ("ASYNC:2e-6", Async(2e-6)),
+        ("pallas", Pallas()),
+        ("pallas:interpret", Pallas(True)),
+    ]:
         got = solvers.parse(text)
         assert got == want and solvers.parse(got.spec()) == got
     assert solvers.parse_phases("adaptive:1e-5/scan") == (Adaptive(1e-5), Scan())
     assert solvers.parse_phases("async") == (Async(), Async())
     assert solvers.spell_phases(Async(1e-5), Async(1e-5)) == "async:1e-05"
-    for bad, match in [("adaptive", "^solver must be one of"), ("adaptive:x", "^solver: the tolerance of 'adaptive:x' "
-                       "is not a number"), ("async:0", "must be a positive number"), ("a/b/c", "FREE or FREE/NUDGE"),
-                       ("scan:1e-5", "^solver must be one of")]:
+    for bad, match in [
+        ("adaptive", "^solver must be one of"),
+        ("adaptive:x", "^solver: the tolerance of 'adaptive:x' is not a number"),
+        ("async:0", "must be a positive number"),
+        ("a/b/c", "FREE or FREE/NUDGE"),
+        ("scan:1e-5", "^solver must be one of"),
+    ]:
         with pytest.raises(ValueError, match=match):
             solvers.parse_phases(bad)
     with pytest.raises(ValueError, match="^tol must be a positive number, got True"):
         Async(True)
     est = ep_jax.Estimator(solver="async:1e-5", nudge_solver="scan")
-    assert est.phase_solvers == (Async(1e-5), Scan()) and hash(est) == hash(ep_jax.Estimator(
-        solver=Async(1e-5), nudge_solver=Scan()))
+    assert est.phase_solvers == (Async(1e-5), Scan()) and hash(est) == hash(
+        ep_jax.Estimator(solver=Async(1e-5), nudge_solver=Scan())
+    )
 
 
 # --- the config field ------------------------------------------------------------------------
 
+
 def test_config_solver_field_and_old_digests():
     from ep_jax.experiments.build import build_estimator
     from ep_jax.experiments.config import ConfigError, RunConfig, parse_sets, validate
+
     cfg = validate(RunConfig.from_dict({"solver": "Async:1e-5/ASYNC"}))
     assert cfg.solver == "async:1e-05/async" and RunConfig.from_dict(cfg.to_json()) == cfg
     assert build_estimator(cfg).phase_solvers == (Async(1e-5), Async())
@@ -236,24 +267,34 @@ def test_config_solver_field_and_old_digests():
     assert RunConfig.from_dict({"solver": "adaptive:1e-5/scan"}).digest() == "6f6fb41ac4e03c0e"
     assert RunConfig.from_dict({"relaxation_impl": "pallas"}).digest() == "dc3cb155a90c8a7a"
     assert RunConfig.from_dict({"solver": "pallas"}).digest() == "dc3cb155a90c8a7a"
-    assert len({RunConfig.from_dict({"solver": s}).digest() for s in ("scan", "async", "async:1e-5", "adaptive:1e-5",
-                                                                      "pallas", "adaptive:1e-5/scan")}) == 6
+    assert (
+        len(
+            {
+                RunConfig.from_dict({"solver": s}).digest()
+                for s in ("scan", "async", "async:1e-5", "adaptive:1e-5", "pallas", "adaptive:1e-5/scan")
+            }
+        )
+        == 6
+    )
     # an old config.json (both older fields at their defaults) loads as the default
     assert RunConfig.from_dict({"free_tol": None, "relaxation_impl": "xla"}) == RunConfig()
     assert RunConfig.from_dict(parse_sets(["solver=async:1e-6"])).solver == "async:1e-06"
-    for d, match in [({"solver": "fast"}, "^solver must be one of"),
-                     ({"solver": "async", "free_tol": 1e-5}, "^solver 'async' contradicts the older field"),
-                     ({"relaxation_impl": "cuda"}, "^relaxation_impl \\(replaced by solver\\): expected xla or pallas"),
-                     ({"free_tol": -1.0}, "^free_tol \\(replaced by solver\\): expected a positive number"),
-                     ({"solver": "pallas", "estimator": "implicit"}, "^solver: pallas needs estimator"),
-                     ({"solver": "async", "estimator": "bptt_full"}, "^solver: the bptt_full estimator")]:
+    for d, match in [
+        ({"solver": "fast"}, "^solver must be one of"),
+        ({"solver": "async", "free_tol": 1e-5}, "^solver 'async' contradicts the older field"),
+        ({"relaxation_impl": "cuda"}, "^relaxation_impl \\(replaced by solver\\): expected xla or pallas"),
+        ({"free_tol": -1.0}, "^free_tol \\(replaced by solver\\): expected a positive number"),
+        ({"solver": "pallas", "estimator": "implicit"}, "^solver: pallas needs estimator"),
+        ({"solver": "async", "estimator": "bptt_full"}, "^solver: the bptt_full estimator"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             validate(RunConfig.from_dict(d))
 
 
 def test_list_fields_explains_the_solver():
     from ep_jax.experiments.config import describe
+
     text = describe()
     line = next(l for l in text.splitlines() if l.lstrip().startswith("solver"))
     for word in ("scan", "adaptive:TOL", "async", "pallas"):
-        assert word in text[text.index(line):text.index(line) + 600]
+        assert word in text[text.index(line) : text.index(line) + 600]

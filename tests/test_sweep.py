@@ -4,6 +4,7 @@ The reference for every member is the same network trained alone: `init_state` f
 member's init key and settings, its optimiser hyperparameters, and the core
 `train_step` with key `step_key(member's step key, t)`.
 """
+
 import json
 from pathlib import Path
 
@@ -11,14 +12,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from exp_helpers import (
+    ROOT,
+    TINY,
+    assert_one_line_error,
+    assert_same_arrays,
+    checkpoint_arrays,
+    metrics,
+    run_cli,
+    strip_time,
+    summary,
+)
 
 import ep_jax
 from ep_jax import sweep as S
 from ep_jax.optim import with_hyperparams
 from experiments import sweep as cmd
 from experiments.config import RunConfig
-from exp_helpers import (ROOT, TINY, assert_one_line_error, assert_same_arrays, checkpoint_arrays, metrics, run_cli,
-                         strip_time, summary)
 
 SIZES = (10, 8, 4)
 
@@ -45,8 +55,9 @@ def optimizer(model):
 class Members:
     """M members of one static structure: keys, model settings, rates, relaxations."""
 
-    def __init__(self, model_kind="ep", est=None, M=3, model_kw=None, lrs=None, momenta=None, betas=None, dts=None,
-                 settings=None):
+    def __init__(
+        self, model_kind="ep", est=None, M=3, model_kw=None, lrs=None, momenta=None, betas=None, dts=None, settings=None
+    ):
         self.model = ep_jax.build_model(model_kind, sizes=SIZES, **(model_kw or {}))
         self.est = est or ep_jax.Estimator("symmetric", t_free=12, t_nudge=4)
         self.opt = optimizer(self.model)
@@ -63,15 +74,22 @@ class Members:
         self.rxs = [ep_jax.make_relaxation(self.model, beta=b, dt=d) for b, d in zip(betas, dts)]
 
     def sweep(self):
-        state = S.init_sweep(self.model, self.est, self.opt, self.init_keys, self.step_keys,
-                             settings={k: jnp.asarray(v) for k, v in self.settings.items()},
-                             opt_hyperparams={"lr": self.lrs, "momentum": self.momenta})
+        state = S.init_sweep(
+            self.model,
+            self.est,
+            self.opt,
+            self.init_keys,
+            self.step_keys,
+            settings={k: jnp.asarray(v) for k, v in self.settings.items()},
+            opt_hyperparams={"lr": self.lrs, "momentum": self.momenta},
+        )
         return state, S.stack_relaxations(self.model, self.rxs)
 
     def solo(self, i, data):
         """Member i trained alone; returns (state, [StepInfo])."""
-        st = ep_jax.init_state(self.model, self.est, self.opt, self.init_keys[i],
-                               **{k: v[i] for k, v in self.settings.items()})
+        st = ep_jax.init_state(
+            self.model, self.est, self.opt, self.init_keys[i], **{k: v[i] for k, v in self.settings.items()}
+        )
         st = st._replace(opt_state=with_hyperparams(st.opt_state, lr=self.lrs[i], momentum=self.momenta[i]))
         infos = []
         for x, y in data:
@@ -111,13 +129,14 @@ def test_members_equal_solo_runs(case):
         close(S.take(state.train.params, i), solo.params)
         close(S.take(state.train.opt_state, i), solo.opt_state)
         for u, v in zip(jax.tree.leaves(S.take(state.train.buffers, i)), jax.tree.leaves(solo.buffers)):
-            np.testing.assert_array_equal(u, v)                               # masks, settings: exact
+            np.testing.assert_array_equal(u, v)  # masks, settings: exact
         for t in range(len(data)):
             for f in ("loss", "correct", "grad_norm", "beta"):
-                np.testing.assert_allclose(getattr(infos[t], f)[i], getattr(solo_infos[t], f), rtol=2e-5,
-                                           err_msg=f"{f} step {t}")
+                np.testing.assert_allclose(
+                    getattr(infos[t], f)[i], getattr(solo_infos[t], f), rtol=2e-5, err_msg=f"{f} step {t}"
+                )
     w = np.asarray(jax.tree.leaves(state.train.params)[0])
-    assert not np.allclose(w[0], w[1])                                        # really different members
+    assert not np.allclose(w[0], w[1])  # really different members
 
 
 def test_random_sign_follows_the_step_keys():
@@ -129,12 +148,12 @@ def test_random_sign_follows_the_step_keys():
     for x, y in data:
         state, info = S.sweep_step(ms.model, est, ms.opt, state, x, y, rx)
         betas.append(np.asarray(info.beta))
-    betas = np.array(betas)                                                    # (steps, M)
+    betas = np.array(betas)  # (steps, M)
     for i in range(ms.M):
         signs = [float(jax.random.rademacher(ep_jax.step_key(ms.step_keys[i], t), (), jnp.float32)) for t in range(8)]
         np.testing.assert_allclose(betas[:, i], 0.2 * np.array(signs), rtol=1e-6)
     assert set(np.sign(betas).ravel()) == {-1.0, 1.0}
-    assert not all(np.array_equal(betas[:, 0], betas[:, i]) for i in (1, 2))   # each member its own signs
+    assert not all(np.array_equal(betas[:, 0], betas[:, i]) for i in (1, 2))  # each member its own signs
     # the same members with a fixed nudge: other updates (the sign is the only difference)
     fixed = Members("ep", ep_jax.Estimator("one_sided", 12, 4), betas=[0.2] * 3, dts=[1.0] * 3)
     fs, frx = fixed.sweep()
@@ -158,7 +177,7 @@ def test_diverging_member_is_isolated():
     finite = np.array(finite)
     assert not finite[:, 1].all(), "the huge-rate member should produce a non-finite step"
     first_bad = int(np.argmin(finite[:, 1]))
-    assert not finite[first_bad:, 1].any()                                     # frozen: never finite again
+    assert not finite[first_bad:, 1].any()  # frozen: never finite again
     assert np.asarray(state.alive).tolist() == [True, False, True]
     assert np.asarray(state.diverged_step).tolist() == [-1, first_bad, -1]
     assert int(state.train.step[1]) == first_bad
@@ -208,7 +227,7 @@ def test_chunked_sweep_step_equals_vmapped():
     b = a
     for x, y in batches(2):
         a, ia = S.sweep_step(ms.model, ms.est, ms.opt, a, x, y, rx)
-        b, ib = S.sweep_step(ms.model, ms.est, ms.opt, b, x, y, rx, 2)      # chunks of 2 and 1
+        b, ib = S.sweep_step(ms.model, ms.est, ms.opt, b, x, y, rx, 2)  # chunks of 2 and 1
     close(a.train, b.train)
     close(ia, ib)
 
@@ -219,7 +238,7 @@ def test_sweep_steps_scan_equals_steps_and_max_state():
     rng = np.random.default_rng(0)
     x_all = jnp.asarray(rng.uniform(size=(40, 10)), jnp.float32)
     y_all = jnp.asarray(rng.integers(0, 4, 40), jnp.int32)
-    idx = jnp.asarray(rng.integers(0, 40, (3, ms.M, 8)))                    # (T, M, B): own order per member
+    idx = jnp.asarray(rng.integers(0, 40, (3, ms.M, 8)))  # (T, M, B): own order per member
     a, info = S.sweep_steps_jit(ms.model, ms.est, ms.opt, state, x_all, y_all, idx, rx)
     assert info.loss.shape == (3, ms.M)
     b = state
@@ -268,6 +287,7 @@ def test_stacking_mixed_dt_shapes_and_init_checks():
 
 # --- the sweep command's spec format ---------------------------------------------------------
 
+
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -277,7 +297,10 @@ TINY_TOML = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY.items())
 
 
 def test_spec_expansion(tmp_path):
-    spec = cmd.load_spec(write(tmp_path / "grid.toml", f"""
+    spec = cmd.load_spec(
+        write(
+            tmp_path / "grid.toml",
+            f"""
 name = "g"
 {TINY_TOML}
 [base]
@@ -289,14 +312,16 @@ seed = [0, 1]
 name = "dend-ep"
 model = "ep"
 seed = 9
-"""))
+""",
+        )
+    )
     configs = cmd.expand(spec)
     names = [n for n, _ in configs]
     assert names == ["lr=0.2-0.1_seed=0", "lr=0.2-0.1_seed=1", "lr=0.05_seed=0", "lr=0.05_seed=1", "dend-ep"]
     assert [c.seed for _, c in configs] == [0, 1, 0, 1, 9]
     assert [c.lr for _, c in configs[:4]] == [(0.2, 0.1), (0.2, 0.1), 0.05, 0.05]
     assert all(c.beta == 0.3 and c.dataset == "synthetic" for _, c in configs)
-    assert configs[4][1].model == "ep" and configs[4][1].lr == (0.2, 0.1)          # base, not the grid
+    assert configs[4][1].model == "ep" and configs[4][1].lr == (0.2, 0.1)  # base, not the grid
     # a preset as the base, fields on top; no grid, no members: one member named after the spec
     (only,) = cmd.expand(cmd.load_spec(write(tmp_path / "p.json", json.dumps({"preset": "fmnist-dep", "epochs": 3}))))
     assert only[0] == "p" and only[1] == RunConfig.from_dict({**cmd.PRESETS["fmnist-dep"], "epochs": 3})
@@ -311,8 +336,10 @@ def test_shipped_specs_expand(tmp_path):
 
 
 def test_dry_run_trains_nothing(tmp_path):
-    spec = write(tmp_path / "s.toml", f'name = "s"\n{TINY_TOML}\n[grid]\nseed = [0, 1]\n[[members]]\nname = "wide"\n'
-                                      'sizes = [16, 20, 4]\n')
+    spec = write(
+        tmp_path / "s.toml",
+        f'name = "s"\n{TINY_TOML}\n[grid]\nseed = [0, 1]\n[[members]]\nname = "wide"\nsizes = [16, 20, 4]\n',
+    )
     rc, out, err = run_cli(cmd.main, [spec, "--out", tmp_path / "o", "--dry-run"])
     assert rc == 0, err
     assert "3 member(s) in 2 group(s)" in out and "seed=0, seed=1" in out and ": wide" in out
@@ -335,7 +362,7 @@ def test_sweep_folders_resume_and_refusals(tmp_path):
     assert_one_line_error(rc, err, "the spec's members differ")
     changed = write(tmp_path / "changed.toml", f'name = "s"\n{TINY_TOML}\n[base]\nbeta = 0.3\n[grid]\nseed = [0, 1]\n')
     rc, _, err = run_cli(cmd.main, [changed, "--out", part, "--resume", "--no-progress"])
-    assert_one_line_error(rc, err, "belongs to another config", "beta")          # a sweep names the field
+    assert_one_line_error(rc, err, "belongs to another config", "beta")  # a sweep names the field
     rc, _, err = run_cli(cmd.main, [spec, "--out", tmp_path / "none", "--resume", "--no-progress"])
     assert_one_line_error(rc, err, "no sweep to resume")
     assert {p: p.read_bytes() for p in part.rglob("*") if p.is_file()} == before
@@ -354,6 +381,7 @@ def test_member_whose_update_overflows_dies_at_that_step():
     """Member 1's first update overflows its parameters (loss and gradients finite): it is
     dead at step 0, keeps its initial state, and the others train as alone."""
     from test_train import overflowing
+
     model = ep_jax.build_model("ep", sizes=SIZES)
     est = ep_jax.Estimator("symmetric", t_free=12, t_nudge=4)
     opt = overflowing(1.0)
@@ -375,6 +403,14 @@ def test_member_whose_update_overflows_dies_at_that_step():
     for i in (0, 2):
         solo = ep_jax.init_state(model, est, opt, keys[i])
         for x, y in data:
-            solo, _ = ep_jax.train_step_jit(model, est, opt, ep_jax.step_key(skeys[i], solo.step), solo, x, y, rx=
-                                            ep_jax.make_relaxation(model, beta=0.2, dt=0.7))
+            solo, _ = ep_jax.train_step_jit(
+                model,
+                est,
+                opt,
+                ep_jax.step_key(skeys[i], solo.step),
+                solo,
+                x,
+                y,
+                rx=ep_jax.make_relaxation(model, beta=0.2, dt=0.7),
+            )
         close(S.take(state.train.params, i), solo.params)

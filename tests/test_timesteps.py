@@ -1,4 +1,5 @@
 """HTS samplers (docs/equations.md) and per-neuron time steps in every model and estimator."""
+
 import json
 import math
 from pathlib import Path
@@ -47,7 +48,7 @@ def test_clipped_bounds_same_key_and_tails(dist):
         return
     assert not np.array_equal(c, T.sample_dt(jax.random.PRNGKey(3), spec, N))
     if dist == "lognormal":  # independent tail probability: P(ln X > ln dt_max)
-        var_u = math.log1p(0.15 ** 2 / 0.25 ** 2)
+        var_u = math.log1p(0.15**2 / 0.25**2)
         z = (math.log(0.4) - (math.log(0.25) - var_u / 2)) / math.sqrt(var_u)
         p = 0.5 * math.erfc(z / math.sqrt(2))
         assert np.mean(c == spec.dt_max) == pytest.approx(p, abs=5 * math.sqrt(p / N))
@@ -95,8 +96,9 @@ def test_hts_with_every_estimator(kind):
     assert bool(info.finite) and float(info.grad_norm) > 0
     assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)))
     # the relaxation really uses the vectors: a different draw changes the free state
-    other = ep_jax.make_relaxation(model, beta=0.2, dt=list(T.layer_dts(jax.random.PRNGKey(9), model,
-                                                                          T.default_spec("lognormal"), 0.25)))
+    other = ep_jax.make_relaxation(
+        model, beta=0.2, dt=list(T.layer_dts(jax.random.PRNGKey(9), model, T.default_spec("lognormal"), 0.25))
+    )
     est = ep_jax.Estimator("symmetric", 10, 5)
     a = ep_jax.predict(model, est, state.params, state.buffers, x, rx)
     b = ep_jax.predict(model, est, state.params, state.buffers, x, other)
@@ -104,18 +106,33 @@ def test_hts_with_every_estimator(kind):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(),
-                    reason="shared MNIST files not beside the checkout")
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="shared MNIST files not beside the checkout")
 def test_paper003_network_with_hts_learns(tmp_path):
     """The paper-003 preset (784-1024-10, leaky-ReLU/sigmoid, CHL rule, 125/12 steps,
     batch 256, lognormal hidden dt) on 10 000 MNIST examples for 3 epochs.
     Measured: 88.8 % on 2000 test images (chance 10 %)."""
     from experiments import engine
     from experiments.train import main
+
     mnist = SHARED_MNIST
     out = tmp_path / "run"
-    rc = main(["--preset", "mnist-hts-lognormal", "--data-dir", str(mnist), "--epochs", "3",
-               "--subset", "10000", "--test-subset", "2000", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "--preset",
+            "mnist-hts-lognormal",
+            "--data-dir",
+            str(mnist),
+            "--epochs",
+            "3",
+            "--subset",
+            "10000",
+            "--test-subset",
+            "2000",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["final_test_acc"] > 80, s
@@ -131,6 +148,7 @@ def test_stability_table(tmp_path):
     mean ± sample std of the final accuracy over finished seeds, the fluctuation (std of
     epoch-to-epoch changes over the last 10 epochs, averaged over runs), diverged counted."""
     from experiments import aggregate
+
     rng = np.random.default_rng(0)
     expect = {}
 
@@ -138,11 +156,22 @@ def test_stability_table(tmp_path):
         """A run folder as the engine writes one (every config field, full metric rows)."""
         from ep_jax.experiments import engine
         from ep_jax.experiments.config import RunConfig, validate
+
         d.mkdir()
         cfg = validate(RunConfig.from_dict(dict(dataset="mnist", dt_dist=dist, dt_out=0.25, dt=0.25, seed=seed)))
         (d / "config.json").write_text(json.dumps(cfg.to_json()))
-        rows = [{"epoch": i + 1, "train_acc": a, "loss": 0.1, "test_acc": a, "test_loss": 0.1, "time_s": 1.0,
-                 "steps": 10 * (i + 1)} for i, a in enumerate(acc)]
+        rows = [
+            {
+                "epoch": i + 1,
+                "train_acc": a,
+                "loss": 0.1,
+                "test_acc": a,
+                "test_loss": 0.1,
+                "time_s": 1.0,
+                "steps": 10 * (i + 1),
+            }
+            for i, a in enumerate(acc)
+        ]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (d / "summary.json").write_text(json.dumps(engine.summarize(rows if status == "ok" else rows[:1], status)))
 

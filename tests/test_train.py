@@ -1,14 +1,15 @@
 """Short real training runs on a learnable synthetic problem (EP, DEP, truncated BPTT),
 the optimisers (per-synapse SGD, any optax transformation, vmapped learning rates), and
 the multi-step scan against a loop of single steps."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_close, synthetic_problem
 
 import ep_jax
-from conftest import assert_trees_close, synthetic_problem
 
 
 def train(kind, est, lr=None, beta=0.2, epochs=4, batch=32, seed=0, opt=None, **model_kw):
@@ -24,9 +25,10 @@ def train(kind, est, lr=None, beta=0.2, epochs=4, batch=32, seed=0, opt=None, **
         key, sub = jax.random.split(key)
         perm = jax.random.permutation(sub, len(ytr))
         for i in range(0, len(ytr) - batch + 1, batch):
-            idx = perm[i:i + batch]
-            state, info = ep_jax.train_step_jit(model, est, opt, ep_jax.step_key(key, state.step), state,
-                                                xtr[idx], ytr[idx], rx)
+            idx = perm[i : i + batch]
+            state, info = ep_jax.train_step_jit(
+                model, est, opt, ep_jax.step_key(key, state.step), state, xtr[idx], ytr[idx], rx
+            )
             assert bool(info.finite)
             losses.append(float(info.loss))
     ev = ep_jax.evaluate_jit(model, est, state.params, state.buffers, xte, yte, rx)
@@ -34,12 +36,15 @@ def train(kind, est, lr=None, beta=0.2, epochs=4, batch=32, seed=0, opt=None, **
     return float(ev0.accuracy), float(ev.accuracy), state, (float(ev0.loss), float(ev.loss)), losses
 
 
-@pytest.mark.parametrize("kind,est_kind,lr", [
-    ("ep", "symmetric", (0.2, 0.1)),
-    ("dendritic", "symmetric", (0.5, 0.2)),
-    ("dendritic", "bptt", (0.5, 0.2)),
-    ("ep", "bptt", (0.2, 0.1)),
-])
+@pytest.mark.parametrize(
+    "kind,est_kind,lr",
+    [
+        ("ep", "symmetric", (0.2, 0.1)),
+        ("dendritic", "symmetric", (0.5, 0.2)),
+        ("dendritic", "bptt", (0.5, 0.2)),
+        ("ep", "bptt", (0.2, 0.1)),
+    ],
+)
 def test_short_training_learns(kind, est_kind, lr):
     est = ep_jax.Estimator(est_kind, t_free=30, t_nudge=8)
     acc0, acc, _, (l0, l1), _ = train(kind, est, lr)
@@ -91,8 +96,10 @@ def test_momentum_follows_pytorch_semantics(x64):
     x = jax.random.uniform(jax.random.PRNGKey(1), (4, 7), jnp.float64)
     y = jnp.array([0, 1, 2, 3])
     p, v = state.params, jax.tree.map(jnp.zeros_like, state.params)
-    rates = {"basal": ({"w": 0.3, "c": 0.3}, {"w": 0.2, "c": 0.2}, {"w": 0.1, "c": 0.1}),
-             "apical": ({"w": 0.2}, {"w": 0.1})}
+    rates = {
+        "basal": ({"w": 0.3, "c": 0.3}, {"w": 0.2, "c": 0.2}, {"w": 0.1, "c": 0.1}),
+        "apical": ({"w": 0.2}, {"w": 0.1}),
+    }
     for t in range(3):
         g, _ = jax.jit(ep_jax.estimate, static_argnums=(0, 1))(model, est, None, p, state.buffers, x, y, rx)
         state, _ = ep_jax.train_step_jit(model, est, opt, jax.random.PRNGKey(t), state, x, y, rx)
@@ -123,12 +130,14 @@ def test_vmapped_learning_rates_equal_solo_runs():
     def member(lr):
         st = base._replace(opt_state=ep_jax.optim.with_hyperparams(base.opt_state, lr=lr))
         return run(opt, st)
+
     stacked = jax.jit(jax.vmap(member))(rates)
 
     @jax.jit
     def solo_run(lr):  # an optimiser built with these rates, a fresh state (as init_state), the same steps
         solo_opt = ep_jax.optim.sgd(model, lr=lr, momentum=0.9)
         return run(solo_opt, base._replace(opt_state=solo_opt.init(base.params)))
+
     for i in range(len(rates)):
         solo = solo_run(rates[i])
         assert_trees_close(jax.tree.map(lambda a: a[i], stacked.params), solo.params, rtol=1e-5, atol=1e-7)
@@ -172,24 +181,29 @@ def test_train_steps_equals_loop_of_train_step_with_step_key():
 
 # --- divergence is judged on the new state ------------------------------------------------
 
+
 def overflowing(factor):
     """SGD whose update is multiplied by `factor` twice (an injected hyperparameter, so
     sweep members differ): with factor 1e30 every nonzero update is ±inf in float32 at the
     very first step, while the loss and the gradients stay finite."""
+
     def make(lr, factor):
         return optax.chain(optax.sgd(lr), optax.scale(factor), optax.scale(factor))
+
     return optax.inject_hyperparams(make)(lr=0.1, factor=factor)
 
 
 def moment_overflow():
     """Updates of zero, but an optimiser state that accumulates the gradient times 1e60:
     the parameters stay finite, the optimiser state overflows at the first step."""
+
     def init(params):
         return jax.tree.map(jnp.zeros_like, params)
 
     def update(updates, state, params=None):
         state = jax.tree.map(lambda s, g: s + g * 1e30 * 1e30, state, updates)
         return jax.tree.map(jnp.zeros_like, updates), state
+
     return optax.GradientTransformation(init, update)
 
 
@@ -202,12 +216,13 @@ def _tiny(kind="ep"):
 
 
 def _leaves_equal(a, b):
-    return all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in
-               zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    return all(
+        np.array_equal(np.asarray(u), np.asarray(v))
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
-@pytest.mark.parametrize("make_opt,where", [(lambda: overflowing(1e30), "params"),
-                                            (moment_overflow, "opt_state")])
+@pytest.mark.parametrize("make_opt,where", [(lambda: overflowing(1e30), "params"), (moment_overflow, "opt_state")])
 @pytest.mark.parametrize("jit", [False, True])
 def test_step_that_overflows_the_new_state_is_refused(make_opt, where, jit):
     """Loss and gradients finite, the updated parameters (or optimiser state) not: the
@@ -244,6 +259,7 @@ def test_data_parallel_step_refuses_an_overflowing_update():
 
 # --- batch indices into a resident dataset ------------------------------------------------
 
+
 def test_indices_past_the_data_are_refused_not_clamped():
     model, est, rx, x, y = _tiny()
     opt = ep_jax.optim.sgd(model, lr=0.1)
@@ -264,6 +280,7 @@ def test_indices_past_the_data_are_refused_not_clamped():
     st_one, _ = run(state, jnp.array([[0, 1, 2, 3]]))
     assert _leaves_equal(st_bad, st_one)
     from ep_jax import sweep as S
+
     sw = S.init_sweep(model, est, opt, [jax.random.PRNGKey(0)], [jax.random.PRNGKey(1)])
     srx = S.stack_relaxations(model, [rx])
     with pytest.raises(ValueError, match=r"batch indices must lie in \[0, 16\)"):

@@ -21,6 +21,7 @@ A run folder's files are checked against each other before it counts (docs/exper
 and where a checkpoint is present, `config.json` must be the config it was written for and
 `metrics.jsonl` must hold its history; anything else is one error naming the file.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,9 @@ def load_run(path: Path) -> dict:
     config digest against config.json and its history against metrics.jsonl."""
     cfg, summary, rows = files.read_config(path), files.read_summary(path), files.read_metrics(path)
     files.check_summary_matches_metrics(summary, rows, path)
-    files.check_checkpoint_record(path, cfg, files.read_json(Path(path) / "config.json", "table"), rows,
-                                  summary["status"] if summary else None)
+    files.check_checkpoint_record(
+        path, cfg, files.read_json(Path(path) / "config.json", "table"), rows, summary["status"] if summary else None
+    )
     return {"dir": str(path), "config": cfg, "summary": summary, "metrics": rows}
 
 
@@ -83,15 +85,20 @@ def cells(runs: list[dict]) -> list[dict]:
         chosen = [max(v, key=lambda r: len(r["metrics"])) for v in by_seed.values()]
         status = lambda r: (r["summary"] or {}).get("status", "no summary")
         done = [r for r in chosen if status(r) == "ok" and r["summary"]["final_test_acc"] is not None]
-        out.append({
-            "config": cfg, "runs": rs, "seeds": sorted(by_seed), "repeated_seeds": repeated,
-            "final": [r["summary"]["final_test_acc"] for r in done],
-            "best": [r["summary"]["best_test_acc"] for r in done],
-            "epochs": sorted({r["summary"]["epochs_done"] for r in done}),
-            "diverged": [r["dir"] for r in chosen if status(r) == "diverged"],
-            "unfinished": [(r["dir"], status(r)) for r in chosen if status(r) not in ("ok", "diverged")],
-            "paper": published(cfg),
-        })
+        out.append(
+            {
+                "config": cfg,
+                "runs": rs,
+                "seeds": sorted(by_seed),
+                "repeated_seeds": repeated,
+                "final": [r["summary"]["final_test_acc"] for r in done],
+                "best": [r["summary"]["best_test_acc"] for r in done],
+                "epochs": sorted({r["summary"]["epochs_done"] for r in done}),
+                "diverged": [r["dir"] for r in chosen if status(r) == "diverged"],
+                "unfinished": [(r["dir"], status(r)) for r in chosen if status(r) not in ("ok", "diverged")],
+                "paper": published(cfg),
+            }
+        )
     return out
 
 
@@ -128,15 +135,15 @@ def varying_fields(cs: list[dict]) -> list[str]:
     if len(cs) < 2:
         return []
     dicts = [c["config"].to_json() for c in cs]
-    return [k for k in dicts[0] if k not in CELL_EXCLUDE
-            and len({json.dumps(d[k], sort_keys=True) for d in dicts}) > 1]
+    return [k for k in dicts[0] if k not in CELL_EXCLUDE and len({json.dumps(d[k], sort_keys=True) for d in dicts}) > 1]
 
 
 def table(cs: list[dict]) -> str:
     """Markdown: one row per cell."""
     vary = varying_fields(cs)
-    head = ["cell"] + vary + ["n", "seeds", "final test %", "best test %", "epochs done", "paper", "Δ (paper σ)",
-                              "notes"]
+    head = (
+        ["cell"] + vary + ["n", "seeds", "final test %", "best test %", "epochs done", "paper", "Δ (paper σ)", "notes"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cs:
         cfg = c["config"].to_json()
@@ -163,14 +170,27 @@ def table(cs: list[dict]) -> str:
             if part:
                 last = [r["metrics"][-1]["test_acc"] for r in part]
                 eps = sorted({len(r["metrics"]) for r in part})
-                where = (f"; so far {_fmt_ms(last)} after {eps[0]}" + (f"–{eps[-1]}" if len(eps) > 1 else "")
-                         + " epochs")
+                where = f"; so far {_fmt_ms(last)} after {eps[0]}" + (f"–{eps[-1]}" if len(eps) > 1 else "") + " epochs"
             notes.append(f"{len(c['unfinished'])} not finished ({', '.join(kinds)}){where}")
-        epochs = "–" if not c["epochs"] else (str(c["epochs"][0]) if len(c["epochs"]) == 1
-                                              else f"{c['epochs'][0]}–{c['epochs'][-1]}")
-        row = [cell_label(c["config"])] + [json.dumps(cfg[k]) for k in vary] + [
-            str(len(c["final"])), ",".join(map(str, c["seeds"])), _fmt_ms(c["final"]), _fmt_ms(c["best"]),
-            epochs, paper, delta, "; ".join(notes)]
+        epochs = (
+            "–"
+            if not c["epochs"]
+            else (str(c["epochs"][0]) if len(c["epochs"]) == 1 else f"{c['epochs'][0]}–{c['epochs'][-1]}")
+        )
+        row = (
+            [cell_label(c["config"])]
+            + [json.dumps(cfg[k]) for k in vary]
+            + [
+                str(len(c["final"])),
+                ",".join(map(str, c["seeds"])),
+                _fmt_ms(c["final"]),
+                _fmt_ms(c["best"]),
+                epochs,
+                paper,
+                delta,
+                "; ".join(notes),
+            ]
+        )
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -186,9 +206,11 @@ def load_runs(paths) -> list[dict]:
 def report(paths, runs: list[dict] | None = None) -> str:
     """The markdown report of the runs at or below `paths` (or of `runs`, already read)."""
     runs = load_runs(paths) if runs is None else runs
-    return ("Test accuracy (%) per cell (same config, seeds pooled): final epoch mean ± std (sample), "
-            "best epoch, and the paper's value with our distance from it in its standard deviations.\n\n"
-            + table(cells(runs)))
+    return (
+        "Test accuracy (%) per cell (same config, seeds pooled): final epoch mean ± std (sample), "
+        "best epoch, and the paper's value with our distance from it in its standard deviations.\n\n"
+        + table(cells(runs))
+    )
 
 
 def plot_figure(cs: list[dict]):
@@ -205,7 +227,7 @@ def plot_figure(cs: list[dict]):
         T = max(len(v) for v in curves)
         a = np.full((len(curves), T), np.nan)
         for i, v in enumerate(curves):
-            a[i, :len(v)] = v
+            a[i, : len(v)] = v
         ep = np.arange(1, T + 1)
         ax.fill_between(ep, np.nanmin(a, 0), np.nanmax(a, 0), alpha=0.3, label=f"{len(curves)} seeds (min–max)")
         # markers: a run of one epoch is one point, which a line alone does not show
@@ -214,7 +236,7 @@ def plot_figure(cs: list[dict]):
             pm, ps = c["paper"]
             ax.axhspan(pm - ps, pm + ps, color="0.5", alpha=0.3)
             ax.axhline(pm, color="0.3", ls="--", lw=1, label=f"paper {pm:.2f} ± {ps:.2f}")
-        lo = np.nanpercentile(a[:, min(2, T - 1):], 1) if T > 2 else np.nanmin(a)
+        lo = np.nanpercentile(a[:, min(2, T - 1) :], 1) if T > 2 else np.nanmin(a)
         ax.set_ylim(max(lo - 0.5, 0), min(np.nanmax(a) + 0.5, 100))
         ax.set_title(cell_label(c["config"]), fontsize=9)
         figures.integer_epochs(ax, T)
@@ -222,7 +244,7 @@ def plot_figure(cs: list[dict]):
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    for ax in list(axes.flat)[len(cs):]:
+    for ax in list(axes.flat)[len(cs) :]:
         ax.axis("off")
     fig.tight_layout()
     return fig

@@ -10,6 +10,7 @@ go into its metrics row (`alignment`: step, angle between the full gradients, an
 parameter cosine, relative RMSE and sign agreement; `align_time_s`: the seconds spent
 measuring, which do not count as training time).
 """
+
 from __future__ import annotations
 
 import time
@@ -31,12 +32,14 @@ class AlignmentHook(Hook):
         self.every = cfg.align_every
         self.runtime = runtime
         n = x.shape[0]
-        probe = ep_jax.data.subset_indices(jax.random.fold_in(jax.random.PRNGKey(cfg.subset_seed), 2), n,
-                                           min(cfg.align_batch, n))
+        probe = ep_jax.data.subset_indices(
+            jax.random.fold_in(jax.random.PRNGKey(cfg.subset_seed), 2), n, min(cfg.align_batch, n)
+        )
         xp, yp = x[jnp.asarray(probe)], y[jnp.asarray(probe)]
         self.names = ep_jax.alignment.leaf_names(S.take(state.train.params, 0))
-        fn = lambda tr, r: ep_jax.alignment.measure(g.model, g.est, tr.params, tr.buffers, xp, yp, r,
-                                                    reference=cfg.align_reference)
+        fn = lambda tr, r: ep_jax.alignment.measure(
+            g.model, g.est, tr.params, tr.buffers, xp, yp, r, reference=cfg.align_reference
+        )
         self.fn = jax.jit(jax.vmap(fn))
         self.pending = [[] for _ in range(g.M)]
         self.spent = 0.0
@@ -50,8 +53,13 @@ class AlignmentHook(Hook):
         out = {}
         for i in members:
             leaf = lambda f: {n: float(np.asarray(v)[i]) for n, v in zip(self.names, f)}
-            out[i] = {"step": int(steps[i]), "angle": float(np.asarray(a.angle)[i]), "cosine": leaf(a.cosine),
-                      "rel_rmse": leaf(a.rel_rmse), "sign_agree": leaf(a.sign_agree)}
+            out[i] = {
+                "step": int(steps[i]),
+                "angle": float(np.asarray(a.angle)[i]),
+                "cosine": leaf(a.cosine),
+                "rel_rmse": leaf(a.rel_rmse),
+                "sign_agree": leaf(a.sign_agree),
+            }
         return out
 
     def _record(self, state, rx, members):
@@ -66,7 +74,7 @@ class AlignmentHook(Hook):
         fresh = [i for i in range(loop.M) if steps0[i] == 0 and loop.status[i] == "running"]
         if fresh:
             self._record(state, rx, fresh)
-        self.spent = 0.0   # before the first epoch: not part of any epoch's time
+        self.spent = 0.0  # before the first epoch: not part of any epoch's time
         self.before = np.asarray(state.train.step)
 
     def after_chunk(self, loop, state, rx, chunk):

@@ -10,6 +10,7 @@ band), and the angle between the full gradient vectors. The table gives, per cel
 parameter, the cosine at the first measurement, after 100 steps, and the mean over the
 last 10 measurements, with the measuring cost (alignment time ÷ training time).
 """
+
 from __future__ import annotations
 
 import sys
@@ -36,15 +37,19 @@ def series(runs: list[dict]):
         return None
     common = sorted(set.intersection(*[{x["step"] for x in r} for r in recs]))
     if not common:
-        raise RunError(f"{', '.join(r['dir'] for r in with_recs)}: the runs of one cell share no alignment step "
-                       "(other align_every or damaged metrics)")
+        raise RunError(
+            f"{', '.join(r['dir'] for r in with_recs)}: the runs of one cell share no alignment step "
+            "(other align_every or damaged metrics)"
+        )
     by = [{x["step"]: x for x in r} for r in recs]
     names = list(recs[0][0]["cosine"])
     for run, b in zip(with_recs, by):
         for st in common:
             if sorted(b[st]["cosine"]) != sorted(names):
-                raise RunError(f"{run['dir']}/metrics.jsonl: alignment at step {st} names parameters "
-                               f"{sorted(b[st]['cosine'])}, the cell's others {sorted(names)}")
+                raise RunError(
+                    f"{run['dir']}/metrics.jsonl: alignment at step {st} names parameters "
+                    f"{sorted(b[st]['cosine'])}, the cell's others {sorted(names)}"
+                )
     cos = {n: np.array([[b[s]["cosine"][n] for s in common] for b in by]) for n in names}
     ang = np.array([[b[s]["angle"] for s in common] for b in by])
     return np.array(common), cos, ang
@@ -57,28 +62,37 @@ def report(paths, out: Path | None) -> str:
     cs = [c for c in aggregate.cells(runs) if any(records(r) for r in c["runs"])]
     if not cs:
         raise ConfigError("no run with alignment records (train with --set align_every=N)")
-    lines = ["| cell | parameter | cosine at step 0 | at step ~100 | mean of the last 10 | seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| cell | parameter | cosine at step 0 | at step ~100 | mean of the last 10 | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
     costs = []
     for c in cs:
         steps, cos, ang = series(c["runs"])
         i100 = int(np.argmin(np.abs(steps - 100)))
         for n, v in cos.items():
-            lines.append(f"| {aggregate.cell_label(c['config'])} {c['config'].model} | `{n}` | {v[:, 0].mean():.3f} | "
-                         f"{v[:, i100].mean():.3f} | {v[:, -10:].mean():.3f} | {v.shape[0]} |")
-        lines.append(f"| {aggregate.cell_label(c['config'])} {c['config'].model} | angle (°) | {ang[:, 0].mean():.1f} | "
-                     f"{ang[:, i100].mean():.1f} | {ang[:, -10:].mean():.1f} | {ang.shape[0]} |")
+            lines.append(
+                f"| {aggregate.cell_label(c['config'])} {c['config'].model} | `{n}` | {v[:, 0].mean():.3f} | "
+                f"{v[:, i100].mean():.3f} | {v[:, -10:].mean():.3f} | {v.shape[0]} |"
+            )
+        lines.append(
+            f"| {aggregate.cell_label(c['config'])} {c['config'].model} | angle (°) | {ang[:, 0].mean():.1f} | "
+            f"{ang[:, i100].mean():.1f} | {ang[:, -10:].mean():.1f} | {ang.shape[0]} |"
+        )
         t_train = sum(row["time_s"] for r in c["runs"] for row in r["metrics"])
         t_align = sum(row.get("align_time_s", 0.0) for r in c["runs"] for row in r["metrics"])
         every = c["config"].align_every
-        costs.append(f"{aggregate.cell_label(c['config'])} {c['config'].model}: measuring every {every} steps "
-                     f"cost {t_align:.1f} s for {t_train:.0f} s of training"
-                     + (f" ({100 * t_align / t_train:.1f} %)" if t_train > 0 else ""))
+        costs.append(
+            f"{aggregate.cell_label(c['config'])} {c['config'].model}: measuring every {every} steps "
+            f"cost {t_align:.1f} s for {t_train:.0f} s of training"
+            + (f" ({100 * t_align / t_train:.1f} %)" if t_train > 0 else "")
+        )
     text = "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in costs) + "\n"
     if out is not None:
         fig = plot_figure(cs)
-        runfolder.claim_outputs(out, ["alignment_over_training.png", "alignment_over_training.md"],
-                                "alignment_report")   # never over a file ep_jax did not write
+        runfolder.claim_outputs(
+            out, ["alignment_over_training.png", "alignment_over_training.md"], "alignment_report"
+        )  # never over a file ep_jax did not write
         figures.save(fig, out / "alignment_over_training.png", dpi=110)
         checkpoint.atomic_write_text(out / "alignment_over_training.md", text)
     return text

@@ -13,6 +13,7 @@ loop over `ep_jax.train_step` goes through the same numbers. The subset (`subset
 every seed. An epoch is every full batch, then the partial last batch (as PyTorch's
 DataLoader, the reference's, does).
 """
+
 from __future__ import annotations
 
 import jax
@@ -40,21 +41,30 @@ def build_augment(cfg: RunConfig):
     if not cfg.augment:
         return None
     from ep_jax.augment import CropFlip
+
     return CropFlip(tuple(cfg.image_shape()), pad=4, flip=True)
 
 
 def augment_key(cfg: RunConfig):
     """The member's augmentation key: `fold_in(data, AUG_TAG)` (step t: `fold_in` of it with t)."""
     from ep_jax.augment import AUG_TAG
+
     return jax.random.fold_in(keys(cfg)["data"], AUG_TAG)
 
 
 def build_estimator(cfg: RunConfig) -> ep_jax.Estimator:
     """The gradient estimator of a config."""
     free, nudge = ep_jax.solvers.parse_phases(cfg.solver)
-    return ep_jax.Estimator(cfg.estimator, t_free=cfg.t_free, t_nudge=cfg.t_nudge, nudge=cfg.nudge,
-                            n_points=cfg.n_points, tol=cfg.implicit_tol, solver=free,
-                            nudge_solver=None if nudge == free else nudge)
+    return ep_jax.Estimator(
+        cfg.estimator,
+        t_free=cfg.t_free,
+        t_nudge=cfg.t_nudge,
+        nudge=cfg.nudge,
+        n_points=cfg.n_points,
+        tol=cfg.implicit_tol,
+        solver=free,
+        nudge_solver=None if nudge == free else nudge,
+    )
 
 
 def lr_schedule(cfg: RunConfig):
@@ -81,11 +91,15 @@ def group_optimizer(cfg: RunConfig, model):
     placeholders, every member's own are set through `opt_hyperparams`. Reusing the object
     lets `jit` reuse the compiled step across runs, resumes and groups of one process."""
     from ep_jax.models.base import default_float
+
     extra = dict(weight_decay=cfg.weight_decay, schedule=lr_schedule(cfg))
     key = (model, cfg.optimizer, str(default_float()), cfg.weight_decay, extra["schedule"])
     if key not in _OPTIMIZERS:
-        _OPTIMIZERS[key] = (ep_jax.optim.adam(model, lr=0.0, **extra) if cfg.optimizer == "adam"
-                            else ep_jax.optim.sgd(model, lr=0.0, momentum=0.0, **extra))
+        _OPTIMIZERS[key] = (
+            ep_jax.optim.adam(model, lr=0.0, **extra)
+            if cfg.optimizer == "adam"
+            else ep_jax.optim.sgd(model, lr=0.0, momentum=0.0, **extra)
+        )
     return _OPTIMIZERS[key]
 
 
@@ -101,7 +115,7 @@ def model_settings(cfg: RunConfig) -> dict:
     """The model's numeric settings of a config (alpha, gamma, or none)."""
     if cfg.model in DENDRITIC_MODELS:
         return {"alpha": cfg.alpha}
-    return {"gamma": cfg.gamma} if cfg.model == "ep" else {}   # the conv model has no settings
+    return {"gamma": cfg.gamma} if cfg.model == "ep" else {}  # the conv model has no settings
 
 
 def build_relaxation(cfg: RunConfig, model) -> ep_jax.Relaxation:
@@ -120,14 +134,29 @@ _DATA_CACHE: dict = {}
 
 def load_data(cfg: RunConfig):
     """`(x_train, y_train, x_test, y_test)` numpy arrays after the subsets (cached)."""
-    key = (cfg.dataset, cfg.data_dir, cfg.subset, cfg.test_subset, cfg.subset_seed,
-           cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_noise, cfg.n_inputs(), cfg.n_classes())
+    key = (
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.subset,
+        cfg.test_subset,
+        cfg.subset_seed,
+        cfg.synthetic_train,
+        cfg.synthetic_test,
+        cfg.synthetic_noise,
+        cfg.n_inputs(),
+        cfg.n_classes(),
+    )
     if key in _DATA_CACHE:
         return _DATA_CACHE[key]
     if cfg.dataset == "synthetic":
-        ds = ep_jax.synthetic.make_synthetic(jax.random.PRNGKey(cfg.subset_seed), n_features=cfg.n_inputs(),
-                                             n_classes=cfg.n_classes(), n_train=cfg.synthetic_train,
-                                             n_test=cfg.synthetic_test, noise=cfg.synthetic_noise)
+        ds = ep_jax.synthetic.make_synthetic(
+            jax.random.PRNGKey(cfg.subset_seed),
+            n_features=cfg.n_inputs(),
+            n_classes=cfg.n_classes(),
+            n_train=cfg.synthetic_train,
+            n_test=cfg.synthetic_test,
+            noise=cfg.synthetic_noise,
+        )
     else:
         ds = ep_jax.data.load_dataset(cfg.dataset, data_dir=cfg.data_dir)
     base = jax.random.PRNGKey(cfg.subset_seed)
@@ -150,4 +179,4 @@ def epoch_batches(cfg: RunConfig, epoch: int, n: int):
     perm = epoch_order(cfg, epoch, n)
     B = cfg.batch_size
     n_full = n // B
-    return perm[: n_full * B].reshape(n_full, B), perm[n_full * B:]
+    return perm[: n_full * B].reshape(n_full, B), perm[n_full * B :]

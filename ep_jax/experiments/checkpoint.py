@@ -54,6 +54,7 @@ arrays' bytes twice over plus `META_BYTES`; a larger file is refused before any 
 Writes go to a fresh temporary file in the run folder (`mkstemp`, so nothing planted at a
 predictable name can redirect them), are fsynced, then renamed over the old file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -125,8 +126,10 @@ def atomic_write_text(path: Path, text: str):
 def _pack_masks(tree):
     """Replace every leaf under a "masks" key by its packed bits."""
     if isinstance(tree, dict):
-        return {k: (jax.tree.map(lambda a: np.packbits(np.asarray(a) != 0), v) if k == MASK_KEY
-                    else _pack_masks(v)) for k, v in tree.items()}
+        return {
+            k: (jax.tree.map(lambda a: np.packbits(np.asarray(a) != 0), v) if k == MASK_KEY else _pack_masks(v))
+            for k, v in tree.items()
+        }
     return tree
 
 
@@ -135,13 +138,17 @@ def _unpack_masks(tree, template):
         out = {}
         for k, v in tree.items():
             if k == MASK_KEY and k in template:
+
                 def unpack(bits, ref):
                     ref = np.asarray(ref)
                     bits = np.asarray(bits)
                     if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != -(-ref.size // 8):
-                        raise CheckpointError(f"mask of shape {ref.shape} stored with {bits.size} bytes of "
-                                              f"{bits.dtype}, expected {-(-ref.size // 8)} uint8")
+                        raise CheckpointError(
+                            f"mask of shape {ref.shape} stored with {bits.size} bytes of "
+                            f"{bits.dtype}, expected {-(-ref.size // 8)} uint8"
+                        )
                     return np.unpackbits(bits, count=ref.size).reshape(ref.shape).astype(ref.dtype)
+
                 try:
                     out[k] = jax.tree.map(unpack, v, serialization.to_state_dict(template[k]))
                 except ValueError as e:
@@ -160,8 +167,10 @@ def _paths(tree):
 def _named(sd) -> dict:
     """`{dotted name: array}` of a state dict (`relaxation.beta`, `sweep.train.step`, ...)."""
     flat = jax.tree_util.tree_flatten_with_path(sd)[0]
-    return {".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in p): np.asarray(v)
-            for p, v in flat}
+    return {
+        ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in p): np.asarray(v)
+        for p, v in flat
+    }
 
 
 def _sha256(data: bytes) -> str:
@@ -179,15 +188,22 @@ def encode(state, meta: dict, *, packed: bool = False) -> bytes:
         sd = _pack_masks(sd)
     text = json.dumps(meta)
     state_bytes = serialization.msgpack_serialize(sd)
-    return msgpack.packb({"format": FORMAT, "version": VERSION, "meta": text, "state": state_bytes,
-                          "sha256": {"meta": _sha256(text.encode()), "state": _sha256(state_bytes)}},
-                         use_bin_type=True)
+    return msgpack.packb(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "meta": text,
+            "state": state_bytes,
+            "sha256": {"meta": _sha256(text.encode()), "state": _sha256(state_bytes)},
+        },
+        use_bin_type=True,
+    )
 
 
 class _Outer(NamedTuple):
     meta: dict
     state: bytes
-    state_sha256: str | None   # None: a version-1 file (nothing to check against)
+    state_sha256: str | None  # None: a version-1 file (nothing to check against)
     version: int
 
 
@@ -205,13 +221,19 @@ def _unpack(data: bytes, source) -> _Outer:
         raise CheckpointError(f"{source}: not an ep_jax checkpoint")
     version = outer.get("version")
     if type(version) is not int or version not in READABLE_VERSIONS:
-        raise CheckpointError(f"{source}: checkpoint version {_brief(version)}, this ep_jax reads versions "
-                              f"{', '.join(map(str, READABLE_VERSIONS))}")
+        raise CheckpointError(
+            f"{source}: checkpoint version {_brief(version)}, this ep_jax reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
     if set(outer) != _ENTRIES[version]:
         missing, extra = sorted(_ENTRIES[version] - set(outer)), sorted(map(str, set(outer) - _ENTRIES[version]))
-        raise CheckpointError(f"{source}: damaged checkpoint (a version-{version} checkpoint "
-                              + (f"without {missing}" if missing else "") + (" and " if missing and extra else "")
-                              + (f"with unexpected {_brief(extra)}" if extra else "") + ")")
+        raise CheckpointError(
+            f"{source}: damaged checkpoint (a version-{version} checkpoint "
+            + (f"without {missing}" if missing else "")
+            + (" and " if missing and extra else "")
+            + (f"with unexpected {_brief(extra)}" if extra else "")
+            + ")"
+        )
     text, state = outer["meta"], outer["state"]
     if not isinstance(text, str) or not isinstance(state, bytes):
         raise CheckpointError(f"{source}: damaged checkpoint (bad layout)")
@@ -225,8 +247,9 @@ def _unpack(data: bytes, source) -> _Outer:
         except UnicodeError:
             meta_bytes = None
         if meta_bytes is None or _sha256(meta_bytes) != sums["meta"]:
-            raise CheckpointError(f"{source}: damaged checkpoint (content digest mismatch: the metadata is not "
-                                  "what was written)")
+            raise CheckpointError(
+                f"{source}: damaged checkpoint (content digest mismatch: the metadata is not what was written)"
+            )
         state_sha256 = sums["state"]
     try:
         meta = json.loads(text)
@@ -239,8 +262,9 @@ def _unpack(data: bytes, source) -> _Outer:
 
 def _verify_state(outer: _Outer, source):
     if outer.state_sha256 is not None and _sha256(outer.state) != outer.state_sha256:
-        raise CheckpointError(f"{source}: damaged checkpoint (content digest mismatch: the arrays are not what "
-                              "was written)")
+        raise CheckpointError(
+            f"{source}: damaged checkpoint (content digest mismatch: the arrays are not what was written)"
+        )
 
 
 def _decode_state(outer: _Outer, source) -> dict:
@@ -266,13 +290,14 @@ def decode(data: bytes, source="checkpoint", verify: bool = True) -> tuple[dict,
 
 # --- metadata -----------------------------------------------------------------------------
 
+
 def _brief(v, limit=60) -> str:
     """repr of a value read from a file, on one line and short."""
     try:
         r = repr(v)
-    except ValueError:                      # an int too long to print
+    except ValueError:  # an int too long to print
         r = f"<{type(v).__name__}>"
-    return r if len(r) <= limit else r[:limit - 3] + "..."
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def _is_int(v) -> bool:
@@ -289,6 +314,7 @@ def check_meta(meta, source="checkpoint") -> dict:
     strings, `ep_jax`/`backend` strings where present, `history` a list of `epoch` tables
     (row i: `epoch` i + 1, an int `steps` >= 0, never decreasing, numbers for
     `ROW_NUMBERS`)."""
+
     def bad(field, what):
         raise CheckpointError(f"{source}: damaged checkpoint metadata: {field} {what}")
 
@@ -319,8 +345,10 @@ def check_meta(meta, source="checkpoint") -> dict:
         if "steps" not in row:
             bad(f"{where}.steps", "is missing")
         if not _is_int(s) or s < steps:
-            bad(f"{where}.steps", f"is {_brief(s)}, must be an integer >= {steps} (the step counter after "
-                                  f"epoch {i + 1})")
+            bad(
+                f"{where}.steps",
+                f"is {_brief(s)}, must be an integer >= {steps} (the step counter after epoch {i + 1})",
+            )
         steps = s
         for key in ROW_NUMBERS:
             if not _is_number(row.get(key)):
@@ -329,6 +357,7 @@ def check_meta(meta, source="checkpoint") -> dict:
 
 
 # --- values -------------------------------------------------------------------------------
+
 
 def _fmt(v) -> str:
     v = v.item() if isinstance(v, np.generic) else v
@@ -347,9 +376,12 @@ def _show(a: np.ndarray) -> str:
 
 def _show_pair(a: np.ndarray, ref: np.ndarray) -> tuple[str, str]:
     sa, sr = _show(a), _show(ref)
-    if sa == sr and a.size <= 8 and np.issubdtype(a.dtype, np.floating):   # differ below %g's digits
-        full = lambda x: (np.format_float_positional(x[()], unique=True, trim="-") if x.ndim == 0 else
-                          "[" + ", ".join(np.format_float_positional(v, unique=True, trim="-") for v in x.ravel()) + "]")
+    if sa == sr and a.size <= 8 and np.issubdtype(a.dtype, np.floating):  # differ below %g's digits
+        full = lambda x: (
+            np.format_float_positional(x[()], unique=True, trim="-")
+            if x.ndim == 0
+            else "[" + ", ".join(np.format_float_positional(v, unique=True, trim="-") for v in x.ravel()) + "]"
+        )
         sa, sr = full(a), full(ref)
     return sa, sr
 
@@ -409,10 +441,17 @@ def check_state(state, template, meta: dict | None = None, source="checkpoint"):
         elif np.issubdtype(ref.dtype, np.inexact):
             finite = np.isfinite(a)
             if not np.all(finite):
-                what = ("non-finite parameters" if "params" in parts else
-                        "non-finite optimiser state" if "opt_state" in parts else "non-finite values")
-                bad(f"{what} ({name}: {int(a.size - finite.sum())} of {a.size} values, e.g. "
-                    f"{_fmt(a[~finite].ravel()[0])})")
+                what = (
+                    "non-finite parameters"
+                    if "params" in parts
+                    else "non-finite optimiser state"
+                    if "opt_state" in parts
+                    else "non-finite values"
+                )
+                bad(
+                    f"{what} ({name}: {int(a.size - finite.sum())} of {a.size} values, e.g. "
+                    f"{_fmt(a[~finite].ravel()[0])})"
+                )
             if parts[-1] == "nu" and "opt_state" in parts and np.any(a < 0):
                 bad(f"{name} (second moments) holds negative values")
     step_name = next((n for n in want if n.endswith("train.step")), None)
@@ -427,12 +466,16 @@ def check_state(state, template, meta: dict | None = None, source="checkpoint"):
         history = meta.get("history") or []
         expected = history[-1].get("steps") if history else 0
         if int(step) != expected:
-            where = f"the history's last row (epoch {len(history)}) says steps={expected}" if history else \
-                "a checkpoint of epoch 0 is at step 0"
+            where = (
+                f"the history's last row (epoch {len(history)}) says steps={expected}"
+                if history
+                else "a checkpoint of epoch 0 is at step 0"
+            )
             bad(f"{step_name} is {int(step)}, {where}")
 
 
 # --- restoring ----------------------------------------------------------------------------
+
 
 def _fit(template, sd: dict, source) -> dict:
     """`sd` with its masks unpacked, after checking that every leaf's path, shape and dtype
@@ -445,13 +488,15 @@ def _fit(template, sd: dict, source) -> dict:
     want, got = _paths(tsd), _paths(sd)
     if set(want) != set(got):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        raise CheckpointError(f"{source}: does not fit this run's state (missing {missing[:3]}, "
-                              f"unexpected {extra[:3]})")
+        raise CheckpointError(
+            f"{source}: does not fit this run's state (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     for k, ref in want.items():
         a = got[k]
         if a.shape != ref.shape or a.dtype != ref.dtype:
-            raise CheckpointError(f"{source}: {k} is {a.dtype}{list(a.shape)}, this run needs "
-                                  f"{ref.dtype}{list(ref.shape)}")
+            raise CheckpointError(
+                f"{source}: {k} is {a.dtype}{list(a.shape)}, this run needs {ref.dtype}{list(ref.shape)}"
+            )
     return sd
 
 

@@ -13,14 +13,15 @@ handler runs while XLA compiles (possibly minutes): a command line also watches 
 signals from a thread (`signal.set_wakeup_fd`) and ends a command that is still running
 `GRACE` s after one, the same way (the engine does this itself during a run).
 """
+
 from __future__ import annotations
 
 import argparse
 import errno
 import os
 import signal
-import threading
 import sys
+import threading
 import tomllib
 
 from ep_jax.experiments.errors import RunError, SpecError  # noqa: F401  (SpecError: re-exported)
@@ -31,8 +32,17 @@ def expected_errors():
     from ep_jax.data import DatasetError
     from ep_jax.experiments.checkpoint import CheckpointError
     from ep_jax.experiments.config import ConfigError
-    return (ConfigError, SpecError, DatasetError, RunError, CheckpointError, OSError, tomllib.TOMLDecodeError,
-            ValueError)
+
+    return (
+        ConfigError,
+        SpecError,
+        DatasetError,
+        RunError,
+        CheckpointError,
+        OSError,
+        tomllib.TOMLDecodeError,
+        ValueError,
+    )
 
 
 def describe(e: BaseException) -> str:
@@ -72,12 +82,12 @@ def hard_exit(code: int, line: str | None = None):
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:   # noqa: BLE001 — a closed stream: nothing more to say
+        except Exception:  # noqa: BLE001 — a closed stream: nothing more to say
             pass
     if line is not None:
         try:
             print(line, file=sys.stderr, flush=True)
-        except Exception:   # noqa: BLE001
+        except Exception:  # noqa: BLE001
             pass
     os._exit(code)
 
@@ -106,6 +116,7 @@ def _watch_signals():
 
     def watch():
         import time
+
         while True:
             got = os.read(r, 64)
             if any(b in (int(signal.SIGINT), int(signal.SIGTERM)) for b in got):
@@ -143,9 +154,14 @@ def add_run_modes(p: argparse.ArgumentParser):
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint(s) in the output folder")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--log", action="append", default=[], choices=("tensorboard", "wandb"),
-                   help="also log to TensorBoard event files (<run>/tensorboard/, needs tensorboardX) or to "
-                        "Weights & Biases (needs wandb); repeatable; off by default")
+    p.add_argument(
+        "--log",
+        action="append",
+        default=[],
+        choices=("tensorboard", "wandb"),
+        help="also log to TensorBoard event files (<run>/tensorboard/, needs tensorboardX) or to "
+        "Weights & Biases (needs wandb); repeatable; off by default",
+    )
 
 
 def main_wrapper(main, argv=None) -> int:
@@ -153,7 +169,7 @@ def main_wrapper(main, argv=None) -> int:
     global COMMAND_LINE
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     command_line = (argv is None or COMMAND_LINE) and threading.current_thread() is threading.main_thread()
-    if command_line:   # SIGTERM at start-up stops like Ctrl-C (not a death by signal)
+    if command_line:  # SIGTERM at start-up stops like Ctrl-C (not a death by signal)
         COMMAND_LINE = True
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, _start_up_signal)
@@ -161,7 +177,7 @@ def main_wrapper(main, argv=None) -> int:
     try:
         return main(argv) or 0
     except KeyboardInterrupt:
-        if command_line:   # a second signal would only cut the line below
+        if command_line:  # a second signal would only cut the line below
             for s in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(s, signal.SIG_IGN)
             hard_exit(INTERRUPTED, "interrupted")
@@ -172,4 +188,3 @@ def main_wrapper(main, argv=None) -> int:
             raise
         print(f"error: {describe(e)}", file=sys.stderr)
         return 2
-

@@ -6,6 +6,7 @@
 
 `python -m ep_jax.experiments <command>` is the same entry point without the script.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -40,7 +41,8 @@ def usage() -> str:
 def main(argv=None) -> int:
     """Dispatch `argv` (default `sys.argv[1:]`) to a command; its exit status."""
     from ep_jax.experiments import cli, distributed
-    cli.COMMAND_LINE = argv is None   # the process's own command line: an interrupt ends it (cli)
+
+    cli.COMMAND_LINE = argv is None  # the process's own command line: an interrupt ends it (cli)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

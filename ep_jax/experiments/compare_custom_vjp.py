@@ -3,6 +3,7 @@ estimate and against `jax.grad` BPTT through the same block (float64).
 
     python -m experiments.compare_custom_vjp [--beta 0.01] [--activation sigmoid] [--kind ep]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ from ep_jax.experiments import cli
 
 def main(argv=None):
     """The command: parse `argv` and run it."""
-    p = argparse.ArgumentParser(prog=cli.prog("compare_custom_vjp"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=cli.prog("compare_custom_vjp"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--beta", type=float, default=0.01)
     p.add_argument("--activation", default="sigmoid")
     p.add_argument("--kind", default="ep", choices=("ep", "dendritic"))
@@ -38,7 +40,11 @@ def main(argv=None):
         g_bptt, _ = ep_jax.estimate(m, ep_jax.Estimator("bptt_full", 200, 20), None, params, buffers, x, y, rx)
         print(alignment.format_comparison(alignment.compare(g_vjp, g_ep), "custom VJP vs direct symmetric EP estimate"))
         print()
-        print(alignment.format_comparison(alignment.compare(g_vjp, g_bptt), "custom VJP vs BPTT through all 200 free steps"))
+        print(
+            alignment.format_comparison(
+                alignment.compare(g_vjp, g_bptt), "custom VJP vs BPTT through all 200 free steps"
+            )
+        )
 
 
 if __name__ == "__main__":

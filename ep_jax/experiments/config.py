@@ -11,6 +11,7 @@ or *numeric* (`NUMERIC`: arrays in the compiled program — seed, β, rates, mom
 γ, time steps). Members of a sweep that agree on every static field form one group and
 train as one vmapped program.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,14 +20,19 @@ import json
 import math
 import os
 import reprlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ep_jax import activations, losses, solvers, timesteps
-from ep_jax.estimators import KINDS, NUDGES, RANDOM_SIGN_KINDS, EP_KINDS
+from ep_jax.estimators import EP_KINDS, KINDS, NUDGES, RANDOM_SIGN_KINDS
 
 DATASETS = ("mnist", "kmnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
-DATASET_ALIASES = {"fmnist": "fashion_mnist", "fashion-mnist": "fashion_mnist", "cifar-10": "cifar10",
-                   "cifar-100": "cifar100"}
+DATASET_ALIASES = {
+    "fmnist": "fashion_mnist",
+    "fashion-mnist": "fashion_mnist",
+    "cifar-10": "cifar10",
+    "cifar-100": "cifar100",
+}
 TRAIN_SIZE = {"mnist": 60000, "kmnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000}
 TEST_SIZE = {"mnist": 10000, "kmnist": 10000, "fashion_mnist": 10000, "cifar10": 10000, "cifar100": 10000}
 OPTIMIZERS = ("sgd", "adam")
@@ -74,8 +80,10 @@ def _from_legacy(d: Mapping, where: str = "") -> Mapping:
     if meant is not None:
         given = d.get("solver", "scan")
         if given not in ("scan", meant):
-            raise ConfigError(f"{where}solver {short(given)} contradicts the older field(s) relaxation_impl/"
-                              f"free_tol (which mean solver={meant!r}); give solver only")
+            raise ConfigError(
+                f"{where}solver {short(given)} contradicts the older field(s) relaxation_impl/"
+                f"free_tol (which mean solver={meant!r}); give solver only"
+            )
         d["solver"] = meant
     return d
 
@@ -85,7 +93,7 @@ def _to_legacy(d: dict) -> dict:
     written as them (`relaxation_impl` pallas, `free_tol`), so its digest is the one of a
     config saved before `solver` existed."""
     free, nudge = solvers.parse_phases(d["solver"])
-    if free == nudge == solvers.Pallas():   # (pallas:interpret, a test mode, is new: its own name)
+    if free == nudge == solvers.Pallas():  # (pallas:interpret, a test mode, is new: its own name)
         d = {**d, "relaxation_impl": "pallas"}
         del d["solver"]
     elif isinstance(free, solvers.Adaptive) and nudge == solvers.Scan():
@@ -106,9 +114,11 @@ def _plain(v):
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one training run needs; see each field's `help` (`describe()`)."""
+
     # data
-    dataset: str = _f("mnist", "mnist | kmnist | fashion_mnist (fmnist) | cifar10 | cifar100 | synthetic",
-                      choices=DATASETS)
+    dataset: str = _f(
+        "mnist", "mnist | kmnist | fashion_mnist (fmnist) | cifar10 | cifar100 | synthetic", choices=DATASETS
+    )
     data_dir: str | None = _f(None, "folder with the dataset files; when given, the only place looked")
     subset: int | None = _f(None, "train on N examples (a seeded random choice, the same for every seed)")
     test_subset: int | None = _f(None, "evaluate on N test examples (seeded random choice)")
@@ -117,12 +127,12 @@ class RunConfig:
     synthetic_test: int = _f(500, "synthetic dataset: test examples", lo=1, hi=INT32_MAX)
     synthetic_noise: float = _f(0.3, "synthetic dataset: pixel noise", lo=0.0)
     # model
-    model: str = _f("dendritic", "ep | dendritic | conv | dendritic_conv",
-                    choices=("ep", "dendritic") + CONV_MODELS)
+    model: str = _f("dendritic", "ep | dendritic | conv | dendritic_conv", choices=("ep", "dendritic") + CONV_MODELS)
     sizes: tuple = _f((784, 256, 10), "layer widths, input first (MLP models)")
     activation: str = _f("hard_sigmoid", "hidden activation", choices=tuple(activations.ACTIVATIONS))
-    output_activation: str | None = _f(None, "output activation (default: as the hidden one with mse)",
-                                       choices=tuple(activations.ACTIVATIONS))
+    output_activation: str | None = _f(
+        None, "output activation (default: as the hidden one with mse)", choices=tuple(activations.ACTIVATIONS)
+    )
     loss: str = _f("mse", "mse | ce", choices=losses.LOSSES)
     basal_branches: int = _f(8, "dendritic: basal branches per soma", lo=1, hi=2**16)
     apical_branches: int = _f(2, "dendritic: apical branches per soma", lo=1, hi=2**16)
@@ -130,38 +140,51 @@ class RunConfig:
     apical_dense: bool = _f(False, "dendritic: apical maps without masks")
     alpha: float = _f(0.2, "dendritic: apical scale")
     gamma: float = _f(1.0, "standard model: feedback scale (1 = energy-based)")
-    input_shape: tuple | None = _f(None, "conv models: (H, W, C) of the images (default: the dataset's)",
-                                   later=True)
+    input_shape: tuple | None = _f(None, "conv models: (H, W, C) of the images (default: the dataset's)", later=True)
     channels: tuple = _f((), "conv models: output channels of each conv layer", later=True)
     kernels: tuple = _f((), "conv models: kernel size k (k x k) of each conv layer", later=True)
     strides: tuple = _f((), "conv models: stride of each conv layer (default 1 each)", later=True)
     paddings: tuple = _f((), "conv models: zero padding of each conv layer (default 0 each)", later=True)
-    pools: tuple = _f((), "conv models: max | avg | none after each conv layer (2x2, stride 2; "
-                          "default max each)", later=True)
-    fc: tuple = _f((), "conv models: widths of the fully connected layers after the convs, the classes last",
-                   later=True)
-    readout: str = _f("none", "conv models: none | softmax (cross-entropy readout outside the dynamics)",
-                      choices=("none", "softmax"), later=True)
+    pools: tuple = _f(
+        (), "conv models: max | avg | none after each conv layer (2x2, stride 2; default max each)", later=True
+    )
+    fc: tuple = _f(
+        (), "conv models: widths of the fully connected layers after the convs, the classes last", later=True
+    )
+    readout: str = _f(
+        "none",
+        "conv models: none | softmax (cross-entropy readout outside the dynamics)",
+        choices=("none", "softmax"),
+        later=True,
+    )
     # estimator
-    estimator: str = _f("symmetric", "symmetric | one_sided | chl | bptt | bptt_full | holomorphic | implicit",
-                        choices=KINDS)
+    estimator: str = _f(
+        "symmetric", "symmetric | one_sided | chl | bptt | bptt_full | holomorphic | implicit", choices=KINDS
+    )
     t_free: int = _f(60, "free-phase steps T1", lo=1, hi=MAX_STEPS)
     t_nudge: int = _f(12, "nudged-phase steps T2 (bptt: truncation)", lo=1, hi=MAX_STEPS)
     nudge: str = _f("fixed", "fixed | random_sign (one_sided, chl)", choices=NUDGES)
-    n_points: int | None = _f(None, "holomorphic: points N on the circle of complex nudges (default 4)", lo=2,
-                              hi=4096, later=True)
-    implicit_tol: float | None = _f(None, "implicit: largest free-phase relative residual accepted (default 1e-5)",
-                                    lo=0.0, lo_open=True, later=True)
-    solver: str = _f("scan", "how the phases relax (ep_jax.solvers), FREE or FREE/NUDGE: scan (t_free / t_nudge "
-                     "synchronous steps, the papers') | adaptive:TOL (synchronous until the relative residual is "
-                     "<= TOL; the steps the most) | async (even/odd sweeps, same fixed points) | async:TOL (and "
-                     "stop at TOL) | pallas (the fused GPU kernel; symmetric, one_sided, chl); e.g. "
-                     "adaptive:1e-5/scan, async:1e-5; bptt, bptt_full: scan only", later=True)
+    n_points: int | None = _f(
+        None, "holomorphic: points N on the circle of complex nudges (default 4)", lo=2, hi=4096, later=True
+    )
+    implicit_tol: float | None = _f(
+        None, "implicit: largest free-phase relative residual accepted (default 1e-5)", lo=0.0, lo_open=True, later=True
+    )
+    solver: str = _f(
+        "scan",
+        "how the phases relax (ep_jax.solvers), FREE or FREE/NUDGE: scan (t_free / t_nudge "
+        "synchronous steps, the papers') | adaptive:TOL (synchronous until the relative residual is "
+        "<= TOL; the steps the most) | async (even/odd sweeps, same fixed points) | async:TOL (and "
+        "stop at TOL) | pallas (the fused GPU kernel; symmetric, one_sided, chl); e.g. "
+        "adaptive:1e-5/scan, async:1e-5; bptt, bptt_full: scan only",
+        later=True,
+    )
     # relaxation
     beta: float = _f(0.1, "nudging strength (nonzero for EP estimators)")
     dt: Any = _f(1.0, "time step in (0, 1]: one, or one per state layer")
-    dt_dist: str | None = _f(None, "heterogeneous hidden time steps: normal | lognormal | gamma | scalar",
-                             choices=timesteps.DISTRIBUTIONS)
+    dt_dist: str | None = _f(
+        None, "heterogeneous hidden time steps: normal | lognormal | gamma | scalar", choices=timesteps.DISTRIBUTIONS
+    )
     dt_mean: float | None = _f(None, "HTS mean (default %g)" % timesteps.DtSpec.mean)
     dt_std: float | None = _f(None, "HTS std (default %g)" % timesteps.DtSpec.std)
     dt_min: float | None = _f(None, "HTS lower clip (default %g)" % timesteps.DtSpec.dt_min)
@@ -171,14 +194,19 @@ class RunConfig:
     optimizer: str = _f("sgd", "sgd (PyTorch momentum) | adam; one rate per synapse", choices=OPTIMIZERS)
     lr: Any = _f((0.4, 0.02), "learning rate >= 0: one, or one per synapse")
     momentum: float = _f(0.9, "sgd momentum in [0, 1)", lo=0.0, hi=1.0, hi_open=True)
-    lr_schedule: str = _f("constant", "constant | cosine (per epoch, from lr to lr_min over the epochs)",
-                          choices=LR_SCHEDULES, later=True)
+    lr_schedule: str = _f(
+        "constant", "constant | cosine (per epoch, from lr to lr_min over the epochs)", choices=LR_SCHEDULES, later=True
+    )
     lr_min: float = _f(1e-5, "cosine schedule: the rate of the last epoch's end", lo=0.0, later=True)
-    lr_epochs: int | None = _f(None, "cosine schedule: its period T_max in epochs (default: epochs; past it "
-                                     "the rates rise again, as PyTorch's CosineAnnealingLR)", lo=1,
-                               hi=INT32_MAX, later=True)
-    weight_decay: float = _f(0.0, "added to the gradient: g + weight_decay * theta (PyTorch's)", lo=0.0,
-                             later=True)
+    lr_epochs: int | None = _f(
+        None,
+        "cosine schedule: its period T_max in epochs (default: epochs; past it "
+        "the rates rise again, as PyTorch's CosineAnnealingLR)",
+        lo=1,
+        hi=INT32_MAX,
+        later=True,
+    )
+    weight_decay: float = _f(0.0, "added to the gradient: g + weight_decay * theta (PyTorch's)", lo=0.0, later=True)
     # loop
     batch_size: int = _f(64, "training batch size", lo=1, hi=INT32_MAX)
     epochs: int = _f(20, "epochs to train", lo=1, hi=INT32_MAX)
@@ -187,18 +215,25 @@ class RunConfig:
     chunk: int = _f(100, "training steps per device-resident scan", lo=1, hi=INT32_MAX)
     max_state: float = _f(1e4, "a state magnitude above this counts as divergence", lo=0.0, lo_open=True)
     float64: bool = _f(False, "compute in float64")
-    align_every: int = _f(0, "every N steps log EP-vs-BPTT alignment on a probe batch (0: off)", lo=0,
-                          hi=INT32_MAX)
+    align_every: int = _f(0, "every N steps log EP-vs-BPTT alignment on a probe batch (0: off)", lo=0, hi=INT32_MAX)
     align_batch: int = _f(64, "probe batch size of the alignment log", lo=1, hi=INT32_MAX)
-    align_reference: str = _f("bptt", "what the alignment log compares with: bptt (truncated to t_nudge) | "
-                              "bptt_full | implicit (the equilibrium gradient)",
-                              choices=("bptt", "bptt_full", "implicit"), later=True)
-    augment: bool = _f(False, "training images: random crop (4-pixel edge padding) and horizontal flip, on "
-                              "the device, from the data key; never at evaluation", later=True)
+    align_reference: str = _f(
+        "bptt",
+        "what the alignment log compares with: bptt (truncated to t_nudge) | "
+        "bptt_full | implicit (the equilibrium gradient)",
+        choices=("bptt", "bptt_full", "implicit"),
+        later=True,
+    )
+    augment: bool = _f(
+        False,
+        "training images: random crop (4-pixel edge padding) and horizontal flip, on "
+        "the device, from the data key; never at evaluation",
+        later=True,
+    )
 
     # --- construction ---------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Mapping, where: str = "") -> "RunConfig":
+    def from_dict(cls, d: Mapping, where: str = "") -> RunConfig:
         """Build from plain values (JSON/TOML/--set), coercing types; unknown fields raise."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"{where}expected a table of config fields, got {type(d).__name__}")
@@ -213,7 +248,7 @@ class RunConfig:
                 kw[f.name] = _coerce(f, d[f.name], where)
         return cls(**kw)
 
-    def replace(self, **changes) -> "RunConfig":
+    def replace(self, **changes) -> RunConfig:
         """A copy with `changes` (plain values, coerced like `from_dict`)."""
         return RunConfig.from_dict({**self.to_json(), **changes})
 
@@ -231,17 +266,33 @@ class RunConfig:
         image shape."""
         if self.model in CONV_MODELS:
             layers = self.conv_layers()
-            kw = dict(input_shape=tuple(self.image_shape()), channels=tuple(self.channels),
-                      kernels=tuple(self.kernels), strides=tuple(c["stride"] for c in layers),
-                      paddings=tuple(c["padding"] for c in layers), pools=tuple(c["pool"] for c in layers),
-                      fc=tuple(self.fc), activation=self.activation, output_activation=self.output_activation,
-                      loss=self.loss, readout=self.readout)
+            kw = dict(
+                input_shape=tuple(self.image_shape()),
+                channels=tuple(self.channels),
+                kernels=tuple(self.kernels),
+                strides=tuple(c["stride"] for c in layers),
+                paddings=tuple(c["padding"] for c in layers),
+                pools=tuple(c["pool"] for c in layers),
+                fc=tuple(self.fc),
+                activation=self.activation,
+                output_activation=self.output_activation,
+                loss=self.loss,
+                readout=self.readout,
+            )
         else:
-            kw = dict(sizes=tuple(self.sizes), activation=self.activation,
-                      output_activation=self.output_activation, loss=self.loss)
+            kw = dict(
+                sizes=tuple(self.sizes),
+                activation=self.activation,
+                output_activation=self.output_activation,
+                loss=self.loss,
+            )
         if self.model in ("dendritic", "dendritic_conv"):
-            kw.update(basal_branches=self.basal_branches, apical_branches=self.apical_branches,
-                      sparsity=self.sparsity, apical_dense=self.apical_dense)
+            kw.update(
+                basal_branches=self.basal_branches,
+                apical_branches=self.apical_branches,
+                sparsity=self.sparsity,
+                apical_dense=self.apical_dense,
+            )
         return kw
 
     def digest(self, exclude=("epochs",)) -> str:
@@ -251,8 +302,11 @@ class RunConfig:
         only when they differ from their default, so a run saved before the field
         existed keeps its digest and can be resumed."""
         later = {f.name: f.default for f in dataclasses.fields(self) if f.metadata.get("later")}
-        d = {k: v for k, v in _to_legacy(self.to_json()).items()
-             if k not in exclude and not (k in later and v == _plain(later[k]))}
+        d = {
+            k: v
+            for k, v in _to_legacy(self.to_json()).items()
+            if k not in exclude and not (k in later and v == _plain(later[k]))
+        }
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     # --- derived --------------------------------------------------------------------
@@ -275,6 +329,7 @@ class RunConfig:
         if self.input_shape is not None:
             return tuple(self.input_shape)
         from ep_jax.data import IMAGE_SHAPES
+
         return IMAGE_SHAPES.get(self.dataset)
 
     def n_inputs(self) -> int:
@@ -317,8 +372,22 @@ class RunConfig:
             k, st, p = self.kernels[l], strides[l], paddings[l]
             hc, wc = (h + 2 * p - k) // st + 1, (w + 2 * p - k) // st + 1
             ho, wo = (hc // 2, wc // 2) if pools[l] != "none" else (hc, wc)
-            out.append(dict(channels=self.channels[l], kernel=k, stride=st, padding=p, pool=pools[l],
-                            h_in=h, w_in=w, c_in=c, h_conv=hc, w_conv=wc, h_out=ho, w_out=wo))
+            out.append(
+                dict(
+                    channels=self.channels[l],
+                    kernel=k,
+                    stride=st,
+                    padding=p,
+                    pool=pools[l],
+                    h_in=h,
+                    w_in=w,
+                    c_in=c,
+                    h_conv=hc,
+                    w_conv=wc,
+                    h_out=ho,
+                    w_out=wo,
+                )
+            )
             h, w, c = ho, wo, self.channels[l]
         return out
 
@@ -355,19 +424,35 @@ class RunConfig:
 
 
 #: fields that are arrays in the compiled program (members may differ in them)
-NUMERIC = ("seed", "beta", "lr", "momentum", "alpha", "gamma", "dt", "dt_dist", "dt_mean", "dt_std",
-           "dt_min", "dt_max", "dt_out")
+NUMERIC = (
+    "seed",
+    "beta",
+    "lr",
+    "momentum",
+    "alpha",
+    "gamma",
+    "dt",
+    "dt_dist",
+    "dt_mean",
+    "dt_std",
+    "dt_min",
+    "dt_max",
+    "dt_out",
+)
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
 def describe() -> str:
     """One line per field: name, default, help."""
-    return "\n".join(f"{f.name:18s} {json.dumps(RunConfig().to_json()[f.name]):>22s}  {f.metadata['help']}"
-                     for f in dataclasses.fields(RunConfig))
+    return "\n".join(
+        f"{f.name:18s} {json.dumps(RunConfig().to_json()[f.name]):>22s}  {f.metadata['help']}"
+        for f in dataclasses.fields(RunConfig)
+    )
 
 
 # --- coercion ---------------------------------------------------------------------------
+
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -400,9 +485,10 @@ def short(v) -> str:
 def _non_holomorphic(cfg) -> list[str]:
     """What the holomorphic estimator cannot run in `cfg`'s model (the model's own list)."""
     from ep_jax.models import build_model
+
     try:
         model = build_model(cfg.model, **cfg.model_options())
-    except Exception:   # noqa: BLE001 — a bad model is reported by its own field's check
+    except Exception:  # noqa: BLE001 — a bad model is reported by its own field's check
         return []
     parts = getattr(model, "non_holomorphic", None)
     return parts() if callable(parts) else []
@@ -455,7 +541,7 @@ def _coerce(f: dataclasses.Field, v, where: str = ""):
         if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
             raise bad("an integer")
         return int(v)
-    if name == "solver":   # its canonical spelling (one part when both phases agree)
+    if name == "solver":  # its canonical spelling (one part when both phases agree)
         if not isinstance(v, str):
             raise bad("a string such as scan, adaptive:1e-5/scan or async:1e-5")
         try:
@@ -475,9 +561,11 @@ def _coerce(f: dataclasses.Field, v, where: str = ""):
 
 # --- validation -------------------------------------------------------------------------
 
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every field and every rule between fields; raise `ConfigError` on the first
     problem. Returns `cfg` (so `validate(RunConfig.from_dict(d))` reads well)."""
+
     def err(name, msg):
         raise ConfigError(f"{name}: {msg}")
 
@@ -493,7 +581,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             err(f.name, f"must be {'>' if m.get('lo_open') else '>='} {m['lo']}, got {short(v)}")
         if "hi" in m and (v >= m["hi"] if m.get("hi_open") else v > m["hi"]):
             err(f.name, f"must be {'<' if m.get('hi_open') else '<='} {m['hi']}, got {short(v)}")
-        if _is_int(v) and abs(v) > 2**63 - 1:   # subset, test_subset: no bound of their own
+        if _is_int(v) and abs(v) > 2**63 - 1:  # subset, test_subset: no bound of their own
             err(f.name, f"must be an integer in the int64 range, got {short(v)}")
 
     L = cfg.n_layers
@@ -504,20 +592,25 @@ def validate(cfg: RunConfig) -> RunConfig:
             if getattr(cfg, name) != FIELDS[name].default:
                 err(name, f"applies to the conv models only ({' | '.join(CONV_MODELS)}; model = {cfg.model!r})")
     if cfg.model in CONV_MODELS:
-        pass   # their widths are channels and fc (checked above)
+        pass  # their widths are channels and fc (checked above)
     elif len(cfg.sizes) < 2 or any(n < 1 for n in cfg.sizes):
         err("sizes", f"must list >= 2 positive widths (input, ..., output), got {short(list(cfg.sizes))}")
     elif any(n > MAX_WIDTH for n in cfg.sizes):
         err("sizes", f"widths must be <= {MAX_WIDTH} (2^24), got {short(max(cfg.sizes))}")
     elif cfg.dataset != "synthetic":
         from ep_jax.data import IMAGE_SHAPES, N_CLASSES
+
         h, w, c = IMAGE_SHAPES[cfg.dataset]
         if cfg.sizes[0] != h * w * c:
-            err("sizes", f"the first width must be {h * w * c} ({h}x{w}x{c} images) for {cfg.dataset}, "
-                         f"got {cfg.sizes[0]}")
+            err(
+                "sizes",
+                f"the first width must be {h * w * c} ({h}x{w}x{c} images) for {cfg.dataset}, got {cfg.sizes[0]}",
+            )
         if cfg.sizes[-1] != N_CLASSES[cfg.dataset]:
-            err("sizes", f"the last width must be {N_CLASSES[cfg.dataset]} (classes) for {cfg.dataset}, "
-                         f"got {cfg.sizes[-1]}")
+            err(
+                "sizes",
+                f"the last width must be {N_CLASSES[cfg.dataset]} (classes) for {cfg.dataset}, got {cfg.sizes[-1]}",
+            )
     elif cfg.sizes[-1] < 2:
         err("sizes", "the synthetic dataset needs >= 2 classes (last width)")
     for name, total in (("subset", cfg.total_train()), ("test_subset", cfg.total_test())):
@@ -528,9 +621,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         err("batch_size", f"must not exceed the {cfg.n_train()} training examples, got {cfg.batch_size}")
     steps = cfg.epochs * cfg.steps_per_epoch()
     if steps > INT32_MAX:
-        err("epochs", f"{cfg.epochs} epochs of {cfg.steps_per_epoch()} steps make {steps} training steps, more "
-                      f"than the int32 step counter holds ({INT32_MAX}); at most "
-                      f"{INT32_MAX // cfg.steps_per_epoch()} epochs")
+        err(
+            "epochs",
+            f"{cfg.epochs} epochs of {cfg.steps_per_epoch()} steps make {steps} training steps, more "
+            f"than the int32 step counter holds ({INT32_MAX}); at most "
+            f"{INT32_MAX // cfg.steps_per_epoch()} epochs",
+        )
     if cfg.t_nudge > cfg.t_free and cfg.estimator != "bptt_full":
         err("t_nudge", f"must be <= t_free, got t_nudge={cfg.t_nudge} > t_free={cfg.t_free}")
     if cfg.estimator in EP_KINDS and cfg.beta == 0:
@@ -542,9 +638,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     except ValueError as e:
         err("solver", str(e).removeprefix("solver").lstrip(": "))
     if cfg.estimator in ("bptt", "bptt_full") and cfg.solver != "scan":
-        err("solver", f"the {cfg.estimator} estimator differentiates the synchronous scan: solver must be scan, "
-                      f"got {cfg.solver!r}")
-    if any(isinstance(v, solvers.Pallas) for v in (free, nudge)) and cfg.estimator not in ("symmetric", "one_sided", "chl"):
+        err(
+            "solver",
+            f"the {cfg.estimator} estimator differentiates the synchronous scan: solver must be scan, "
+            f"got {cfg.solver!r}",
+        )
+    if any(isinstance(v, solvers.Pallas) for v in (free, nudge)) and cfg.estimator not in (
+        "symmetric",
+        "one_sided",
+        "chl",
+    ):
         err("solver", f"pallas needs estimator symmetric, one_sided or chl, got {cfg.estimator!r}")
     if cfg.nudge == "random_sign" and cfg.estimator not in RANDOM_SIGN_KINDS:
         err("nudge", f"random_sign needs estimator one of {list(RANDOM_SIGN_KINDS)}, got {cfg.estimator!r}")
@@ -555,13 +658,23 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.estimator == "holomorphic":
         bad = _non_holomorphic(cfg)
         if bad:
-            err("estimator", f"holomorphic needs holomorphic functions, and this model uses {', '.join(bad)}; "
-                             f"holomorphic activations: {', '.join(activations.HOLOMORPHIC)}")
+            err(
+                "estimator",
+                f"holomorphic needs holomorphic functions, and this model uses {', '.join(bad)}; "
+                f"holomorphic activations: {', '.join(activations.HOLOMORPHIC)}",
+            )
     lrs = cfg.lr if isinstance(cfg.lr, tuple) else (cfg.lr,)
     if isinstance(cfg.lr, tuple) and len(cfg.lr) != cfg.n_synapses():
-        err("lr", f"give one rate or one per synapse ({cfg.n_synapses()} for "
-                  + (f"{len(cfg.channels)} conv + {len(cfg.fc)} fc layers" if cfg.model in CONV_MODELS
-                     else f"sizes {list(cfg.sizes)}") + f"), got {len(cfg.lr)}")
+        err(
+            "lr",
+            f"give one rate or one per synapse ({cfg.n_synapses()} for "
+            + (
+                f"{len(cfg.channels)} conv + {len(cfg.fc)} fc layers"
+                if cfg.model in CONV_MODELS
+                else f"sizes {list(cfg.sizes)}"
+            )
+            + f"), got {len(cfg.lr)}",
+        )
     if any(not math.isfinite(r) or r < 0 for r in lrs):
         err("lr", f"rates must be finite and >= 0 (a negative rate trains uphill), got {list(lrs)}")
     dts = cfg.dt if isinstance(cfg.dt, tuple) else (cfg.dt,)
@@ -589,8 +702,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             if getattr(cfg, name) != FIELDS[name].default:
                 err(name, f"applies to the dendritic models only (model = {cfg.model!r})")
     if cfg.model != "ep" and cfg.gamma != FIELDS["gamma"].default:
-        err("gamma", f"applies to the standard model only (model = {cfg.model!r}"
-                     + ("; its apical scale is alpha)" if cfg.model in DENDRITIC_MODELS else ")"))
+        err(
+            "gamma",
+            f"applies to the standard model only (model = {cfg.model!r}"
+            + ("; its apical scale is alpha)" if cfg.model in DENDRITIC_MODELS else ")"),
+        )
     if cfg.lr_schedule != "cosine" and cfg.lr_min != FIELDS["lr_min"].default:
         err("lr_min", "is used only with lr_schedule = 'cosine'")
     if cfg.lr_schedule != "cosine" and cfg.lr_epochs is not None:
@@ -607,8 +723,11 @@ def _validate_conv(cfg: RunConfig, err):
     shape against the dataset's images, and every layer's kernel and pooling against the
     map it gets."""
     if cfg.sizes != FIELDS["sizes"].default:
-        err("sizes", f"applies to the MLP models (ep, dendritic); model {cfg.model!r} takes input_shape, "
-                     "channels, kernels, strides, paddings, pools and fc")
+        err(
+            "sizes",
+            f"applies to the MLP models (ep, dendritic); model {cfg.model!r} takes input_shape, "
+            "channels, kernels, strides, paddings, pools and fc",
+        )
     n = len(cfg.channels)
     if n == 0 or any(c < 1 for c in cfg.channels):
         err("channels", f"must list >= 1 positive channel counts (one per conv layer), got {short(list(cfg.channels))}")
@@ -637,8 +756,10 @@ def _validate_conv(cfg: RunConfig, err):
         if cfg.output_activation is not None:
             err("output_activation", "must be left out with readout = 'softmax' (the last state layer is hidden)")
         if cfg.n_layers < 1:
-            err("fc", "with readout = 'softmax' the last fc width is the readout's; the network needs a state "
-                      "layer below it")
+            err(
+                "fc",
+                "with readout = 'softmax' the last fc width is the readout's; the network needs a state layer below it",
+            )
     if any(w > MAX_WIDTH for w in cfg.fc):
         err("fc", f"widths must be <= {MAX_WIDTH}, got {short(max(cfg.fc))}")
     if cfg.input_shape is not None and (len(cfg.input_shape) != 3 or any(d < 1 for d in cfg.input_shape)):
@@ -650,61 +771,85 @@ def _validate_conv(cfg: RunConfig, err):
             err("fc", "the synthetic dataset needs >= 2 classes (last width)")
     else:
         from ep_jax.data import IMAGE_SHAPES, N_CLASSES
+
         shape = IMAGE_SHAPES[cfg.dataset]
         if cfg.input_shape is not None and tuple(cfg.input_shape) != shape:
-            err("input_shape", f"{list(cfg.input_shape)} does not match {cfg.dataset}'s {shape[0]}x{shape[1]}x"
-                               f"{shape[2]} images (leave it out to take the dataset's)")
+            err(
+                "input_shape",
+                f"{list(cfg.input_shape)} does not match {cfg.dataset}'s {shape[0]}x{shape[1]}x"
+                f"{shape[2]} images (leave it out to take the dataset's)",
+            )
         if cfg.fc[-1] != N_CLASSES[cfg.dataset]:
             err("fc", f"the last width must be {N_CLASSES[cfg.dataset]} (classes) for {cfg.dataset}, got {cfg.fc[-1]}")
     for l, c in enumerate(cfg.conv_layers(), 1):
         hp, wp = c["h_in"] + 2 * c["padding"], c["w_in"] + 2 * c["padding"]
         if c["kernel"] > min(hp, wp):
-            err("kernels", f"conv layer {l}: a {c['kernel']}x{c['kernel']} kernel is larger than its {hp}x{wp} input"
-                           f" ({c['h_in']}x{c['w_in']} with padding {c['padding']})")
+            err(
+                "kernels",
+                f"conv layer {l}: a {c['kernel']}x{c['kernel']} kernel is larger than its {hp}x{wp} input"
+                f" ({c['h_in']}x{c['w_in']} with padding {c['padding']})",
+            )
         if c["h_out"] < 1 or c["w_out"] < 1:
-            err("pools", f"conv layer {l}: 2x2 {c['pool']} pooling of its {c['h_conv']}x{c['w_conv']} map leaves a "
-                         "zero-sized map (fewer layers, more padding, or pool 'none')")
+            err(
+                "pools",
+                f"conv layer {l}: 2x2 {c['pool']} pooling of its {c['h_conv']}x{c['w_conv']} map leaves a "
+                "zero-sized map (fewer layers, more padding, or pool 'none')",
+            )
 
 
 def warnings_for(cfg: RunConfig) -> list[str]:
     """Legal but probably unintended settings, one line each."""
     out = []
     if cfg.model == "ep" and cfg.gamma != 1 and cfg.estimator in ("symmetric", "one_sided"):
-        out.append(f"gamma={cfg.gamma} != 1 with the {cfg.estimator!r} estimator: not a gradient system, the "
-                   "estimate is not the loss gradient (the 'chl' rule is the one paired with gamma != 1)")
+        out.append(
+            f"gamma={cfg.gamma} != 1 with the {cfg.estimator!r} estimator: not a gradient system, the "
+            "estimate is not the loss gradient (the 'chl' rule is the one paired with gamma != 1)"
+        )
     if cfg.optimizer == "adam" and cfg.momentum != FIELDS["momentum"].default:
         out.append("momentum is not used by adam")
     if cfg.estimator in EP_KINDS:
         b = abs(cfg.beta)
         if b > 10:
-            out.append(f"|beta| = {b:g} > 10: the nudge swamps the network's own drive, the nudged state is "
-                       "pinned to the target and the estimate is far from the loss gradient (EP needs a small beta)")
+            out.append(
+                f"|beta| = {b:g} > 10: the nudge swamps the network's own drive, the nudged state is "
+                "pinned to the target and the estimate is far from the loss gradient (EP needs a small beta)"
+            )
         elif b < 1e-6:
-            out.append(f"|beta| = {b:g} < 1e-6: the nudged and free states differ by less than the floating-point "
-                       "resolution of the states, so the estimate (that difference divided by beta) is rounding "
-                       "noise and training stays at chance")
+            out.append(
+                f"|beta| = {b:g} < 1e-6: the nudged and free states differ by less than the floating-point "
+                "resolution of the states, so the estimate (that difference divided by beta) is rounding "
+                "noise and training stays at chance"
+            )
     dts = [d for d in (cfg.dt if isinstance(cfg.dt, tuple) else (cfg.dt,))]
     dts += [d for d in (cfg.dt_out, cfg.dt_mean) if d is not None]
     if dts and min(dts) < 1e-4:
         d = min(dts)
-        out.append(f"a time step of {d:g} < 1e-4: the relaxation barely moves (t_free x dt = {cfg.t_free * d:.2g} "
-                   "of the ~1 time constant it needs), the states stay near their start and training stays at "
-                   "chance")
+        out.append(
+            f"a time step of {d:g} < 1e-4: the relaxation barely moves (t_free x dt = {cfg.t_free * d:.2g} "
+            "of the ~1 time constant it needs), the states stay near their start and training stays at "
+            "chance"
+        )
     per_step = cfg.t_free + 3 * cfg.t_nudge
     per_chunk = cfg.chunk * per_step
     if per_chunk > 2_000_000:
         # a round chunk well below the limit (a tenth of it), never the limit's edge (99 for 100)
         fit = max(1, 200_000 // per_step)
-        nice = max(m * 10 ** k for k in range(10) for m in (1, 2, 5) if m * 10 ** k <= fit)
-        how = (f"set a smaller chunk (--set chunk={nice})" if nice < cfg.chunk else
-               "one training step alone is that long; fewer relaxation steps (t_free, t_nudge) shorten it")
-        out.append(f"a chunk of {cfg.chunk} step{'s' * (cfg.chunk != 1)} is about {per_chunk:.2g} relaxation "
-                   "steps: the progress bar moves, and Ctrl-C/SIGTERM take effect, only between chunks (after "
-                   f"minutes or more); {how}")
+        nice = max(m * 10**k for k in range(10) for m in (1, 2, 5) if m * 10**k <= fit)
+        how = (
+            f"set a smaller chunk (--set chunk={nice})"
+            if nice < cfg.chunk
+            else "one training step alone is that long; fewer relaxation steps (t_free, t_nudge) shorten it"
+        )
+        out.append(
+            f"a chunk of {cfg.chunk} step{'s' * (cfg.chunk != 1)} is about {per_chunk:.2g} relaxation "
+            "steps: the progress bar moves, and Ctrl-C/SIGTERM take effect, only between chunks (after "
+            f"minutes or more); {how}"
+        )
     return out
 
 
 # --- command-line values ----------------------------------------------------------------
+
 
 def parse_value(text: str):
     """A `--set` value: JSON (numbers, true/false, null, [lists], "strings"), `none`,
@@ -743,6 +888,7 @@ def parse_sets(pairs) -> dict:
 
 # --- memory -----------------------------------------------------------------------------
 
+
 def _conv_counts(cfg: RunConfig) -> tuple[int, int, int, int]:
     """Conv models: `(weights, biases, state elements, pre-activation elements)` per
     example — kernels k·k·C_in·C_out (dendritic: K_b basal copies, and K_a apical copies
@@ -754,8 +900,8 @@ def _conv_counts(cfg: RunConfig) -> tuple[int, int, int, int]:
     conv_w = [c["kernel"] ** 2 * c["c_in"] * c["channels"] for c in layers]
     widths = [layers[-1]["h_out"] * layers[-1]["w_out"] * layers[-1]["channels"]] + list(cfg.fc)
     fc_w = [widths[i] * widths[i + 1] for i in range(len(cfg.fc))]
-    syn = conv_w + fc_w                                             # per synapse, input side first
-    W = Kb * sum(syn) + (Ka * sum(syn[1:]) if dend else 0)         # apical maps of hidden layers
+    syn = conv_w + fc_w  # per synapse, input side first
+    W = Kb * sum(syn) + (Ka * sum(syn[1:]) if dend else 0)  # apical maps of hidden layers
     b = Kb * (sum(c["channels"] for c in layers) + sum(cfg.fc))
     states = [c["h_out"] * c["w_out"] * c["channels"] for c in layers] + list(cfg.fc)
     pre = [c["h_conv"] * c["w_conv"] * c["channels"] for c in layers] + list(cfg.fc)
@@ -773,7 +919,7 @@ def _weights(cfg: RunConfig) -> tuple[int, int]:
     if cfg.model == "ep":
         return sum(s[l] * s[l + 1] for l in range(L)), sum(s[1:])
     Kb, Ka = cfg.basal_branches, cfg.apical_branches
-    basal = sum(s[l] * Kb * s[l + 1] for l in range(L))           # (n_{l-1}, K_b n_l) per synapse
+    basal = sum(s[l] * Kb * s[l + 1] for l in range(L))  # (n_{l-1}, K_b n_l) per synapse
     apical = sum(s[l + 2] * Ka * s[l + 1] for l in range(L - 1))  # (n_{l+1}, K_a n_l) per hidden layer
     return basal + apical, sum(Kb * n for n in s[1:])
 
@@ -786,13 +932,12 @@ def memory_breakdown(cfg: RunConfig, members: int = 1) -> dict[str, int]:
     vmapped members multiply everything but the dataset."""
     f = 8 if cfg.float64 else 4
     W, b = _weights(cfg)
-    P = W + b                                            # parameter elements
-    S = sum(cfg.sizes[1:])                               # state elements per example
-    if cfg.model in CONV_MODELS:                         # pooled maps; the maps before pooling
+    P = W + b  # parameter elements
+    S = sum(cfg.sizes[1:])  # state elements per example
+    if cfg.model in CONV_MODELS:  # pooled maps; the maps before pooling
         _, _, S, Z = _conv_counts(cfg)
-    elif cfg.model == "dendritic":                       # branch pre-activations per example
-        Z = sum(cfg.basal_branches * n for n in cfg.sizes[1:]) + sum(cfg.apical_branches * n
-                                                                     for n in cfg.sizes[1:-1])
+    elif cfg.model == "dendritic":  # branch pre-activations per example
+        Z = sum(cfg.basal_branches * n for n in cfg.sizes[1:]) + sum(cfg.apical_branches * n for n in cfg.sizes[1:-1])
     else:
         Z = S
     # a BPTT step's saved values (states, inputs, the ReLU pattern of the branches; calibrated
@@ -867,7 +1012,9 @@ def check_memory(cfg: RunConfig, available: int | None = None, members: int = 1)
     if need > available:
         parts = sorted(memory_breakdown(cfg, members).items(), key=lambda kv: -kv[1])[:2]
         detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts)
-        raise ConfigError(f"the run needs about {format_bytes(need)} of memory (mostly {detail}), more than the "
-                          f"{format_bytes(available)} available ({where}); make the network (sizes, "
-                          "basal_branches), batch_size or eval_batch smaller")
+        raise ConfigError(
+            f"the run needs about {format_bytes(need)} of memory (mostly {detail}), more than the "
+            f"{format_bytes(available)} available ({where}); make the network (sizes, "
+            "basal_branches), batch_size or eval_batch smaller"
+        )
     return need

@@ -38,6 +38,7 @@ job; docs/distributed.md shows how to launch one (one host, several hosts, SLURM
   (`main_wrapper`), and every process restarted with `--resume` continues from the last
   finished epoch.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,10 +48,11 @@ import traceback
 
 from ep_jax.experiments import runtime
 from ep_jax.experiments.errors import RunError
-from ep_jax.experiments.runtime import _STATE, first_line as _first_line
+from ep_jax.experiments.runtime import _STATE
+from ep_jax.experiments.runtime import first_line as _first_line
 
 ENV_FLAG = "EP_JAX_DISTRIBUTED"
-DEFAULT_PEER_TIMEOUT = 100   # JAX's heartbeat timeout
+DEFAULT_PEER_TIMEOUT = 100  # JAX's heartbeat timeout
 DEFAULT_START_TIMEOUT = 300  # how long the processes wait for each other at start (JAX's default)
 #: seconds of waiting at start before the command says what it waits for
 WAIT_NOTICE_S = 5
@@ -59,22 +61,45 @@ WAIT_NOTICE_S = 5
 def add_flags(p):
     """The `--distributed` flags of the training commands."""
     g = p.add_argument_group("distributed (several devices, processes or hosts; docs/distributed.md)")
-    g.add_argument("--distributed", action="store_true",
-                   help=f"train on every device of every process of a jax.distributed job (or {ENV_FLAG}=1)")
-    g.add_argument("--coordinator", metavar="HOST:PORT",
-                   help="address of process 0's coordinator (default: JAX_COORDINATOR_ADDRESS, or SLURM's)")
-    g.add_argument("--num-processes", type=int, metavar="N",
-                   help="number of processes (default: JAX_NUM_PROCESSES, or SLURM's; 1: this process's devices)")
-    g.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1 (default: "
-                   "JAX_PROCESS_ID, or SLURM's)")
-    g.add_argument("--member-shards", type=int, metavar="K",
-                   help="split a sweep's members over K groups of devices (default: as many as fit)")
-    g.add_argument("--peer-timeout", type=int, metavar="SECONDS",
-                   help=f"a process silent this long counts as dead and the run stops (default "
-                        f"{DEFAULT_PEER_TIMEOUT}; EP_JAX_PEER_TIMEOUT)")
-    g.add_argument("--start-timeout", type=int, metavar="SECONDS",
-                   help=f"how long the processes wait for each other (and for the coordinator) at start before "
-                        f"the command stops with an error (default {DEFAULT_START_TIMEOUT}; EP_JAX_START_TIMEOUT)")
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help=f"train on every device of every process of a jax.distributed job (or {ENV_FLAG}=1)",
+    )
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0's coordinator (default: JAX_COORDINATOR_ADDRESS, or SLURM's)",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="number of processes (default: JAX_NUM_PROCESSES, or SLURM's; 1: this process's devices)",
+    )
+    g.add_argument(
+        "--process-id", type=int, metavar="I", help="this process's id, 0..N-1 (default: JAX_PROCESS_ID, or SLURM's)"
+    )
+    g.add_argument(
+        "--member-shards",
+        type=int,
+        metavar="K",
+        help="split a sweep's members over K groups of devices (default: as many as fit)",
+    )
+    g.add_argument(
+        "--peer-timeout",
+        type=int,
+        metavar="SECONDS",
+        help=f"a process silent this long counts as dead and the run stops (default "
+        f"{DEFAULT_PEER_TIMEOUT}; EP_JAX_PEER_TIMEOUT)",
+    )
+    g.add_argument(
+        "--start-timeout",
+        type=int,
+        metavar="SECONDS",
+        help=f"how long the processes wait for each other (and for the coordinator) at start before "
+        f"the command stops with an error (default {DEFAULT_START_TIMEOUT}; EP_JAX_START_TIMEOUT)",
+    )
 
 
 def _env_int(name):
@@ -85,14 +110,17 @@ def _env_int(name):
         return int(v)
     except ValueError:
         from ep_jax.experiments.config import ConfigError
+
         raise ConfigError(f"{name}={v!r} is not an integer") from None
 
 
 def requested(a) -> bool:
     """Whether the flags or `EP_JAX_DISTRIBUTED` ask for a distributed run."""
-    return bool(getattr(a, "distributed", False) or os.environ.get(ENV_FLAG, "").lower() in ("1", "true", "yes")
-                or any(getattr(a, k, None) is not None for k in ("coordinator", "num_processes", "process_id",
-                                                                  "member_shards")))
+    return bool(
+        getattr(a, "distributed", False)
+        or os.environ.get(ENV_FLAG, "").lower() in ("1", "true", "yes")
+        or any(getattr(a, k, None) is not None for k in ("coordinator", "num_processes", "process_id", "member_shards"))
+    )
 
 
 def setup(a):
@@ -100,12 +128,15 @@ def setup(a):
     before any other JAX use). Returns the runtime to hand to the engine: a
     `runtime.Distributed` (true) when the run is distributed, else `runtime.LOCAL` (false)."""
     from ep_jax.experiments.config import ConfigError
+
     if not requested(a):
         return runtime.LOCAL
     if _STATE["on"]:
         return runtime.current()
     import jax
+
     from ep_jax import parallel
+
     num = a.num_processes if a.num_processes is not None else _env_int("JAX_NUM_PROCESSES")
     pid = a.process_id if a.process_id is not None else _env_int("JAX_PROCESS_ID")
     coordinator = a.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
@@ -134,42 +165,56 @@ def setup(a):
             start_left = max(1, start - _wait_for_coordinator(coordinator, pid, start))
         else:
             start_left = start
-        waiting = (f"process {pid if pid is not None else '?'}: waiting for all {num or '?'} processes to join via "
-                   f"{coordinator or 'the cluster'}")
+        waiting = (
+            f"process {pid if pid is not None else '?'}: waiting for all {num or '?'} processes to join via "
+            f"{coordinator or 'the cluster'}"
+        )
         # JAX aborts the process (a C++ check failure) when its own wait runs out: ours ends
         # first, with one line
-        with _Deadline(start_left, waiting,
-                       f"--distributed: not every process joined within {start} s (process "
-                       f"{pid if pid is not None else '?'}, coordinator {coordinator or 'from the cluster'}): start "
-                       f"all {num or ''} processes with the same --coordinator and --num-processes, check that "
-                       "the coordinator's port is served by process 0 of this job, or raise --start-timeout"):
+        with _Deadline(
+            start_left,
+            waiting,
+            f"--distributed: not every process joined within {start} s (process "
+            f"{pid if pid is not None else '?'}, coordinator {coordinator or 'from the cluster'}): start "
+            f"all {num or ''} processes with the same --coordinator and --num-processes, check that "
+            "the coordinator's port is served by process 0 of this job, or raise --start-timeout",
+        ):
             try:
-                parallel.initialize(coordinator, num, pid, initialization_timeout=start + 60,
-                                    heartbeat_timeout_seconds=timeout)
+                parallel.initialize(
+                    coordinator, num, pid, initialization_timeout=start + 60, heartbeat_timeout_seconds=timeout
+                )
             except (ValueError, TypeError) as e:
-                raise ConfigError(f"--distributed: {_first_line(e).rstrip('.')}: give --coordinator HOST:PORT "
-                                  "--num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
-                                  "JAX_PROCESS_ID), or run under SLURM") from None
+                raise ConfigError(
+                    f"--distributed: {_first_line(e).rstrip('.')}: give --coordinator HOST:PORT "
+                    "--num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                    "JAX_PROCESS_ID), or run under SLURM"
+                ) from None
             except Exception as e:  # connection refused, timed out, ...
-                raise RunError(f"--distributed: could not join the other processes via "
-                               f"{coordinator or 'the cluster'} ({_first_line(e)})") from None
+                raise RunError(
+                    f"--distributed: could not join the other processes via "
+                    f"{coordinator or 'the cluster'} ({_first_line(e)})"
+                ) from None
     _STATE.update(on=True, member_shards=shards)
     rt = runtime.current()
 
     def same_count():
         if num is not None and jax.process_count() != num:
-            raise RunError(f"--num-processes {num} but the job has {jax.process_count()} processes: start every "
-                           "process with the same --num-processes")
+            raise RunError(
+                f"--num-processes {num} but the job has {jax.process_count()} processes: start every "
+                "process with the same --num-processes"
+            )
+
     # one decision: the process started with another count says so, the others name it
     rt.together(same_count)
     if jax.process_index() != 0:
-        sys.stdout = open(os.devnull, "w")   # process 0 alone logs; errors still go to stderr
+        sys.stdout = open(os.devnull, "w")  # process 0 alone logs; errors still go to stderr
     return runtime.current()
 
 
 def _check_port_free(coordinator: str):
     """Process 0 serves the coordinator: refuse a local port already in use (JAX would crash)."""
     import socket
+
     host, port = coordinator.rsplit(":", 1)
     if host not in ("localhost", "127.0.0.1", "0.0.0.0", "[::1]", socket.gethostname()):
         return
@@ -177,8 +222,10 @@ def _check_port_free(coordinator: str):
         try:
             s.bind(("" if host == "0.0.0.0" else "127.0.0.1", int(port)))
         except OSError:
-            raise RunError(f"--coordinator {coordinator}: port {port} is already in use on this host; "
-                           "choose a free port for process 0") from None
+            raise RunError(
+                f"--coordinator {coordinator}: port {port} is already in use on this host; "
+                "choose a free port for process 0"
+            ) from None
 
 
 def _wait_for_coordinator(coordinator: str, pid: int, seconds: int):
@@ -188,6 +235,7 @@ def _wait_for_coordinator(coordinator: str, pid: int, seconds: int):
     Returns the seconds it waited."""
     import socket
     import time
+
     host, port = coordinator.rsplit(":", 1)
     host = host.strip("[]")
     t0 = time.monotonic()
@@ -202,13 +250,19 @@ def _wait_for_coordinator(coordinator: str, pid: int, seconds: int):
             pass
         waited = time.monotonic() - t0
         if waited >= seconds:
-            raise RunError(f"--distributed: the coordinator at {coordinator} could not be reached within {seconds} s "
-                           "(is process 0 of this job running, with this --coordinator?); start it, or raise "
-                           "--start-timeout") from None
+            raise RunError(
+                f"--distributed: the coordinator at {coordinator} could not be reached within {seconds} s "
+                "(is process 0 of this job running, with this --coordinator?); start it, or raise "
+                "--start-timeout"
+            ) from None
         if not said and waited >= WAIT_NOTICE_S:
             said = True
-            print(f"process {pid}: waiting for the coordinator at {coordinator} (process 0) to accept connections, "
-                  f"up to {seconds} s...", file=sys.stderr, flush=True)
+            print(
+                f"process {pid}: waiting for the coordinator at {coordinator} (process 0) to accept connections, "
+                f"up to {seconds} s...",
+                file=sys.stderr,
+                flush=True,
+            )
         time.sleep(min(0.5, max(0.05, seconds - waited)))
 
 
@@ -221,6 +275,7 @@ class _Deadline:
 
     def __init__(self, seconds: float, waiting: str, error: str):
         import threading
+
         self.seconds, self.waiting, self.error = seconds, waiting, error
         self.done = False
         self.pipe = None
@@ -231,7 +286,9 @@ class _Deadline:
         import select
         import signal
         import time
+
         from ep_jax.experiments import cli
+
         t0 = time.monotonic()
         said = self.seconds <= WAIT_NOTICE_S
         while not self.done:
@@ -255,6 +312,7 @@ class _Deadline:
     def __enter__(self):
         import signal
         import threading
+
         if threading.current_thread() is threading.main_thread():
             r, w = os.pipe()
             os.set_blocking(w, False)
@@ -269,6 +327,7 @@ class _Deadline:
 
     def __exit__(self, *exc):
         import signal
+
         self.done = True
         if self.pipe is not None:
             try:
@@ -312,13 +371,17 @@ def layout(M: int, batch_size: int, n: int, where: str = "") -> tuple[int, int]:
 def check_layout(members):
     """Refuse (ConfigError) before anything is touched if a group does not divide."""
     from ep_jax.experiments import engine
+
     runtime.current().check_layout(engine.group_members(members))
 
 
 # --- the commands' exit ------------------------------------------------------------------
 
-_LOST = re.compile(r"gloo|nccl|coordination service|heartbeat|connection reset|connection refused|"
-                   r"broken pipe|socket closed|unavailable:|deadline_exceeded", re.I)
+_LOST = re.compile(
+    r"gloo|nccl|coordination service|heartbeat|connection reset|connection refused|"
+    r"broken pipe|socket closed|unavailable:|deadline_exceeded",
+    re.I,
+)
 
 
 def lost_peer(e: BaseException) -> bool:
@@ -338,8 +401,10 @@ def main_wrapper(main, argv=None) -> int:
         except Exception as e:
             if lost_peer(e):
                 _STATE["lost"] = True
-                raise RunError(f"lost contact with another process of this distributed run ({_first_line(e)}); "
-                               "every finished epoch is checkpointed: start all processes again with --resume") from e
+                raise RunError(
+                    f"lost contact with another process of this distributed run ({_first_line(e)}); "
+                    "every finished epoch is checkpointed: start all processes again with --resume"
+                ) from e
             raise
 
     try:
@@ -358,7 +423,7 @@ def main_wrapper(main, argv=None) -> int:
 def finish(code: int) -> int:
     """Leave the distributed runtime: at JAX's shutdown barrier when every process is
     alive, at once (`os._exit`) when one was lost."""
-    if _STATE["lost"]:   # also when the job never became consistent (setup refused it)
+    if _STATE["lost"]:  # also when the job never became consistent (setup refused it)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -367,8 +432,9 @@ def finish(code: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     import jax
+
     try:
         jax.distributed.shutdown()
-    except Exception as e:   # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
         print(f"warning: jax.distributed.shutdown: {_first_line(e)}", file=sys.stderr)
     return code

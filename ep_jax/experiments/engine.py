@@ -31,6 +31,7 @@ record to be complete); a process busy in native code (XLA compiling) is stopped
 watcher thread about a second after the signal (`_Signals`). Before a long compile the
 run says what it compiles and how long that should take (`_CompileNotice`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,15 +51,28 @@ import numpy as np
 import ep_jax
 from ep_jax import sweep as S
 from ep_jax.experiments import checkpoint as ckpt
-from ep_jax.experiments import config as configs, figures, files, runtime as runtimes
+from ep_jax.experiments import config as configs
+from ep_jax.experiments import figures, files
+from ep_jax.experiments import runtime as runtimes
 from ep_jax.experiments.alignment_hook import AlignmentHook
-from ep_jax.experiments.build import (augment_key, build_augment, build_estimator, build_model,  # noqa: F401
-                                      build_optimizer, build_relaxation, epoch_batches, epoch_order,
-                                      group_optimizer, keys, load_data, model_settings, opt_hyperparams)
+from ep_jax.experiments.build import (  # noqa: F401
+    augment_key,
+    build_augment,
+    build_estimator,
+    build_model,
+    build_optimizer,
+    build_relaxation,
+    epoch_batches,
+    epoch_order,
+    group_optimizer,
+    keys,
+    load_data,
+    model_settings,
+    opt_hyperparams,
+)
 from ep_jax.experiments.config import RunConfig, warnings_for
 from ep_jax.experiments.errors import Interrupted, RunError
-from ep_jax.experiments.loggers import (ConsoleLogger, JsonlLogger, ProgressBar, check_loggers, optional_loggers,
-                                        plural)
+from ep_jax.experiments.loggers import ConsoleLogger, JsonlLogger, ProgressBar, check_loggers, optional_loggers, plural
 from ep_jax.experiments.loop import Hook, Loop, Ticker
 from ep_jax.experiments.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, RunFolder
 
@@ -70,6 +84,7 @@ NOT_IDENTITY = files.NOT_IDENTITY
 @dataclasses.dataclass(frozen=True)
 class Member:
     """One run: its config, its name (in a sweep) and its folder."""
+
     cfg: RunConfig
     name: str
     dir: Path
@@ -79,6 +94,7 @@ same_run = files.same_run
 
 
 # --- groups -----------------------------------------------------------------------------
+
 
 class Group:
     """Members sharing the static structure: one compiled, vmapped program."""
@@ -94,8 +110,7 @@ class Group:
         self.M = len(self.members)
         # training augmentation (static) and each member's key for it (from its data key)
         self.augment = build_augment(first)
-        self.aug_keys = (jnp.stack([augment_key(m.cfg) for m in self.members]) if self.augment is not None
-                         else None)
+        self.aug_keys = jnp.stack([augment_key(m.cfg) for m in self.members]) if self.augment is not None else None
 
     def initial(self):
         """`(SweepState, stacked Relaxation)` from the members' configs and seeds."""
@@ -104,8 +119,15 @@ class Group:
         settings = {k: jnp.asarray([model_settings(c)[k] for c in cfgs]) for k in model_settings(self.cfg)}
         hps = [opt_hyperparams(c, self.model) for c in cfgs]
         hps = {k: jnp.stack([h[k] for h in hps]) for k in hps[0]}
-        state = S.init_sweep(self.model, self.est, self.opt, [k["init"] for k in ks], [k["step"] for k in ks],
-                             settings=settings, opt_hyperparams=hps)
+        state = S.init_sweep(
+            self.model,
+            self.est,
+            self.opt,
+            [k["init"] for k in ks],
+            [k["step"] for k in ks],
+            settings=settings,
+            opt_hyperparams=hps,
+        )
         rx = S.stack_relaxations(self.model, [build_relaxation(c, self.model) for c in cfgs])
         return state, rx
 
@@ -124,6 +146,7 @@ def _member_tree(state: S.SweepState, rx, i: int):
 
 # --- files ------------------------------------------------------------------------------
 
+
 def read_json(path: Path):
     """A JSON file's value, None if it does not exist; RunError naming it if it cannot be
     read (`files.read_json`)."""
@@ -140,7 +163,9 @@ def summarize(history: list[dict], status: str, message: str = "", diverged_step
     """`summary.json` of a run from its history."""
     best = max(history, key=lambda h: h["test_acc"]) if history else None
     return {
-        "status": status, "message": message, "epochs_done": len(history),
+        "status": status,
+        "message": message,
+        "epochs_done": len(history),
         "final_test_acc": history[-1]["test_acc"] if history else None,
         "best_test_acc": best["test_acc"] if best else None,
         "best_epoch": best["epoch"] if best else None,
@@ -156,6 +181,7 @@ def _title(m: Member) -> str:
 
 
 # --- checks (read-only, before anything changes) ------------------------------------------
+
 
 def check_members(members: Sequence[Member]):
     """Unique names and folders (RunError), in one pass."""
@@ -185,7 +211,7 @@ def check_folders(members: Sequence[Member], mode: str) -> dict:
             f.check_new()
         if mode == "overwrite":
             f.check_replaceable()
-        f.check_manifest()   # a damaged manifest is refused here, before anything changes
+        f.check_manifest()  # a damaged manifest is refused here, before anything changes
         if mode != "resume":
             continue
         path = d / CHECKPOINT
@@ -203,14 +229,20 @@ def check_folders(members: Sequence[Member], mode: str) -> dict:
                 diff = sorted(k for k, v in m.cfg.to_json().items() if k not in NOT_IDENTITY and saved.get(k) != v)
                 detail = f" (differs in {diff})" if diff else ""
             if detail:
-                raise RunError(f"{d}: the checkpoint belongs to another config{detail}; only epochs (and data_dir) "
-                               "may change on --resume")
-            why = ("only epochs may change on --resume, and where the data lives (--data-dir)"
-                   if isinstance(meta.get("run_digest"), str) else
-                   "a checkpoint this old cannot tell which field, and counts data_dir too: restore config.json "
-                   "and give --data-dir (or EP_JAX_DATA_DIR) for data that moved")
-            raise RunError(f"{d}: the checkpoint belongs to another config than config.json's (another run's "
-                           f"checkpoint, or config.json edited after the run); {why}")
+                raise RunError(
+                    f"{d}: the checkpoint belongs to another config{detail}; only epochs (and data_dir) "
+                    "may change on --resume"
+                )
+            why = (
+                "only epochs may change on --resume, and where the data lives (--data-dir)"
+                if isinstance(meta.get("run_digest"), str)
+                else "a checkpoint this old cannot tell which field, and counts data_dir too: restore config.json "
+                "and give --data-dir (or EP_JAX_DATA_DIR) for data that moved"
+            )
+            raise RunError(
+                f"{d}: the checkpoint belongs to another config than config.json's (another run's "
+                f"checkpoint, or config.json edited after the run); {why}"
+            )
         if meta["epoch"] > m.cfg.epochs:
             raise RunError(f"{d}: already trained {meta['epoch']} epochs, more than epochs={m.cfg.epochs}")
         metas[m.name] = meta
@@ -218,6 +250,7 @@ def check_folders(members: Sequence[Member], mode: str) -> dict:
 
 
 # --- signals ------------------------------------------------------------------------------
+
 
 class _Signals:
     """SIGINT and SIGTERM stop the training at a safe point: the handler only records the
@@ -246,6 +279,7 @@ class _Signals:
 
     def __enter__(self):
         from ep_jax.experiments import cli
+
         self.old, self.depth, self.pending, self.stopped = {}, 0, bool(cli.PENDING["signal"]), False
         self.lock = threading.RLock()
         self.on_abort: list[Callable] = []
@@ -264,7 +298,7 @@ class _Signals:
     def check(self):
         """A safe point: stop here (KeyboardInterrupt) if a signal arrived."""
         if self.pending and not self.stopped and not self.depth:
-            with self.lock:   # the watcher may be stopping the run: then wait for its exit
+            with self.lock:  # the watcher may be stopping the run: then wait for its exit
                 if self.stopped:
                     return
                 self.stopped = True
@@ -300,6 +334,7 @@ class _Signals:
 
     def _watch(self):
         import time
+
         r = self._pipe[0]
         while True:
             try:
@@ -316,16 +351,17 @@ class _Signals:
                 time.sleep(0.02)
             if self.stopped or self._closing:
                 continue
-            with self.lock:   # a record in progress is finished first
+            with self.lock:  # a record in progress is finished first
                 if self.stopped or self._closing:
                     continue
                 self.stopped = True
                 for fn in self.on_abort:
                     try:
                         fn()
-                    except Exception:   # noqa: BLE001 — the checkpoint of the last epoch is what counts
+                    except Exception:  # noqa: BLE001 — the checkpoint of the last epoch is what counts
                         pass
                 from ep_jax.experiments import cli
+
                 cli.hard_exit(cli.INTERRUPTED, "interrupted")
 
     def __exit__(self, *exc):
@@ -364,6 +400,7 @@ class _StopAtChunks(Hook):
 
 # --- the run --------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class _Context:
     mode: str
@@ -381,8 +418,17 @@ class _Context:
     said_stopped: bool = False
 
 
-def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, print_fn: Callable = print,
-        deadline: float | None = None, data=None, runtime=None, loggers: Sequence[str] = ()) -> list[dict]:
+def run(
+    members: Sequence[Member],
+    mode: str = "new",
+    *,
+    progress: bool = True,
+    print_fn: Callable = print,
+    deadline: float | None = None,
+    data=None,
+    runtime=None,
+    loggers: Sequence[str] = (),
+) -> list[dict]:
     """Train `members` (see the module docstring); returns one summary per member.
 
     deadline: a `time.time()` by which training stops cleanly at an epoch boundary (an
@@ -392,38 +438,42 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
     `runtime.Distributed(...)`; default `runtime.current()`). loggers: optional writers
     ("tensorboard", "wandb")."""
     rt = runtime if runtime is not None else runtimes.current()
-    check_loggers(loggers)                                # an optional writer missing: refused before any folder
+    check_loggers(loggers)  # an optional writer missing: refused before any folder
     members = list(members)
     if mode not in ("new", "resume", "overwrite"):
         raise ValueError(f"mode must be new, resume or overwrite, got {mode!r}")
     check_members(members)
     groups = group_members(members)
-    rt.check_layout(groups)                               # distributed: refuse what does not divide
-    for g in groups:                                      # refuse what cannot fit before allocating
+    rt.check_layout(groups)  # distributed: refuse what does not divide
+    for g in groups:  # refuse what cannot fit before allocating
         configs.check_memory(g.cfg, available=_device_memory(), members=g.M)
     # distributed: every process must train the same members with the same configs
-    rt.agree(json.dumps([[m.name, {k: v for k, v in m.cfg.to_json().items() if k != "data_dir"}]
-                         for m in members], sort_keys=True), "config (or members)")
+    rt.agree(
+        json.dumps(
+            [[m.name, {k: v for k, v in m.cfg.to_json().items() if k != "data_dir"}] for m in members], sort_keys=True
+        ),
+        "config (or members)",
+    )
     folders = {m.name: RunFolder(m.dir) for m in members}
     summaries: dict[str, dict] = {}
     started: set[str] = set()
     with _Signals() as sig, contextlib.ExitStack() as held:
+
         def take_and_check():
-            if rt.is_main:   # one process writes, so one holds the folders
+            if rt.is_main:  # one process writes, so one holds the folders
                 for m in members:
                     lock = folders[m.name].lock
-                    held.callback(lock.undo_created)   # after release: the folders a refusal left empty
+                    held.callback(lock.undo_created)  # after release: the folders a refusal left empty
                     held.callback(lock.release)
                     lock.acquire()
             return check_folders(members, mode)
 
-        metas = rt.together(take_and_check)              # distributed: every process checks, one decision
+        metas = rt.together(take_and_check)  # distributed: every process checks, one decision
         for m in members:
             for w in warnings_for(m.cfg):
                 print_fn(f"warning ({m.name}): {w}")
-        ctx = _Context(mode, metas, folders, rt, sig, progress and rt.is_main, print_fn, deadline, data,
-                       tuple(loggers))
-        live: dict = {}   # the loop of the group in flight, for a stop from the signal watcher
+        ctx = _Context(mode, metas, folders, rt, sig, progress and rt.is_main, print_fn, deadline, data, tuple(loggers))
+        live: dict = {}  # the loop of the group in flight, for a stop from the signal watcher
         ctx.live = live
 
         def stopped_summaries():
@@ -436,14 +486,22 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
                 loop, i = live.get(m.name, (None, None))
                 if loop is not None:
                     status = "interrupted" if loop.status[i] == "running" else loop.status[i]
-                    message = (f"interrupted; checkpoint of epoch {loop.start[i]} kept, continue with --resume"
-                               if status == "interrupted" else loop.message[i])
-                    summaries[m.name] = _write_summary(m, loop.history[i], status, message, loop.diverged_step[i],
-                                                       rt.is_main)
+                    message = (
+                        f"interrupted; checkpoint of epoch {loop.start[i]} kept, continue with --resume"
+                        if status == "interrupted"
+                        else loop.message[i]
+                    )
+                    summaries[m.name] = _write_summary(
+                        m, loop.history[i], status, message, loop.diverged_step[i], rt.is_main
+                    )
                 else:
-                    summaries[m.name] = _write_summary(m, read_metrics(m.dir / METRICS), "interrupted",
-                                                       "stopped before this member's group finished; "
-                                                       "continue with --resume", is_main=rt.is_main)
+                    summaries[m.name] = _write_summary(
+                        m,
+                        read_metrics(m.dir / METRICS),
+                        "interrupted",
+                        "stopped before this member's group finished; continue with --resume",
+                        is_main=rt.is_main,
+                    )
             if not ctx.said_stopped:
                 ctx.said_stopped = True
                 print_fn("stopped (interrupted); continue with --resume")
@@ -451,7 +509,7 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
         def abort():
             """The signal watcher stops the process while the main thread is in native code."""
             for loop, _ in {id(v[0]): v for v in live.values()}.values():
-                for h in loop.hooks:   # the progress bar leaves its line, so `interrupted` has its own
+                for h in loop.hooks:  # the progress bar leaves its line, so `interrupted` has its own
                     if isinstance(h, ProgressBar):
                         h.stop(loop, "interrupted")
             stopped_summaries()
@@ -459,6 +517,7 @@ def run(members: Sequence[Member], mode: str = "new", *, progress: bool = True, 
                 for f in folders.values():
                     f.lock.release()
                     f.lock.undo_created()
+
         sig.on_abort.append(abort)
         try:
             for gi, g in enumerate(groups):
@@ -482,7 +541,7 @@ def _device_memory() -> int | None:
         if d.platform == "cpu":
             return None
         return int((d.memory_stats() or {}).get("bytes_limit")) or None
-    except Exception:   # noqa: BLE001 — a backend without memory_stats: use the host's
+    except Exception:  # noqa: BLE001 — a backend without memory_stats: use the host's
         return None
 
 
@@ -509,8 +568,7 @@ def group_data(g: Group, data=None):
     if xtr.shape[1] != g.model.sizes[0]:
         raise RunError(f"sizes[0] = {g.model.sizes[0]} but the data has {xtr.shape[1]} features")
     dtype = ep_jax.models.base.default_float()
-    return (jnp.asarray(xtr, dtype), jnp.asarray(ytr, jnp.int32), jnp.asarray(xte, dtype),
-            jnp.asarray(yte, jnp.int32))
+    return (jnp.asarray(xtr, dtype), jnp.asarray(ytr, jnp.int32), jnp.asarray(xte, dtype), jnp.asarray(yte, jnp.int32))
 
 
 def _restore(g: Group, metas: dict):
@@ -622,9 +680,13 @@ class _CompileNotice(Hook):
         if self.print_line:
             est = expected_compile_s(self.cfg)
             if est >= self.notice_s:
-                print(f"compiling the training program of {self.what} ({plural(_hidden(self.cfg), 'hidden layer')}): expected to take "
-                      f"about {_duration(est)} (a rough estimate from the depth); the first epoch starts after "
-                      "that", file=sys.stderr, flush=True)
+                print(
+                    f"compiling the training program of {self.what} ({plural(_hidden(self.cfg), 'hidden layer')}): expected to take "
+                    f"about {_duration(est)} (a rough estimate from the depth); the first epoch starts after "
+                    "that",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if self.ticks and self.tick_s > 0:
             self.ticker = Ticker(f"still compiling the training program of {self.what}", self.tick_s)
 
@@ -656,9 +718,9 @@ def _figures(m: Member, history: list, rt):
 def _train_group(g: Group, ctx: _Context, label: str) -> dict:
     data = group_data(g, ctx.data)
     runner = ctx.runtime.runner(g, int(data[1].shape[0]))
-    state, rx, start, histories = _restore(g, ctx.metas)       # still nothing on disk changed
+    state, rx, start, histories = _restore(g, ctx.metas)  # still nothing on disk changed
     if ctx.runtime.is_main:
-        with ctx.signals.recording():                          # a signal waits for the folders to be whole
+        with ctx.signals.recording():  # a signal waits for the folders to be whole
             _prepare(g, ctx, state, rx, histories)
     folders = [ctx.folders[m.name] for m in g.members]
     names = [m.name for m in g.members]
@@ -666,11 +728,14 @@ def _train_group(g: Group, ctx: _Context, label: str) -> dict:
     if g.cfg.align_every:
         hooks.append(AlignmentHook(g, data[0], data[1], state, ctx.runtime))
     what = (label + " " if label else "") + (repr(names[0]) if g.M == 1 else f"{g.M} members")
-    hooks += [_CompileNotice(what, g.cfg, ctx.progress, ctx.runtime.is_main), _StopAtChunks(ctx.signals),
-              _Record(g, ctx), JsonlLogger(folders, ctx.runtime.is_main),
-              ConsoleLogger(names, label or g.members[0].dir.parent.name, ctx.print_fn),
-              ProgressBar((label + " " if label else "") + (names[0] if g.M == 1 else f"{g.M} members"),
-                          ctx.progress)]
+    hooks += [
+        _CompileNotice(what, g.cfg, ctx.progress, ctx.runtime.is_main),
+        _StopAtChunks(ctx.signals),
+        _Record(g, ctx),
+        JsonlLogger(folders, ctx.runtime.is_main),
+        ConsoleLogger(names, label or g.members[0].dir.parent.name, ctx.print_fn),
+        ProgressBar((label + " " if label else "") + (names[0] if g.M == 1 else f"{g.M} members"), ctx.progress),
+    ]
     if ctx.runtime.is_main:
         hooks += optional_loggers(ctx.loggers, folders, names, [m.cfg for m in g.members])
     batches = lambda i, epoch, n: epoch_batches(g.members[i].cfg, epoch, n)
@@ -699,24 +764,32 @@ def _train_group(g: Group, ctx: _Context, label: str) -> dict:
     out = {}
     for i, m in enumerate(g.members):
         status = "ok" if loop.status[i] == "running" else loop.status[i]
-        out[m.name] = s = _write_summary(m, loop.history[i], status, loop.message[i], loop.diverged_step[i],
-                                         is_main)
+        out[m.name] = s = _write_summary(m, loop.history[i], status, loop.message[i], loop.diverged_step[i], is_main)
         if g.M == 1 and loop.history[i]:
-            ctx.print_fn(f"summary: {_title(m)}: final test {s['final_test_acc']:.2f}% (best "
-                         f"{s['best_test_acc']:.2f}% at epoch {s['best_epoch']}), {plural(s['epochs_done'], 'epoch')}, "
-                         f"{s['train_time_s']:.0f} s training -> {m.dir}")
+            ctx.print_fn(
+                f"summary: {_title(m)}: final test {s['final_test_acc']:.2f}% (best "
+                f"{s['best_test_acc']:.2f}% at epoch {s['best_epoch']}), {plural(s['epochs_done'], 'epoch')}, "
+                f"{s['train_time_s']:.0f} s training -> {m.dir}"
+            )
     return out
 
 
 def _save(m: Member, state, rx, i: int, epoch: int, history: list):
     """Member i's checkpoint of `epoch` (host copies of the state)."""
-    meta = {"epoch": epoch, "digest": m.cfg.digest(), "run_digest": m.cfg.digest(exclude=NOT_IDENTITY),
-            "name": m.name, "history": history,
-            "ep_jax": "0.2.0", "backend": jax.default_backend()}
+    meta = {
+        "epoch": epoch,
+        "digest": m.cfg.digest(),
+        "run_digest": m.cfg.digest(exclude=NOT_IDENTITY),
+        "name": m.name,
+        "history": history,
+        "ep_jax": "0.2.0",
+        "backend": jax.default_backend(),
+    }
     ckpt.save(m.dir / CHECKPOINT, _member_tree(state, rx, i), meta)
 
 
 # --- restoring a finished run (analysis tools) ------------------------------------------
+
 
 def load_run(run_dir: Path):
     """`(cfg, model, est, params, buffers, rx, meta)` of a run folder's checkpoint; a
@@ -728,6 +801,6 @@ def load_run(run_dir: Path):
     with _x64(cfg):
         state, rx = g.initial()
         meta, tree = ckpt.load(run_dir / CHECKPOINT, _member_tree(state, rx, 0))
-    files.check_config_digest(run_dir, cfg, meta, files.read_json(run_dir / CONFIG))   # the checkpoint's config
+    files.check_config_digest(run_dir, cfg, meta, files.read_json(run_dir / CONFIG))  # the checkpoint's config
     tr = tree["sweep"].train
     return cfg, g.model, g.est, tr.params, tr.buffers, tree["relaxation"], meta

@@ -3,6 +3,7 @@
 `ConfigError` (a bad config value, `config.py`), `DatasetError` (missing or damaged data,
 `ep_jax.data`) and `CheckpointError` (`checkpoint.py`) live beside what raises them.
 """
+
 from __future__ import annotations
 
 

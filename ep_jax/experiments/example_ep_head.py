@@ -4,6 +4,7 @@ VJP; the convolution gets ordinary gradients through the EP estimate of ∂C/∂
 
     python -m experiments.example_ep_head [--subset 6000] [--epochs 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,25 +17,28 @@ import numpy as np
 import optax
 
 from ep_jax.data import load_dataset, subset
-from ep_jax.nn import EPBlock
 from ep_jax.experiments import cli
+from ep_jax.nn import EPBlock
 
 
 class ConvEP(nn.Module):
     """A strided convolution and average pooling feeding a 392-128-10 EP network."""
+
     @nn.compact
     def __call__(self, x):
         x = x.reshape(-1, 28, 28, 1)
-        x = nn.relu(nn.Conv(8, (5, 5), strides=(2, 2))(x))          # (B, 14, 14, 8)
-        x = nn.avg_pool(x, (2, 2), (2, 2)).reshape(x.shape[0], -1)   # (B, 392)
-        return EPBlock(sizes=(392, 128, 10), kind="ep", activation="hard_sigmoid",
-                       t_free=30, t_nudge=8, beta=0.2)(jnp.clip(x, 0, 1))
+        x = nn.relu(nn.Conv(8, (5, 5), strides=(2, 2))(x))  # (B, 14, 14, 8)
+        x = nn.avg_pool(x, (2, 2), (2, 2)).reshape(x.shape[0], -1)  # (B, 392)
+        return EPBlock(sizes=(392, 128, 10), kind="ep", activation="hard_sigmoid", t_free=30, t_nudge=8, beta=0.2)(
+            jnp.clip(x, 0, 1)
+        )
 
 
 def main(argv=None):
     """The command: parse `argv` and run it."""
-    p = argparse.ArgumentParser(prog=cli.prog("example_ep_head"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=cli.prog("example_ep_head"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-dir")
     p.add_argument("--subset", type=int, default=6000)
@@ -54,6 +58,7 @@ def main(argv=None):
         def loss(pr):
             out = net.apply({"params": pr, "buffers": buffers}, x)
             return 0.5 * jnp.mean(jnp.sum((out - jax.nn.one_hot(y, 10)) ** 2, -1))
+
         l, g = jax.value_and_grad(loss)(params)
         upd, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, upd), opt, l
@@ -63,9 +68,11 @@ def main(argv=None):
     for epoch in range(1, a.epochs + 1):
         order = rng.permutation(len(ds.y_train))
         for i in range(0, len(order) - 63, 64):
-            idx = order[i:i + 64]
+            idx = order[i : i + 64]
             params, opt, l = step(params, opt, ds.x_train[idx], ds.y_train[idx])
-        print(f"epoch {epoch}: loss {float(l):.4f}  test accuracy {100 * float(accuracy(params, ds.x_test, ds.y_test)):.2f}%")
+        print(
+            f"epoch {epoch}: loss {float(l):.4f}  test accuracy {100 * float(accuracy(params, ds.x_test, ds.y_test)):.2f}%"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The figures of a run folder (learning curve, alignment), on matplotlib's file-only
 Agg backend: commands run without a display, and matplotlib is imported on first use."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,10 @@ def pyplot():
     """`matplotlib.pyplot` on the file-only Agg backend (commands run without a display);
     imported on first use, so commands that draw nothing never load matplotlib."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -18,6 +21,7 @@ def integer_ticks(axis):
     """Ticks of `axis` (`ax.xaxis`, `ax.yaxis`) at integers only (epochs, steps, k), even
     when the view holds a single integer (a one-epoch run)."""
     from matplotlib.ticker import MaxNLocator
+
     axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
@@ -32,7 +36,9 @@ def save(fig, path, dpi: int = 110):
     """Write `fig` as a PNG at `path` atomically (drawn in memory, then a temporary file
     in the same folder renamed over `path`), and close it."""
     import io
+
     from ep_jax.experiments.checkpoint import atomic_write
+
     plt = pyplot()
     try:
         buf = io.BytesIO()

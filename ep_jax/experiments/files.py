@@ -10,6 +10,7 @@ expected, a missing key, a value of the wrong type or out of range. Damaged file
 of at most `MAX_JSON_BYTES` (`ep_jax._safe_read`): a named pipe or a device in a file's place
 is refused in one line, never waited on.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,24 @@ import math
 import os
 from pathlib import Path
 
+from ep_jax._safe_read import MIB, read_regular
 from ep_jax.experiments.config import FIELDS, ConfigError, RunConfig, short, validate
 from ep_jax.experiments.errors import RunError
-from ep_jax._safe_read import MIB, read_regular
 
 #: the statuses `summary.json` may hold (`engine.summarize`)
 STATUSES = ("ok", "diverged", "interrupted", "failed", "not started", "running")
 #: the keys `engine.summarize` writes
-SUMMARY_KEYS = ("status", "message", "epochs_done", "final_test_acc", "best_test_acc", "best_epoch",
-                "final_train_acc", "train_time_s", "diverged_step")
+SUMMARY_KEYS = (
+    "status",
+    "message",
+    "epochs_done",
+    "final_test_acc",
+    "best_test_acc",
+    "best_epoch",
+    "final_train_acc",
+    "train_time_s",
+    "diverged_step",
+)
 #: the columns every `metrics.jsonl` row has (alignment runs add `align_time_s`, `alignment`)
 METRIC_KEYS = ("epoch", "train_acc", "loss", "test_acc", "test_loss", "time_s", "steps")
 KINDS = {"table": dict, "list": list, "any": object}
@@ -39,8 +49,15 @@ def _name(kind: str) -> str:
 
 
 def _type_name(v) -> str:
-    return {dict: "a table", list: "a list", str: "a string", bool: "true/false", type(None): "null",
-            int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+    return {
+        dict: "a table",
+        list: "a list",
+        str: "a string",
+        bool: "true/false",
+        type(None): "null",
+        int: "a number",
+        float: "a number",
+    }.get(type(v), type(v).__name__)
 
 
 def parse_json(text: str, source: str, kind: str = "any"):
@@ -88,14 +105,17 @@ def read_json(path: Path, kind: str = "table", required: bool = False):
 
 # --- config.json ------------------------------------------------------------------------
 
+
 def config_from(d: dict, source: str) -> RunConfig:
     """A validated `RunConfig` from the table `d` of `source` (a config.json): every field
     present (the engine writes them all: a missing one means damage), known, of its type
     and in range; errors are prefixed with `source`."""
     missing = [k for k in FIELDS if k not in d]
     if missing:
-        raise ConfigError(f"{source}: missing config field(s) {short(missing)}; a run's config.json has every "
-                          "field, so the file is damaged or not a run's")
+        raise ConfigError(
+            f"{source}: missing config field(s) {short(missing)}; a run's config.json has every "
+            "field, so the file is damaged or not a run's"
+        )
     cfg = RunConfig.from_dict(d, where=f"{source}: ")
     try:
         return validate(cfg)
@@ -114,6 +134,7 @@ def read_config(run_dir: Path) -> RunConfig:
 
 
 # --- checks of single values --------------------------------------------------------------
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -141,11 +162,11 @@ def _int(where, key, v, lo=0, none=False):
 def _acc(where, key, v, none=False):
     if none and v is None:
         return
-    _check(_finite(v) and 0 <= v <= 100, where, key, "an accuracy in [0, 100] (%)" + (" or null" if none else ""),
-           v)
+    _check(_finite(v) and 0 <= v <= 100, where, key, "an accuracy in [0, 100] (%)" + (" or null" if none else ""), v)
 
 
 # --- summary.json -----------------------------------------------------------------------
+
 
 def check_summary(s, source: str) -> dict:
     """`s` if it is a summary as `engine.summarize` writes it, else `RunError` naming
@@ -163,11 +184,14 @@ def check_summary(s, source: str) -> dict:
         _acc(source, k, s[k], none=True)
     _int(source, "best_epoch", s["best_epoch"], lo=1, none=True)
     _int(source, "diverged_step", s["diverged_step"], none=True)
-    _check(_finite(s["train_time_s"]) and s["train_time_s"] >= 0, source, "train_time_s", "seconds >= 0",
-           s["train_time_s"])
+    _check(
+        _finite(s["train_time_s"]) and s["train_time_s"] >= 0, source, "train_time_s", "seconds >= 0", s["train_time_s"]
+    )
     if (s["epochs_done"] == 0) != (s["final_test_acc"] is None):
-        raise RunError(f"{source}: epochs_done = {s['epochs_done']} but final_test_acc = "
-                       f"{short(s['final_test_acc'])}; damaged summary")
+        raise RunError(
+            f"{source}: epochs_done = {s['epochs_done']} but final_test_acc = "
+            f"{short(s['final_test_acc'])}; damaged summary"
+        )
     return s
 
 
@@ -180,6 +204,7 @@ def read_summary(run_dir: Path) -> dict | None:
 
 
 # --- metrics.jsonl ------------------------------------------------------------------------
+
 
 def _check_alignment(recs, where):
     _check(isinstance(recs, list), where, "alignment", "a list of records", recs)
@@ -195,8 +220,13 @@ def _check_alignment(recs, where):
         for k in ("cosine", "rel_rmse", "sign_agree"):
             if k in r:
                 v = r[k]
-                _check(isinstance(v, dict) and all(_is_num(u) for u in v.values()), w, k,
-                       "a table of numbers (one per parameter)", v)
+                _check(
+                    isinstance(v, dict) and all(_is_num(u) for u in v.values()),
+                    w,
+                    k,
+                    "a table of numbers (one per parameter)",
+                    v,
+                )
 
 
 def check_metrics_row(row, where: str, previous_epoch: int = 0) -> dict:
@@ -245,18 +275,20 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 # --- checkpoint metadata ------------------------------------------------------------------
 
+
 def checkpoint_epoch(meta, source) -> int:
     """The epoch a checkpoint's metadata records (an integer >= 0), else
     `CheckpointError` naming `source`."""
     from ep_jax.experiments.checkpoint import CheckpointError
+
     epoch = meta.get("epoch") if isinstance(meta, dict) else None
     if not _is_int(epoch) or epoch < 0:
-        raise CheckpointError(f"{source}: damaged checkpoint metadata (epoch {short(epoch)}, expected an "
-                              "integer >= 0)")
+        raise CheckpointError(f"{source}: damaged checkpoint metadata (epoch {short(epoch)}, expected an integer >= 0)")
     return epoch
 
 
 # --- a run folder's files checked against each other ----------------------------------------
+
 
 def _same(a, b) -> bool:
     """Equal as written (NaN equals NaN: a loss may be logged as NaN)."""
@@ -271,15 +303,19 @@ def check_summary_matches_metrics(summary: dict | None, rows: list[dict], run_di
     if summary is None or summary["status"] not in ("ok", "diverged"):
         return
     best = max(rows, key=lambda r: r["test_acc"]) if rows else None
-    want = {"epochs_done": len(rows),
-            "final_test_acc": rows[-1]["test_acc"] if rows else None,
-            "best_test_acc": best["test_acc"] if best else None,
-            "best_epoch": best["epoch"] if best else None,
-            "final_train_acc": rows[-1]["train_acc"] if rows else None}
+    want = {
+        "epochs_done": len(rows),
+        "final_test_acc": rows[-1]["test_acc"] if rows else None,
+        "best_test_acc": best["test_acc"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "final_train_acc": rows[-1]["train_acc"] if rows else None,
+    }
     for k, v in want.items():
         if not _same(summary[k], v):
-            raise RunError(f"{Path(run_dir) / 'summary.json'}: {k} is {short(summary[k])}, its metrics.jsonl says "
-                           f"{short(v)}; the summary was edited or belongs to another run")
+            raise RunError(
+                f"{Path(run_dir) / 'summary.json'}: {k} is {short(summary[k])}, its metrics.jsonl says "
+                f"{short(v)}; the summary was edited or belongs to another run"
+            )
 
 
 #: the config fields that are not part of a run's identity: a resume may change them
@@ -296,11 +332,11 @@ def same_run(meta: dict, cfg: RunConfig, saved: dict | None) -> bool:
     if meta.get("digest") == cfg.digest():
         return True
     if isinstance(meta.get("run_digest"), str) and meta["run_digest"] == cfg.digest(exclude=NOT_IDENTITY):
-        return True   # written since checkpoints carry it: data_dir is not part of the run
+        return True  # written since checkpoints carry it: data_dir is not part of the run
     if isinstance(saved, dict) and isinstance(saved.get("data_dir"), (str, type(None))):
         try:
             return meta.get("digest") == cfg.replace(data_dir=saved["data_dir"]).digest()
-        except Exception:   # noqa: BLE001 — a damaged config.json: not the same run
+        except Exception:  # noqa: BLE001 — a damaged config.json: not the same run
             return False
     return False
 
@@ -310,13 +346,16 @@ def check_config_digest(run_dir, cfg: RunConfig, meta: dict, saved: dict | None 
     `meta` was written for `cfg` (`same_run`; `saved` is the config.json's table)."""
     digest = meta.get("digest") if isinstance(meta, dict) else None
     if not same_run(meta, cfg, saved):
-        raise RunError(f"{Path(run_dir) / 'config.json'}: does not match the run's checkpoint (config digest "
-                       f"{cfg.digest()}, the checkpoint's {short(digest)}); the config was edited after the run or "
-                       "belongs to another one")
+        raise RunError(
+            f"{Path(run_dir) / 'config.json'}: does not match the run's checkpoint (config digest "
+            f"{cfg.digest()}, the checkpoint's {short(digest)}); the config was edited after the run or "
+            "belongs to another one"
+        )
 
 
-def check_checkpoint_record(run_dir, cfg: RunConfig, saved: dict | None, rows: list[dict],
-                            status: str | None) -> dict | None:
+def check_checkpoint_record(
+    run_dir, cfg: RunConfig, saved: dict | None, rows: list[dict], status: str | None
+) -> dict | None:
     """When the run folder holds a checkpoint: its metadata (`checkpoint.read_meta`,
     digest checked), after checking that the checkpoint was written for this
     `config.json` (its config digest, as `same_run`: only epochs and the data
@@ -325,6 +364,7 @@ def check_checkpoint_record(run_dir, cfg: RunConfig, saved: dict | None, rows: l
     checkpoint. RunError naming the file otherwise: a config edited after the run (it
     would move the run into another cell) or metrics that are not the run's."""
     from ep_jax.experiments import checkpoint
+
     path = Path(run_dir) / "checkpoint.msgpack"
     if not os.path.lexists(path):
         return None
@@ -332,12 +372,16 @@ def check_checkpoint_record(run_dir, cfg: RunConfig, saved: dict | None, rows: l
     check_config_digest(run_dir, cfg, meta, saved)
     history = meta["history"]
     if len(history) > len(rows) or (status == "ok" and len(history) != len(rows)):
-        raise RunError(f"{Path(run_dir) / 'metrics.jsonl'}: {len(rows)} epoch(s), the run's checkpoint has "
-                       f"{len(history)}; the metrics were edited or belong to another run")
+        raise RunError(
+            f"{Path(run_dir) / 'metrics.jsonl'}: {len(rows)} epoch(s), the run's checkpoint has "
+            f"{len(history)}; the metrics were edited or belong to another run"
+        )
     for h, r in zip(history, rows):
         for k in ("epoch", "steps") + checkpoint.ROW_NUMBERS:
             if not _same(h.get(k), r.get(k)):
-                raise RunError(f"{Path(run_dir) / 'metrics.jsonl'}: epoch {h['epoch']}: {k} is {short(r.get(k))}, "
-                               f"the run's checkpoint says {short(h.get(k))}; the metrics were edited or belong "
-                               "to another run")
+                raise RunError(
+                    f"{Path(run_dir) / 'metrics.jsonl'}: epoch {h['epoch']}: {k} is {short(r.get(k))}, "
+                    f"the run's checkpoint says {short(h.get(k))}; the metrics were edited or belong "
+                    "to another run"
+                )
     return meta

@@ -11,6 +11,7 @@ against k. For the standard model the curves lie on top of each other (small β)
 the dendritic model only the output layer's do (docs/ep-vs-bptt.md).
 Writes `gdu.png` and `gdu.json` to `--out` (default `runs/gdu-<preset or run>`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ import numpy as np
 
 import ep_jax
 from ep_jax.experiments import checkpoint, cli, engine, figures, files, runfolder
-from ep_jax.experiments.config import ConfigError, parse_sets, validate, RunConfig
+from ep_jax.experiments.config import ConfigError, RunConfig, parse_sets, validate
 from ep_jax.experiments.presets import PRESETS
 
 
@@ -48,12 +49,15 @@ def references(model, est, params, buffers, x, y, rx, res) -> dict:
     """Angles (degrees) of the EP estimate (k = T2), truncated BPTT and full BPTT to the
     implicit equilibrium gradient, and the free phase's relative residual."""
     g_imp, _, info = ep_jax.estimators.implicit_grad(model, params, buffers, x, y, rx, est.t_free)
-    g_full, _ = ep_jax.estimate(model, ep_jax.Estimator("bptt_full", est.t_free, est.t_nudge), None, params, buffers,
-                                x, y, rx)
+    g_full, _ = ep_jax.estimate(
+        model, ep_jax.Estimator("bptt_full", est.t_free, est.t_nudge), None, params, buffers, x, y, rx
+    )
     last = lambda t: jax.tree.map(lambda a: a[-1], t)
     grads = {f"EP ({est.kind})": last(res.ep), "BPTT (last T2 steps)": last(res.bptt), "BPTT (all T1 steps)": g_full}
-    return {"residual_free": float(info.residual_free),
-            "angle_to_implicit": {k: ep_jax.alignment.angle(g, g_imp) for k, g in grads.items()}}
+    return {
+        "residual_free": float(info.residual_free),
+        "angle_to_implicit": {k: ep_jax.alignment.angle(g, g_imp) for k, g in grads.items()},
+    }
 
 
 def plot(res, names, table, title, path):
@@ -87,8 +91,11 @@ def plot_figure(res, names, table, title):
         ax.grid(alpha=0.3)
     ax = list(axes.flat)[len(names)]
     for name in names:
-        ax.semilogy(np.arange(1, len(table[name]["rel_rmse"]) + 1),
-                    np.maximum(np.asarray(table[name]["rel_rmse"], float), 1e-12), label=name)
+        ax.semilogy(
+            np.arange(1, len(table[name]["rel_rmse"]) + 1),
+            np.maximum(np.asarray(table[name]["rel_rmse"], float), 1e-12),
+            label=name,
+        )
     ax.set_title("relative RMSE(EP, BPTT)", fontsize=8)
     ax.set_xlabel("k")
     ax.set_ylabel("relative RMSE", fontsize=8)
@@ -104,8 +111,9 @@ def plot_figure(res, names, table, title):
 
 def main(argv=None):
     """The command line: the GDU check of a preset's or a run's network."""
-    p = argparse.ArgumentParser(prog=cli.prog("gdu"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=cli.prog("gdu"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="a network at initialisation from this preset")
     src.add_argument("--run", help="a run folder: its trained network")
@@ -125,25 +133,30 @@ def main(argv=None):
             raise ConfigError(f"the GDU check compares an EP estimator with BPTT; this network uses {est.kind!r}")
         est = dataclasses.replace(est, nudge="fixed", solver=ep_jax.solvers.Scan(), nudge_solver=None)
         dtype = jnp.float64 if a.float64 else jnp.float32
-        cast = lambda t: jax.tree.map(lambda v: jnp.asarray(v, dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, t)
+        cast = lambda t: jax.tree.map(
+            lambda v: jnp.asarray(v, dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, t
+        )
         params, buffers, rx = cast(params), cast(buffers), cast(rx)
         xtr, ytr, _, _ = engine.load_data(cfg)
-        x, y = jnp.asarray(xtr[:a.batch], dtype), jnp.asarray(ytr[:a.batch])
+        x, y = jnp.asarray(xtr[: a.batch], dtype), jnp.asarray(ytr[: a.batch])
         res = ep_jax.alignment.gdu(model, est, params, buffers, x, y, rx)
         table = ep_jax.alignment.gdu_table(res)
         refs = references(model, est, params, buffers, x, y, rx, res)
     out = Path(a.out or f"runs/gdu-{Path(a.run).name if a.run else a.preset}")
-    runfolder.claim_outputs(out, ["gdu.png", "gdu.json"], "gdu")   # never over a file ep_jax did not write
+    runfolder.claim_outputs(out, ["gdu.png", "gdu.json"], "gdu")  # never over a file ep_jax did not write
     title = f"GDU: {where}, {est.kind}, β={float(rx.beta):g}, T1={est.t_free}, T2={est.t_nudge}, batch {a.batch}"
     plot(res, res.names, table, title, out / "gdu.png")
-    checkpoint.atomic_write_text(out / "gdu.json", json.dumps({"title": title, "per_k": table, "references": refs},
-                                                             indent=1) + "\n")
+    checkpoint.atomic_write_text(
+        out / "gdu.json", json.dumps({"title": title, "per_k": table, "references": refs}, indent=1) + "\n"
+    )
     print(title)
     print(f"{'parameter':32s} {'cosine at k=T2':>15s} {'rel RMSE at k=T2':>17s}")
     for name in res.names:
         print(f"{name:32s} {table[name]['cosine'][-1]:15.5f} {table[name]['rel_rmse'][-1]:17.4g}")
-    print(f"against the equilibrium gradient (implicit; free-phase residual {refs['residual_free']:.2g}): "
-          + ", ".join(f"{k} {v:.3g}°" for k, v in refs["angle_to_implicit"].items()))
+    print(
+        f"against the equilibrium gradient (implicit; free-phase residual {refs['residual_free']:.2g}): "
+        + ", ".join(f"{k} {v:.3g}°" for k, v in refs["angle_to_implicit"].items())
+    )
     print(f"wrote {out / 'gdu.png'} and gdu.json")
 
 

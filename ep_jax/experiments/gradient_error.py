@@ -15,6 +15,7 @@ T1 long enough?
 
 Writes `gradient_error.png` and `gradient_error.json` to `--out`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,15 +49,27 @@ def batch(cfg: RunConfig, n: int, dtype):
 
 def estimate_errors(a) -> dict:
     """`{"betas", "curves": {label: [error per β]}, "residual_free", ...}` of the left panel."""
-    cfg = validate(RunConfig.from_dict(dict(dataset=a.dataset, data_dir=a.data_dir, model="ep", sizes=a.sizes,
-                                            activation=a.activation, float64=True, seed=a.seed)))
+    cfg = validate(
+        RunConfig.from_dict(
+            dict(
+                dataset=a.dataset,
+                data_dir=a.data_dir,
+                model="ep",
+                sizes=a.sizes,
+                activation=a.activation,
+                float64=True,
+                seed=a.seed,
+            )
+        )
+    )
     model = ep_jax.EPModel(sizes=tuple(a.sizes), activation=a.activation)
     params, buffers = model.init(jax.random.PRNGKey(a.seed), jnp.float64)
     x, y = batch(cfg, a.batch, jnp.float64)
     T = a.t_free
     curves = {"one-sided": [], "symmetric": []} | {f"holomorphic N={n}": [] for n in a.n_points}
     kinds = {"one-sided": ("one_sided", {}), "symmetric": ("symmetric", {})} | {
-        f"holomorphic N={n}": ("holomorphic", {"n_points": n}) for n in a.n_points}
+        f"holomorphic N={n}": ("holomorphic", {"n_points": n}) for n in a.n_points
+    }
     est_jit = jax.jit(ep_jax.estimate, static_argnums=(0, 1))
     rx = ep_jax.make_relaxation(model, beta=a.betas[0], dt=a.dt, dtype=jnp.float64)
     exact, aux = est_jit(model, ep_jax.Estimator("implicit", T, 1, tol=1e-8), None, params, buffers, x, y, rx)
@@ -65,9 +78,13 @@ def estimate_errors(a) -> dict:
         for label, (kind, kw) in kinds.items():
             g, _ = est_jit(model, ep_jax.Estimator(kind, T, T, **kw), None, params, buffers, x, y, rx)
             curves[label].append(rel_err(g, exact))
-    return {"network": f"EP {'-'.join(map(str, a.sizes))} {a.activation}, float64, dt={a.dt:g}, "
-                       f"{a.batch} {a.dataset} examples, T1 = T2 = {T}",
-            "betas": list(a.betas), "curves": curves, "residual_free": float(aux.residual_free)}
+    return {
+        "network": f"EP {'-'.join(map(str, a.sizes))} {a.activation}, float64, dt={a.dt:g}, "
+        f"{a.batch} {a.dataset} examples, T1 = T2 = {T}",
+        "betas": list(a.betas),
+        "curves": curves,
+        "residual_free": float(aux.residual_free),
+    }
 
 
 def network(source: str, a):
@@ -81,8 +98,9 @@ def network(source: str, a):
     if Path(source).is_dir():
         cfg, model, est, params, buffers, rx, _ = engine.load_run(source)
         return Path(source).name, cfg, model, est, params, buffers, rx
-    raise ConfigError(f"--presets/--run: {source!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
-                      "run folder")
+    raise ConfigError(
+        f"--presets/--run: {source!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a run folder"
+    )
 
 
 def residual_curves(a, sources) -> dict:
@@ -106,9 +124,15 @@ def residual_curves(a, sources) -> dict:
             y1h = model.one_hot(y, x.dtype)
             _, r = ep_jax.estimators.ep_nudged_states(model, est, eff, ctx, at_t1[0], y1h, rx, residual=True)
             nudge = float(r)
-        out[label] = {"t_free": est.t_free, "t_nudge": est.t_nudge, "free": free, "at_t_free": free[est.t_free - 1],
-                      "per_layer_at_t_free": per_layer, "nudge_at_t_nudge": nudge,
-                      "dt": "per-neuron" if any(jnp.ndim(d) for d in rx.dt) else float(np.asarray(rx.dt[0]))}
+        out[label] = {
+            "t_free": est.t_free,
+            "t_nudge": est.t_nudge,
+            "free": free,
+            "at_t_free": free[est.t_free - 1],
+            "per_layer_at_t_free": per_layer,
+            "nudge_at_t_nudge": nudge,
+            "dt": "per-neuron" if any(jnp.ndim(d) for d in rx.dt) else float(np.asarray(rx.dt[0])),
+        }
     return out
 
 
@@ -139,20 +163,28 @@ def figure(errors: dict, residuals: dict):
 
 def main(argv=None):
     """The command line (module docstring)."""
-    p = argparse.ArgumentParser(prog=cli.prog("gradient_error"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=cli.prog("gradient_error"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="runs/gradient-error", help="output folder (default runs/gradient-error)")
     p.add_argument("--dataset", default="mnist", help="dataset of the error panel's batch (default mnist)")
-    p.add_argument("--data-dir", help="folder with the error panel's dataset files (the presets' datasets are "
-                                      "looked up as train does: EP_JAX_DATA_DIR, ./.data, ...)")
+    p.add_argument(
+        "--data-dir",
+        help="folder with the error panel's dataset files (the presets' datasets are "
+        "looked up as train does: EP_JAX_DATA_DIR, ./.data, ...)",
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[784, 64, 10], help="the error panel's network")
     p.add_argument("--activation", default="sigmoid", help="a holomorphic activation (tanh | sigmoid | identity)")
     p.add_argument("--dt", type=float, default=0.5, help="time step of the error panel's network")
     p.add_argument("--t-free", type=int, default=300, help="steps of every phase of the error panel")
     p.add_argument("--betas", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
     p.add_argument("--n-points", type=int, nargs="+", default=[2, 4, 8], help="N of the holomorphic curves")
-    p.add_argument("--presets", nargs="*", default=["mnist-ep", "mnist-dep", "fmnist-ep", "fmnist-dep"],
-                   help="networks of the residual panel: presets (at initialisation) or run folders")
+    p.add_argument(
+        "--presets",
+        nargs="*",
+        default=["mnist-ep", "mnist-dep", "fmnist-ep", "fmnist-dep"],
+        help="networks of the residual panel: presets (at initialisation) or run folders",
+    )
     p.add_argument("--horizon", type=int, default=200, help="free steps drawn in the residual panel")
     p.add_argument("--batch", type=int, default=64, help="examples per batch")
     p.add_argument("--seed", type=int, default=0)
@@ -172,7 +204,7 @@ def main(argv=None):
     with jax.enable_x64(False):
         residuals = residual_curves(a, a.presets)
     out = Path(a.out)
-    runfolder.claim_outputs(out, ["gradient_error.png", "gradient_error.json"], "gradient-error")   # not over a user's
+    runfolder.claim_outputs(out, ["gradient_error.png", "gradient_error.json"], "gradient-error")  # not over a user's
     figures.save(figure(errors, residuals), out / "gradient_error.png", dpi=110)
     summary = {"errors": errors, "residuals": residuals}
     checkpoint.atomic_write_text(out / "gradient_error.json", json.dumps(summary, indent=1) + "\n")

@@ -15,6 +15,7 @@ dendritic one; their checkpoints and configs are used. `--examples` (1 up to the
 set's size) test images are analysed; a checkpoint with non-finite parameters (a
 diverged run) is refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,19 @@ def trajectory_stats(model, params, buffers, x, rx, t_free, threshold=0.01):
     """Per layer: `{"mean_abs": (T,), "frac_active": (T,)}` over a free phase."""
     eff = model.prepare(params, buffers)
     _, traj = ep_jax.dynamics.free_phase(model, eff, model.input_drive(eff, x), rx.dt, t_free, record=True)
-    return [{"mean_abs": np.asarray(jnp.mean(jnp.abs(t), axis=(1, 2))).tolist(),
-             "frac_active": np.asarray(jnp.mean(jnp.abs(t) > threshold, axis=(1, 2))).tolist()}
-            for t in traj]
+    return [
+        {
+            "mean_abs": np.asarray(jnp.mean(jnp.abs(t), axis=(1, 2))).tolist(),
+            "frac_active": np.asarray(jnp.mean(jnp.abs(t) > threshold, axis=(1, 2))).tolist(),
+        }
+        for t in traj
+    ]
 
 
-ROLES = {"EP": ("ep", "--ep", "a standard-model run (model 'ep')"),
-         "DEP": ("dendritic", "--dep", "a dendritic run (model 'dendritic')")}
+ROLES = {
+    "EP": ("ep", "--ep", "a standard-model run (model 'ep')"),
+    "DEP": ("dendritic", "--dep", "a dendritic run (model 'dendritic')"),
+}
 
 
 def check_args(n_examples: int, threshold: float):
@@ -71,10 +78,10 @@ def finite_parameters(params, buffers, source):
     """Refuse (`CheckpointError`, naming `source` and the first bad leaf) parameters or
     buffers holding NaN or infinity."""
     from ep_jax.alignment import leaf_names
+
     for name, v in zip(leaf_names(params), jax.tree.leaves(params)):
         if not np.all(np.isfinite(np.asarray(v))):
-            raise CheckpointError(f"{source}: non-finite parameters ({name}); the run diverged or the file is "
-                                  "damaged")
+            raise CheckpointError(f"{source}: non-finite parameters ({name}); the run diverged or the file is damaged")
     for v in jax.tree.leaves(buffers):
         v = np.asarray(v)
         if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
@@ -92,8 +99,12 @@ def analyse_run(run_dir, n_examples=256, threshold=0.01, role=None):
     finite_parameters(params, buffers, source)
     _, _, xte, _ = engine.load_data(cfg)
     x = jnp.asarray(xte[:n_examples], ep_jax.models.base.default_float())
-    return {"run": str(run_dir), "epoch": epoch, "model": cfg.model,
-            "layers": trajectory_stats(model, params, buffers, x, rx, cfg.t_free, threshold)}
+    return {
+        "run": str(run_dir),
+        "epoch": epoch,
+        "model": cfg.model,
+        "layers": trajectory_stats(model, params, buffers, x, rx, cfg.t_free, threshold),
+    }
 
 
 def plot(results: dict, path: Path):
@@ -126,8 +137,9 @@ def plot_figure(results: dict):
 
 def main(argv=None):
     """The command line: hidden-state statistics of an EP and a DEP run."""
-    p = argparse.ArgumentParser(prog=cli.prog("hidden_states"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=cli.prog("hidden_states"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ep", required=True, help="run folder of an EP run")
     p.add_argument("--dep", required=True, help="run folder of a DEP run")
     p.add_argument("--out", default="runs/hidden_states", help="output folder (default runs/hidden_states)")
@@ -138,16 +150,18 @@ def main(argv=None):
     out = Path(a.out)
     check_args(a.examples, a.threshold)
     runs = {"EP": a.ep, "DEP": a.dep}
-    for role, run_dir in runs.items():   # both configs checked before either checkpoint is read
+    for role, run_dir in runs.items():  # both configs checked before either checkpoint is read
         check_run(run_dir, role, a.examples)
     results = {role: analyse_run(d, a.examples, a.threshold, role) for role, d in runs.items()}
     fig = plot_figure(results)
-    runfolder.claim_outputs(out, ["hidden_states.json", "hidden_states.png"], "hidden-states")   # not over a user's
+    runfolder.claim_outputs(out, ["hidden_states.json", "hidden_states.png"], "hidden-states")  # not over a user's
     checkpoint.atomic_write_text(out / "hidden_states.json", json.dumps(results, indent=1) + "\n")
     figures.save(fig, out / "hidden_states.png", dpi=120)
     for name, r in results.items():
         for l, st in enumerate(r["layers"][:-1], start=1):
-            print(f"{name} layer {l}: final mean|s| {st['mean_abs'][-1]:.4f}, active {100 * st['frac_active'][-1]:.1f}%")
+            print(
+                f"{name} layer {l}: final mean|s| {st['mean_abs'][-1]:.4f}, active {100 * st['frac_active'][-1]:.1f}%"
+            )
     print(f"wrote {out}/hidden_states.png and .json")
 
 

@@ -34,6 +34,7 @@ Runs the next lease treats as finished (summary status `ok` or `diverged`, all e
 done) are skipped by it; a run whose checkpoint did not fit into the archive starts
 again from scratch. Importing the same archive twice gives the same files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,10 @@ import sys
 import tarfile
 from pathlib import Path, PurePosixPath
 
+from ep_jax._safe_read import MIB, decompress, read_regular
 from ep_jax.experiments import checkpoint as ckpt
 from ep_jax.experiments import cli, files, runfolder
 from ep_jax.experiments.errors import RunError
-from ep_jax._safe_read import MIB, decompress, read_regular
 
 DEST = Path("experiments/results/gpu-lease")
 RESUME = Path(".lease/resume")
@@ -88,7 +89,7 @@ def parts_of(path: Path) -> tuple[list[Path], Path | None]:
         return found, path
     if not path.exists():
         raise RunError(f"{path}: no such file or folder")
-    if path.name.startswith(PART) and path.name[len(PART):].isdigit():
+    if path.name.startswith(PART) and path.name[len(PART) :].isdigit():
         return sorted(path.parent.glob(PART + "*")), path.parent
     return [path], None
 
@@ -113,8 +114,13 @@ def read_manifest(folder: Path | None) -> dict | None:
         raise RunError(f"{path}: damaged archive manifest ({what}); nothing was written")
 
     def entry(e, where):
-        if not (isinstance(e, dict) and type(e.get("bytes")) is int and e["bytes"] >= 0
-                and isinstance(e.get("sha256"), str) and _HEX.fullmatch(e["sha256"])):
+        if not (
+            isinstance(e, dict)
+            and type(e.get("bytes")) is int
+            and e["bytes"] >= 0
+            and isinstance(e.get("sha256"), str)
+            and _HEX.fullmatch(e["sha256"])
+        ):
             bad(f"{where} needs an integer 'bytes' and a hex 'sha256'")
 
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
@@ -148,21 +154,28 @@ def verified_blob(parts: list[Path], manifest: dict | None) -> tuple[bytes, str]
         have = {p.name: p for p in parts}
         missing, extra = [n for n in want if n not in have], sorted(set(have) - set(want))
         if missing:
-            raise RunError(f"{parts[0].parent}: part(s) {', '.join(missing)} missing (the lease wrote {len(want)}: "
-                           f"{want[0]} .. {want[-1]}); nothing was written")
+            raise RunError(
+                f"{parts[0].parent}: part(s) {', '.join(missing)} missing (the lease wrote {len(want)}: "
+                f"{want[0]} .. {want[-1]}); nothing was written"
+            )
         if extra:
-            raise RunError(f"{have[extra[0]]}: not one of the lease's {len(want)} parts (its manifest lists "
-                           f"{want[0]} .. {want[-1]}); remove it or fetch the files again; nothing was written")
+            raise RunError(
+                f"{have[extra[0]]}: not one of the lease's {len(want)} parts (its manifest lists "
+                f"{want[0]} .. {want[-1]}); remove it or fetch the files again; nothing was written"
+            )
         blobs = _join([have[n] for n in want])
         for e, path, b in zip(manifest["parts"], (have[n] for n in want), blobs):
             if len(b) != e["bytes"] or sha256(b) != e["sha256"]:
-                raise RunError(f"{path}: {len(b)} bytes, SHA-256 {sha256(b)[:16]}...; the lease's manifest says "
-                               f"{e['bytes']} bytes, {e['sha256'][:16]}... (damaged, or of another lease); "
-                               "nothing was written")
+                raise RunError(
+                    f"{path}: {len(b)} bytes, SHA-256 {sha256(b)[:16]}...; the lease's manifest says "
+                    f"{e['bytes']} bytes, {e['sha256'][:16]}... (damaged, or of another lease); "
+                    "nothing was written"
+                )
         blob = b"".join(blobs)
         if len(blob) != manifest["bytes"] or sha256(blob) != manifest["sha256"]:
-            raise RunError(f"{parts[0].parent}: the joined parts do not match the manifest's archive digest; "
-                           "nothing was written")
+            raise RunError(
+                f"{parts[0].parent}: the joined parts do not match the manifest's archive digest; nothing was written"
+            )
         return blob, f"{len(parts)} part(s), each checked against the lease's manifest"
     if len(parts) == 1 and not parts[0].name.startswith(PART):
         return read_regular(parts[0], MAX_PART * MAX_PARTS, RunError, "lease archive"), "one archive file"
@@ -170,16 +183,20 @@ def verified_blob(parts: list[Path], manifest: dict | None) -> tuple[bytes, str]
         raise RunError(f"{parts[0].parent}: {len(parts)} {PART}* files, a lease writes at most {MAX_PARTS}")
     names = sorted(p.name for p in parts)
     want = [part_name(i) for i in range(len(parts))]
-    nums = sorted(int(n[len(PART):]) for n in names if n[len(PART):].isdigit())
+    nums = sorted(int(n[len(PART) :]) for n in names if n[len(PART) :].isdigit())
     if names != want and len(nums) == len(names) and names == sorted(part_name(i) for i in nums):
         missing = [part_name(i) for i in range(nums[-1]) if i not in set(nums)]
-        raise RunError(f"{parts[0].parent}: part(s) {', '.join(missing[:5])} missing (found {len(parts)} parts up to "
-                       f"{part_name(nums[-1])}, and no manifest in {MANIFEST}); nothing was written")
+        raise RunError(
+            f"{parts[0].parent}: part(s) {', '.join(missing[:5])} missing (found {len(parts)} parts up to "
+            f"{part_name(nums[-1])}, and no manifest in {MANIFEST}); nothing was written"
+        )
     if names != want:
         odd = next(n for n in names if n not in want)
-        raise RunError(f"{parts[0].parent / odd}: the parts must be named {want[0]} .. {want[-1]} without a gap, as "
-                       f"the lease writes them (and there is no manifest in {MANIFEST} to order them by); "
-                       "nothing was written")
+        raise RunError(
+            f"{parts[0].parent / odd}: the parts must be named {want[0]} .. {want[-1]} without a gap, as "
+            f"the lease writes them (and there is no manifest in {MANIFEST} to order them by); "
+            "nothing was written"
+        )
     by = {p.name: p for p in parts}
     return b"".join(_join([by[n] for n in want])), f"{len(parts)} part(s) in order, no manifest"
 
@@ -190,10 +207,18 @@ def check_member(m: tarfile.TarInfo) -> PurePosixPath:
     backslash, colon or control character, or a name that is not its own normal form."""
     name = m.name
     p = PurePosixPath(name)
-    if (name.startswith(("/", "\\")) or _UNSAFE.search(name) or not p.parts or p.is_absolute()
-            or any(part in (".", "..") for part in name.rstrip("/").split("/")) or str(p) != name.rstrip("/")):
-        raise RunError(f"refusing archive member {name[:100]!r}: not a plain relative path (absolute, '.', '..', "
-                       "empty parts or odd characters); nothing was written")
+    if (
+        name.startswith(("/", "\\"))
+        or _UNSAFE.search(name)
+        or not p.parts
+        or p.is_absolute()
+        or any(part in (".", "..") for part in name.rstrip("/").split("/"))
+        or str(p) != name.rstrip("/")
+    ):
+        raise RunError(
+            f"refusing archive member {name[:100]!r}: not a plain relative path (absolute, '.', '..', "
+            "empty parts or odd characters); nothing was written"
+        )
     if not (m.isfile() or m.isdir()):
         raise RunError(f"refusing archive member {name[:100]!r}: not a regular file or folder (nothing was written)")
     return p
@@ -205,24 +230,30 @@ def unpack(blob: bytes, source, limit: int) -> list[tuple[tarfile.TarInfo, bytes
     try:
         tar = decompress(blob, limit, source, RunError, "lease archive")
     except RunError as e:
-        raise RunError(f"{source}: not a complete lease archive ({str(e).removeprefix(f'{source}: ')}); nothing "
-                       "was written") from None
+        raise RunError(
+            f"{source}: not a complete lease archive ({str(e).removeprefix(f'{source}: ')}); nothing was written"
+        ) from None
     try:
         tf = tarfile.open(fileobj=io.BytesIO(tar), mode="r:")
         members = tf.getmembers()
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise RunError(f"{source}: not a complete lease archive ({type(e).__name__}: {e}); nothing was "
-                       "written") from None
-    if tar[tf.offset:].strip(b"\x00"):
-        raise RunError(f"{source}: not a complete lease archive (a damaged tar header at byte {tf.offset} after "
-                       f"{len(members)} member(s)); nothing was written")
+        raise RunError(
+            f"{source}: not a complete lease archive ({type(e).__name__}: {e}); nothing was written"
+        ) from None
+    if tar[tf.offset :].strip(b"\x00"):
+        raise RunError(
+            f"{source}: not a complete lease archive (a damaged tar header at byte {tf.offset} after "
+            f"{len(members)} member(s)); nothing was written"
+        )
     out = []
     for m in members:
         check_member(m)
         if m.isfile() and m.offset_data + m.size > len(tar):
-            raise RunError(f"refusing archive member {m.name[:100]!r}: declares {m.size} bytes, more than the "
-                           "archive holds; nothing was written")
-        out.append((m, tar[m.offset_data:m.offset_data + m.size] if m.isfile() else b""))
+            raise RunError(
+                f"refusing archive member {m.name[:100]!r}: declares {m.size} bytes, more than the "
+                "archive holds; nothing was written"
+            )
+        out.append((m, tar[m.offset_data : m.offset_data + m.size] if m.isfile() else b""))
     return out
 
 
@@ -249,19 +280,25 @@ def read(parts: list[Path], folder: Path | None = None) -> tuple[list[tuple[Pure
     for p in file_paths:
         clash = next((q for q in p.parents if q in file_paths), None)
         if clash is not None:
-            raise RunError(f"refusing archive member {str(p)[:100]!r}: inside {str(clash)!r}, which is a file; "
-                           "nothing was written")
+            raise RunError(
+                f"refusing archive member {str(p)[:100]!r}: inside {str(clash)!r}, which is a file; nothing was written"
+            )
     if manifest is not None:
         got = {str(p): d for p, d in out if d is not None}
         missing, extra = sorted(set(fs) - set(got)), sorted(set(got) - set(fs))
         if missing or extra:
-            raise RunError(f"{source}: the archive's files differ from the manifest's ("
-                           + (f"missing {missing[:3]}" if missing else "") + (", " if missing and extra else "")
-                           + (f"not listed {extra[:3]}" if extra else "") + "); nothing was written")
+            raise RunError(
+                f"{source}: the archive's files differ from the manifest's ("
+                + (f"missing {missing[:3]}" if missing else "")
+                + (", " if missing and extra else "")
+                + (f"not listed {extra[:3]}" if extra else "")
+                + "); nothing was written"
+            )
         for name, d in got.items():
             if len(d) != fs[name]["bytes"] or sha256(d) != fs[name]["sha256"]:
-                raise RunError(f"{source}: {name}: SHA-256 does not match the manifest's (damaged archive); nothing "
-                               "was written")
+                raise RunError(
+                    f"{source}: {name}: SHA-256 does not match the manifest's (damaged archive); nothing was written"
+                )
         how += ", every file's SHA-256 too"
     return out, how
 
@@ -295,8 +332,12 @@ def write(entries, dest: Path, resume: Path) -> dict:
     stale = 0
     for ck in resume.rglob(CHECKPOINT) if resume.is_dir() else []:
         summary = dest / ck.parent.relative_to(resume) / "summary.json"
-        if (not ck.is_symlink() and ck.is_file() and CHECKPOINT in runfolder.owned(ck.parent)["files"]
-                and finished_summary(summary)):
+        if (
+            not ck.is_symlink()
+            and ck.is_file()
+            and CHECKPOINT in runfolder.owned(ck.parent)["files"]
+            and finished_summary(summary)
+        ):
             ck.unlink()
             stale += 1
     return {"files": n_files, "checkpoints": n_ckpt, "stale_checkpoints_removed": stale}
@@ -305,7 +346,7 @@ def write(entries, dest: Path, resume: Path) -> dict:
 def finished_summary(path: Path) -> bool:
     """A run is finished when its summary says `ok` or `diverged` with every epoch done
     (the config's `epochs`, beside it)."""
-    try:   # regular files of bounded size only (a pipe in their place is not waited on)
+    try:  # regular files of bounded size only (a pipe in their place is not waited on)
         s = files.read_json(path, "table")
         cfg = files.read_json(path.parent / "config.json", "table")
     except (RunError, OSError):
@@ -315,18 +356,21 @@ def finished_summary(path: Path) -> bool:
     if s.get("status") == "diverged":
         return True
     done, epochs = s.get("epochs_done") or 0, cfg.get("epochs", 0)
-    return (s.get("status") == "ok" and isinstance(done, int) and isinstance(epochs, int)
-            and done >= epochs)
+    return s.get("status") == "ok" and isinstance(done, int) and isinstance(epochs, int) and done >= epochs
 
 
 def parser():
     """The command line's argument parser."""
-    p = argparse.ArgumentParser(prog=cli.prog("import_lease"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=cli.prog("import_lease"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("archive", help="the folder the lease's files came back in, one lease.tgz.NN part, or a .tgz")
     p.add_argument("--dest", default=str(DEST), help=f"where the run files go (default {DEST})")
-    p.add_argument("--resume-dir", default=str(RESUME),
-                   help=f"where the checkpoints of unfinished runs go (default {RESUME}, carried by the next lease)")
+    p.add_argument(
+        "--resume-dir",
+        default=str(RESUME),
+        help=f"where the checkpoints of unfinished runs go (default {RESUME}, carried by the next lease)",
+    )
     return p
 
 
@@ -339,10 +383,12 @@ def main(argv=None) -> int:
     counts = write(entries, dest, resume)
     runs = sorted({p.parent for p, d in entries if d is not None and p.name == "summary.json"})
     done = sum(finished_summary(dest / Path(*r.parts) / "summary.json") for r in runs)
-    print(f"imported {counts['files']} files of {len(runs)} runs ({done} finished) into {dest}, "
-          f"{counts['checkpoints']} checkpoints of unfinished runs into {resume}"
-          + (f" ({counts['stale_checkpoints_removed']} stale removed)" if counts["stale_checkpoints_removed"] else "")
-          + f"; from {how}")
+    print(
+        f"imported {counts['files']} files of {len(runs)} runs ({done} finished) into {dest}, "
+        f"{counts['checkpoints']} checkpoints of unfinished runs into {resume}"
+        + (f" ({counts['stale_checkpoints_removed']} stale removed)" if counts["stale_checkpoints_removed"] else "")
+        + f"; from {how}"
+    )
     return 0
 
 

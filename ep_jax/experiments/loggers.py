@@ -19,10 +19,11 @@ locked, so a refusal leaves nothing behind (no run folder stuck at "running"). T
 their event files / W&B runs in `start`, inside the training loop, so a failure there
 ends the run as "failed", with its summary written.
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -61,6 +62,7 @@ class ConsoleLogger(Hook):
     def print(self, text: str):
         """One line, with any progress bar cleared first and redrawn after."""
         from tqdm import tqdm
+
         with tqdm.external_write_mode():
             self.print_fn(text)
 
@@ -71,15 +73,19 @@ class ConsoleLogger(Hook):
         if loop.M == 1:
             row = end.rows[0]
             if row is not None:
-                self.print(f"epoch {end.epoch}: train {row['train_acc']:.2f}%  test {row['test_acc']:.2f}%  "
-                           f"loss {row['loss']:.4f}  ({end.elapsed:.1f} s)")
+                self.print(
+                    f"epoch {end.epoch}: train {row['train_acc']:.2f}%  test {row['test_acc']:.2f}%  "
+                    f"loss {row['loss']:.4f}  ({end.elapsed:.1f} s)"
+                )
             return
         ok = [i for i in range(loop.M) if end.active[i] and end.alive[i]]
         if ok:
             accs = 100 * end.test_acc[ok]
-            self.print(f"{self.label}: epoch {end.epoch}: test accuracy mean {accs.mean():.2f}% "
-                       f"(min {accs.min():.2f}, max {accs.max():.2f}) over {plural(len(ok), 'member')} "
-                       f"({end.elapsed:.1f} s)")
+            self.print(
+                f"{self.label}: epoch {end.epoch}: test accuracy mean {accs.mean():.2f}% "
+                f"(min {accs.min():.2f}, max {accs.max():.2f}) over {plural(len(ok), 'member')} "
+                f"({end.elapsed:.1f} s)"
+            )
 
 
 class ProgressBar(Hook):
@@ -93,9 +99,11 @@ class ProgressBar(Hook):
     def start(self, loop, state, rx):
         """Open the bar."""
         from tqdm.auto import tqdm
+
         total = (loop.cfg.epochs - loop.first_epoch() + 1) * loop.steps_per_epoch()
-        self.bar = tqdm(total=total, unit="step", disable=not self.enabled, leave=False, file=sys.stderr,
-                        desc=self.desc)
+        self.bar = tqdm(
+            total=total, unit="step", disable=not self.enabled, leave=False, file=sys.stderr, desc=self.desc
+        )
         self.correct, self.seen, self.epoch = 0.0, 0, None
 
     def after_chunk(self, loop, state, rx, chunk):
@@ -128,7 +136,9 @@ class TensorBoardLogger(Hook):
     def start(self, loop, state, rx):
         """Open one event-file writer per member, in `<run folder>/tensorboard/`."""
         from tensorboardX import SummaryWriter
+
         from ep_jax.experiments.runfolder import TENSORBOARD, record
+
         for f in self.folders:
             record(f.path, folders=[TENSORBOARD])
             self.writers.append(SummaryWriter(logdir=str(f.path / TENSORBOARD)))
@@ -161,8 +171,11 @@ class WandbLogger(Hook):
     def start(self, loop, state, rx):
         """Start one W&B run per member."""
         import wandb
-        self.runs = [wandb.init(project="ep_jax", name=n, config=c.to_json(), reinit="create_new")
-                     for n, c in zip(self.names, self.configs)]
+
+        self.runs = [
+            wandb.init(project="ep_jax", name=n, config=c.to_json(), reinit="create_new")
+            for n, c in zip(self.names, self.configs)
+        ]
 
     def after_epoch(self, loop, state, rx, end):
         """Log every numeric column."""
@@ -177,8 +190,10 @@ class WandbLogger(Hook):
 
 
 #: the library each optional writer imports, and how to install it
-NEEDS = {"tensorboard": ("tensorboardX", "tensorboardX: pip install 'ep_jax[tensorboard]'"),
-         "wandb": ("wandb", "wandb: pip install 'ep_jax[wandb]'")}
+NEEDS = {
+    "tensorboard": ("tensorboardX", "tensorboardX: pip install 'ep_jax[tensorboard]'"),
+    "wandb": ("wandb", "wandb: pip install 'ep_jax[wandb]'"),
+}
 
 
 def check_loggers(kinds):

@@ -19,6 +19,7 @@ a later checkpoint) sits that epoch out.
 `Ticker` is the progress output of a wait in native code (XLA compiling the first chunk):
 a line on stderr every few seconds saying what it waits for and for how long.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,8 @@ import dataclasses
 import sys
 import threading
 import time
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +68,11 @@ def divergence_cause(cfg, infos, i: int) -> str:
         tol = DEFAULT_TOL if cfg.implicit_tol is None else cfg.implicit_tol
         r = float(first.residual_free)
         if not r <= tol:
-            return (f"the free phase did not converge for the implicit gradient: relative residual {r:.3g} > "
-                    f"implicit_tol={tol:g} after t_free={cfg.t_free} steps; raise t_free (or implicit_tol), or "
-                    f"lower dt")
+            return (
+                f"the free phase did not converge for the implicit gradient: relative residual {r:.3g} > "
+                f"implicit_tol={tol:g} after t_free={cfg.t_free} steps; raise t_free (or implicit_tol), or "
+                f"lower dt"
+            )
     if not np.isfinite(first.grad_norm):
         return "a non-finite gradient"
     return "the update made the parameters or the optimiser state non-finite: a learning rate too large?"
@@ -78,6 +82,7 @@ class Chunk(NamedTuple):
     """What a hook sees after one chunk: epoch, chunk number, steps in the chunk, batch
     size, and the chunk's per-step `info` (device arrays: `correct`, `loss` of shape
     `(steps, members)`)."""
+
     epoch: int
     index: int
     steps: int
@@ -89,6 +94,7 @@ class Chunk(NamedTuple):
 class EpochEnd:
     """What a hook sees after one epoch. Arrays have one entry per member; `rows[i]` is
     member i's metrics row (None if it sat the epoch out or diverged in it)."""
+
     epoch: int
     active: np.ndarray
     alive: np.ndarray
@@ -101,13 +107,13 @@ class EpochEnd:
 class Hook:
     """Something that happens around the loop: every method is optional."""
 
-    def start(self, loop: "Loop", state, rx):
+    def start(self, loop: Loop, state, rx):
         """Before the first epoch."""
 
-    def after_chunk(self, loop: "Loop", state, rx, chunk: Chunk):
+    def after_chunk(self, loop: Loop, state, rx, chunk: Chunk):
         """After every chunk (the chunk's results may still be computing)."""
 
-    def columns(self, loop: "Loop", i: int) -> dict:
+    def columns(self, loop: Loop, i: int) -> dict:
         """Extra columns of member i's row for the epoch that just ended."""
         return {}
 
@@ -115,10 +121,10 @@ class Hook:
         """Seconds this hook spent during the epoch that do not count as training (reset)."""
         return 0.0
 
-    def after_epoch(self, loop: "Loop", state, rx, end: EpochEnd):
+    def after_epoch(self, loop: Loop, state, rx, end: EpochEnd):
         """After every epoch, in the order of the hooks."""
 
-    def stop(self, loop: "Loop", reason: str):
+    def stop(self, loop: Loop, reason: str):
         """When the loop ends: "ok", "interrupted" or "failed" (also when a hook failed)."""
 
 
@@ -132,8 +138,18 @@ class Loop:
     manager around the hooks' `after_epoch` (the engine's: a signal does not cut an
     epoch's record in half)."""
 
-    def __init__(self, group, runner, data, batches: Callable, start: Sequence[int], histories: list,
-                 hooks: Sequence[Hook] = (), deadline: float | None = None, guard: Callable | None = None):
+    def __init__(
+        self,
+        group,
+        runner,
+        data,
+        batches: Callable,
+        start: Sequence[int],
+        histories: list,
+        hooks: Sequence[Hook] = (),
+        deadline: float | None = None,
+        guard: Callable | None = None,
+    ):
         self.group = group
         self.cfg = group.cfg
         self.M = group.M
@@ -188,7 +204,7 @@ class Loop:
             for h in self.hooks:
                 try:
                     h.stop(self, reason)
-                except Exception:   # noqa: BLE001
+                except Exception:  # noqa: BLE001
                     if reason == "ok":
                         raise
                     # the error that stopped the loop is the one to report
@@ -204,9 +220,9 @@ class Loop:
         state = state._replace(alive=jnp.asarray(alive_before & active))
         t0 = time.perf_counter()
         orders = [self.batches(i, epoch, self.n) for i in range(M)]
-        full = np.stack([o[0] for o in orders], axis=1)            # (n_full, M, B)
-        rest = np.stack([o[1] for o in orders], axis=0)            # (M, n % B)
-        chunks = [full[c0:c0 + cfg.chunk] for c0 in range(0, full.shape[0], cfg.chunk)]
+        full = np.stack([o[0] for o in orders], axis=1)  # (n_full, M, B)
+        rest = np.stack([o[1] for o in orders], axis=0)  # (M, n % B)
+        chunks = [full[c0 : c0 + cfg.chunk] for c0 in range(0, full.shape[0], cfg.chunk)]
         if rest.shape[1]:
             chunks.append(rest[None])
         infos = []
@@ -222,8 +238,9 @@ class Loop:
             correct += c.sum(0)
             loss_sum += (np.asarray(info.loss) * B).sum(0)
             seen += c.shape[0] * B
-        residuals = {k: _epoch_mean([getattr(info, k) for info, _ in infos], M)
-                     for k in ("residual_free", "residual_nudge")}
+        residuals = {
+            k: _epoch_mean([getattr(info, k) for info, _ in infos], M) for k in ("residual_free", "residual_nudge")
+        }
         alive_now = np.asarray(state.alive)
         jax.block_until_ready(state)
         elapsed = time.perf_counter() - t0 - sum(h.excluded_time() for h in self.hooks)
@@ -239,14 +256,22 @@ class Loop:
             if not alive_now[i]:
                 self.status[i] = "diverged"
                 self.diverged_step[i] = int(dsteps[i])
-                self.message[i] = (f"diverged at epoch {epoch}, step {int(dsteps[i]) + 1} "
-                                   f"({divergence_cause(cfg, [info for info, _ in infos], i)}); the checkpoint of "
-                                   f"epoch {self.start[i]} is kept")
+                self.message[i] = (
+                    f"diverged at epoch {epoch}, step {int(dsteps[i]) + 1} "
+                    f"({divergence_cause(cfg, [info for info, _ in infos], i)}); the checkpoint of "
+                    f"epoch {self.start[i]} is kept"
+                )
                 diverged.append(i)
                 continue
-            row = {"epoch": epoch, "train_acc": 100.0 * correct[i] / seen, "loss": loss_sum[i] / seen,
-                   "test_acc": 100.0 * test_acc[i], "test_loss": float(test_loss[i]), "time_s": elapsed,
-                   "steps": int(steps[i])}
+            row = {
+                "epoch": epoch,
+                "train_acc": 100.0 * correct[i] / seen,
+                "loss": loss_sum[i] / seen,
+                "test_acc": 100.0 * test_acc[i],
+                "test_loss": float(test_loss[i]),
+                "time_s": elapsed,
+                "steps": int(steps[i]),
+            }
             row.update({k: float(v[i]) for k, v in residuals.items() if np.isfinite(v[i])})
             for h in self.hooks:
                 row.update(h.columns(self, i))
@@ -283,13 +308,14 @@ class Ticker:
             stream = self.stream or sys.stderr
             line = f"{self.what}: {time.perf_counter() - self.t0:.0f} s so far..."
             try:
-                try:   # above a progress bar, if one is drawn
+                try:  # above a progress bar, if one is drawn
                     from tqdm import tqdm
+
                     tqdm.write(line, file=stream)
                     stream.flush()
                 except ImportError:
                     print(line, file=stream, flush=True)
-            except Exception:   # noqa: BLE001 — a closed stream: nothing more to say
+            except Exception:  # noqa: BLE001 — a closed stream: nothing more to say
                 return
             self.lines += 1
 

@@ -4,6 +4,7 @@ A sweep's name, its members' names (given or derived from the grid) and a run fo
 named after a preset each become ONE folder or file name under the output folder. They
 must not climb out of it or hide: `safe_component` refuses what is not a plain name.
 """
+
 from __future__ import annotations
 
 #: longest name (in UTF-8 bytes) that the usual file systems accept as one component

@@ -6,6 +6,7 @@ Samples 1024 hidden `dt` per distribution with the documented defaults of
 `ep_jax.timesteps` (or `--mean/--std/--dt-min/--dt-max`) and writes `dt_hist.png` and
 `dt_hist.json` (the samples' summary: mean, std, fraction at each bound).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def figure(samples: dict, n: int):
 
 def main(argv=None):
     """The command line: sample, summarise and draw the hidden time steps."""
-    p = argparse.ArgumentParser(prog=cli.prog("plot_dt_hist"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=cli.prog("plot_dt_hist"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="runs/hts", help="output folder (default runs/hts)")
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
@@ -71,18 +73,26 @@ def main(argv=None):
         raise ValueError(f"--n must be >= 1, got {a.n}")
     given = {"mean": a.mean, "std": a.std, "dt_min": a.dt_min, "dt_max": a.dt_max}
     samples = sample(a.n, a.seed, given)
-    summary = {dist: {"spec": dataclasses.asdict(spec), "mean": float(dt.mean()), "std": float(dt.std()),
-                      "frac_at_dt_max": float(np.mean(dt == spec.dt_max)),
-                      "frac_at_dt_min": float(np.mean(dt == spec.dt_min))}
-               for dist, (spec, dt) in samples.items()}
+    summary = {
+        dist: {
+            "spec": dataclasses.asdict(spec),
+            "mean": float(dt.mean()),
+            "std": float(dt.std()),
+            "frac_at_dt_max": float(np.mean(dt == spec.dt_max)),
+            "frac_at_dt_min": float(np.mean(dt == spec.dt_min)),
+        }
+        for dist, (spec, dt) in samples.items()
+    }
     fig = figure(samples, a.n)
     out = Path(a.out)
-    runfolder.claim_outputs(out, ["dt_hist.png", "dt_hist.json"], "plot-dt-hist")   # never over a user's file
+    runfolder.claim_outputs(out, ["dt_hist.png", "dt_hist.json"], "plot-dt-hist")  # never over a user's file
     figures.save(fig, out / "dt_hist.png", dpi=120)
     checkpoint.atomic_write_text(out / "dt_hist.json", json.dumps(summary, indent=2) + "\n")
     for d, s in summary.items():
-        print(f"{d:10s} mean {s['mean']:.4f} std {s['std']:.4f} at dt_max {100 * s['frac_at_dt_max']:.1f}% "
-              f"at dt_min {100 * s['frac_at_dt_min']:.1f}%")
+        print(
+            f"{d:10s} mean {s['mean']:.4f} std {s['std']:.4f} at dt_max {100 * s['frac_at_dt_max']:.1f}% "
+            f"at dt_min {100 * s['frac_at_dt_min']:.1f}%"
+        )
     print(f"wrote {out}/dt_hist.png")
 
 

@@ -27,6 +27,7 @@ then timed on a throwaway copy of the initial state (an extra compilation of sec
 not the run's `chunk`-step scan). With `--budget MINUTES` the grid stops at the last
 epoch boundary that fits, resumable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,8 @@ from ep_jax.experiments.train import check_data_dir, check_int_flags
 TABLE2_CELLS = [f"{d}-{m}" for d in ("mnist", "kmnist", "fmnist") for m in ("ep", "dep", "dbptt")]
 TABLE1_DATASETS = ("mnist", "kmnist", "fmnist")
 SMOKE = dict(subset=512, test_subset=256, epochs=1, chunk=4, eval_batch=256)
-EPOCHS = 50                  # default epochs (the papers' numbers need >= 50); --smoke: SMOKE's
-ESTIMATE_STEPS = 3           # steps of the timed chunk of the time estimate
+EPOCHS = 50  # default epochs (the papers' numbers need >= 50); --smoke: SMOKE's
+ESTIMATE_STEPS = 3  # steps of the timed chunk of the time estimate
 MAX_SEEDS = 1000
 
 
@@ -66,6 +67,7 @@ def out_of(a) -> Path:
 def available(dataset: str, data_dir=None) -> bool:
     """Whether the dataset's files are found offline (no download is tried)."""
     from ep_jax import data
+
     return data.available_offline(dataset, data_dir)
 
 
@@ -74,8 +76,12 @@ def cells(table: str, only=None) -> list[tuple[str, dict]]:
     if table == "table2":
         out = [(c, dict(PRESETS[c])) for c in TABLE2_CELLS]
     elif table == "table1":
-        out = [(f"{d}-hts-{dist}-dt{dt:.2f}", dict(PRESETS[f"{d}-hts-{dist}"], dt_out=dt))
-               for d in TABLE1_DATASETS for dist in HTS_DISTS for dt in HTS_DT_OUT]
+        out = [
+            (f"{d}-hts-{dist}-dt{dt:.2f}", dict(PRESETS[f"{d}-hts-{dist}"], dt_out=dt))
+            for d in TABLE1_DATASETS
+            for dist in HTS_DISTS
+            for dt in HTS_DT_OUT
+        ]
     else:
         raise ConfigError(f"unknown table {table!r}; choose table1 or table2")
     if only:
@@ -90,6 +96,7 @@ def cells(table: str, only=None) -> list[tuple[str, dict]]:
 def members(a) -> tuple[list, list[str]]:
     """`(engine.Member per cell and seed, ["cell (why skipped)"])` of the parsed arguments."""
     from ep_jax.experiments import engine
+
     out, skipped = [], []
     root = out_of(a)
     for cell, values in cells(a.table, a.cells.split(",") if a.cells else None):
@@ -105,7 +112,7 @@ def members(a) -> tuple[list, list[str]]:
             values["chunk"] = a.chunk
         solver = a.solver or {"xla": "scan", "pallas": "pallas", None: None}[a.impl]
         if solver and values.get("estimator") in ("symmetric", "one_sided", "chl"):
-            values["solver"] = solver   # BPTT cells keep the scan (they differentiate through it)
+            values["solver"] = solver  # BPTT cells keep the scan (they differentiate through it)
         if not available(values["dataset"], a.data_dir):
             skipped.append(f"{cell} ({values['dataset']} not found offline)")
             continue
@@ -116,8 +123,12 @@ def members(a) -> tuple[list, list[str]]:
 
 
 def _cell_folder_ok(p: Path, known) -> bool:
-    return p.name in known and p.is_dir() and not p.is_symlink() and all(
-        re.fullmatch(r"seed\d+", q.name) and q.is_dir() and not q.is_symlink() for q in p.iterdir())
+    return (
+        p.name in known
+        and p.is_dir()
+        and not p.is_symlink()
+        and all(re.fullmatch(r"seed\d+", q.name) and q.is_dir() and not q.is_symlink() for q in p.iterdir())
+    )
 
 
 def results_is_ours(out: Path, table: str) -> bool:
@@ -125,6 +136,7 @@ def results_is_ours(out: Path, table: str) -> bool:
     folder's manifest lists it, or — an output folder made before manifests existed — the
     folder holds only it and cell folders of `table`, at least one."""
     from ep_jax.experiments import runfolder
+
     p = out / "results.md"
     if not p.exists() and not p.is_symlink():
         return True
@@ -142,8 +154,10 @@ def check_outputs(out: Path, table: str):
     """Refuse (RunError) an output folder whose `results.md` ep_jax did not write: the
     table is written there at the end, and never over a user's file."""
     if out.is_dir() and not results_is_ours(out, table):
-        raise RunError(f"{out / 'results.md'} exists and ep_jax did not write it; reproduce writes its table "
-                       "there: move it away or choose another --out")
+        raise RunError(
+            f"{out / 'results.md'} exists and ep_jax did not write it; reproduce writes its table "
+            "there: move it away or choose another --out"
+        )
 
 
 def check_overwrite(out: Path, table: str):
@@ -151,6 +165,7 @@ def check_overwrite(out: Path, table: str):
     it may hold only `results.md` (written by ep_jax), its manifest and cell folders of
     `table` holding `seed<N>` folders (each checked by the engine)."""
     from ep_jax.experiments import runfolder
+
     if not out.exists():
         return
     if not out.is_dir():
@@ -163,8 +178,10 @@ def check_overwrite(out: Path, table: str):
             continue
         if _cell_folder_ok(p, known):
             continue
-        raise RunError(f"--overwrite replaces only the runs of a reproduce output folder; {out} holds {p.name!r}, "
-                       f"which is not one of {table}'s cells (choose another --out)")
+        raise RunError(
+            f"--overwrite replaces only the runs of a reproduce output folder; {out} holds {p.name!r}, "
+            f"which is not one of {table}'s cells (choose another --out)"
+        )
     check_outputs(out, table)
 
 
@@ -174,8 +191,9 @@ def estimate(groups, data_for, report=None, steps: int = ESTIMATE_STEPS) -> list
     (compiling it), then timed; scaled to the epoch's steps, plus the evaluation.
     `report(group, seconds)` is called as each group's estimate is known."""
     from ep_jax import sweep as S
-    from ep_jax.models.base import default_float
     from ep_jax.experiments import engine
+    from ep_jax.models.base import default_float
+
     out = []
     for g in groups:
         with engine._x64(g.cfg):
@@ -204,34 +222,47 @@ def estimate(groups, data_for, report=None, steps: int = ESTIMATE_STEPS) -> list
 
 def parser():
     """The command line's argument parser."""
-    p = argparse.ArgumentParser(prog=cli.prog("reproduce"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=cli.prog("reproduce"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("table", choices=("table1", "table2"))
     p.add_argument("--seeds", type=int, default=5, help=f"seeds per cell (default 5, at most {MAX_SEEDS})")
-    p.add_argument("--epochs", type=int,
-                   help=f"epochs per run (default {EPOCHS}: the papers' numbers need >= 50; with --smoke "
-                        f"{SMOKE['epochs']})")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help=f"epochs per run (default {EPOCHS}: the papers' numbers need >= 50; with --smoke {SMOKE['epochs']})",
+    )
     p.add_argument("--cells", help="comma-separated cells (default: every cell whose data is available)")
     p.add_argument("--budget", type=float, help="minutes; stop cleanly at the last epoch boundary that fits")
-    p.add_argument("--smoke", action="store_true",
-                   help=f"{SMOKE['subset']} training and {SMOKE['test_subset']} test examples, "
-                        f"{SMOKE['epochs']} epoch: the same path in minutes (default --out "
-                        "runs/reproduce-<table>-smoke)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"{SMOKE['subset']} training and {SMOKE['test_subset']} test examples, "
+        f"{SMOKE['epochs']} epoch: the same path in minutes (default --out "
+        "runs/reproduce-<table>-smoke)",
+    )
     p.add_argument("--chunk", type=int, help="steps per device-resident scan")
-    p.add_argument("--solver", help="the relaxation solver of the EP cells (config field solver, e.g. async:1e-5; "
-                                    "default: the presets' scan)")
-    p.add_argument("--impl", choices=("xla", "pallas"),
-                   help="shorthand of the GPU lease: --solver scan (xla) or --solver pallas")
+    p.add_argument(
+        "--solver",
+        help="the relaxation solver of the EP cells (config field solver, e.g. async:1e-5; default: the presets' scan)",
+    )
+    p.add_argument(
+        "--impl", choices=("xla", "pallas"), help="shorthand of the GPU lease: --solver scan (xla) or --solver pallas"
+    )
     p.add_argument("--data-dir", help="folder with the datasets' files (the only place looked)")
-    p.add_argument("--out", help="output folder (default runs/reproduce-<table>, with --smoke "
-                                 "runs/reproduce-<table>-smoke)")
+    p.add_argument(
+        "--out", help="output folder (default runs/reproduce-<table>, with --smoke runs/reproduce-<table>-smoke)"
+    )
     p.add_argument("--no-estimate", action="store_true", help="skip the time estimate")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true",
-                   help="continue the runs in --out (what re-running the command does; refuses a folder "
-                        "without any checkpoint)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="retrain the chosen cells from scratch, replacing their run folders")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the runs in --out (what re-running the command does; refuses a folder without any checkpoint)",
+    )
+    g.add_argument(
+        "--overwrite", action="store_true", help="retrain the chosen cells from scratch, replacing their run folders"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     cli.add_common(p)
     return p
@@ -242,6 +273,7 @@ def main(argv=None):
     `results.md`; returns the exit status."""
     from ep_jax.experiments import aggregate, engine, runfolder, stability
     from ep_jax.experiments import checkpoint as ckpt
+
     a = parser().parse_args(argv)
     t_start = time.time()
     check_int_flags({"--seeds": a.seeds, "--epochs": a.epochs, "--chunk": a.chunk})
@@ -264,8 +296,9 @@ def main(argv=None):
         check_overwrite(out, a.table)
     check_outputs(out, a.table)
     if a.resume and not any((m.dir / engine.CHECKPOINT).exists() for m in ms):
-        raise RunError(f"{out}: no run to resume (no checkpoint of the chosen cells); run the command without "
-                       "--resume to start")
+        raise RunError(
+            f"{out}: no run to resume (no checkpoint of the chosen cells); run the command without --resume to start"
+        )
     # continue what exists, start the rest: a member folder with a checkpoint resumes
     todo, metas = [], {}
     for m in ms:
@@ -273,14 +306,17 @@ def main(argv=None):
         if not a.overwrite and (m.dir / engine.CHECKPOINT).exists():
             meta = ckpt.read_meta(m.dir / engine.CHECKPOINT)
         if meta is not None and not engine.same_run(meta, m.cfg, engine.read_json(m.dir / "config.json")):
-            raise RunError(f"{m.dir} holds a run of another config; choose another --out, or pass --overwrite "
-                           "to replace it")
+            raise RunError(
+                f"{m.dir} holds a run of another config; choose another --out, or pass --overwrite to replace it"
+            )
         if meta is None and not a.overwrite and runfolder.RunFolder(m.dir).busy():
             if not (m.dir / engine.CONFIG).exists():
-                runfolder.RunFolder(m.dir).check_new()   # not a run: refused, naming what it holds
-            raise RunError(f"{m.dir} holds files but no checkpoint ({engine.CHECKPOINT} is missing), so it cannot "
-                           "continue; pass --overwrite to retrain the chosen cells (it removes only what ep_jax "
-                           "wrote there)")
+                runfolder.RunFolder(m.dir).check_new()  # not a run: refused, naming what it holds
+            raise RunError(
+                f"{m.dir} holds files but no checkpoint ({engine.CHECKPOINT} is missing), so it cannot "
+                "continue; pass --overwrite to retrain the chosen cells (it removes only what ep_jax "
+                "wrote there)"
+            )
         summary = (engine.read_json(m.dir / "summary.json") or {}) if meta is not None else {}
         if meta is not None and (meta["epoch"] >= m.cfg.epochs or summary.get("status") == "diverged"):
             continue  # finished (or diverged: a rerun would diverge again, bit for bit)
@@ -289,28 +325,40 @@ def main(argv=None):
     groups = engine.group_members(todo)
     # a group with a checkpoint continues; the others start in new (empty) folders, or with
     # --overwrite replace them (the engine removes only what ep_jax wrote there)
-    modes = ["resume" if any(metas[m.name] is not None for m in g.members) else
-             "overwrite" if a.overwrite else "new" for g in groups]
-    for g, mode in zip(groups, modes):   # every group's folders, read-only, before any is changed
+    modes = [
+        "resume" if any(metas[m.name] is not None for m in g.members) else "overwrite" if a.overwrite else "new"
+        for g in groups
+    ]
+    for g, mode in zip(groups, modes):  # every group's folders, read-only, before any is changed
         engine.check_folders(g.members, mode)
-    print(f"{a.table}: {len(ms)} runs in {len({m.dir.parent for m in ms})} cells, {len(todo)} to train "
-          f"in {len(groups)} vmapped group(s) -> {out}", flush=True)
+    print(
+        f"{a.table}: {len(ms)} runs in {len({m.dir.parent for m in ms})} cells, {len(todo)} to train "
+        f"in {len(groups)} vmapped group(s) -> {out}",
+        flush=True,
+    )
     if groups and not a.no_estimate:
-        print(f"estimating the time of {len(groups)} group(s) ({ESTIMATE_STEPS} timed steps each, after "
-              "compiling them) ...", flush=True)
+        print(
+            f"estimating the time of {len(groups)} group(s) ({ESTIMATE_STEPS} timed steps each, after "
+            "compiling them) ...",
+            flush=True,
+        )
         total = 0.0
 
         def report(g, s):
             nonlocal total
             left = g.cfg.epochs - min((metas[m.name] or {}).get("epoch", 0) for m in g.members)
             total += s * left
-            print(f"  {g.members[0].dir.parent.name}: {g.M} seeds, ~{s:.1f} s per epoch x {left} epochs "
-                  f"= ~{s * left / 60:.1f} min", flush=True)
+            print(
+                f"  {g.members[0].dir.parent.name}: {g.M} seeds, ~{s:.1f} s per epoch x {left} epochs "
+                f"= ~{s * left / 60:.1f} min",
+                flush=True,
+            )
 
         estimate(groups, engine.load_data, report)
-        print(f"estimated time: ~{total / 60:.1f} min" + (f" (budget {a.budget:g} min)" if a.budget else ""),
-              flush=True)
-    out.mkdir(parents=True, exist_ok=True)   # what it writes here, recorded before it is written
+        print(
+            f"estimated time: ~{total / 60:.1f} min" + (f" (budget {a.budget:g} min)" if a.budget else ""), flush=True
+        )
+    out.mkdir(parents=True, exist_ok=True)  # what it writes here, recorded before it is written
     runfolder.record(out, ["results.md"], sorted({m.dir.parent.name for m in ms if m.dir.parent.parent == out}))
     deadline = t_start + 60 * a.budget if a.budget else None
     stopped = False
@@ -327,10 +375,11 @@ def main(argv=None):
         ckpt.atomic_write_text(out / "results.md", f"# {a.table}" + (" (smoke)" if a.smoke else "") + "\n\n" + text)
         print(text)
     if stopped:
-        print(f"stopped by --budget after {(time.time() - t_start) / 60:.1f} min; run the same command again "
-              "(or with --resume) to continue")
+        print(
+            f"stopped by --budget after {(time.time() - t_start) / 60:.1f} min; run the same command again "
+            "(or with --resume) to continue"
+        )
     return 0
-
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ before they are written. `sweep` and `reproduce` check their `sweep.json`/`resul
 same way (accepting, in folders made before manifests, what they wrote then) and `record`
 them.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -72,13 +73,14 @@ EVENTS_PREFIX = "events.out.tfevents."
 
 # --- the manifest: what ep_jax wrote in a folder ------------------------------------------
 
+
 def read_manifest(folder: Path) -> dict | None:
     """`{"files": set, "folders": set}` recorded in `folder` (module docstring); None when
     there is no manifest; RunError naming it when it is damaged."""
     path = Path(folder) / MANIFEST
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise RunError(f"{path}: not a regular file ep_jax wrote (a link, a folder or a pipe); move it away")
-    try:   # a regular file of a bounded size: a pipe or a device in its place is refused, never waited on
+    try:  # a regular file of a bounded size: a pipe or a device in its place is refused, never waited on
         text = read_regular(path, 16 * MIB, RunError, "manifest").decode("utf-8")
     except FileNotFoundError:
         return None
@@ -86,9 +88,14 @@ def read_manifest(folder: Path) -> dict | None:
         raise RunError(f"{path}: unreadable ({e}); move it away or restore it") from None
     try:
         d = json.loads(text)
-        ok = (isinstance(d, dict) and d.get("ep_jax") == "manifest"
-              and all(isinstance(d.get(k, []), list) and all(isinstance(n, str) and _plain_name(n)
-                                                            for n in d.get(k, [])) for k in ("files", "folders")))
+        ok = (
+            isinstance(d, dict)
+            and d.get("ep_jax") == "manifest"
+            and all(
+                isinstance(d.get(k, []), list) and all(isinstance(n, str) and _plain_name(n) for n in d.get(k, []))
+                for k in ("files", "folders")
+            )
+        )
     except (ValueError, RecursionError):
         ok = False
     if not ok:
@@ -110,9 +117,14 @@ def record(folder: Path, files=(), folders=()):
         return
     have["files"] |= files
     have["folders"] |= folders
-    ckpt.atomic_write_text(folder / MANIFEST, json.dumps(
-        {"ep_jax": "manifest", "version": 1, "files": sorted(have["files"]),
-         "folders": sorted(have["folders"])}, indent=1) + "\n")
+    ckpt.atomic_write_text(
+        folder / MANIFEST,
+        json.dumps(
+            {"ep_jax": "manifest", "version": 1, "files": sorted(have["files"]), "folders": sorted(have["folders"])},
+            indent=1,
+        )
+        + "\n",
+    )
 
 
 def owned(folder: Path) -> dict:
@@ -191,8 +203,10 @@ def check_outputs(folder: Path, names, what: str = ""):
     for n in names:
         p = folder / n
         if p.is_symlink() or (p.exists() and (not p.is_file() or n not in mine)):
-            raise RunError(f"{p} exists and ep_jax did not write it; {what or 'this command'} never writes over "
-                           "a file it did not write: move it away or choose another output path")
+            raise RunError(
+                f"{p} exists and ep_jax did not write it; {what or 'this command'} never writes over "
+                "a file it did not write: move it away or choose another output path"
+            )
 
 
 def check_output_file(path, what: str):
@@ -234,12 +248,13 @@ def guard_removal(path: Path, what: str = "--overwrite"):
 def is_run_folder(path: Path) -> bool:
     """Whether `path` looks like a run folder this project made (module docstring)."""
     from ep_jax.experiments.config import RunConfig
+
     path = Path(path)
     if not (path / CONFIG).is_file() or not ((path / SUMMARY).is_file() or (path / CHECKPOINT).is_file()):
         return False
     try:
         RunConfig.from_dict(json.loads(read_regular(path / CONFIG, 64 * MIB, RunError, "config")))
-    except Exception:   # noqa: BLE001 — any failure means "not recognisably ours"
+    except Exception:  # noqa: BLE001 — any failure means "not recognisably ours"
         return False
     return True
 
@@ -283,9 +298,11 @@ class FolderLock:
         except BlockingIOError:
             os.close(fd)
             self.undo_created()
-            raise RunError(f"{p} is in use: {holder_text(p)} holds this {self.kind} folder; wait for it to "
-                           "finish (or stop it) and try again") from None
-        except OSError:   # a file system without flock: go on unlocked rather than refuse every run
+            raise RunError(
+                f"{p} is in use: {holder_text(p)} holds this {self.kind} folder; wait for it to "
+                "finish (or stop it) and try again"
+            ) from None
+        except OSError:  # a file system without flock: go on unlocked rather than refuse every run
             os.close(fd)
             return self
         self.fd = fd
@@ -294,8 +311,13 @@ class FolderLock:
     def write_holder(self):
         """Record who holds the folder (for the refusal message of a second process)."""
         import sys
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
+
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv)[:300],
+        }
         ckpt.atomic_write_text(self.path / HOLDER, json.dumps(info) + "\n")
 
     def undo_created(self):
@@ -330,7 +352,7 @@ def holder_text(path: Path) -> str:
     try:
         h = json.loads(read_regular(Path(path) / HOLDER, MIB, RunError, "holder note"))
         return f"process {int(h['pid'])} on {h['host']} (since {h['started']}: {h.get('command', '')[:80]})"
-    except Exception:   # noqa: BLE001 — no note yet (the holder is still checking) or a damaged one
+    except Exception:  # noqa: BLE001 — no note yet (the holder is still checking) or a damaged one
         return "another process"
 
 
@@ -359,11 +381,14 @@ class RunFolder:
         if not self.busy():
             return
         if (self.path / CONFIG).exists() or (self.path / CHECKPOINT).exists():
-            raise RunError(f"{self.path} already holds a run: pass --resume to continue it or --overwrite to "
-                           "replace it")
+            raise RunError(
+                f"{self.path} already holds a run: pass --resume to continue it or --overwrite to replace it"
+            )
         first = next(iter(sorted(p.name for p in self.path.iterdir() if p.name not in (HOLDER, MANIFEST))))
-        raise RunError(f"{self.path} is not empty (it holds {first!r}) and holds no run; a new run needs a new "
-                       "or empty folder: choose another --out")
+        raise RunError(
+            f"{self.path} is not empty (it holds {first!r}) and holds no run; a new run needs a new "
+            "or empty folder: choose another --out"
+        )
 
     def check_replaceable(self):
         """Refuse (RunError) unless `--overwrite` may remove this folder (module docstring)."""
@@ -373,13 +398,17 @@ class RunFolder:
         if not is_run_folder(self.path):
             names = sorted(p.name for p in self.path.iterdir() if p.name != HOLDER)
             shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-            raise RunError(f"{self.path} is not a run folder (it holds {shown}); --overwrite replaces only "
-                           "run folders made by ep_jax: choose another --out")
+            raise RunError(
+                f"{self.path} is not a run folder (it holds {shown}); --overwrite replaces only "
+                "run folders made by ep_jax: choose another --out"
+            )
         m = run_manifest(self.path)
         foreign = first_foreign(self.path, m["files"], m["folders"], _folder_check(m))
         if foreign is not None:
-            raise RunError(f"{self.path} holds {foreign!r}, which ep_jax did not write; --overwrite removes only "
-                           "the files a run wrote: move it away, or choose another --out")
+            raise RunError(
+                f"{self.path} holds {foreign!r}, which ep_jax did not write; --overwrite removes only "
+                "the files a run wrote: move it away, or choose another --out"
+            )
 
     def clear(self):
         """Remove exactly what ep_jax wrote here (the manifest's entries, by name, never

@@ -21,6 +21,7 @@ The engine is handed a runtime (`engine.run(..., runtime=...)`); left out, it ta
 `current()`: the `Distributed` runtime once the commands' `--distributed` set-up
 (`experiments.distributed.setup`) started one, else `Local()`.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -45,7 +46,7 @@ class Local:
     multi = False
     is_main = True
 
-    def __bool__(self):   # `if distributed.setup(args):` reads "if the run is distributed"
+    def __bool__(self):  # `if distributed.setup(args):` reads "if the run is distributed"
         return False
 
     def together(self, fn, *args, **kwargs):
@@ -73,21 +74,24 @@ class _LocalRunner:
 
     def steps(self, state, x_all, y_all, idx, rx, max_state):
         from ep_jax import sweep as S
+
         g = self.g
         # looked up per call: tests replace it to simulate a failing device
         if getattr(g, "augment", None) is not None:
-            return S.sweep_steps_jit(g.model, g.est, g.opt, state, x_all, y_all, idx, rx, max_state,
-                                     augment=g.augment, aug_keys=g.aug_keys)
+            return S.sweep_steps_jit(
+                g.model, g.est, g.opt, state, x_all, y_all, idx, rx, max_state, augment=g.augment, aug_keys=g.aug_keys
+            )
         return S.sweep_steps_jit(g.model, g.est, g.opt, state, x_all, y_all, idx, rx, max_state)
 
     def evaluate(self, state, x, y, rx, batch: int):
         from ep_jax import sweep as S
+
         g = self.g
         correct = np.zeros(g.M)
         loss = np.zeros(g.M)
         n = x.shape[0]
         for i in range(0, n, batch):
-            ev = S.sweep_evaluate(g.model, g.est, state, x[i:i + batch], y[i:i + batch], rx)
+            ev = S.sweep_evaluate(g.model, g.est, state, x[i : i + batch], y[i : i + batch], rx)
             correct += np.asarray(ev.correct)
             loss += np.asarray(ev.loss) * min(batch, n - i)
         return correct / n, loss / n
@@ -109,12 +113,14 @@ class Distributed:
     def multi(self) -> bool:
         """Several processes take part."""
         import jax
+
         return jax.process_count() > 1
 
     @property
     def is_main(self) -> bool:
         """Process 0 writes the run's files and logs."""
         import jax
+
         return jax.process_index() == 0
 
     def together(self, fn, *args, **kwargs):
@@ -124,16 +130,17 @@ class Distributed:
         if not self.multi:
             return fn(*args, **kwargs)
         from jax.experimental import multihost_utils
+
         err, out = None, None
         try:
             out = fn(*args, **kwargs)
-        except Exception as e:   # noqa: BLE001 — every error must reach the other processes
+        except Exception as e:  # noqa: BLE001 — every error must reach the other processes
             err = e
         msg = np.zeros(400, np.uint8)
         if err is not None:
             text = first_line(err).encode()[:399]
             msg[0] = 1
-            msg[1:1 + len(text)] = np.frombuffer(text, np.uint8)
+            msg[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
         allmsg = np.asarray(multihost_utils.process_allgather(msg))
         if err is not None:
             raise err
@@ -151,34 +158,40 @@ class Distributed:
         if not self.multi:
             return
         import hashlib
+
         from jax.experimental import multihost_utils
+
         h = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
         allh = np.asarray(multihost_utils.process_allgather(h))
         other = [k for k in range(len(allh)) if not np.array_equal(allh[k], allh[0])]
         if other:
-            raise RunError(f"process {other[0]} was started with another {what} than process 0: start every "
-                           "process with the same command")
+            raise RunError(
+                f"process {other[0]} was started with another {what} than process 0: start every "
+                "process with the same command"
+            )
 
     def layout(self, M: int, batch_size: int, n: int, where: str = "") -> tuple[int, int]:
         """`(member_shards, data_shards)` of a group of M members with this batch size on `n`
         training examples; ConfigError naming what does not divide."""
         import jax
+
         from ep_jax import parallel
         from ep_jax.experiments.config import ConfigError
+
         rest = n % batch_size
         try:
             return parallel.sweep_layout(jax.device_count(), M, [batch_size, rest], self.member_shards)
         except ValueError as e:
             detail = f"batch_size {batch_size}" + (f", last batch of each epoch {rest} ({n} examples)" if rest else "")
-            raise ConfigError(f"--distributed{where}: {e} ({detail}; {jax.device_count()} devices in "
-                              f"{jax.process_count()} process(es)); change batch_size/subset or --member-shards"
-                              ) from None
+            raise ConfigError(
+                f"--distributed{where}: {e} ({detail}; {jax.device_count()} devices in "
+                f"{jax.process_count()} process(es)); change batch_size/subset or --member-shards"
+            ) from None
 
     def check_layout(self, groups):
         """Refuse (ConfigError) before anything is touched if a group does not divide."""
         for gi, g in enumerate(groups):
-            where = (f" (group {gi + 1}: {', '.join(m.name for m in g.members)})"
-                     if len(groups) > 1 or g.M > 1 else "")
+            where = f" (group {gi + 1}: {', '.join(m.name for m in g.members)})" if len(groups) > 1 or g.M > 1 else ""
             self.layout(g.M, g.cfg.batch_size, g.cfg.n_train(), where)
 
     def runner(self, group, n: int):
@@ -191,6 +204,7 @@ class Distributed:
     def host(self, tree):
         """Numpy copies of a replicated state."""
         import jax
+
         return jax.tree.map(np.asarray, tree)
 
 
@@ -199,6 +213,7 @@ class _MeshRunner:
 
     def __init__(self, rt: Distributed, g, n: int):
         from ep_jax import parallel
+
         self.m, self.d = rt.layout(g.M, g.cfg.batch_size, n)
         self.mesh = parallel.sweep_mesh(self.m)
         self.augment = getattr(g, "augment", None)
@@ -210,6 +225,7 @@ class _MeshRunner:
     def _resident(self, a, host=False):
         """The replicated global copy (or the host copy) of a dataset array, made once."""
         from ep_jax import parallel
+
         key = (id(a), host)
         if key not in self._cache or self._cache[key][0] is not a:
             self._cache[key] = (a, np.asarray(a) if host else parallel.put(a, self.mesh))
@@ -219,20 +235,25 @@ class _MeshRunner:
         """As `ep_jax.sweep.sweep_steps_jit` (idx `(T, M, B)`); state and info come back
         replicated on every device."""
         from jax.sharding import PartitionSpec as P
+
         from ep_jax import parallel
+
         mesh = self.mesh
         # state and rx replicated, as the steps return them (one compiled program per chunk
         # shape; the step takes each device's members itself)
         state, rx = parallel.put((state, rx), mesh)
         idx = parallel.put(np.asarray(idx), mesh, P(None, parallel.MEMBERS, parallel.DATA))
         extra = (parallel.put(self.aug_keys, mesh),) if self.augment is not None else ()
-        return self.steps_fn(state, self._resident(x_all), self._resident(y_all), idx, rx,
-                             parallel.put(max_state, mesh), *extra)
+        return self.steps_fn(
+            state, self._resident(x_all), self._resident(y_all), idx, rx, parallel.put(max_state, mesh), *extra
+        )
 
     def evaluate(self, state, x, y, rx, batch: int):
         """Per-member accuracy (fraction) and mean loss on `(x, y)`, batches split over "data"."""
         from jax.sharding import PartitionSpec as P
+
         from ep_jax import parallel
+
         mesh, d = self.mesh, self.d
         state, rx = parallel.put((state, rx), mesh)
         xh, yh = self._resident(x, host=True), self._resident(y, host=True)
@@ -240,9 +261,9 @@ class _MeshRunner:
         correct, loss = 0.0, 0.0
         b = min(-(-batch // d) * d, -(-n // d) * d)
         for i in range(0, n, b):
-            xb, yb = xh[i:i + b], yh[i:i + b]
+            xb, yb = xh[i : i + b], yh[i : i + b]
             k = len(yb)
-            pad = b - k   # the last batch padded to the others' shape: one compiled program
+            pad = b - k  # the last batch padded to the others' shape: one compiled program
             mask = np.arange(k + pad) < k
             if pad:
                 xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])

@@ -16,6 +16,7 @@ Runs at a Table 1 position with other settings than the paper's network (another
 learning rate, a subset) are listed there separately and marked; other cells are listed
 below the tables. Accuracies are percent, as in every run folder.
 """
+
 from __future__ import annotations
 
 import sys
@@ -50,10 +51,17 @@ def stability_cells(cs: list[dict], last: int) -> dict:
         fl = [fluctuation([m["test_acc"] for m in r["metrics"]], last) for r in ok]
         fl = [f for f in fl if np.isfinite(f)]
         m, s = aggregate.mean_std(c["final"])
-        out.setdefault(key, []).append({"n": len(c["final"]), "mean": m, "std": s,
-                                        "other_settings": table1_cell(c["config"]) is None,
-                                        "fluct": float(np.mean(fl)) if fl else float("nan"),
-                                        "diverged": len(c["diverged"]), "unfinished": len(c["unfinished"])})
+        out.setdefault(key, []).append(
+            {
+                "n": len(c["final"]),
+                "mean": m,
+                "std": s,
+                "other_settings": table1_cell(c["config"]) is None,
+                "fluct": float(np.mean(fl)) if fl else float("nan"),
+                "diverged": len(c["diverged"]),
+                "unfinished": len(c["unfinished"]),
+            }
+        )
     return out
 
 
@@ -67,12 +75,17 @@ def format_table1(table: dict) -> str:
             for dist in HTS_DISTS:
                 entries = table.get((ds, dist, round(dt, 2)), [])
                 pub = PUBLISHED_TABLE1.get((ds, dist, round(dt, 2)))
-                ours = " / ".join(
-                    f"**{_fmt(e['mean'])} ± {_fmt(e['std'])}** (n={e['n']}, fluct {_fmt(e['fluct'])}"
-                    + (f", {e['diverged']} diverged" if e["diverged"] else "")
-                    + (f", {e['unfinished']} unfinished" if e["unfinished"] else "")
-                    + (", other settings than the paper's" if e["other_settings"] else "") + ")"
-                    for e in entries) or "–"
+                ours = (
+                    " / ".join(
+                        f"**{_fmt(e['mean'])} ± {_fmt(e['std'])}** (n={e['n']}, fluct {_fmt(e['fluct'])}"
+                        + (f", {e['diverged']} diverged" if e["diverged"] else "")
+                        + (f", {e['unfinished']} unfinished" if e["unfinished"] else "")
+                        + (", other settings than the paper's" if e["other_settings"] else "")
+                        + ")"
+                        for e in entries
+                    )
+                    or "–"
+                )
                 cells.append(ours + (f"; paper {pub[0]:.2f} ± {pub[1]:.2f}" if pub else ""))
             lines.append(f"| {dt:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -85,8 +98,10 @@ def report(paths, last: int = 10) -> str:
     runs = aggregate.load_runs(paths)
     cs = aggregate.cells(runs)
     table = stability_cells(cs, last)
-    text = ("Test accuracy (%): ours **mean ± std** over seeds (n, fluctuation = std of epoch-to-epoch "
-            f"changes over the last {last} epochs) ; paper Table 1.\n" + format_table1(table))
+    text = (
+        "Test accuracy (%): ours **mean ± std** over seeds (n, fluctuation = std of epoch-to-epoch "
+        f"changes over the last {last} epochs) ; paper Table 1.\n" + format_table1(table)
+    )
     others = [c for c in cs if table1_position(c["config"]) is None]
     if others:
         text += "\nOther cells:\n\n" + aggregate.table(others)
@@ -103,7 +118,7 @@ def main(argv=None):
     text = report(a.runs, a.last)
     print(text)
     if a.out:
-        runfolder.claim_output_file(a.out, "stability --out")   # never over a file ep_jax did not write
+        runfolder.claim_output_file(a.out, "stability --out")  # never over a file ep_jax did not write
         checkpoint.atomic_write_text(Path(a.out), text)
 
 

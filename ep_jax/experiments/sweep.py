@@ -46,6 +46,7 @@ are never written over a file ep_jax did not write.
 must equal the one saved in `<out>/sweep.json` except `epochs` (which may grow) and
 `data_dir` (where the data lives is not part of a run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,16 +59,15 @@ import sys
 import tomllib
 from pathlib import Path
 
-from ep_jax.experiments import cli, distributed
+from ep_jax._safe_read import read_regular
+from ep_jax.experiments import cli, distributed, runfolder
 from ep_jax.experiments.config import FIELDS, ConfigError, RunConfig, validate
+from ep_jax.experiments.engine import NOT_IDENTITY
 from ep_jax.experiments.errors import RunError, SpecError
 from ep_jax.experiments.names import relative_inside, safe_component
 from ep_jax.experiments.presets import PRESETS
-from ep_jax.experiments.train import check_data_dir, check_int_flags, check_int_values
-from ep_jax.experiments.engine import NOT_IDENTITY
-from ep_jax.experiments import runfolder
 from ep_jax.experiments.runfolder import FolderLock
-from ep_jax._safe_read import read_regular
+from ep_jax.experiments.train import check_data_dir, check_int_flags, check_int_values
 
 SPEC_KEYS = {"name", "description", "preset", "out", "base", "grid", "members"}
 #: the most members a spec may expand to (a bigger grid is refused before it is expanded):
@@ -76,7 +76,7 @@ MAX_MEMBERS = 10_000
 #: the largest spec file read (10 000 explicit members of a few settings each fit in 4 MiB)
 MAX_SPEC_BYTES = 16 << 20
 #: config fields that may differ from the saved sweep on --resume
-RESUME_FREE = NOT_IDENTITY   # the fields a resume may change, as for a single run
+RESUME_FREE = NOT_IDENTITY  # the fields a resume may change, as for a single run
 
 
 def load_spec(path) -> dict:
@@ -105,14 +105,16 @@ def load_spec(path) -> dict:
         raise SpecError(f"{path}: JSON syntax error at line {e.lineno}: {e.msg}") from None
     except RecursionError:
         raise SpecError(f"{path}: nested too deep to read (a spec is a few tables deep)") from None
-    except ValueError as e:      # e.g. an integer of more than 4300 digits
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
         raise SpecError(f"{path}: not a readable spec ({e})") from None
     if not isinstance(spec, dict):
         raise SpecError(f"{path}: a spec must be a table of settings")
     unknown = sorted(set(spec) - SPEC_KEYS - set(FIELDS))
     if unknown:
-        raise SpecError(f"{path}: unknown setting(s) {unknown}; a spec holds {sorted(SPEC_KEYS)} and config "
-                        "fields (python -m experiments.train --list-fields)")
+        raise SpecError(
+            f"{path}: unknown setting(s) {unknown}; a spec holds {sorted(SPEC_KEYS)} and config "
+            "fields (python -m experiments.train --list-fields)"
+        )
     spec.setdefault("name", path.stem)
     safe_component(spec["name"], f"{path}: the sweep's name", SpecError)
     if spec.get("out") is not None:
@@ -173,8 +175,10 @@ def expand(spec: dict) -> list[tuple[str, RunConfig]]:
     n = size(spec)
     if n > MAX_MEMBERS:
         shape = " x ".join(f"{len(a)} {k}" for k, a in grid.items())
-        raise SpecError(f"{where}: the spec has {n} members (grid {shape or 'none'} + {len(members)} listed), "
-                        f"more than the {MAX_MEMBERS} a sweep may hold; split it into smaller sweeps")
+        raise SpecError(
+            f"{where}: the spec has {n} members (grid {shape or 'none'} + {len(members)} listed), "
+            f"more than the {MAX_MEMBERS} a sweep may hold; split it into smaller sweeps"
+        )
     out = []
     if grid:
         for combo in itertools.product(*grid.values()):
@@ -202,23 +206,34 @@ def expand(spec: dict) -> list[tuple[str, RunConfig]]:
     dup = duplicates(n for n, _ in configs)
     if dup:
         shown = dup[:10] + (["..."] if len(dup) > 10 else [])
-        same = [k for k, alts in grid.items() if len({json.dumps(a, sort_keys=True) for a in alts}) < len(alts)
-                or len({_label(a) for a in alts}) < len(alts)]
-        hint = (f" (grid.{same[0]} lists the same value twice, or values that name alike: "
-                f"{grid[same[0]]!r})" if same else "")
+        same = [
+            k
+            for k, alts in grid.items()
+            if len({json.dumps(a, sort_keys=True) for a in alts}) < len(alts)
+            or len({_label(a) for a in alts}) < len(alts)
+        ]
+        hint = (
+            f" (grid.{same[0]} lists the same value twice, or values that name alike: {grid[same[0]]!r})"
+            if same
+            else ""
+        )
         raise SpecError(f"{where}: member names must be unique, repeated: {shown}{hint}")
     return configs
 
 
 def parser():
     """The command line's argument parser."""
-    p = argparse.ArgumentParser(prog=cli.prog("sweep"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=cli.prog("sweep"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("spec", help="sweep spec, .toml or .json")
     p.add_argument("--out", help="output folder (default: the spec's out, else runs/<name>)")
     p.add_argument("--epochs", type=int, help="override every member's epochs (also to extend on --resume)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the spec and the data, list groups and members, write and train nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the spec and the data, list groups and members, write and train nothing",
+    )
     cli.add_run_modes(p)
     distributed.add_flags(p)
     cli.add_common(p)
@@ -228,6 +243,7 @@ def parser():
 def members_of(spec: dict, out: Path, epochs: int | None = None):
     """The spec's `engine.Member`s, each in `<out>/<member name>` (`epochs`: override)."""
     from ep_jax.experiments import engine
+
     configs = expand(spec)
     if epochs is not None:
         check_int_flags({"--epochs": epochs})
@@ -242,13 +258,14 @@ def check_data(members, load: bool = True):
     offline (`ep_jax.data.available_offline`) or load."""
     from ep_jax import data
     from ep_jax.experiments import engine
+
     seen = set()
     for m in members:
         c = m.cfg
         if c.dataset == "synthetic":
             continue
         check_data_dir(c.data_dir, f"member {m.name}: data_dir")
-        key = (c.dataset, c.data_dir)   # the subsets of a readable dataset are valid (validate)
+        key = (c.dataset, c.data_dir)  # the subsets of a readable dataset are valid (validate)
         if key in seen:
             continue
         seen.add(key)
@@ -263,8 +280,8 @@ def check_data(members, load: bool = True):
 def _members_of_saved(out: Path, saved) -> list[dict]:
     members = saved.get("members") if isinstance(saved, dict) else None
     if not isinstance(members, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("config"), dict)
-            for m in members):
+        isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("config"), dict) for m in members
+    ):
         raise RunError(f"{out / 'sweep.json'}: not a sweep's record (no list of members with name and config)")
     return members
 
@@ -275,6 +292,7 @@ def sweep_outputs(out: Path, members) -> tuple[set, set]:
     `sweep.json` and `results.md` when `sweep.json` reads as a sweep's record — and the
     members' folders (each checked by the engine)."""
     from ep_jax.experiments import engine
+
     m = runfolder.read_manifest(out) if out.is_dir() else None
     if m is not None:
         files, folders = set(m["files"]), set(m["folders"])
@@ -299,11 +317,12 @@ def check_sweep_folder(out: Path, members, mode: str):
     if mode == "new" and out.is_dir():
         entries = sorted(p.name for p in out.iterdir() if p.name not in (runfolder.HOLDER, runfolder.MANIFEST))
         if (out / "sweep.json").exists():
-            raise RunError(f"{out} already holds a sweep: pass --resume to continue it or --overwrite to "
-                           "replace it")
+            raise RunError(f"{out} already holds a sweep: pass --resume to continue it or --overwrite to replace it")
         if entries:
-            raise RunError(f"{out} is not empty (it holds {entries[0]!r}) and holds no sweep; a new sweep needs a "
-                           "new or empty folder: choose another --out")
+            raise RunError(
+                f"{out} is not empty (it holds {entries[0]!r}) and holds no sweep; a new sweep needs a "
+                "new or empty folder: choose another --out"
+            )
     if mode == "resume":
         check_resume(out, members)
     if out.is_dir():
@@ -311,19 +330,24 @@ def check_sweep_folder(out: Path, members, mode: str):
         for name in runfolder.SWEEP_FILES:
             p = out / name
             if p.is_symlink() or (p.exists() and (name not in files or not p.is_file())):
-                raise RunError(f"{p} exists and ep_jax did not write it; a sweep never writes over a file it did "
-                               "not write: move it away or choose another --out")
+                raise RunError(
+                    f"{p} exists and ep_jax did not write it; a sweep never writes over a file it did "
+                    "not write: move it away or choose another --out"
+                )
         if mode == "overwrite":
             foreign = runfolder.first_foreign(out, files, folders)
             if foreign is not None:
-                raise RunError(f"{out} holds {foreign!r}, which ep_jax did not write; --overwrite replaces only a "
-                               "sweep's own files and run folders: move it away or choose another --out")
+                raise RunError(
+                    f"{out} holds {foreign!r}, which ep_jax did not write; --overwrite replaces only a "
+                    "sweep's own files and run folders: move it away or choose another --out"
+                )
 
 
 def check_resume(out: Path, members):
     """`--resume`: `<out>/sweep.json` with the same members, each of the same config (only
     `RESUME_FREE` fields may differ)."""
     from ep_jax.experiments import engine
+
     saved = engine.read_json(out / "sweep.json")
     if saved is None:
         raise RunError(f"{out}: no sweep to resume (sweep.json is missing)")
@@ -332,11 +356,21 @@ def check_resume(out: Path, members):
     if before != now:
         gone = [n for n in before if n not in set(now)]
         new = [n for n in now if n not in set(before)]
-        detail = "; ".join(x for x in (f"not in the spec: {gone[:5]}" if gone else "",
-                                       f"not in the saved sweep: {new[:5]}" if new else "") if x) \
+        detail = (
+            "; ".join(
+                x
+                for x in (
+                    f"not in the spec: {gone[:5]}" if gone else "",
+                    f"not in the saved sweep: {new[:5]}" if new else "",
+                )
+                if x
+            )
             or "the order differs"
-        raise RunError(f"{out}: the spec's members differ from the saved sweep's ({detail}); resume needs "
-                       "the same spec (only epochs may change)")
+        )
+        raise RunError(
+            f"{out}: the spec's members differ from the saved sweep's ({detail}); resume needs "
+            "the same spec (only epochs may change)"
+        )
     for m, s in zip(members, saved_members):
         mine = m.cfg.to_json()
         try:
@@ -346,18 +380,31 @@ def check_resume(out: Path, members):
         diff = sorted(k for k in mine if k not in RESUME_FREE and mine[k] != theirs[k])
         if diff:
             shown = ", ".join(f"{k}={theirs[k]!r} -> {mine[k]!r}" for k in diff[:4]) + (", ..." * (len(diff) > 4))
-            raise RunError(f"{out}: member {m.name} belongs to another config than the saved sweep's "
-                           f"(differs in {diff}: {shown}); resume needs the same spec (only epochs may "
-                           "change)")
+            raise RunError(
+                f"{out}: member {m.name} belongs to another config than the saved sweep's "
+                f"(differs in {diff}: {shown}); resume needs the same spec (only epochs may "
+                "change)"
+            )
 
 
 def write_sweep_json(out: Path, spec: dict, members):
     """`<out>/sweep.json`: the sweep's name, description, spec file and members (atomic)."""
     from ep_jax.experiments.checkpoint import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "sweep.json", json.dumps(
-        {"name": spec["name"], "description": spec.get("description", ""), "spec": spec.get("_path"),
-         "members": [{"name": m.name, "config": m.cfg.to_json()} for m in members]}, indent=1) + "\n")
+    atomic_write_text(
+        out / "sweep.json",
+        json.dumps(
+            {
+                "name": spec["name"],
+                "description": spec.get("description", ""),
+                "spec": spec.get("_path"),
+                "members": [{"name": m.name, "config": m.cfg.to_json()} for m in members],
+            },
+            indent=1,
+        )
+        + "\n",
+    )
 
 
 def write_results(out: Path, title: str, members) -> str:
@@ -365,6 +412,7 @@ def write_results(out: Path, title: str, members) -> str:
     atomically); returns its text."""
     from ep_jax.experiments import aggregate
     from ep_jax.experiments.checkpoint import atomic_write_text
+
     runs = [aggregate.load_run(m.dir) for m in members if (m.dir / "config.json").is_file()]
     text = f"# {title}\n\n" + (aggregate.table(aggregate.cells(runs)) if runs else "no results yet\n")
     atomic_write_text(out / "results.md", text)
@@ -375,8 +423,9 @@ def main(argv=None):
     """`python -m experiments.sweep`: check everything, then train the spec's members;
     returns the exit status (3 when a member failed or was interrupted)."""
     from ep_jax.experiments import engine
+
     a = parser().parse_args(argv)
-    rt = distributed.setup(a)   # before any other JAX use
+    rt = distributed.setup(a)  # before any other JAX use
     spec = load_spec(a.spec)
     out = Path(a.out or spec.get("out") or Path("runs") / spec["name"])
     members = members_of(spec, out, a.epochs)
@@ -386,16 +435,18 @@ def main(argv=None):
         c = g.cfg
         names = [m.name for m in g.members]
         shown = ", ".join(names[:50]) + (f", ... ({len(names) - 50} more)" if len(names) > 50 else "")
-        print(f"  group {gi + 1}: {c.dataset} {c.model} {list(c.sizes)} {c.estimator} T1={c.t_free} "
-              f"T2={c.t_nudge} batch={c.batch_size} epochs={c.epochs}: " + shown)
+        print(
+            f"  group {gi + 1}: {c.dataset} {c.model} {list(c.sizes)} {c.estimator} T1={c.t_free} "
+            f"T2={c.t_nudge} batch={c.batch_size} epochs={c.epochs}: " + shown
+        )
     if a.dry_run:
         check_data(members, load=False)
         return 0
     mode = "resume" if a.resume else "overwrite" if a.overwrite else "new"
     rt.check_layout(groups)
-    lock = FolderLock(out, "sweep")   # one process at a time in the sweep folder (process 0 holds it)
+    lock = FolderLock(out, "sweep")  # one process at a time in the sweep folder (process 0 holds it)
 
-    def checks():   # every check (lock, folders, then data) before anything is written
+    def checks():  # every check (lock, folders, then data) before anything is written
         if rt.is_main:
             lock.acquire()
         check_sweep_folder(out, members, mode)
@@ -404,7 +455,7 @@ def main(argv=None):
 
     try:
         rt.together(checks)
-        if rt.is_main:   # what the sweep writes here, recorded before it is written (runfolder.record)
+        if rt.is_main:  # what the sweep writes here, recorded before it is written (runfolder.record)
             out.mkdir(parents=True, exist_ok=True)
             runfolder.record(out, runfolder.SWEEP_FILES, [m.name for m in members if m.dir.parent == out])
         if mode == "overwrite" and out.exists() and rt.is_main:

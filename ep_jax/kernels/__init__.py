@@ -6,6 +6,12 @@ The solver `ep_jax.solvers.Pallas` runs them (`Estimator(solver=Pallas())`: the 
 nudged phases of the EP estimators). On a CPU the kernel runs only in Pallas interpret
 mode (`interpret=True`), a test tool: slower than the XLA path.
 """
+
 from ep_jax.kernels.fused import (  # noqa: F401
-    BackendUnavailable, KernelShapeError, free_phase, nudged_phases, relax, supported,
+    BackendUnavailable,
+    KernelShapeError,
+    free_phase,
+    nudged_phases,
+    relax,
+    supported,
 )

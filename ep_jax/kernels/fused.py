@@ -59,6 +59,7 @@ network's 125 steps at batch 256, 16 tiles, 1.5×).
 Rows per program: `block_b`, else `EP_JAX_PALLAS_BLOCK_B` (a benchmark knob, read at
 trace time), else up to 64 rows while a program's state stays under 96 KiB.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,8 +75,8 @@ from jax.experimental import pallas as pl
 from ep_jax import activations, dynamics
 from ep_jax.models.base import OutputGrad
 
-MIN_DIM = 16               # smallest matmul dimension the Triton dot takes
-STATE_BYTES = 96 * 1024    # the tile heuristic keeps a program's state under this
+MIN_DIM = 16  # smallest matmul dimension the Triton dot takes
+STATE_BYTES = 96 * 1024  # the tile heuristic keeps a program's state under this
 
 
 class KernelShapeError(ValueError):
@@ -102,20 +103,21 @@ def _is_pow2(n: int) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The static structure of one kernel call (hashable: the lowering cache's key)."""
-    kind: str                 # the model's `KernelDrive.kind`: "linear" | "dendritic"
-    widths: tuple             # real widths n_1..n_L
-    padded: tuple             # kernel widths N_1..N_L
-    acts: tuple               # activation names per layer
+
+    kind: str  # the model's `KernelDrive.kind`: "linear" | "dendritic"
+    widths: tuple  # real widths n_1..n_L
+    padded: tuple  # kernel widths N_1..N_L
+    acts: tuple  # activation names per layer
     loss: str
-    nudged: str | None        # None (free), "onehot" or "grad"
-    n_out: int                # real output width (softmax mask)
+    nudged: str | None  # None (free), "onehot" or "grad"
+    n_out: int  # real output width (softmax mask)
     tile: int
-    rows: int                 # padded batch
+    rows: int  # padded batch
     steps: int
     dtype: str
     basal: int = 1
     apical: int = 1
-    prev: bool = False        # also write the state before the last step (the residual's)
+    prev: bool = False  # also write the state before the last step (the residual's)
 
 
 def check_blocks(plan: Plan):
@@ -127,11 +129,14 @@ def check_blocks(plan: Plan):
         raise KernelShapeError(f"padded batch {plan.rows} is not a multiple of the tile {plan.tile}")
     for l, n in enumerate(plan.padded, start=1):
         if not _is_pow2(n) or n < MIN_DIM:
-            raise KernelShapeError(f"layer {l}: kernel width {n} must be a power of 2 >= {MIN_DIM} "
-                                   f"(pad {plan.widths[l - 1]} to {padded(plan.widths[l - 1])})")
+            raise KernelShapeError(
+                f"layer {l}: kernel width {n} must be a power of 2 >= {MIN_DIM} "
+                f"(pad {plan.widths[l - 1]} to {padded(plan.widths[l - 1])})"
+            )
 
 
 # --- the kernel body ----------------------------------------------------------------------
+
 
 def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=a.dtype)
@@ -141,7 +146,7 @@ def _soma_parts(parts, branches):
     # the halving tree of `ep_jax.dendrites.soma`, on already ReLU-ed branch slices
     while len(parts) > 1:
         h = len(parts) // 2
-        parts = [parts[i] + parts[i + h] for i in range(h)] + parts[2 * h:]
+        parts = [parts[i] + parts[i + h] for i in range(h)] + parts[2 * h :]
     return parts[0] / branches
 
 
@@ -167,7 +172,7 @@ def _make_kernel(plan: Plan):
         group = {}
         for (name, _, _), r in zip(layout, refs):
             group.setdefault(name, []).append(r)
-        out_refs = list(refs[len(layout):])
+        out_refs = list(refs[len(layout) :])
         (ctx_ref,), s_refs, dt_refs = group["ctx"], group["s"], group["dt"]
         if plan.nudged:
             (tgt_ref,), (beta_ref,) = group["target"], group["beta"]
@@ -200,11 +205,9 @@ def _make_kernel(plan: Plan):
                     if l < L - 1:
                         hl = hl + c_refs[l][...] * _dot(s[l + 1], back_refs[l][...])
                 else:
-                    hl = ctx if l == 0 else _dendritic_map(s[l - 1], w_refs[l - 1], b_refs[l - 1],
-                                                           N[l], plan.basal)
+                    hl = ctx if l == 0 else _dendritic_map(s[l - 1], w_refs[l - 1], b_refs[l - 1], N[l], plan.basal)
                     if l < L - 1:
-                        hl = hl + c_refs[l][...] * _dendritic_map(s[l + 1], back_refs[l], None, N[l],
-                                                                  plan.apical)
+                        hl = hl + c_refs[l][...] * _dendritic_map(s[l + 1], back_refs[l], None, N[l], plan.apical)
                 if l == L - 1 and plan.nudged:
                     hl = hl + force(s[l])
                 h.append(hl)
@@ -229,6 +232,7 @@ def _make_kernel(plan: Plan):
 
 
 # --- the call ---------------------------------------------------------------------------
+
 
 def _layout(plan: Plan) -> list:
     """The kernel's operands, in their one order: `(group, shape, row-blocked)` each
@@ -255,10 +259,13 @@ def _compiler_params(interp: bool):
     if interp:
         return None
     from jax.experimental.pallas import triton as plt
+
     cls = getattr(plt, "CompilerParams", None) or getattr(plt, "TritonCompilerParams", None)
     if cls is None:
-        raise BackendUnavailable(f"jax {jax.__version__} has no Pallas Triton backend "
-                                 "(pallas.triton.CompilerParams): use the default solver (scan)")
+        raise BackendUnavailable(
+            f"jax {jax.__version__} has no Pallas Triton backend "
+            "(pallas.triton.CompilerParams): use the default solver (scan)"
+        )
     return cls(num_warps=4, num_stages=1)
 
 
@@ -276,10 +283,16 @@ def _call(plan: Plan, interp: bool):
                 raise KernelShapeError(f"block shape {tuple(shape)} is not made of powers of 2")
     outs = N + N if plan.prev else N
     out_shape = tuple(jax.ShapeDtypeStruct((plan.rows, n), dtype) for n in outs)
-    return pl.pallas_call(_make_kernel(plan), out_shape=out_shape, grid=(plan.rows // t,),
-                          in_specs=specs, out_specs=tuple(row(n) for n in outs),
-                          interpret=interp, compiler_params=_compiler_params(interp),
-                          name=f"ep_relax_{plan.kind}")
+    return pl.pallas_call(
+        _make_kernel(plan),
+        out_shape=out_shape,
+        grid=(plan.rows // t,),
+        in_specs=specs,
+        out_specs=tuple(row(n) for n in outs),
+        interpret=interp,
+        compiler_params=_compiler_params(interp),
+        name=f"ep_relax_{plan.kind}",
+    )
 
 
 def _pad2(a, rows, cols):
@@ -303,8 +316,9 @@ def _operands(plan: Plan, model, eff, ctx, s, target, beta, dt):
     if plan.nudged:
         g = target.g if isinstance(target, OutputGrad) else target
         ops.append(_pad2(g.astype(dtype), R, N[-1]))
-        b = jnp.broadcast_to(jnp.asarray(beta, dtype).reshape(-1, 1) if jnp.ndim(beta) else beta,
-                             (B, plan.n_out)).astype(dtype)
+        b = jnp.broadcast_to(
+            jnp.asarray(beta, dtype).reshape(-1, 1) if jnp.ndim(beta) else beta, (B, plan.n_out)
+        ).astype(dtype)
         ops.append(_pad2(b, R, N[-1]))
     for d, n, Np in zip(dt, plan.widths, N):
         ops.append(jnp.pad(jnp.broadcast_to(jnp.asarray(d, dtype), (n,)), (0, Np - n)).reshape(1, Np))
@@ -325,13 +339,17 @@ def supported(model) -> str | None:
     describe = getattr(model, "kernel_drive", None)
     drive = describe() if callable(describe) else None
     if drive is None:
-        return (f"no Pallas relaxation kernel for {type(model).__name__} (its kernel_drive() describes none; "
-                "EPModel and DendriticModel have one)")
+        return (
+            f"no Pallas relaxation kernel for {type(model).__name__} (its kernel_drive() describes none; "
+            "EPModel and DendriticModel have one)"
+        )
     if drive.kind not in ("linear", "dendritic"):
         return f"no Pallas relaxation kernel for drives of kind {drive.kind!r}"
     if not (_is_pow2(drive.basal) and _is_pow2(drive.apical)):
-        return (f"the Pallas relaxation kernel needs power-of-2 branch counts, got basal {drive.basal}, "
-                f"apical {drive.apical}")
+        return (
+            f"the Pallas relaxation kernel needs power-of-2 branch counts, got basal {drive.basal}, "
+            f"apical {drive.apical}"
+        )
     return None
 
 
@@ -355,11 +373,25 @@ def plan_of(model, ctx, s, target, steps: int, block_b: int | None = None, prev:
     acts = (model.activation,) * (model.n_layers - 1) + (model.out_activation_name,)
     drive = model.kernel_drive()
     rows = -(-B // t) * t if t > 0 else B
-    return Plan(drive.kind, widths, N, acts, model.loss, nudged, widths[-1], int(t), rows,
-                int(steps), jnp.dtype(ctx.dtype).name, basal=drive.basal, apical=drive.apical, prev=bool(prev))
+    return Plan(
+        drive.kind,
+        widths,
+        N,
+        acts,
+        model.loss,
+        nudged,
+        widths[-1],
+        int(t),
+        rows,
+        int(steps),
+        jnp.dtype(ctx.dtype).name,
+        basal=drive.basal,
+        apical=drive.apical,
+        prev=bool(prev),
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lowers(plan: Plan, interp: bool, backend: str) -> bool:
     """Whether the plan's kernel compiles here; warns once (one line) when it does not."""
     why = None
@@ -378,8 +410,11 @@ def _lowers(plan: Plan, interp: bool, backend: str) -> bool:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             why = f"it does not lower ({type(e).__name__}: {first})"
     if why:
-        warnings.warn(f"ep_jax.kernels: the Pallas relaxation kernel is not used: {why}; running the XLA path",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ep_jax.kernels: the Pallas relaxation kernel is not used: {why}; running the XLA path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return False
     return True
 
@@ -412,8 +447,21 @@ def _relax2(model, eff, ctx, s, target, beta, dt, steps, residual, block_b, inte
     return cut(out[:L]), (cut(out[L:]) if residual else None)
 
 
-def relax(model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False,
-          residual: bool = False, *, block_b: int | None = None, interpret: bool = False):
+def relax(
+    model,
+    eff,
+    ctx,
+    s,
+    target,
+    beta,
+    dt,
+    steps: int,
+    record: bool = False,
+    residual: bool = False,
+    *,
+    block_b: int | None = None,
+    interpret: bool = False,
+):
     """`steps` updates from state `s`, as `ep_jax.dynamics.relax` (same arguments, same
     states; with `residual` also the relative residual of the last step), in one kernel
     launch. `record=True` (the trajectory) runs the XLA path, as do models without a
@@ -430,21 +478,44 @@ def relax(model, eff, ctx, s, target, beta, dt, steps: int, record: bool = False
     return (final, dynamics.relative_residual(final, prev)) if residual else final
 
 
-def free_phase(model, eff, ctx, dt, steps: int, record: bool = False, residual: bool = False, *,
-               block_b: int | None = None, interpret: bool = False):
+def free_phase(
+    model,
+    eff,
+    ctx,
+    dt,
+    steps: int,
+    record: bool = False,
+    residual: bool = False,
+    *,
+    block_b: int | None = None,
+    interpret: bool = False,
+):
     """`steps` free steps (β = 0) from the zero state (`ep_jax.dynamics.free_phase`)."""
     s0 = model.zero_state(ctx.shape[0], ctx.dtype)
-    return relax(model, eff, ctx, s0, None, 0.0, dt, steps, record, residual, block_b=block_b,
-                 interpret=interpret)
+    return relax(model, eff, ctx, s0, None, 0.0, dt, steps, record, residual, block_b=block_b, interpret=interpret)
 
 
-def nudged_phases(model, eff, ctx, s_free, target, betas, dt, steps: int, batched: bool = True,
-                  record: bool = False, residual: bool = False, *, block_b: int | None = None,
-                  interpret: bool = False):
+def nudged_phases(
+    model,
+    eff,
+    ctx,
+    s_free,
+    target,
+    betas,
+    dt,
+    steps: int,
+    batched: bool = True,
+    record: bool = False,
+    residual: bool = False,
+    *,
+    block_b: int | None = None,
+    interpret: bool = False,
+):
     """Nudged phases from the free state, one per β (`ep_jax.dynamics.nudged_phases`:
     a list of states; with `residual`, `(list, r)`). The phases are always stacked along
     the batch axis into one launch (`batched` is accepted for the signature: both give
     the same numbers)."""
+
     def xla():
         kw = dict(residual=True) if residual else {}
         return dynamics.nudged_phases(model, eff, ctx, s_free, target, betas, dt, steps, batched, record, **kw)
@@ -454,8 +525,19 @@ def nudged_phases(model, eff, ctx, s_free, target, betas, dt, steps: int, batche
     n, B = len(betas), ctx.shape[0]
     tile = lambda a: jnp.concatenate([a] * n, axis=0)
     beta_col = jnp.concatenate([jnp.full((B, 1), b, ctx.dtype) for b in betas], axis=0)
-    got = _relax2(model, eff, tile(ctx), tuple(tile(sl) for sl in s_free), jax.tree.map(tile, target),
-                  beta_col, dt, steps, residual, block_b, interpret)
+    got = _relax2(
+        model,
+        eff,
+        tile(ctx),
+        tuple(tile(sl) for sl in s_free),
+        jax.tree.map(tile, target),
+        beta_col,
+        dt,
+        steps,
+        residual,
+        block_b,
+        interpret,
+    )
     if got is None:
         return xla()
     split = lambda st: [tuple(lax.slice_in_dim(sl, i * B, (i + 1) * B, axis=0) for sl in st) for i in range(n)]

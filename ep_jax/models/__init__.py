@@ -1,5 +1,6 @@
 """Models by name: `build_model("ep" | "dendritic", sizes=..., ...)`, `build_model("conv" |
 "dendritic_conv", input_shape=..., channels=..., fc=..., ...)` (ep_jax.models.conv)."""
+
 from ep_jax.models.base import LayeredModel, Model, OutputGrad
 from ep_jax.models.conv import ConvEPModel
 from ep_jax.models.dendritic import DendriticModel
@@ -22,5 +23,14 @@ def build_model(name: str, **config) -> LayeredModel:
         raise ValueError(f"bad option for the {name!r} model: {e}") from None
 
 
-__all__ = ["LayeredModel", "Model", "OutputGrad", "EPModel", "DendriticModel", "ConvEPModel", "DendriticConvModel",
-           "MODELS", "build_model"]
+__all__ = [
+    "LayeredModel",
+    "Model",
+    "OutputGrad",
+    "EPModel",
+    "DendriticModel",
+    "ConvEPModel",
+    "DendriticConvModel",
+    "MODELS",
+    "build_model",
+]

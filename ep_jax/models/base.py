@@ -27,12 +27,14 @@ image-shaped `(B, H, W, C)` layers, with `n_l = H·W·C` their flat size. The si
 
 The relaxation settings (β, time steps) are not the model's: `dynamics` owns them.
 """
+
 from __future__ import annotations
 
 import abc
 import dataclasses
 import functools
-from typing import Any, Callable, ClassVar, NamedTuple, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +51,7 @@ class KernelDrive(NamedTuple):
     the output force for l = L): `kind` ``"linear"`` (F_l: `s W_l + b_l`, G_l: `s W_{l+1}ᵀ`)
     or ``"dendritic"`` (F_l, G_l: soma averages of `basal` / `apical` ReLU branches,
     `ep_jax.dendrites`). The arrays come from `model.kernel_weights(eff)`."""
+
     kind: str
     basal: int = 1
     apical: int = 1
@@ -57,43 +60,55 @@ class KernelDrive(NamedTuple):
 class OutputGrad(NamedTuple):
     """A fixed output-cost gradient `g` `(B, n_L)` standing in for the one-hot target:
     the nudged phases then minimise the linear cost ⟨g, s_L⟩ (the EP layer's custom VJP)."""
+
     g: jax.Array
 
 
 @runtime_checkable
 class Model(Protocol):
     """What `dynamics`, the estimators and `train_step` need of a model (module docstring)."""
+
     sizes: tuple[int, ...]
 
     @property
     def n_layers(self) -> int:
         """Number of state layers L."""
+
     @property
     def state_sizes(self) -> tuple[int, ...]:
         """Widths `(n_1, ..., n_L)` (flat sizes of the state layers)."""
+
     @property
     def state_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Each state layer's shape without the batch axis: `(n_l,)`, or `(H, W, C)` for
         the image-shaped layers of convolutional models."""
+
     @property
     def n_synapses(self) -> int:
         """Weight layers, one learning rate each (`lr_tree`): L, plus a readout if any."""
+
     @property
     def n_classes(self) -> int:
         """Width of the output layer."""
 
     def init(self, key: jax.Array, dtype: Any = None, **settings) -> tuple[Any, Any]:
         """`(params, buffers)` of a fresh network (module docstring)."""
+
     def prepare(self, params: Any, buffers: Any) -> Any:
         """Loop invariants `eff`, computed once per batch."""
+
     def input_drive(self, eff: Any, x: jax.Array) -> Any:
         """The part of layer 1's drive that depends on `x` only."""
+
     def drives(self, eff: Any, ctx: Any, s: State, target: Any, beta: Any) -> State:
         """Drives `h_l` of every layer `(B, n_l)`."""
+
     def primitive(self, eff: Any, ctx: Any, s: State, target: Any, beta: Any) -> jax.Array:
         """Batch-mean sum of the layer primitives `Σ_l φ_l`."""
+
     def feedforward(self, eff: Any, ctx: Any, s: State) -> State:
         """Feedforward drive of every layer (layer 1: `ctx`)."""
+
     def output(self, eff: Any, s: State) -> jax.Array:
         """The output `(B, n_classes)` read from a state: `s_L`, or a readout of it (the
         conv models' softmax readout). Prediction `argmax`, cost `ℓ(output, ŷ)`."""
@@ -101,14 +116,19 @@ class Model(Protocol):
     # shared helpers (LayeredModel implements them)
     def layer_activations(self) -> tuple[Callable, ...]:
         """σ of each state layer."""
+
     def zero_state(self, batch: int, dtype: Any = jnp.float32) -> State:
         """The all-zero state of a batch."""
+
     def one_hot(self, y: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
         """One-hot targets `(B, n_L)`."""
+
     def cost(self, s_out: jax.Array, y1h: jax.Array) -> jax.Array:
         """ℓ(s_L, ŷ) per example `(B,)`."""
+
     def check_input(self, x: jax.Array, name: str = "x") -> None:
         """Raise naming `name` unless `x` has shape `(B, n_0)`."""
+
     def lr_tree(self, lr: jax.Array) -> Any:
         """Per-leaf learning rates from one rate per synapse `(L,)`."""
 
@@ -127,6 +147,7 @@ class LayeredModel(abc.ABC):
     with the MSE cost and the identity with cross-entropy. loss: `"mse"` (½‖s_L − ŷ‖²)
     or `"ce"` (softmax cross-entropy).
     """
+
     sizes: tuple[int, ...]
     activation: str = "hard_sigmoid"
     output_activation: str | None = None
@@ -139,9 +160,7 @@ class LayeredModel(abc.ABC):
     def __post_init__(self):
         object.__setattr__(self, "sizes", whole_numbers("sizes", self.sizes))
         if len(self.sizes) < 2 or any(n < 1 for n in self.sizes):
-            raise ValueError(
-                f"sizes must list >= 2 positive widths (input, ..., output), got {self.sizes}"
-            )
+            raise ValueError(f"sizes must list >= 2 positive widths (input, ..., output), got {self.sizes}")
         losses.check_loss(self.loss)
         activations.get_activation(self.activation)
         activations.get_activation(self.out_activation_name)
@@ -306,12 +325,14 @@ class LayeredModel(abc.ABC):
         if len(s) != self.n_layers:
             raise ValueError(f"state must hold {self.n_layers} layers, got {len(s)}")
         for l, (sl, shape) in enumerate(zip(s, self.state_shapes), start=1):
-            if sl.ndim <= len(shape) or tuple(sl.shape[-len(shape):]) != shape:
-                raise ValueError(f"state layer {l} must have shape (batch, {', '.join(map(str, shape))}), "
-                                 f"got {tuple(sl.shape)}")
+            if sl.ndim <= len(shape) or tuple(sl.shape[-len(shape) :]) != shape:
+                raise ValueError(
+                    f"state layer {l} must have shape (batch, {', '.join(map(str, shape))}), got {tuple(sl.shape)}"
+                )
 
 
 # --- the network's pytrees against the model (shapes are static: free, at trace time) ----
+
 
 def _paths(tree) -> dict:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -344,12 +365,15 @@ def _compare(what: str, given: dict, expected: dict, model):
         raise ValueError(f"{what} is missing the {_leaves(missing)} that {_describe(model)} needs")
     extra = [k or "(root)" for k in given if k not in expected]
     if extra:
-        raise ValueError(f"{what} has the {_leaves(extra)}, which "
-                         f"{_describe(model)} does not have ({what} of another model?)")
+        raise ValueError(
+            f"{what} has the {_leaves(extra)}, which {_describe(model)} does not have ({what} of another model?)"
+        )
     for k, shape in expected.items():
         if given[k] != shape:
-            raise ValueError(f"{what} leaf {k} has shape {given[k]}, expected {shape} for {_describe(model)} "
-                             f"({what} of another model?)")
+            raise ValueError(
+                f"{what} leaf {k} has shape {given[k]}, expected {shape} for {_describe(model)} "
+                f"({what} of another model?)"
+            )
 
 
 def check_network(model, params, buffers=None):

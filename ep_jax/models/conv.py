@@ -37,6 +37,7 @@ fc: `w (n_{l−1}, n_l)`, `b (n_l,)`), the readout last when present. Init as Py
 `Conv2d`/`Linear`: `w, b ~ U(±1/√fan_in)`, fan_in = k·k·C_{l−1} or n_{l−1}. Buffers: `{}`
 (no settings). One learning rate per synapse, the readout included (`n_synapses`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,15 +58,17 @@ READOUTS = ("none", "softmax")
 
 # --- geometry -------------------------------------------------------------------------
 
+
 class ConvSynapse(NamedTuple):
     """A k×k convolution (then pooling) from `in_shape` (H, W, C_in) to `out_shape`."""
+
     kernel: int
     stride: int
     padding: int
     pool: str
-    in_shape: tuple      # (H, W, C_in)
-    conv_shape: tuple    # (H', W', C_out) before pooling
-    out_shape: tuple     # after pooling
+    in_shape: tuple  # (H, W, C_in)
+    conv_shape: tuple  # (H', W', C_out) before pooling
+    out_shape: tuple  # after pooling
 
     @property
     def fan_in(self) -> int:
@@ -75,6 +78,7 @@ class ConvSynapse(NamedTuple):
 
 class DenseSynapse(NamedTuple):
     """A fully connected map from the flattened `in_shape` to `n_out` units."""
+
     in_shape: tuple
     n_out: int
 
@@ -98,16 +102,24 @@ def conv_geometry(input_shape, channels, kernels, strides, paddings, pools, fc, 
     k = len(channels)
     if k < 1:
         raise ValueError("channels must list at least one convolutional layer (for none, use the 'ep' model)")
-    lengths = {"channels": k, "kernels": len(kernels), "strides": len(strides), "paddings": len(paddings),
-               "pools": len(pools)}
+    lengths = {
+        "channels": k,
+        "kernels": len(kernels),
+        "strides": len(strides),
+        "paddings": len(paddings),
+        "pools": len(pools),
+    }
     if len(set(lengths.values())) > 1:
-        raise ValueError("channels, kernels, strides, paddings and pools must have one entry per conv layer, "
-                         f"got lengths {lengths}")
+        raise ValueError(
+            f"channels, kernels, strides, paddings and pools must have one entry per conv layer, got lengths {lengths}"
+        )
     if any(c < 1 for c in channels):
         raise ValueError(f"channels must be >= 1, got {channels}")
     if any(a < 1 for a in kernels) or any(a < 1 for a in strides) or any(a < 0 for a in paddings):
-        raise ValueError(f"kernels and strides must be >= 1 and paddings >= 0, got kernels {kernels}, "
-                         f"strides {strides}, paddings {paddings}")
+        raise ValueError(
+            f"kernels and strides must be >= 1 and paddings >= 0, got kernels {kernels}, "
+            f"strides {strides}, paddings {paddings}"
+        )
     bad = [p for p in pools if p not in POOLS]
     if bad:
         raise ValueError(f"pools must each be one of {list(POOLS)}, got {bad[0]!r}")
@@ -119,14 +131,17 @@ def conv_geometry(input_shape, channels, kernels, strides, paddings, pools, fc, 
     for l, (c, ks, st, pad, pool) in enumerate(zip(channels, kernels, strides, paddings, pools), start=1):
         H, W, _ = shape
         if ks > H + 2 * pad or ks > W + 2 * pad:
-            raise ValueError(f"conv layer {l}: kernel {ks} is larger than its padded input "
-                             f"{H + 2 * pad}x{W + 2 * pad} (input {H}x{W}, padding {pad})")
+            raise ValueError(
+                f"conv layer {l}: kernel {ks} is larger than its padded input "
+                f"{H + 2 * pad}x{W + 2 * pad} (input {H}x{W}, padding {pad})"
+            )
         Ho, Wo = (H + 2 * pad - ks) // st + 1, (W + 2 * pad - ks) // st + 1
         conv_shape = (Ho, Wo, c)
         if pool != "none":
             if Ho < 2 or Wo < 2:
-                raise ValueError(f"conv layer {l}: {pool} pooling (2x2, stride 2) of its {Ho}x{Wo} map leaves a "
-                                 "zero-sized map")
+                raise ValueError(
+                    f"conv layer {l}: {pool} pooling (2x2, stride 2) of its {Ho}x{Wo} map leaves a zero-sized map"
+                )
             Ho, Wo = Ho // 2, Wo // 2
         synapses.append(ConvSynapse(ks, st, pad, pool, shape, conv_shape, (Ho, Wo, c)))
         shape = (Ho, Wo, c)
@@ -139,11 +154,13 @@ def conv_geometry(input_shape, channels, kernels, strides, paddings, pools, fc, 
 
 # --- the operations -------------------------------------------------------------------
 
+
 def conv2d(u, w, stride: int, padding: int):
     """`(B, H, W, C_in) * (k, k, C_in, C_out) -> (B, H', W', C_out)` (cross-correlation, as
     PyTorch's `Conv2d`), zero padding `padding` on every side."""
-    return lax.conv_general_dilated(u, w, (stride, stride), ((padding, padding), (padding, padding)),
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(
+        u, w, (stride, stride), ((padding, padding), (padding, padding)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def pool2d(z, pool: str):
@@ -182,6 +199,7 @@ def _uniform(key, shape, fan_in, dtype):
 
 # --- what both convolutional models share ----------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class ConvLayered(LayeredModel):
     """Conv geometry, inputs, the output (readout) and learning-rate count shared by the
@@ -192,6 +210,7 @@ class ConvLayered(LayeredModel):
     conv layer; fc: widths of the fully connected layers after the convs, the last the
     number of classes; readout: `"none"` or `"softmax"` (needs `loss="ce"`).
     """
+
     sizes: tuple = ()
     input_shape: tuple = (28, 28, 1)
     channels: tuple = (32, 64)
@@ -207,12 +226,22 @@ class ConvLayered(LayeredModel):
             object.__setattr__(self, name, whole_numbers(name, getattr(self, name)))
         pools = self.pools if isinstance(self.pools, (list, tuple)) else (self.pools,)
         object.__setattr__(self, "pools", tuple(str(p) for p in pools))
-        synapses, shapes = conv_geometry(self.input_shape, self.channels, self.kernels, self.strides,
-                                         self.paddings, self.pools, self.fc, self.readout)
+        synapses, shapes = conv_geometry(
+            self.input_shape,
+            self.channels,
+            self.kernels,
+            self.strides,
+            self.paddings,
+            self.pools,
+            self.fc,
+            self.readout,
+        )
         derived = (math.prod(self.input_shape),) + tuple(math.prod(s) for s in shapes)
         if self.sizes and whole_numbers("sizes", self.sizes) != derived:
-            raise ValueError(f"sizes {tuple(self.sizes)} disagree with the conv geometry, which gives {derived} "
-                             "(leave sizes out: it is derived)")
+            raise ValueError(
+                f"sizes {tuple(self.sizes)} disagree with the conv geometry, which gives {derived} "
+                "(leave sizes out: it is derived)"
+            )
         object.__setattr__(self, "sizes", derived)
         object.__setattr__(self, "_synapses", synapses)
         object.__setattr__(self, "_state_shapes", shapes)
@@ -220,8 +249,10 @@ class ConvLayered(LayeredModel):
             if self.loss != "ce":
                 raise ValueError(f"readout='softmax' is the cross-entropy readout: give loss='ce', got {self.loss!r}")
             if self.output_activation is not None:
-                raise ValueError("output_activation must be None with readout='softmax' (the last state layer "
-                                 "is a hidden layer, with the hidden activation)")
+                raise ValueError(
+                    "output_activation must be None with readout='softmax' (the last state layer "
+                    "is a hidden layer, with the hidden activation)"
+                )
         super().__post_init__()
 
     # --- structure -------------------------------------------------------------------
@@ -276,8 +307,10 @@ class ConvLayered(LayeredModel):
         if (len(shape) == 2 and shape[1] == self.sizes[0]) or (len(shape) == 4 and shape[1:] == self.input_shape):
             return
         H, W, C = self.input_shape
-        raise ValueError(f"{name} must have shape (batch, {self.sizes[0]}) (images flattened row-major, H*W*C) or "
-                         f"(batch, {H}, {W}, {C}) for this conv model, got {shape}")
+        raise ValueError(
+            f"{name} must have shape (batch, {self.sizes[0]}) (images flattened row-major, H*W*C) or "
+            f"(batch, {H}, {W}, {C}) for this conv model, got {shape}"
+        )
 
     def image(self, x):
         """`x` as `(B, H, W, C)` (a flat `(B, H·W·C)` is read row-major)."""
@@ -307,6 +340,7 @@ class ConvLayered(LayeredModel):
 
 # --- the standard convolutional network ------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class ConvEPModel(ConvLayered):
     """Convolutional EP network with one energy (see the module docstring).
@@ -315,6 +349,7 @@ class ConvEPModel(ConvLayered):
     ...                     strides=(1, 1), paddings=(0, 0), pools=("max", "max"), fc=(10,))
     >>> params, buffers = model.init(jax.random.PRNGKey(0))
     """
+
     name = "conv"
     SETTINGS = {}
 
@@ -329,12 +364,11 @@ class ConvEPModel(ConvLayered):
                 shape = (sy.kernel, sy.kernel, sy.in_shape[2], sy.out_shape[2])
             else:
                 shape = (sy.fan_in, sy.n_out)
-            params.append({"w": _uniform(kw, shape, sy.fan_in, dtype),
-                           "b": _uniform(kb, shape[-1:], sy.fan_in, dtype)})
+            params.append({"w": _uniform(kw, shape, sy.fan_in, dtype), "b": _uniform(kb, shape[-1:], sy.fan_in, dtype)})
         return tuple(params), buffers
 
     def prepare(self, params, buffers):
-        layers = params[:self.n_layers]
+        layers = params[: self.n_layers]
         return {"layers": layers, "readout": params[-1] if self.readout != "none" else None}
 
     def synapse(self, eff, l, u):

@@ -17,6 +17,7 @@ Params: `{"basal": tuple over synapses of {"w", "c"}, "apical": tuple over hidde
 of {"w"}}`. Buffers: `{"masks": {"basal": (...), "apical": (...)}, "alpha": ()}` — the
 fixed binary masks (same structure as the weights) and the apical scale α.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ class DendriticModel(LayeredModel):
     >>> model = DendriticModel(sizes=(784, 256, 10))       # K_b = 8, K_a = 2, p = 0.5
     >>> params, buffers = model.init(jax.random.PRNGKey(0), alpha=0.2)
     """
+
     basal_branches: int = 8
     apical_branches: int = 2
     sparsity: float = 0.5
@@ -58,14 +60,22 @@ class DendriticModel(LayeredModel):
         keys = jax.random.split(key, 2 * L)
         basal, basal_m, apical, apical_m = [], [], [], []
         for l in range(L):
-            p, m = dendrites.init(keys[l], self.sizes[l], self.sizes[l + 1], self.basal_branches,
-                                  self.sparsity, bias=True, dtype=dtype)
+            p, m = dendrites.init(
+                keys[l], self.sizes[l], self.sizes[l + 1], self.basal_branches, self.sparsity, bias=True, dtype=dtype
+            )
             basal.append(p)
             basal_m.append(m)
         for l in range(L - 1):  # apical map of hidden layer l+1: n_{l+2} -> n_{l+1}
-            p, m = dendrites.init(keys[L + l], self.sizes[l + 2], self.sizes[l + 1],
-                                  self.apical_branches, self.sparsity, bias=False,
-                                  dense=self.apical_dense, dtype=dtype)
+            p, m = dendrites.init(
+                keys[L + l],
+                self.sizes[l + 2],
+                self.sizes[l + 1],
+                self.apical_branches,
+                self.sparsity,
+                bias=False,
+                dense=self.apical_dense,
+                dtype=dtype,
+            )
             apical.append(p)
             apical_m.append(m)
         params = {"basal": tuple(basal), "apical": tuple(apical)}
@@ -75,10 +85,8 @@ class DendriticModel(LayeredModel):
     def prepare(self, params, buffers):
         masks = buffers["masks"]
         return {
-            "basal": tuple((dendrites.masked_kernel(p, m), p["c"])
-                           for p, m in zip(params["basal"], masks["basal"])),
-            "apical": tuple(dendrites.masked_kernel(p, m)
-                            for p, m in zip(params["apical"], masks["apical"])),
+            "basal": tuple((dendrites.masked_kernel(p, m), p["c"]) for p, m in zip(params["basal"], masks["basal"])),
+            "apical": tuple(dendrites.masked_kernel(p, m) for p, m in zip(params["apical"], masks["apical"])),
             "alpha": buffers["alpha"],
         }
 
@@ -106,8 +114,7 @@ class DendriticModel(LayeredModel):
     def primitive(self, eff, ctx, s, target, beta):
         ff = self.feedforward(eff, ctx, s)
         L = self.n_layers
-        phi = sum(jnp.sum(s[l] * (ff[l] + eff["alpha"] * self._apical(eff, l, s[l + 1])))
-                  for l in range(L - 1))
+        phi = sum(jnp.sum(s[l] * (ff[l] + eff["alpha"] * self._apical(eff, l, s[l + 1]))) for l in range(L - 1))
         phi = phi + jnp.sum(s[-1] * ff[-1])
         if target is not None:
             phi = phi + self.output_term(s[-1], target, beta)
@@ -119,8 +126,12 @@ class DendriticModel(LayeredModel):
 
     def kernel_weights(self, eff) -> dict:
         L = self.n_layers
-        return {"w": tuple(eff["basal"][l][0] for l in range(1, L)), "b": tuple(eff["basal"][l][1] for l in range(1, L)),
-                "back": tuple(eff["apical"][l] for l in range(L - 1)), "scale": eff["alpha"]}
+        return {
+            "w": tuple(eff["basal"][l][0] for l in range(1, L)),
+            "b": tuple(eff["basal"][l][1] for l in range(1, L)),
+            "back": tuple(eff["apical"][l] for l in range(L - 1)),
+            "scale": eff["alpha"],
+        }
 
     def non_holomorphic(self) -> list[str]:
         """The dendritic branches pass through ReLU, which is not holomorphic."""

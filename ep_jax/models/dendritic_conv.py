@@ -35,6 +35,7 @@ kernels `(k, k, C_{l+1}, K_a·C_l)`; fc maps as the dendritic MLP. Buffers: `{"m
 {"basal", "apical"}, "alpha"}`. Init: `w ~ U(±1/√m)`, `c ~ U(±1/√round(p·m))` (the
 dendritic MLP's, with `m` the branch's input count).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,6 +60,7 @@ class DendriticConvModel(ConvLayered):
     >>> model = DendriticConvModel(input_shape=(28, 28, 1), channels=(32, 64), fc=(10,))
     >>> params, buffers = model.init(jax.random.PRNGKey(0), alpha=0.2)
     """
+
     basal_branches: int = 8
     apical_branches: int = 2
     sparsity: float = 0.5
@@ -99,22 +101,26 @@ class DendriticConvModel(ConvLayered):
             above, shape = self.synapses[l + 1], self.state_shapes[l]
             if isinstance(above, ConvSynapse):
                 k, c_l, c_up = above.kernel, shape[2], above.out_shape[2]
-                p, m = self._branch_map(keys[L + l], k * k * c_up, c_l, Ka, bias=False,
-                                        dense=self.apical_dense, dtype=dtype)
+                p, m = self._branch_map(
+                    keys[L + l], k * k * c_up, c_l, Ka, bias=False, dense=self.apical_dense, dtype=dtype
+                )
                 p = {"w": p["w"].reshape(k, k, c_up, Ka * c_l)}
                 m = m.reshape(k, k, c_up, Ka * c_l)
             else:
                 n_l = math.prod(shape)
-                p, m = self._branch_map(keys[L + l], above.n_out, n_l, Ka, bias=False,
-                                        dense=self.apical_dense, dtype=dtype)
+                p, m = self._branch_map(
+                    keys[L + l], above.n_out, n_l, Ka, bias=False, dense=self.apical_dense, dtype=dtype
+                )
             apical.append(p)
             apical_m.append(m)
         params = {"basal": tuple(basal), "apical": tuple(apical)}
         if self.readout != "none":
             sy = self.synapses[-1]
             kw, kb = jax.random.split(keys[-1])
-            params["readout"] = {"w": _uniform(kw, (sy.fan_in, sy.n_out), sy.fan_in, dtype),
-                                 "b": _uniform(kb, (sy.n_out,), sy.fan_in, dtype)}
+            params["readout"] = {
+                "w": _uniform(kw, (sy.fan_in, sy.n_out), sy.fan_in, dtype),
+                "b": _uniform(kb, (sy.n_out,), sy.fan_in, dtype),
+            }
         buffers["masks"] = {"basal": tuple(basal_m), "apical": tuple(apical_m)}
         return params, buffers
 
@@ -125,9 +131,10 @@ class DendriticConvModel(ConvLayered):
         return {
             "basal": tuple((dendrites.masked_kernel(p, m), p["c"]) for p, m in zip(params["basal"], masks["basal"])),
             # conv apical kernels in the forward conv's layout (k, k, K_a·C_l, C_{l+1}), for its transpose
-            "apical": tuple(jnp.swapaxes(dendrites.masked_kernel(p, m), 2, 3) if p["w"].ndim == 4
-                            else dendrites.masked_kernel(p, m)
-                            for p, m in zip(params["apical"], masks["apical"])),
+            "apical": tuple(
+                jnp.swapaxes(dendrites.masked_kernel(p, m), 2, 3) if p["w"].ndim == 4 else dendrites.masked_kernel(p, m)
+                for p, m in zip(params["apical"], masks["apical"])
+            ),
             "alpha": buffers["alpha"],
             "readout": params.get("readout"),
         }

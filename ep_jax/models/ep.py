@@ -12,6 +12,7 @@ time-step paper) and the system is then no longer a gradient flow.
 Params: a tuple over synapses of `{"w": (n_{l−1}, n_l), "b": (n_l,)}`.
 Buffers: `{"gamma": ()}`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +41,7 @@ class EPModel(LayeredModel):
     >>> model = EPModel(sizes=(784, 256, 10))
     >>> params, buffers = model.init(jax.random.PRNGKey(0), gamma=1.0)
     """
+
     name = "ep"
     SETTINGS = {"gamma": 1.0}
 
@@ -51,10 +53,12 @@ class EPModel(LayeredModel):
         for k, (m, n) in zip(jax.random.split(key, self.n_layers), zip(self.sizes, self.sizes[1:])):
             kw, kb = jax.random.split(k)
             bound = 1.0 / math.sqrt(m)
-            params.append({
-                "w": jax.random.uniform(kw, (m, n), dtype, -bound, bound),
-                "b": jax.random.uniform(kb, (n,), dtype, -bound, bound),
-            })
+            params.append(
+                {
+                    "w": jax.random.uniform(kw, (m, n), dtype, -bound, bound),
+                    "b": jax.random.uniform(kb, (n,), dtype, -bound, bound),
+                }
+            )
         return tuple(params), buffers
 
     def prepare(self, params, buffers):
@@ -96,5 +100,9 @@ class EPModel(LayeredModel):
     def kernel_weights(self, eff) -> dict:
         layers = eff["layers"]
         L = self.n_layers
-        return {"w": tuple(layers[l]["w"] for l in range(1, L)), "b": tuple(layers[l]["b"] for l in range(1, L)),
-                "back": tuple(layers[l + 1]["w"].T for l in range(L - 1)), "scale": eff["gamma"]}
+        return {
+            "w": tuple(layers[l]["w"] for l in range(1, L)),
+            "b": tuple(layers[l]["b"] for l in range(1, L)),
+            "back": tuple(layers[l + 1]["w"].T for l in range(L - 1)),
+            "scale": eff["gamma"],
+        }
