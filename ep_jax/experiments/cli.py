@@ -24,7 +24,9 @@ import sys
 import threading
 import tomllib
 
+from ep_jax.experiments import interrupts
 from ep_jax.experiments.errors import RunError, SpecError  # noqa: F401  (SpecError: re-exported)
+from ep_jax.experiments.interrupts import INTERRUPTED, hard_exit  # noqa: F401  (re-exported)
 
 
 def expected_errors():
@@ -65,35 +67,8 @@ def describe(e: BaseException) -> str:
     return text
 
 
-#: the command runs as the process's command line (set by the `ep-jax` entry point, and by
-#: `main_wrapper` for the `python -m` forms, which pass argv None): an interrupt then ends
-#: the process (`hard_exit`), and the engine's signal watcher may end it (`engine._Signals`)
-COMMAND_LINE = False
-#: exit status of an interrupted command (Ctrl-C, SIGTERM)
-INTERRUPTED = 130
-#: a signal that arrived while no handler of the engine was installed (start-up), for the
-#: engine to act on if the KeyboardInterrupt itself was swallowed (raised in a gc callback)
-PENDING = {"signal": False}
-
-
-def hard_exit(code: int, line: str | None = None):
-    """Print `line` to stderr, flush both streams, and end the process at once (no
-    interpreter shutdown: XLA's threads may still be compiling or running)."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 — a closed stream: nothing more to say
-            pass
-    if line is not None:
-        try:
-            print(line, file=sys.stderr, flush=True)
-        except Exception:  # noqa: BLE001
-            pass
-    os._exit(code)
-
-
 def _start_up_signal(signum, frame):
-    PENDING["signal"] = True
+    interrupts.STATE["signal"] = True
     raise KeyboardInterrupt
 
 
@@ -166,11 +141,12 @@ def add_run_modes(p: argparse.ArgumentParser):
 
 def main_wrapper(main, argv=None) -> int:
     """Run `main(argv)`; turn expected errors into `error: ...` and exit status 2."""
-    global COMMAND_LINE
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    command_line = (argv is None or COMMAND_LINE) and threading.current_thread() is threading.main_thread()
+    command_line = (argv is None or interrupts.STATE["command_line"]) and (
+        threading.current_thread() is threading.main_thread()
+    )
     if command_line:  # SIGTERM at start-up stops like Ctrl-C (not a death by signal)
-        COMMAND_LINE = True
+        interrupts.STATE["command_line"] = True
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, _start_up_signal)
         _watch_signals()

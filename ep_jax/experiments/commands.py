@@ -40,9 +40,9 @@ def usage() -> str:
 
 def main(argv=None) -> int:
     """Dispatch `argv` (default `sys.argv[1:]`) to a command; its exit status."""
-    from ep_jax.experiments import cli, distributed
+    from ep_jax.experiments import cli, distributed, interrupts
 
-    cli.COMMAND_LINE = argv is None  # the process's own command line: an interrupt ends it (cli)
+    interrupts.STATE["command_line"] = argv is None  # the process's own command line: an interrupt ends it
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

@@ -287,7 +287,7 @@ class _Deadline:
         import signal
         import time
 
-        from ep_jax.experiments import cli
+        from ep_jax.experiments import interrupts
 
         t0 = time.monotonic()
         said = self.seconds <= WAIT_NOTICE_S
@@ -299,7 +299,7 @@ class _Deadline:
                     said = True
                     print(f"{self.waiting} (up to {self.seconds} s)...", file=sys.stderr, flush=True)
                     continue
-                cli.hard_exit(2, f"error: {self.error}")
+                interrupts.hard_exit(2, f"error: {self.error}")
             if self.pipe is None:
                 time.sleep(min(left, 0.1))
                 continue
@@ -307,7 +307,7 @@ class _Deadline:
             if ready:
                 got = os.read(self.pipe[0], 64)
                 if not self.done and any(b in (int(signal.SIGINT), int(signal.SIGTERM)) for b in got):
-                    cli.hard_exit(cli.INTERRUPTED, "interrupted")
+                    interrupts.hard_exit(interrupts.INTERRUPTED, "interrupted")
 
     def __enter__(self):
         import signal

@@ -264,12 +264,12 @@ class _Signals:
 
     A process stuck in native code (XLA compiling a program, or running the first chunk)
     runs no Python handler until that returns, possibly minutes later. Run from the
-    command line (`cli.COMMAND_LINE`, `python -m ...`), a watcher thread woken by the
+    command line (`interrupts.STATE`, `python -m ...`), a watcher thread woken by the
     signal (`signal.set_wakeup_fd`) then stops the run itself if the main thread reached
     no safe point within `GRACE` seconds: it waits for any record in progress, runs
     `on_abort` (the engine writes the `interrupted` summaries; the last finished epoch's
     checkpoint is kept) and ends the process with the line `interrupted` and exit status
-    130 (`cli.hard_exit`)."""
+    130 (`interrupts.hard_exit`)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     GRACE = 1.0
@@ -278,16 +278,16 @@ class _Signals:
         self.watch = watch
 
     def __enter__(self):
-        from ep_jax.experiments import cli
+        from ep_jax.experiments import interrupts
 
-        self.old, self.depth, self.pending, self.stopped = {}, 0, bool(cli.PENDING["signal"]), False
+        self.old, self.depth, self.pending, self.stopped = {}, 0, bool(interrupts.STATE["signal"]), False
         self.lock = threading.RLock()
         self.on_abort: list[Callable] = []
         self._pipe, self._thread, self._closing, self._old_fd = None, None, False, None
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self.old[s] = signal.signal(s, self._handle)
-            if self.watch if self.watch is not None else cli.COMMAND_LINE:
+            if self.watch if self.watch is not None else interrupts.STATE["command_line"]:
                 self._start_watcher()
         return self
 
@@ -360,9 +360,9 @@ class _Signals:
                         fn()
                     except Exception:  # noqa: BLE001 — the checkpoint of the last epoch is what counts
                         pass
-                from ep_jax.experiments import cli
+                from ep_jax.experiments import interrupts
 
-                cli.hard_exit(cli.INTERRUPTED, "interrupted")
+                interrupts.hard_exit(interrupts.INTERRUPTED, "interrupted")
 
     def __exit__(self, *exc):
         if self._pipe is not None:
