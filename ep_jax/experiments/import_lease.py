@@ -310,7 +310,9 @@ def write(entries, dest: Path, resume: Path) -> dict:
     anything is written; the written names are recorded in each folder's manifest."""
     targets: dict[Path, list[tuple[str, bytes]]] = {}
     for p, data in entries:
-        if data is not None:
+        # the GPU machine's manifests stay there: here each folder's manifest records what
+        # the import itself writes (runfolder.claim_outputs)
+        if data is not None and p.name != runfolder.MANIFEST:
             folder = (resume if p.name == CHECKPOINT else dest) / Path(*p.parts[:-1])
             targets.setdefault(folder, []).append((p.name, data))
     for folder, items in targets.items():
