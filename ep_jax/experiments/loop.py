@@ -227,7 +227,9 @@ class Loop:
             chunks.append(rest[None])
         infos = []
         for ci, idx in enumerate(chunks):
-            state, info = self.runner.steps(state, self.x, self.y, jnp.asarray(idx), rx, self.max_state)
+            # host indices: the steps check their range on the host (`check_indices`), with no
+            # round trip of a device copy, and transfer them with the call
+            state, info = self.runner.steps(state, self.x, self.y, idx, rx, self.max_state)
             infos.append((info, idx.shape[2]))
             for h in self.hooks:
                 h.after_chunk(self, state, rx, Chunk(epoch, ci, idx.shape[0], idx.shape[2], info))
